@@ -1,0 +1,433 @@
+"""BUSI data: discovery, image/mask loading, near-duplicate grouping, leakage-safe splits, tensor cache.
+
+Layout (Kaggle "breast-ultrasound-images-dataset"):
+
+    <data-dir>/{benign,malignant,normal}/X.png
+    <data-dir>/{benign,malignant,normal}/X_mask.png, X_mask_1.png, X_mask_2.png, ...
+
+Every problem with the files raises `DataError` with a one-line message naming the file; the scripts turn it
+into `error: ...` and a non-zero exit. Run `python dataset.py --help` to (re)generate a split file.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+CLASSES = ("benign", "malignant", "normal")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
+MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$")
+DEFAULT_SPLIT_FILE = Path(__file__).resolve().parent / "splits" / "busi_split.json"
+SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+SPLIT_SEED = 0
+# Two images are near-duplicates when their 64-bit perceptual hashes differ in at most this many bits.
+# Chosen by looking at BUSI's pairs: the same scan re-saved, re-cropped or re-annotated with calipers sits at
+# 0-12 bits (dense at 0-6, sparse at 8-12), while the bulk of distinct scans is at 14+ (some true pairs too).
+# Erring towards grouping is safe: a wrongly grouped pair only moves together, it cannot leak.
+DUPLICATE_MAX_BITS = 12
+CACHE_VERSION = 1
+# PIL refuses images above 2x this as "decompression bombs"; raise the limit so that a legitimately huge scan
+# loads (it is reduced before anything else is done with it), while a corrupt header claiming gigapixels
+# still fails.
+Image.MAX_IMAGE_PIXELS = 250_000_000
+
+
+class DataError(Exception):
+    """A problem with the data on disk; the message names the file."""
+
+
+@dataclass
+class Sample:
+    """One image with all of its ground-truth masks; paths are relative to the data dir."""
+
+    image: str
+    masks: list[str] = field(default_factory=list)
+    label: str = "benign"
+
+    @property
+    def label_index(self) -> int:
+        return CLASSES.index(self.label)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------------------------
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in IGNORED_NAMES or Path(name).suffix.lower() not in IMAGE_EXTENSIONS
+
+
+def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
+    """Pair every image in <data_dir>/{benign,malignant,normal}/ with its masks; sorted by path."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data dir not found: {root} (expected the Kaggle layout {root}/{{benign,malignant,normal}}/)")
+    samples: list[Sample] = []
+    for label in CLASSES:
+        folder = root / label
+        if not folder.is_dir():
+            raise DataError(f"class folder missing: {folder}")
+        images: dict[str, Sample] = {}
+        masks: list[tuple[str, str]] = []  # (stem, file name)
+        for entry in sorted(os.listdir(folder)):
+            if _is_ignored(entry) or not (folder / entry).is_file():
+                continue
+            stem = Path(entry).stem
+            match = MASK_RE.match(stem)
+            if match:
+                masks.append((match.group("stem"), entry))
+            else:
+                images[stem] = Sample(image=f"{label}/{entry}", label=label)
+        if not images:
+            raise DataError(f"class folder has no images: {folder}")
+        for stem, name in masks:
+            if stem not in images:
+                raise DataError(f"mask without an image: {folder / name}")
+            images[stem].masks.append(f"{label}/{name}")
+        for sample in images.values():
+            if not sample.masks:
+                raise DataError(f"image without a mask: {root / sample.image} (expected {Path(sample.image).stem}_mask.png)")
+            sample.masks.sort(key=_mask_order)
+        samples.extend(images.values())
+    samples.sort(key=lambda s: s.image)
+    return samples
+
+
+def _mask_order(path: str) -> int:
+    index = MASK_RE.match(Path(path).stem).group("index")
+    return 0 if index is None else int(index)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+def _open(path: Path) -> Image.Image:
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"empty file: {path}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+        return image
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def _to_float_channels(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Colour as float32 HxW in [0, 1] (luminance) and alpha (or None), for any PIL mode incl. 16-bit."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(image, dtype=np.float32) / 65535.0, None
+    if image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
+        return np.clip(array / peak, 0, 1), None
+    if image.mode == "1":
+        return np.asarray(image, dtype=np.float32), None
+    alpha = None
+    if image.mode in ("LA", "RGBA", "PA", "La", "RGBa"):
+        alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+    grey = image.convert("L") if image.mode not in ("L",) else image
+    return np.asarray(grey, dtype=np.float32) / 255.0, alpha
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read any image as one grey uint8 channel (HxW). 16-bit, palette and alpha images are handled."""
+    image = _open(Path(path))
+    if image.mode in ("L",):
+        return np.array(image, dtype=np.uint8)
+    if image.mode in ("RGB", "RGBA", "LA", "P"):
+        return np.array(image.convert("L"), dtype=np.uint8)
+    grey, _ = _to_float_channels(image)
+    return np.round(grey * 255).astype(np.uint8)
+
+
+def load_mask(paths: list[str | os.PathLike], size: tuple[int, int] | None = None) -> np.ndarray:
+    """OR-merge one or more masks into a bool HxW array; `size` is the image's (width, height) to check against.
+
+    A pixel is lesion when its luminance, composited over black by its alpha, is at least half scale: this reads
+    1-bit, L, RGB and RGBA masks alike (a transparent pixel is background, whatever its colour).
+    """
+    merged = None
+    for path in paths:
+        image = _open(Path(path))
+        if size is not None and image.size != tuple(size):
+            raise DataError(f"mask size {image.size[0]}x{image.size[1]} differs from its image's "
+                            f"{size[0]}x{size[1]}: {path}")
+        grey, alpha = _to_float_channels(image)
+        lesion = (grey * alpha if alpha is not None else grey) >= 0.5
+        merged = lesion if merged is None else (merged | lesion)
+    return merged
+
+
+def load_sample(data_dir: str | os.PathLike, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """Grey uint8 image and merged bool mask at the original resolution."""
+    root = Path(data_dir)
+    image = load_image(root / sample.image)
+    mask = load_mask([root / m for m in sample.masks], size=(image.shape[1], image.shape[0]))
+    return image, mask
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Square resize of a grey uint8 image (antialiased bilinear)."""
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Square resize of a bool mask: area-weighted, then >= 50% coverage, so thin lesions are not lost to nearest."""
+    soft = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+    return np.asarray(soft, dtype=np.uint8) >= 128
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Near-duplicates and splits
+# --------------------------------------------------------------------------------------------------------------
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    return np.cos(np.pi * (2 * x + 1) * k / (2 * n))
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def perceptual_hash(image: np.ndarray) -> int:
+    """64-bit pHash: 32x32 grey thumbnail -> 2-D DCT -> 8x8 lowest frequencies vs their median."""
+    thumb = np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR), dtype=np.float64)
+    coeffs = (_DCT32 @ thumb @ _DCT32.T)[:8, :8].flatten()
+    bits = coeffs[1:] > np.median(coeffs[1:])  # the DC term only says how bright the image is
+    bits = np.concatenate([[coeffs[0] > 0], bits])
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def duplicate_groups(hashes: dict[str, int], max_bits: int = DUPLICATE_MAX_BITS) -> list[list[str]]:
+    """Connected components (size >= 2) of the graph 'pHash distance <= max_bits'; sorted lists of paths."""
+    names = sorted(hashes)
+    parent = {n: n for n in names}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    values = np.array([hashes[n] for n in names], dtype=np.uint64)
+    for i, name in enumerate(names[:-1]):
+        xor = np.bitwise_xor(values[i + 1:], values[i])
+        distance = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+        for j in np.nonzero(distance <= max_bits)[0]:
+            parent[find(names[i + 1 + j])] = find(name)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(find(name), []).append(name)
+    return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def make_split(samples: list[Sample], groups: list[list[str]], fractions=SPLIT_FRACTIONS,
+               seed: int = SPLIT_SEED) -> dict:
+    """Stratified, deterministic train/val/test split that keeps every duplicate group inside one split.
+
+    Units are duplicate groups (or single images). Each unit counts towards the class of its first member in
+    class order (benign < malignant < normal); units are shuffled with `seed` and handed, largest first, to the
+    split that is furthest below its target share of that class.
+    """
+    label_of = {s.image: s.label for s in samples}
+    in_group = {name for g in groups for name in g}
+    units = [list(g) for g in groups] + [[s.image] for s in samples if s.image not in in_group]
+    rng = random.Random(seed)
+    split_names = ("train", "val", "test")
+    result: dict[str, list[str]] = {k: [] for k in split_names}
+    for label in CLASSES:
+        class_units = [u for u in units if min(label_of[n] for n in u) == label]
+        rng.shuffle(class_units)
+        class_units.sort(key=len, reverse=True)  # stable: shuffled order within each size
+        total = sum(len(u) for u in class_units)
+        counts = dict.fromkeys(split_names, 0)
+        for unit in class_units:
+            deficit = {k: fractions[i] * total - counts[k] for i, k in enumerate(split_names)}
+            target = max(split_names, key=lambda k: deficit[k])
+            counts[target] += len(unit)
+            result[target].extend(unit)
+    return {k: sorted(v) for k, v in result.items()}
+
+
+def compute_split(data_dir: str | os.PathLike, samples: list[Sample] | None = None, seed: int = SPLIT_SEED,
+                  progress: bool = True) -> dict:
+    """Hash every image, group near-duplicates and split; the dict is what `splits/busi_split.json` holds."""
+    samples = samples if samples is not None else discover_samples(data_dir)
+    root = Path(data_dir)
+    hashes = dict(zip([s.image for s in samples],
+                      _map(lambda s: perceptual_hash(load_image(root / s.image)), samples, progress, "hashing")))
+    groups = duplicate_groups(hashes)
+    split = make_split(samples, groups, seed=seed)
+    split["duplicate_groups"] = groups
+    split["method"] = (f"64-bit pHash, near-duplicate = at most {DUPLICATE_MAX_BITS} bits apart, grouped "
+                       f"transitively; stratified by class {SPLIT_FRACTIONS} with seed {seed}")
+    return split
+
+
+def write_split(split: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(split, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_split(path: str | os.PathLike, samples: list[Sample] | None = None) -> dict:
+    """Load a split file and check it against the discovered samples (when given)."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"split file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"split file is not valid JSON: {path} ({exc})") from None
+    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "val", "test")):
+        raise DataError(f"split file needs lists 'train', 'val' and 'test': {path}")
+    seen: set[str] = set()
+    for key in ("train", "val", "test"):
+        overlap = seen.intersection(split[key])
+        if overlap:
+            raise DataError(f"split file lists {sorted(overlap)[0]!r} in more than one split: {path}")
+        seen.update(split[key])
+    if samples is not None:
+        known = {s.image for s in samples}
+        missing = sorted(seen - known)
+        if missing:
+            raise DataError(f"split file names {len(missing)} image(s) not in the data dir, "
+                            f"e.g. {missing[0]!r}: {path}")
+    return split
+
+
+def split_matches(split: dict, samples: list[Sample]) -> bool:
+    """True when the split covers exactly the discovered images (so it was made for this data)."""
+    return set(split["train"]) | set(split["val"]) | set(split["test"]) == {s.image for s in samples}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoded tensor cache
+# --------------------------------------------------------------------------------------------------------------
+def _map(fn, items, progress: bool, desc: str):
+    from tqdm import tqdm
+
+    # PIL releases the GIL while decoding and resizing, so threads give a real speed-up here.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not progress, leave=False))
+
+
+def _cache_key(data_dir: Path, samples: list[Sample], image_size: int) -> str:
+    digest = hashlib.sha1(f"v{CACHE_VERSION} size={image_size}".encode())
+    for sample in samples:
+        for rel in [sample.image, *sample.masks]:
+            st = (data_dir / rel).stat()
+            digest.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_cache(data_dir: str | os.PathLike, samples: list[Sample], image_size: int,
+                cache_dir: str | os.PathLike | None = ".cache", progress: bool = True) -> dict:
+    """Decode every sample once; return (and keep on disk) uint8 tensors at `image_size`.
+
+    Keys: images/masks uint8 [N,1,S,S] (masks 0/1), labels int64 [N], names (list of paths), and the
+    original-resolution masks as bit-packed uint8 tensors (`full_masks`, `full_sizes` as [N,2] of H, W) so that
+    metrics at each image's own resolution need no more PNG decoding.
+    """
+    root = Path(data_dir)
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"busi_{image_size}_{_cache_key(root, samples, image_size)}.pt"
+        if cache_file.is_file():
+            try:
+                return torch.load(cache_file, map_location="cpu", weights_only=True)
+            except Exception:  # a damaged cache is rebuilt, never trusted
+                pass
+
+    def decode(sample: Sample):
+        image, mask = load_sample(root, sample)
+        return (resize_image(image, image_size), resize_mask(mask, image_size),
+                torch.from_numpy(np.packbits(mask)), mask.shape)
+
+    decoded = _map(decode, samples, progress, f"decoding {len(samples)} images at {image_size}px")
+    cache = {
+        "images": torch.from_numpy(np.stack([d[0] for d in decoded]))[:, None].contiguous(),
+        "masks": torch.from_numpy(np.stack([d[1] for d in decoded]).astype(np.uint8))[:, None].contiguous(),
+        "labels": torch.tensor([s.label_index for s in samples], dtype=torch.int64),
+        "names": [s.image for s in samples],
+        "full_masks": [d[2] for d in decoded],
+        "full_sizes": torch.tensor([d[3] for d in decoded], dtype=torch.int64),
+    }
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            torch.save(cache, tmp)
+            os.replace(tmp, cache_file)
+        except OSError as exc:  # a read-only or full disk only costs the next run its head start
+            print(f"warning: could not write the data cache {cache_file}: {exc}", file=sys.stderr)
+    return cache
+
+
+def unpack_mask(packed: torch.Tensor, size) -> torch.Tensor:
+    """Inverse of the bit-packing in `build_cache`: bool tensor of shape `size` (H, W)."""
+    h, w = int(size[0]), int(size[1])
+    return torch.from_numpy(np.unpackbits(packed.numpy())[: h * w].reshape(h, w).astype(bool))
+
+
+def subset(cache: dict, names: list[str]) -> dict:
+    """The cache entries for `names` (in that order)."""
+    index = {n: i for i, n in enumerate(cache["names"])}
+    idx = [index[n] for n in names]
+    t = torch.tensor(idx, dtype=torch.long)
+    return {
+        "images": cache["images"][t], "masks": cache["masks"][t], "labels": cache["labels"][t],
+        "names": list(names), "full_masks": [cache["full_masks"][i] for i in idx],
+        "full_sizes": cache["full_sizes"][t],
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line: (re)generate a split file
+# --------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Discover a BUSI-layout data dir, group near-duplicate images by perceptual hash and write a "
+                    "leakage-safe, class-stratified train/val/test split (JSON).")
+    parser.add_argument("--data-dir", default="../shared/data/Dataset_BUSI_with_GT",
+                        help="folder with benign/, malignant/, normal/ (default: %(default)s)")
+    parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE.relative_to(Path.cwd()))
+                        if DEFAULT_SPLIT_FILE.is_relative_to(Path.cwd()) else str(DEFAULT_SPLIT_FILE),
+                        help="where to write the split (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="shuffle seed (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        samples = discover_samples(args.data_dir)
+        split = compute_split(args.data_dir, samples, seed=args.seed)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_split(split, args.out)
+    counts = {k: len(split[k]) for k in ("train", "val", "test")}
+    print(f"{len(samples)} images, {len(split['duplicate_groups'])} near-duplicate groups "
+          f"({sum(len(g) for g in split['duplicate_groups'])} images); split {counts} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""Train a U-Net on BUSI (breast-ultrasound lesion segmentation) and report honest held-out numbers.
+
+    python train_unet_busi.py                       # bundled sample, or ./Dataset_BUSI_with_GT if present
+    python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT --epochs 60
+    python train_unet_busi.py --resume --run-name NAME   # continue a killed run
+    python train_unet_busi.py --eval-only --checkpoint checkpoints/busi_unet_small.pt
+
+Every hyperparameter below is a plain name: edit it here, or override it with the --flag of the same name.
+The run folder <output-dir>/<run-name>/ receives latest.pt (every epoch), best.pt (best validation score),
+history.csv, curves.png, and at the end metrics.json + test_predictions.csv from ONE evaluation of best.pt on
+the test split. The test split never chooses anything: the checkpoint and threshold are chosen on validation.
+"""
+from __future__ import annotations
+
+# ------------------------------------------------------------------------------------------------------------------
+# Hyperparameters (defaults of the command-line flags)
+# ------------------------------------------------------------------------------------------------------------------
+DATA_DIR = None                  # None: ./Dataset_BUSI_with_GT if present, else the bundled sample data/busi_sample
+SPLIT_FILE = "splits/busi_split.json"  # committed leakage-safe split of BUSI; other data gets a split computed per run
+OUTPUT_DIR = "checkpoints"       # run folders go here
+RUN_NAME = None                  # None: a timestamp
+EPOCHS = 60                      # passes over the training split
+BATCH_SIZE = 16
+LR = 2e-3                        # peak AdamW learning rate (after warm-up; cosine decay to 0 by the last step)
+WEIGHT_DECAY = 1e-4
+WARMUP_EPOCHS = 2                # linear warm-up, avoids early BatchNorm/Adam blow-ups at this LR
+IMAGE_SIZE = 256                 # images are squashed to IMAGE_SIZE x IMAGE_SIZE (a multiple of 2**DEPTH)
+BASE_CHANNELS = 32               # width of the first U-Net stage; doubles at every level
+DEPTH = 4                        # number of down-sampling steps
+BCE_WEIGHT = 1.0                 # loss = BCE_WEIGHT * BCE + DICE_WEIGHT * (1 - soft Dice) + CLS_WEIGHT * CE
+DICE_WEIGHT = 1.0
+CLS_WEIGHT = 0.2                 # weight of the normal/benign/malignant head on the bottleneck (0 = no head)
+AUGMENT = 1.0                    # strength of the on-device augmentation (0 = none; see augment.AugmentConfig)
+THRESHOLD = 0.5                  # probability above which a pixel is lesion
+TTA = False                      # average predictions with the left-right flipped image at evaluation
+SEED = 42
+DETERMINISTIC = False            # deterministic cuDNN kernels (slower); CPU runs are deterministic anyway
+DEVICE = "auto"                  # auto = cuda > mps > cpu
+AMP = True                       # mixed precision on CUDA: bf16 where supported, else fp16 + GradScaler
+COMPILE = False                  # torch.compile the model (falls back to eager if it cannot)
+CACHE_DIR = ".cache"             # decoded uint8 tensors, keyed by data and size: later runs start in seconds
+EVAL_BATCH_SIZE = 32
+MAX_BAD_STEPS = 5                # stop after this many non-finite losses in a row
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE_DIR = ROOT / "data" / "busi_sample"
+CONFIG_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "image_size", "base_channels",
+               "depth", "bce_weight", "dice_weight", "cls_weight", "augment", "threshold", "tta", "seed")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data-dir", default=DATA_DIR,
+                   help="folder with benign/, malignant/, normal/ (None: ./Dataset_BUSI_with_GT, else the bundled sample)")
+    g.add_argument("--split-file", default=SPLIT_FILE,
+                   help="split JSON; the default is used when it lists exactly the data dir's images, "
+                        "otherwise a split is computed and written into the run folder")
+    g.add_argument("--output-dir", default=OUTPUT_DIR, help="parent folder of run folders")
+    g.add_argument("--run-name", default=RUN_NAME, help="run folder name (default: a timestamp)")
+    g.add_argument("--cache-dir", default=CACHE_DIR, help="where decoded tensors are cached ('' = no cache)")
+    g = p.add_argument_group("model")
+    g.add_argument("--image-size", type=_positive_int, default=IMAGE_SIZE, help="training/inference size (square)")
+    g.add_argument("--base-channels", type=_positive_int, default=BASE_CHANNELS, help="width of the first stage")
+    g.add_argument("--depth", type=_positive_int, default=DEPTH, help="number of down-sampling steps")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_positive_int, default=EPOCHS)
+    g.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE)
+    g.add_argument("--lr", type=_positive_float, default=LR, help="peak learning rate")
+    g.add_argument("--weight-decay", type=_non_negative_float, default=WEIGHT_DECAY)
+    g.add_argument("--warmup-epochs", type=_non_negative_float, default=WARMUP_EPOCHS)
+    g.add_argument("--bce-weight", type=_non_negative_float, default=BCE_WEIGHT)
+    g.add_argument("--dice-weight", type=_non_negative_float, default=DICE_WEIGHT)
+    g.add_argument("--cls-weight", type=_non_negative_float, default=CLS_WEIGHT,
+                   help="weight of the normal/benign/malignant classification head (0 turns it off)")
+    g.add_argument("--augment", type=_non_negative_float, default=AUGMENT, help="augmentation strength (0 = off)")
+    g.add_argument("--seed", type=int, default=SEED)
+    g.add_argument("--deterministic", action="store_true", default=DETERMINISTIC,
+                   help="deterministic cuDNN kernels (slower)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--threshold", type=_probability, default=THRESHOLD, help="lesion probability threshold")
+    g.add_argument("--tta", action="store_true", default=TTA, help="flip test-time augmentation")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=EVAL_BATCH_SIZE)
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default=DEVICE, help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=AMP, help="disable mixed precision")
+    g.add_argument("--compile", action="store_true", default=COMPILE, help="torch.compile the model")
+    g = p.add_argument_group("resume and evaluation only")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue from latest.pt of --run-name (or of the given run folder / checkpoint file)")
+    g.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the test split")
+    g.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    multiple = 2 ** args.depth
+    if args.image_size % multiple:
+        parser.error(f"argument --image-size: {args.image_size} is not a multiple of {multiple} "
+                     f"(the U-Net halves it {args.depth} times; try {max(multiple, round(args.image_size / multiple) * multiple)})")
+    if args.eval_only and not args.checkpoint:
+        parser.error("--eval-only needs --checkpoint PATH")
+    if args.device != "auto":
+        import torch
+        try:
+            torch.device(args.device)
+        except (RuntimeError, ValueError):
+            parser.error(f"argument --device: unknown device {args.device!r} (auto, cpu, cuda, cuda:N or mps)")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The experiment
+# ------------------------------------------------------------------------------------------------------------------
+def resolve_data_dir(data_dir: str | None) -> Path:
+    if data_dir:
+        return Path(data_dir)
+    if Path("Dataset_BUSI_with_GT").is_dir():
+        return Path("Dataset_BUSI_with_GT")
+    banner = "=" * 100
+    print(f"{banner}\n  NO --data-dir GIVEN AND ./Dataset_BUSI_with_GT NOT FOUND: using the bundled sample "
+          f"({SAMPLE_DIR.relative_to(ROOT)}, a handful of images).\n  Its numbers mean nothing. For real results "
+          f"download BUSI from Kaggle ('breast-ultrasound-images-dataset') and\n  pass --data-dir "
+          f"PATH/Dataset_BUSI_with_GT (or unpack it into this folder).\n{banner}", flush=True)
+    return SAMPLE_DIR
+
+
+def choose_split(args, data_dir: Path, samples, run_dir: Path) -> tuple[dict, str]:
+    """The committed split when it fits this data (or an explicit --split-file), else one computed now."""
+    import dataset
+
+    split_path = Path(args.split_file)
+    if not split_path.is_absolute() and not split_path.exists():
+        split_path = ROOT / split_path
+    if "--split-file" in args.explicit:
+        return dataset.read_split(split_path, samples), str(split_path)
+    if split_path.is_file():
+        split = dataset.read_split(split_path)
+        if dataset.split_matches(split, samples):
+            return split, str(split_path)
+    print(f"{split_path.name} does not list this data dir's images: computing a leakage-safe split "
+          f"(near-duplicate grouping + stratification) into {run_dir / 'split.json'}", flush=True)
+    split = dataset.compute_split(data_dir, samples)
+    dataset.write_split(split, run_dir / "split.json")
+    return split, str(run_dir / "split.json")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    """history.csv and curves.png (loss and validation Dice per epoch), rewritten every epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    tmp = run_dir / ".history.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(run_dir / "history.csv")
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax1.legend()
+    ax2.plot(epochs, [h["val_lesion_dice"] for h in history], label="lesion Dice")
+    ax2.plot(epochs, [h["val_lesion_iou"] for h in history], label="lesion IoU")
+    ax2.plot(epochs, [h["val_score"] for h in history], label="all-image Dice (selects best.pt)")
+    ax2.set(xlabel="epoch", ylabel="validation", title="Validation (original resolution)", ylim=(0, 1))
+    ax2.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(run_dir / ".curves.png.tmp.png", dpi=100)
+    plt.close(fig)
+    (run_dir / ".curves.png.tmp.png").replace(run_dir / "curves.png")
+
+
+def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: dict) -> None:
+    """metrics.json and test_predictions.csv."""
+    metrics = {"test": summary, **extra}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(run_dir / "test_predictions.csv", "w", newline="") as f:
+        fields = ["file", "class", "dice", "iou", "pred_pixels", "gt_pixels"]
+        if records and "malignancy" in records[0]:
+            fields += ["malignancy_probability", "predicted_class"]
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        for r in records:
+            row = [r["file"], r["label"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", r["pred_pixels"], r["gt_pixels"]]
+            if "malignancy" in r:
+                import dataset
+                row += [f"{r['malignancy']:.4f}", dataset.CLASSES[max(range(3), key=lambda k: r["class_probs"][k])]]
+            writer.writerow(row)
+
+
+def print_summary(title: str, s: dict) -> None:
+    print(f"{title}: lesion Dice {s['lesion_dice']:.4f} | lesion IoU {s['lesion_iou']:.4f} | "
+          f"pooled Dice {s['lesion_pooled_dice']:.4f} | normal FP rate {s['normal_fp_rate']:.3f} "
+          f"| n={s['n_images']}")
+    for name, c in s["per_class"].items():
+        extra = f" | FP rate {c['fp_rate']:.3f}" if "fp_rate" in c else ""
+        print(f"  {name:<9} n={c['n']:<4} Dice {c['dice']:.4f} | IoU {c['iou']:.4f}{extra}")
+    if "malignancy_auc" in s:
+        print(f"  classification: accuracy {s['class_accuracy']:.4f} | malignant-vs-benign ROC AUC "
+              f"{s['malignancy_auc']:.4f} | confusion (rows true, cols pred: benign, malignant, normal) "
+              f"{s['confusion_matrix']['counts']}")
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving latest.pt "
+              f"(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def run(args) -> int:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    import dataset
+    import utils
+    from augment import AugmentConfig, augment_batch
+    from losses import BCEDiceLoss
+    from unet import UNet
+
+    device = utils.pick_device(args.device)
+    output_dir = Path(args.output_dir)
+
+    # ---- resume / eval-only: the checkpoint's own config wins over the defaults ----
+    state = None
+    if args.resume is not None:
+        if args.resume:
+            ckpt_path = Path(args.resume)
+            ckpt_path = ckpt_path / "latest.pt" if ckpt_path.is_dir() else ckpt_path
+        elif args.run_name:
+            ckpt_path = output_dir / args.run_name / "latest.pt"
+        else:
+            raise ValueError("--resume needs --run-name NAME (or --resume PATH to a run folder or latest.pt)")
+        state = utils.load_checkpoint(ckpt_path)
+        run_dir = ckpt_path.parent
+    elif args.eval_only:
+        state = utils.load_checkpoint(args.checkpoint)
+        run_dir = output_dir / (args.run_name or f"eval-{Path(args.checkpoint).stem}")
+    else:
+        run_dir = output_dir / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+        if (run_dir / "latest.pt").exists():
+            raise ValueError(f"{run_dir} already holds a run: continue it with --resume --run-name {run_dir.name} "
+                             f"or choose another --run-name")
+    if state is not None:
+        saved = state.get("config", {})
+        for key in CONFIG_KEYS:
+            if key in saved and ("--" + key.replace("_", "-")) not in args.explicit:
+                setattr(args, key, saved[key])
+        if not args.data_dir and saved.get("data_dir") and Path(saved["data_dir"]).is_dir() and args.resume is not None:
+            args.data_dir = saved["data_dir"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- data: discover, split, decode once, keep on the device ----
+    data_dir = resolve_data_dir(args.data_dir)
+    samples = dataset.discover_samples(data_dir)
+    split, split_source = choose_split(args, data_dir, samples, run_dir)
+    cache = dataset.build_cache(data_dir, samples, args.image_size, args.cache_dir or None)
+    train, val, test = (dataset.subset(cache, split[k]) for k in ("train", "val", "test"))
+    counts = {k: len(split[k]) for k in ("train", "val", "test")}
+    print(f"data: {data_dir} | {len(samples)} images | split {counts} from {split_source} | device {device}",
+          flush=True)
+    if not train["names"] or not val["names"]:
+        raise ValueError(f"the split leaves no training or validation images ({counts}); add data")
+
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}
+    config.update(data_dir=str(data_dir), split_file=split_source, device=str(device), amp=args.amp)
+    dtype = utils.amp_dtype(device, args.amp)
+
+    # ---- model ----
+    utils.seed_everything(args.seed, args.deterministic)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if state is not None:
+        model = utils.build_model(state, args.checkpoint or "latest.pt")
+        args.base_channels, args.depth = model.config["base_channels"], model.config["depth"]
+        config.update(base_channels=args.base_channels, depth=args.depth)
+    else:
+        model = UNet(1, 1, args.base_channels, args.depth, num_classes=3 if args.cls_weight > 0 else 0)
+    model = model.to(device, memory_format=torch.channels_last)
+    config["model"] = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: UNet{model.config} | {n_params / 1e6:.2f} M parameters | amp {dtype} | image {args.image_size}px",
+          flush=True)
+
+    def evaluate(net, data, with_loss=False):
+        summary, records = utils.evaluate(net, data, device, dtype, args.threshold, args.eval_batch_size, args.tta)
+        return summary, records
+
+    if args.eval_only:
+        summary, records = evaluate(model, test)
+        extra = {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"), "config": config,
+                 "val_at_best": state.get("best_val")}
+        write_test_report(run_dir, summary, records, extra)
+        print_summary(f"test ({args.checkpoint})", summary)
+        print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'test_predictions.csv'}")
+        return 0
+
+    # ---- optimisation ----
+    steps_per_epoch = math.ceil(len(train["names"]) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
+    scaler = utils.make_grad_scaler(device, dtype)
+    seg_loss = BCEDiceLoss(args.bce_weight, args.dice_weight)
+    aug_cfg = AugmentConfig().scaled(args.augment)
+    param_gen = torch.Generator().manual_seed(args.seed)
+    noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1) if device.type != "mps" else None
+
+    start_epoch, start_step, epoch_perm, history = 0, 0, None, []
+    best_score, best_epoch, best_val = -1.0, None, None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, start_step, epoch_perm = state["epoch"], state.get("step", 0), state.get("epoch_perm")
+        history = list(state.get("history", []))
+        best_score, best_epoch, best_val = state["best_score"], state["best_epoch"], state.get("best_val")
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        param_gen.set_state(rng["param_gen"])
+        if noise_gen is not None and "noise_gen" in rng:
+            noise_gen.set_state(rng["noise_gen"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        print(f"resuming {run_dir} at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""),
+              flush=True)
+        if start_epoch >= args.epochs:
+            print(f"nothing to train: the run already has {start_epoch} of {args.epochs} epochs")
+
+    train_step_model = model
+    if args.compile:
+        try:
+            train_step_model = torch.compile(model)
+        except Exception as exc:  # noqa: BLE001
+            print(f"warning: torch.compile unavailable ({exc}); running eagerly", file=sys.stderr)
+
+    def checkpoint_state(epoch: int, step: int, perm) -> dict:
+        rng = {"torch": torch.get_rng_state(), "param_gen": param_gen.get_state()}
+        if noise_gen is not None:
+            rng["noise_gen"] = noise_gen.get_state()
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        return {"format": utils.CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model.config,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "epoch_perm": perm,
+                "best_score": best_score, "best_epoch": best_epoch, "best_val": best_val, "config": config,
+                "history": history, "rng": rng}
+
+    # The training split lives on the device as uint8 for the whole run.
+    train_images = train["images"].to(device)
+    train_masks = train["masks"].to(device)
+    train_labels = train["labels"].to(device)
+    val_on_device = {**val, "images": val["images"].to(device)}
+    bad_steps = 0
+
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            perm = epoch_perm if epoch_perm is not None else torch.randperm(len(train["names"]), generator=param_gen)
+            epoch_perm = None
+            t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+            bar = tqdm(range(start_step, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                       dynamic_ncols=True, initial=start_step, total=steps_per_epoch)
+            for step in bar:
+                idx = perm[step * args.batch_size:(step + 1) * args.batch_size].to(device)
+                x, y = augment_batch(train_images[idx], train_masks[idx], aug_cfg, param_gen, noise_gen)
+                x = x.contiguous(memory_format=torch.channels_last)
+                with utils.autocast(device, dtype):
+                    seg_logits, cls_logits = train_step_model(x)
+                loss = seg_loss(seg_logits, y)
+                if cls_logits is not None:
+                    loss = loss + args.cls_weight * F.cross_entropy(cls_logits.float(), train_labels[idx])
+                if not torch.isfinite(loss):
+                    bad_steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    print(f"warning: non-finite loss at epoch {epoch + 1} step {step + 1}: step skipped "
+                          f"({bad_steps} in a row)", file=sys.stderr, flush=True)
+                    if bad_steps >= MAX_BAD_STEPS:
+                        raise FloatingPointError(
+                            f"loss was non-finite {bad_steps} steps in a row (epoch {epoch + 1}); stopping. "
+                            f"The last good checkpoints in {run_dir} are untouched; try a lower --lr or --no-amp")
+                    scheduler.step()
+                    continue
+                bad_steps = 0
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                loss_sum += loss.detach() * len(idx)
+                seen += len(idx)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                if stop.requested:
+                    bar.close()
+                    next_step = step + 1
+                    if next_step >= steps_per_epoch:
+                        break  # the epoch is complete: finish it normally (validation + checkpoints) below
+                    utils.save_checkpoint(checkpoint_state(epoch, next_step, perm), run_dir / "latest.pt")
+                    print(f"interrupted at epoch {epoch + 1}, step {next_step}/{steps_per_epoch}: saved "
+                          f"{run_dir / 'latest.pt'}.\nResume with: python train_unet_busi.py --resume "
+                          f"{run_dir}", file=sys.stderr, flush=True)
+                    return 130
+            bar.close()
+            start_step = 0
+            train_seconds = time.perf_counter() - t0
+
+            # ---- validation at each image's original resolution ----
+            val_summary, _ = evaluate(model, val_on_device)
+            val_loss = validation_loss(model, val_on_device, val["masks"], val["labels"], seg_loss, args, device,
+                                       dtype, torch, F)
+            score = val_summary["all_dice"]
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "train_loss": round(float(loss_sum) / max(1, seen), 5),
+                   "val_loss": round(val_loss, 5), "val_lesion_dice": round(val_summary["lesion_dice"], 5),
+                   "val_lesion_iou": round(val_summary["lesion_iou"], 5),
+                   "val_normal_fp_rate": round(val_summary["normal_fp_rate"], 5)
+                   if not math.isnan(val_summary["normal_fp_rate"]) else "",
+                   "val_score": round(score, 5), "lr": optimizer.param_groups[0]["lr"],
+                   "seconds": round(seconds, 2), "train_img_per_s": round(seen / max(train_seconds, 1e-9), 1)}
+            if "malignancy_auc" in val_summary:
+                row["val_malignancy_auc"] = round(val_summary["malignancy_auc"], 5)
+            history.append(row)
+            improved = score > best_score
+            if improved:
+                best_score, best_epoch, best_val = score, epoch + 1, val_summary
+            print(f"epoch {epoch + 1:>3}/{args.epochs} | train loss {row['train_loss']:.4f} | val loss "
+                  f"{row['val_loss']:.4f} | val Dice {row['val_lesion_dice']:.4f} | val IoU "
+                  f"{row['val_lesion_iou']:.4f} | val score {score:.4f}{' *' if improved else '  '} | lr "
+                  f"{row['lr']:.2e} | {seconds:.1f} s | {row['train_img_per_s']:.0f} img/s", flush=True)
+            ckpt = checkpoint_state(epoch + 1, 0, None)
+            if improved:
+                utils.save_checkpoint(ckpt, run_dir / "best.pt")
+            utils.save_checkpoint(ckpt, run_dir / "latest.pt")
+            write_history(run_dir, history)
+            if stop.requested:
+                print(f"interrupted after epoch {epoch + 1}: saved {run_dir / 'latest.pt'}.\nResume with: "
+                      f"python train_unet_busi.py --resume {run_dir}", file=sys.stderr, flush=True)
+                return 130
+
+    # ---- one evaluation of best.pt on the test split ----
+    if best_epoch is None:
+        raise ValueError("no epoch finished, so there is no best.pt to evaluate")
+    best_model = utils.load_model(run_dir / "best.pt", device)[0].to(memory_format=torch.channels_last)
+    summary, records = evaluate(best_model, test)
+    write_test_report(run_dir, summary, records, {"best_epoch": best_epoch, "val_at_best": best_val,
+                                                  "config": config, "checkpoint": str(run_dir / "best.pt")})
+    print(f"best epoch {best_epoch} (validation all-image Dice {best_score:.4f})")
+    print_summary("test (best.pt, evaluated once)", summary)
+    print(f"wrote {run_dir}/: best.pt latest.pt history.csv curves.png metrics.json test_predictions.csv")
+    return 0
+
+
+def validation_loss(model, data, masks, labels, seg_loss, args, device, dtype, torch, F) -> float:
+    """Mean training loss (without augmentation) over the validation split, at the training size."""
+    import utils
+
+    model.eval()
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(data["names"]), args.eval_batch_size):
+            x = data["images"][start:start + args.eval_batch_size].float().div(255.0)
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = masks[start:start + args.eval_batch_size].to(device)
+            with utils.autocast(device, dtype):
+                seg, cls = model(x)
+            loss = seg_loss(seg, y)
+            if cls is not None:
+                loss = loss + args.cls_weight * F.cross_entropy(cls.float(), labels[start:start + len(x)].to(device))
+            total += float(loss) * len(x)
+            n += len(x)
+    return total / max(n, 1)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import dataset
+    import utils
+
+    try:
+        return run(args)
+    except (dataset.DataError, utils.CheckpointError, ValueError, FloatingPointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # full disk, read-only output dir, ...
+        print(f"error: {exc.strerror or exc} ({exc.filename or ''}); earlier checkpoints are intact",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Shared plumbing: seeding, device and mixed precision, metrics, inference, checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unet import UNet
+
+CHECKPOINT_FORMAT = "busi-unet-v1"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reproducibility, device, mixed precision
+# --------------------------------------------------------------------------------------------------------------
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices); `deterministic` also pins cuDNN to deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda > mps > cpu; otherwise the named device, checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r} asked for, but MPS is not available here (use --device cpu)")
+    return device
+
+
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """bf16 on GPUs that support it, fp16 on older CUDA GPUs, None (fp32) on CPU/MPS or when disabled."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for `dtype`, or a no-op when it is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=dtype == torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------------
+def dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """Dice and IoU of two bool masks. Convention: both empty -> (1, 1); one empty -> (0, 0)."""
+    inter = torch.logical_and(pred, target).sum().item()
+    p, t = pred.sum().item(), target.sum().item()
+    if p + t == 0:
+        return 1.0, 1.0
+    return 2.0 * inter / (p + t), inter / (p + t - inter)
+
+
+def roc_auc(scores, positives) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties count half); nan when a class is absent."""
+    scores, positives = np.asarray(scores, dtype=np.float64), np.asarray(positives, dtype=bool)
+    pos, neg = scores[positives], scores[~positives]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def summarize(records: list[dict], class_names=("benign", "malignant", "normal")) -> dict:
+    """Aggregate per-image records (keys: label, dice, iou, pred_pixels, inter, gt_pixels[, class_probs]).
+
+    lesion_* are means over images with a lesion (benign + malignant); normal_fp_rate is the fraction of
+    normal images with any predicted lesion pixel; pooled_dice sums pixels over all lesion images.
+    """
+    out: dict = {"n_images": len(records)}
+    lesion = [r for r in records if r["label"] != "normal"]
+    normal = [r for r in records if r["label"] == "normal"]
+    mean = lambda rs, k: float(np.mean([r[k] for r in rs])) if rs else float("nan")  # noqa: E731
+    out["lesion_dice"] = mean(lesion, "dice")
+    out["lesion_iou"] = mean(lesion, "iou")
+    pooled = sum(r["pred_pixels"] + r["gt_pixels"] for r in lesion)
+    out["lesion_pooled_dice"] = 2 * sum(r["inter"] for r in lesion) / pooled if pooled else float("nan")
+    out["normal_fp_rate"] = float(np.mean([r["pred_pixels"] > 0 for r in normal])) if normal else float("nan")
+    out["all_dice"] = mean(records, "dice")
+    per_class = {}
+    for name in class_names:
+        rs = [r for r in records if r["label"] == name]
+        if not rs:
+            continue
+        entry = {"n": len(rs), "dice": mean(rs, "dice"), "iou": mean(rs, "iou")}
+        if name == "normal":
+            entry["fp_rate"] = out["normal_fp_rate"]
+        per_class[name] = entry
+    out["per_class"] = per_class
+    if records and "class_probs" in records[0]:
+        out.update(classification_summary(records, class_names))
+    return out
+
+
+def classification_summary(records: list[dict], class_names) -> dict:
+    """3-way accuracy and confusion matrix, and malignant-vs-benign ROC AUC on the lesion images."""
+    k = len(class_names)
+    truth = np.array([class_names.index(r["label"]) for r in records])
+    probs = np.array([r["class_probs"] for r in records])
+    confusion = np.zeros((k, k), dtype=int)
+    for t, p in zip(truth, probs.argmax(1)):
+        confusion[t, p] += 1
+    lesion = [r for r in records if r["label"] != "normal"]
+    return {
+        "class_accuracy": float((probs.argmax(1) == truth).mean()),
+        "confusion_matrix": {"rows_true_cols_pred": list(class_names), "counts": confusion.tolist()},
+        "malignancy_auc": roc_auc([r["malignancy"] for r in lesion], [r["label"] == "malignant" for r in lesion]),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def predict_batches(model: UNet, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
+                    batch_size: int = 32, tta: bool = False):
+    """Yield (probabilities float32 [b,1,S,S] on `device`, class probabilities [b,C] or None) per batch.
+
+    `images` are uint8 [N,1,S,S] on any device. `tta` averages with the left-right flipped prediction.
+    """
+    model.eval()
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255.0)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            seg, cls = model(x)
+            if tta:
+                seg_f, cls_f = model(torch.flip(x, dims=[3]))
+                seg = (torch.sigmoid(seg.float()) + torch.sigmoid(torch.flip(seg_f, dims=[3]).float())) / 2
+                cls = None if cls is None else (torch.softmax(cls.float(), 1) + torch.softmax(cls_f.float(), 1)) / 2
+            else:
+                seg = torch.sigmoid(seg.float())
+                cls = None if cls is None else torch.softmax(cls.float(), 1)
+        yield seg.float(), cls
+
+
+def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[1,S,S] probability map -> [H,W] at the image's own size (bilinear)."""
+    return F.interpolate(prob[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+
+
+def malignancy_probability(class_probs: torch.Tensor, class_names=("benign", "malignant", "normal")) -> torch.Tensor:
+    """P(malignant | lesion) = p_malignant / (p_benign + p_malignant), from 3-way class probabilities."""
+    b, m = class_probs[..., class_names.index("benign")], class_probs[..., class_names.index("malignant")]
+    return m / (b + m).clamp_min(1e-8)
+
+
+def evaluate(model: UNet, data: dict, device: torch.device, dtype: torch.dtype | None = None,
+             threshold: float = 0.5, batch_size: int = 32, tta: bool = False,
+             class_names=("benign", "malignant", "normal")) -> tuple[dict, list[dict]]:
+    """Per-image Dice/IoU at each image's ORIGINAL resolution (prediction resized back), and their summary.
+
+    `data` is a dataset.subset(...) dict: images [N,1,S,S] uint8, labels, names, full_masks, full_sizes.
+    """
+    from dataset import unpack_mask  # local: utils stays importable without the data module's PIL setup
+
+    records: list[dict] = []
+    i = 0
+    for probs, cls in predict_batches(model, data["images"], device, dtype, batch_size, tta):
+        for j in range(probs.shape[0]):
+            h, w = (int(v) for v in data["full_sizes"][i])
+            pred = probs_to_original(probs[j], h, w) > threshold
+            gt = unpack_mask(data["full_masks"][i], (h, w)).to(device)
+            d, iou = dice_iou(pred, gt)
+            record = {"file": data["names"][i], "label": class_names[int(data["labels"][i])], "dice": d, "iou": iou,
+                      "pred_pixels": int(pred.sum()), "gt_pixels": int(gt.sum()),
+                      "inter": int(torch.logical_and(pred, gt).sum())}
+            if cls is not None:
+                record["class_probs"] = cls[j].float().cpu().tolist()
+                record["malignancy"] = float(malignancy_probability(cls[j].float(), class_names))
+            records.append(record)
+            i += 1
+    return summarize(records, class_names), records
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Atomic write: a temp file in the same folder, fsync, then rename over `path`.
+
+    A run killed at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """torch.load with weights_only=True (a checkpoint never runs code); clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data, "
+                              f"which could run code ({first[:160]})") from None
+    except Exception as exc:  # noqa: BLE001 - zip/EOF/runtime errors of a torn or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or damaged "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (expected format {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def build_model(state: dict, path: str | os.PathLike = "checkpoint") -> UNet:
+    """Rebuild the UNet described by a checkpoint and load its weights, naming any mismatch."""
+    config = state.get("model_config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} has no model_config")
+    try:
+        model = UNet(**config)
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: model_config {config} does not describe this project's UNet ({exc})") from None
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shapes = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {shapes[0]} is {tuple(weights[shapes[0]].shape)}, "
+                       f"expected {tuple(expected[shapes[0]].shape)}")
+        raise CheckpointError(f"{path}: weights do not fit UNet{config}: {detail}")
+    model.load_state_dict(weights)
+    return model
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+    """Load a checkpoint into a ready-to-use UNet in eval mode on `device`; also returns the checkpoint dict."""
+    state = load_checkpoint(path)
+    model = build_model(state, path).to(device).eval()
+    return model, state
