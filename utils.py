@@ -274,3 +274,15 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     state = load_checkpoint(path)
     model = build_model(state, path).to(device).eval()
     return model, state
+
+
+def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> dict:
+    """Strip a training checkpoint to what inference needs (weights, model config, run config, validation
+    figures), with fp16 weights by default: the shipped model. Returns the exported dict."""
+    state = load_checkpoint(src)
+    weights = {k: v.half() if (half and v.is_floating_point()) else v for k, v in state["model"].items()}
+    slim = {"format": CHECKPOINT_FORMAT, "model": weights, "model_config": state["model_config"],
+            "config": state.get("config", {}), "best_epoch": state.get("best_epoch"),
+            "best_val": state.get("best_val")}
+    save_checkpoint(slim, dst)
+    return slim
