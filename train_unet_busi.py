@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("resume and evaluation only")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from latest.pt of --run-name (or of the given run folder / checkpoint file)")
+    g.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
+                   help="train at most N epochs in this invocation, then save and exit (for time-limited jobs; "
+                        "continue with --resume)")
     g.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the test split")
     g.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only")
     return p
@@ -431,6 +434,10 @@ def run(args) -> int:
     train_labels = train["labels"].to(device)
     val_on_device = {**val, "images": val["images"].to(device)}
     bad_steps = 0
+    # A forward pass on a bad batch updates BatchNorm running statistics before the loss can be checked, so they
+    # are snapshotted each step (a few KB, one fused copy) and restored when the step is skipped.
+    bn_buffers = [b for b in model.buffers() if b.is_floating_point()]
+    bn_snapshot = [b.clone() for b in bn_buffers]
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, args.epochs):
@@ -444,6 +451,7 @@ def run(args) -> int:
                 idx = perm[step * args.batch_size:(step + 1) * args.batch_size].to(device)
                 x, y = augment_batch(train_images[idx], train_masks[idx], aug_cfg, param_gen, noise_gen)
                 x = x.contiguous(memory_format=torch.channels_last)
+                torch._foreach_copy_(bn_snapshot, bn_buffers)
                 with utils.autocast(device, dtype):
                     seg_logits, cls_logits = train_step_model(x)
                 loss = seg_loss(seg_logits, y)
@@ -452,6 +460,7 @@ def run(args) -> int:
                 if not torch.isfinite(loss):
                     bad_steps += 1
                     optimizer.zero_grad(set_to_none=True)
+                    torch._foreach_copy_(bn_buffers, bn_snapshot)
                     print(f"warning: non-finite loss at epoch {epoch + 1} step {step + 1}: step skipped "
                           f"({bad_steps} in a row)", file=sys.stderr, flush=True)
                     if bad_steps >= MAX_BAD_STEPS:
@@ -512,6 +521,10 @@ def run(args) -> int:
                 utils.save_checkpoint(ckpt, run_dir / "best.pt")
             utils.save_checkpoint(ckpt, run_dir / "latest.pt")
             write_history(run_dir, history)
+            if args.stop_after is not None and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < args.epochs:
+                print(f"stopping after {args.stop_after} epoch(s) as asked; continue with: python "
+                      f"train_unet_busi.py --resume {run_dir}", flush=True)
+                return 0
             if stop.requested:
                 print(f"interrupted after epoch {epoch + 1}: saved {run_dir / 'latest.pt'}.\nResume with: "
                       f"python train_unet_busi.py --resume {run_dir}", file=sys.stderr, flush=True)

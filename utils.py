@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -232,12 +233,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (no zip archive inside)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln or "GLOBAL" in ln]
+        reason = lines[0] if lines else "objects beyond tensors and plain data"
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data, "
-                              f"which could run code ({first[:160]})") from None
+                              f"which could run code ({reason[:160]})") from None
     except Exception as exc:  # noqa: BLE001 - zip/EOF/runtime errors of a torn or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or damaged "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None

@@ -1,0 +1,109 @@
+"""Shared fixtures: a synthetic dataset in the BUSI layout, and the path of the real one when present."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REAL_DATA = ROOT.parent / "shared" / "data" / "Dataset_BUSI_with_GT"
+requires_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real BUSI data not found at {REAL_DATA}")
+
+# (class, number of images) and the sizes cycled through; several classes share a near-duplicate scan.
+SYNTHETIC_COUNTS = {"benign": 12, "malignant": 8, "normal": 6}
+SIZES = [(96, 80), (120, 100), (80, 112), (144, 96)]
+
+
+def synthetic_scan(rng: np.random.Generator, width: int, height: int):
+    """A speckled grey 'scan' with one dark elliptical lesion; returns (uint8 image, bool lesion mask)."""
+    # smooth random texture at a coarse scale, so that each scan has its own perceptual hash
+    coarse = rng.uniform(40, 200, size=(6, 6)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    base += rng.normal(0, 8, size=base.shape)
+    yy, xx = np.mgrid[0:height, 0:width]
+    cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+    ry, rx = rng.uniform(0.1, 0.2) * height, rng.uniform(0.1, 0.2) * width
+    lesion = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    base[lesion] *= 0.3
+    return np.clip(base, 0, 255).astype(np.uint8), lesion
+
+
+def save_mask(mask: np.ndarray, path: Path, kind: str) -> None:
+    """Write a bool mask as a 1-bit, L, RGB or RGBA PNG (the formats BUSI mixes)."""
+    m = mask.astype(np.uint8) * 255
+    if kind == "1":
+        Image.fromarray(mask).convert("1").save(path)
+    elif kind == "L":
+        Image.fromarray(m).save(path)
+    elif kind == "RGB":
+        Image.fromarray(np.stack([m] * 3, -1)).save(path)
+    elif kind == "RGBA":  # colour white everywhere, lesion given by the alpha channel
+        Image.fromarray(np.dstack([np.full_like(m, 255)] * 3 + [m])).save(path)
+    else:
+        raise ValueError(kind)
+
+
+def make_busi_dir(root: Path, seed: int = 0) -> dict:
+    """Build a BUSI-layout folder; returns facts about it for the tests."""
+    rng = np.random.default_rng(seed)
+    facts = {"multi_mask": [], "duplicate_pair": None, "masks": {}}
+    kinds = ["1", "RGB", "RGBA", "L"]
+    for label, count in SYNTHETIC_COUNTS.items():
+        folder = root / label
+        folder.mkdir(parents=True)
+        for i in range(1, count + 1):
+            w, h = SIZES[i % len(SIZES)]
+            image, lesion = synthetic_scan(rng, w, h)
+            name = f"{label} ({i})"
+            Image.fromarray(np.stack([image] * 3, -1)).save(folder / f"{name}.png")  # RGB, as BUSI ships
+            rel = f"{label}/{name}.png"
+            if label == "normal":
+                save_mask(np.zeros_like(lesion), folder / f"{name}_mask.png", "RGB")
+                facts["masks"][rel] = np.zeros_like(lesion)
+                continue
+            save_mask(lesion, folder / f"{name}_mask.png", kinds[i % len(kinds)])
+            merged = lesion
+            if i in (2, 5):  # a second lesion in a second (and for 5, a third) mask
+                second = np.zeros_like(lesion)
+                second[: h // 8, : w // 8] = True
+                save_mask(second, folder / f"{name}_mask_1.png", "RGBA")
+                merged = merged | second
+                if i == 5:
+                    third = np.zeros_like(lesion)
+                    third[-h // 8:, -w // 8:] = True
+                    save_mask(third, folder / f"{name}_mask_2.png", "1")
+                    merged = merged | third
+                facts["multi_mask"].append(rel)
+            facts["masks"][rel] = merged
+    # a near-duplicate across classes, as in BUSI: benign (1) re-saved, slightly brighter, as malignant (9)
+    src = np.asarray(Image.open(root / "benign" / "benign (1).png").convert("L"), dtype=np.int16)
+    Image.fromarray(np.clip(src + 3, 0, 255).astype(np.uint8)).save(root / "malignant" / "malignant (9).png")
+    dup_mask = facts["masks"]["benign/benign (1).png"]
+    save_mask(dup_mask, root / "malignant" / "malignant (9)_mask.png", "1")
+    facts["masks"]["malignant/malignant (9).png"] = dup_mask
+    facts["duplicate_pair"] = ["benign/benign (1).png", "malignant/malignant (9).png"]
+    # litter that discovery must ignore
+    (root / "benign" / ".DS_Store").write_bytes(b"\0\1junk")
+    (root / "normal" / "Thumbs.db").write_bytes(b"junk")
+    (root / "malignant" / "notes.txt").write_text("not an image")
+    return facts
+
+
+@pytest.fixture(scope="session")
+def busi_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("busi") / "Dataset_BUSI_with_GT"
+    facts = make_busi_dir(root)
+    return root, facts
+
+
+@pytest.fixture
+def fresh_busi_dir(tmp_path):
+    """A private copy for tests that damage the data."""
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    facts = make_busi_dir(root)
+    return root, facts

@@ -1,0 +1,232 @@
+"""Integration tests of train_unet_busi.py: a full run, resume, eval-only, bad flags, and runs that go wrong."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_unet_busi as T
+import utils
+from conftest import ROOT
+
+TINY = ["--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--device", "cpu",
+        "--eval-batch-size", "16"]
+
+
+def train(busi_root, out, *extra):
+    return T.main(["--data-dir", str(busi_root), "--output-dir", str(out), "--cache-dir", str(out / "cache"),
+                   *TINY, *extra])
+
+
+def history(run_dir):
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
+    root, _ = busi_dir
+    assert train(root, tmp_path, "--epochs", "2", "--run-name", "r") == 0
+    run = tmp_path / "r"
+    for name in ("best.pt", "latest.pt", "history.csv", "curves.png", "metrics.json", "test_predictions.csv",
+                 "split.json"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"lesion_dice", "lesion_iou", "normal_fp_rate", "per_class", "malignancy_auc"} <= set(metrics["test"])
+    assert metrics["best_epoch"] in (1, 2) and metrics["config"]["image_size"] == 32
+    test_names = json.loads((run / "split.json").read_text())["test"]
+    with open(run / "test_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["file"] for r in rows) == sorted(test_names)
+    assert [int(h["epoch"]) for h in history(run)] == [1, 2]
+    out = capsys.readouterr().out
+    assert "epoch   1/2 | train loss" in out and "img/s" in out
+
+    # resume continues at epoch 3 with the same optimizer state
+    state2 = torch.load(run / "latest.pt", weights_only=True)
+    assert state2["epoch"] == 2
+    assert train(root, tmp_path, "--resume", "--run-name", "r", "--epochs", "3") == 0
+    assert "resuming" in capsys.readouterr().out
+    assert [int(h["epoch"]) for h in history(run)] == [1, 2, 3]
+    state3 = torch.load(run / "latest.pt", weights_only=True)
+    assert state3["epoch"] == 3 and state3["optimizer"]["state"][0]["step"] > state2["optimizer"]["state"][0]["step"]
+
+    # eval-only writes the same report for a given checkpoint
+    assert train(root, tmp_path, "--eval-only", "--checkpoint", str(run / "best.pt"), "--run-name", "ev") == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(ev["test"]) == set(metrics["test"])
+    assert (tmp_path / "ev" / "test_predictions.csv").is_file()
+
+
+def test_resume_is_exact_on_cpu(busi_dir, tmp_path):
+    root, _ = busi_dir
+    assert train(root, tmp_path, "--epochs", "4", "--run-name", "straight") == 0
+    assert train(root, tmp_path, "--epochs", "4", "--run-name", "split", "--stop-after", "2") == 0
+    assert torch.load(tmp_path / "split" / "latest.pt", weights_only=True)["epoch"] == 2
+    assert train(root, tmp_path, "--resume", str(tmp_path / "split")) == 0
+    a = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "latest.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert history(tmp_path / "straight") == [
+        {**h, "seconds": h2["seconds"], "train_img_per_s": h2["train_img_per_s"]}
+        for h, h2 in zip(history(tmp_path / "split"), history(tmp_path / "straight"))]
+
+
+@pytest.mark.parametrize("flags,reason", [
+    (["--epochs", "-1"], "positive integer"),
+    (["--batch-size", "0"], "positive integer"),
+    (["--image-size", "100"], "not a multiple of 16"),
+    (["--device", "tpu9"], "unknown device"),
+    (["--lr", "nan"], "finite"),
+    (["--eval-only"], "needs --checkpoint"),
+])
+def test_bad_flags_are_refused_by_argparse_with_the_reason(flags, reason, capsys):
+    with pytest.raises(SystemExit) as info:
+        T.parse_args(flags)
+    assert info.value.code == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_clear_errors_for_missing_data_and_bad_checkpoints(tmp_path, busi_dir, capsys):
+    assert T.main(["--data-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data dir not found") and "\n" not in err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    root, _ = busi_dir
+    assert train(root, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "junk.pt")) == 2
+    assert "not a PyTorch checkpoint" in capsys.readouterr().err
+    (tmp_path / "bad_split.json").write_text("[1, 2")
+    assert train(root, tmp_path, "--split-file", str(tmp_path / "bad_split.json"), "--epochs", "1") == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_existing_run_is_never_overwritten(busi_dir, tmp_path, capsys):
+    root, _ = busi_dir
+    assert train(root, tmp_path, "--epochs", "1", "--run-name", "keep") == 0
+    before = (tmp_path / "keep" / "latest.pt").read_bytes()
+    assert train(root, tmp_path, "--epochs", "1", "--run-name", "keep") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "keep" / "latest.pt").read_bytes() == before
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(busi_dir, tmp_path, monkeypatch, capsys):
+    import augment
+
+    real = augment.augment_batch
+    calls = {"n": 0}
+
+    def poisoned(images, masks, *args, **kwargs):  # every step after the first epoch's gets NaN pixels
+        calls["n"] += 1
+        x, y = real(images, masks, *args, **kwargs)
+        return (x * float("nan"), y) if calls["n"] > 4 else (x, y)
+
+    monkeypatch.setattr(augment, "augment_batch", poisoned)
+    assert train(root := busi_dir[0], tmp_path, "--epochs", "3", "--run-name", "nan", "--batch-size", "4") == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step skipped" in err and "stopping" in err
+    best = torch.load(tmp_path / "nan" / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 and all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
+    del root
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Killed runs (subprocesses)
+# ------------------------------------------------------------------------------------------------------------------
+def _command(busi_root, out, *extra):
+    return [sys.executable, "-u", str(ROOT / "train_unet_busi.py"), "--data-dir", str(busi_root), "--output-dir",
+            str(out), "--cache-dir", str(out / "cache"), *TINY, "--batch-size", "2", *extra]
+
+
+def _wait_for(proc, text, timeout=120):
+    seen = ""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+        if text in line:
+            return seen
+    raise AssertionError(f"never saw {text!r}; output:\n{seen}")
+
+
+def test_sigint_saves_latest_and_says_how_to_resume(busi_dir, tmp_path):
+    root, _ = busi_dir
+    proc = subprocess.Popen(_command(root, tmp_path, "--epochs", "30", "--run-name", "int"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, "epoch   1/30")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Resume with: python train_unet_busi.py --resume" in err
+    state = utils.load_checkpoint(tmp_path / "int" / "latest.pt")
+    assert 1 <= state["epoch"] < 30
+    done = subprocess.run(_command(root, tmp_path, "--resume", str(tmp_path / "int"), "--epochs",
+                                   str(state["epoch"] + 1)), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(history(tmp_path / "int")[-1]["epoch"]) == state["epoch"] + 1
+
+
+def test_sigkill_during_an_epoch_and_during_a_save_leaves_readable_checkpoints(busi_dir, tmp_path):
+    root, _ = busi_dir
+    # 1) SIGKILL in the middle of training
+    proc = subprocess.Popen(_command(root, tmp_path, "--epochs", "30", "--run-name", "k"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    _wait_for(proc, "epoch   2/30")
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    run = tmp_path / "k"
+    assert utils.load_checkpoint(run / "latest.pt")["epoch"] >= 2
+    utils.load_checkpoint(run / "best.pt")
+
+    # 2) SIGKILL while latest.pt is being written: the temp file is half written when the process dies
+    killer = (
+        "import os, signal, sys, utils, train_unet_busi as T\n"
+        "real = utils.save_checkpoint\n"
+        "def dying_save(state, path):\n"
+        "    if state['epoch'] == EPOCH and str(path).endswith('latest.pt'):\n"
+        "        import tempfile\n"
+        "        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.latest.pt.', suffix='.tmp')\n"
+        "        os.write(fd, b'half a checkpoint')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(state, path)\n"
+        "utils.save_checkpoint = dying_save\n"
+        "sys.exit(T.main(sys.argv[1:]))\n"
+    )
+    before = utils.load_checkpoint(run / "latest.pt")["epoch"]
+    script = tmp_path / "killer.py"
+    script.write_text(killer.replace("EPOCH", str(before + 1)))
+    cmd = _command(root, tmp_path, "--resume", str(run), "--epochs", "30")
+    cmd[2] = str(script)
+    died = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert died.returncode == -signal.SIGKILL
+    assert utils.load_checkpoint(run / "latest.pt")["epoch"] == before  # the previous one, intact
+
+    # 3) resume finishes with the right epoch count
+    done = subprocess.run(_command(root, tmp_path, "--resume", str(run), "--epochs", str(before + 2)), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [int(h["epoch"]) for h in history(run)] == list(range(1, before + 3))
+    assert (run / "metrics.json").is_file()
+
+
+def test_read_only_output_dir_gives_a_clear_error(busi_dir, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    root, _ = busi_dir
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        result = subprocess.run(_command(root, out, "--epochs", "1"), cwd=ROOT, capture_output=True, text=True)
+    finally:
+        out.chmod(0o700)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error:")
