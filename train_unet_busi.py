@@ -293,7 +293,7 @@ def run(args) -> int:
 
     import dataset
     import utils
-    from augment import AugmentConfig, augment_batch
+    from augment import AugmentConfig
     from losses import BCEDiceLoss
     from unet import UNet
 
@@ -409,13 +409,6 @@ def run(args) -> int:
         if start_epoch >= args.epochs:
             print(f"nothing to train: the run already has {start_epoch} of {args.epochs} epochs")
 
-    train_step_model = model
-    if args.compile:
-        try:
-            train_step_model = torch.compile(model)
-        except Exception as exc:  # noqa: BLE001
-            print(f"warning: torch.compile unavailable ({exc}); running eagerly", file=sys.stderr)
-
     def checkpoint_state(epoch: int, step: int, perm) -> dict:
         rng = {"torch": torch.get_rng_state(), "param_gen": param_gen.get_state()}
         if noise_gen is not None:
@@ -434,10 +427,7 @@ def run(args) -> int:
     train_labels = train["labels"].to(device)
     val_on_device = {**val, "images": val["images"].to(device)}
     bad_steps = 0
-    # A forward pass on a bad batch updates BatchNorm running statistics before the loss can be checked, so they
-    # are snapshotted each step (a few KB, one fused copy) and restored when the step is skipped.
-    bn_buffers = [b for b in model.buffers() if b.is_floating_point()]
-    bn_snapshot = [b.clone() for b in bn_buffers]
+    step_fn = TrainStep(model, optimizer, scaler, seg_loss, args.cls_weight, device, dtype, args.compile)
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, args.epochs):
@@ -449,32 +439,18 @@ def run(args) -> int:
                        dynamic_ncols=True, initial=start_step, total=steps_per_epoch)
             for step in bar:
                 idx = perm[step * args.batch_size:(step + 1) * args.batch_size].to(device)
-                x, y = augment_batch(train_images[idx], train_masks[idx], aug_cfg, param_gen, noise_gen)
-                x = x.contiguous(memory_format=torch.channels_last)
-                torch._foreach_copy_(bn_snapshot, bn_buffers)
-                with utils.autocast(device, dtype):
-                    seg_logits, cls_logits = train_step_model(x)
-                loss = seg_loss(seg_logits, y)
-                if cls_logits is not None:
-                    loss = loss + args.cls_weight * F.cross_entropy(cls_logits.float(), train_labels[idx])
-                if not torch.isfinite(loss):
+                loss = step_fn(train_images[idx], train_masks[idx], train_labels[idx], aug_cfg, param_gen, noise_gen)
+                scheduler.step()
+                if loss is None:
                     bad_steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    torch._foreach_copy_(bn_buffers, bn_snapshot)
                     print(f"warning: non-finite loss at epoch {epoch + 1} step {step + 1}: step skipped "
                           f"({bad_steps} in a row)", file=sys.stderr, flush=True)
                     if bad_steps >= MAX_BAD_STEPS:
                         raise FloatingPointError(
                             f"loss was non-finite {bad_steps} steps in a row (epoch {epoch + 1}); stopping. "
                             f"The last good checkpoints in {run_dir} are untouched; try a lower --lr or --no-amp")
-                    scheduler.step()
                     continue
                 bad_steps = 0
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
                 loss_sum += loss.detach() * len(idx)
                 seen += len(idx)
                 if step % 10 == 0:
@@ -541,6 +517,62 @@ def run(args) -> int:
     print_summary("test (best.pt, evaluated once)", summary)
     print(f"wrote {run_dir}/: best.pt latest.pt history.csv curves.png metrics.json test_predictions.csv")
     return 0
+
+
+class TrainStep:
+    """One optimisation step of the project's pipeline, shared by the training loop and bench_busi.py.
+
+    uint8 batch already on the device -> batched augmentation -> channels_last -> autocast forward ->
+    float32 loss -> backward -> (fused) optimizer step. Returns the loss tensor, or None when the loss was not
+    finite: then nothing is updated, BatchNorm running statistics included (the forward pass changes them
+    before the loss can be checked, so they are snapshotted: a few KB, one fused copy per step).
+    """
+
+    def __init__(self, model, optimizer, scaler, seg_loss, cls_weight, device, dtype, compile=False):
+        import torch
+
+        self.model, self.optimizer, self.scaler, self.seg_loss = model, optimizer, scaler, seg_loss
+        self.cls_weight, self.device, self.dtype = cls_weight, device, dtype
+        self.forward = model
+        if compile:
+            try:
+                self.forward = torch.compile(model)
+            except Exception as exc:  # noqa: BLE001 - any backend problem: run eagerly
+                print(f"warning: torch.compile unavailable ({exc}); running eagerly", file=sys.stderr)
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self.snapshot = [b.clone() for b in self.buffers]
+
+    def __call__(self, images, masks, labels, aug_cfg, param_gen, noise_gen):
+        import torch
+        import torch.nn.functional as F
+
+        import augment
+        import utils
+
+        x, y = augment.augment_batch(images, masks, aug_cfg, param_gen, noise_gen)
+        x = x.contiguous(memory_format=torch.channels_last)
+        torch._foreach_copy_(self.snapshot, self.buffers)
+        with utils.autocast(self.device, self.dtype):
+            try:
+                seg_logits, cls_logits = self.forward(x)
+            except Exception as exc:  # noqa: BLE001 - torch.compile fails lazily, at the first call
+                if self.forward is self.model:
+                    raise
+                print(f"warning: torch.compile failed ({type(exc).__name__}); running eagerly", file=sys.stderr)
+                self.forward = self.model
+                torch._foreach_copy_(self.buffers, self.snapshot)
+                seg_logits, cls_logits = self.model(x)
+        loss = self.seg_loss(seg_logits, y)
+        if cls_logits is not None and self.cls_weight:
+            loss = loss + self.cls_weight * F.cross_entropy(cls_logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            torch._foreach_copy_(self.buffers, self.snapshot)
+            return None
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
 
 
 def validation_loss(model, data, masks, labels, seg_loss, args, device, dtype, torch, F) -> float:

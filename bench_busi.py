@@ -1,0 +1,286 @@
+"""Benchmark the project's training pipeline against a naive one, on the same model, size and batch, in ONE run.
+
+    python bench_busi.py --device cpu --image-size 128 --base-channels 16      # CPU figures
+    python bench_busi.py --device cuda                                         # GPU, default model at 256 px
+
+(a) project: decoded uint8 tensors kept on the device, batched on-device augmentation (augment.py),
+    channels_last, bf16 autocast where supported, fused AdamW: exactly train_unet_busi.TrainStep.
+(b) naive: the way a typical repo does it: a Dataset that decodes the PNGs with PIL, resizes and augments
+    per item, in a DataLoader with worker processes, an fp32 NCHW model and a plain AdamW.
+Prints a table and, as its LAST line, `speedup_vs_naive: X.XX` (project train img/s / naive train img/s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import dataset
+import utils
+from augment import AugmentConfig
+from losses import BCEDiceLoss
+from train_unet_busi import TrainStep
+from unet import UNet
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' datasheets, matched by device name.
+BF16_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+                    "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+class NaiveBUSIDataset(torch.utils.data.Dataset):
+    """Per item: decode the PNGs with PIL, resize, flip/rotate with PIL, to tensor (the baseline)."""
+
+    def __init__(self, data_dir, samples, size, augment=True):
+        self.root, self.samples, self.size, self.augment = Path(data_dir), samples, size, augment
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        image, mask = dataset.load_sample(self.root, self.samples[i])
+        image = Image.fromarray(dataset.resize_image(image, self.size))
+        mask = Image.fromarray(dataset.resize_mask(mask, self.size).astype(np.uint8) * 255)
+        if self.augment:
+            if random.random() < 0.5:
+                image, mask = image.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+            angle = random.uniform(-15, 15)
+            image, mask = image.rotate(angle, Image.BILINEAR), mask.rotate(angle, Image.NEAREST)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+        y = torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))[None]
+        return x, y, self.samples[i].label_index
+
+
+def naive_train_step(model, optimizer, loss_fn, cls_weight, x, y, labels):
+    """fp32, NCHW, no fusion: the baseline's step."""
+    seg, cls = model(x)
+    loss = loss_fn(seg, y)
+    if cls is not None:
+        loss = loss + cls_weight * torch.nn.functional.cross_entropy(cls, labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def flops_per_image(model, size, device, dtype) -> float:
+    """Training FLOPs (forward + backward) per image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(2, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with counter, utils.autocast(device, dtype):
+        seg, cls = model(x)
+        (seg.float().mean() + (cls.float().mean() if cls is not None else 0)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def bf16_peak(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def bench_project(args, device, cache, n_train):
+    dtype = utils.amp_dtype(device, not args.no_amp)
+    torch.manual_seed(args.seed)
+    model = UNet(1, 1, args.base_channels, args.depth, num_classes=3).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    scaler = utils.make_grad_scaler(device, dtype)
+    step = TrainStep(model, optimizer, scaler, BCEDiceLoss(), 0.2, device, dtype, args.compile)
+    images, masks, labels = (cache[k][:n_train].to(device) for k in ("images", "masks", "labels"))
+    cfg = AugmentConfig()
+    param_gen = torch.Generator().manual_seed(args.seed)
+    noise_gen = torch.Generator(device=device).manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def batch_index():
+        return torch.randint(0, n_train, (args.batch_size,), generator=param_gen).to(device)
+
+    for _ in range(args.warmup):
+        step(*(t[i] for t in (images, masks, labels) for i in [batch_index()]), cfg, param_gen, noise_gen)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        i = batch_index()
+        step(images[i], masks[i], labels[i], cfg, param_gen, noise_gen)
+    sync(device)
+    step_time = (time.perf_counter() - t0) / args.steps
+    # data share: the same slicing + augmentation alone
+    from augment import augment_batch
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        i = batch_index()
+        augment_batch(images[i], masks[i], cfg, param_gen, noise_gen)
+    sync(device)
+    data_time = (time.perf_counter() - t0) / args.steps
+    flops = flops_per_image(model, args.image_size, device, dtype)
+    # inference, as predict_busi.py runs it
+    n_inf = min(len(cache["images"]), max(args.batch_size * 4, 64))
+    inf_images = cache["images"][:n_inf].to(device)
+    list(utils.predict_batches(model, inf_images[:args.batch_size], device, dtype, batch_size=32))
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in utils.predict_batches(model, inf_images, device, dtype, batch_size=32):
+        pass
+    sync(device)
+    infer = n_inf / (time.perf_counter() - t0)
+    return {"train_img_s": args.batch_size / step_time, "step_s": step_time, "data_share": data_time / step_time,
+            "peak_mem_mb": peak_memory_mb(device), "flops_per_img": flops, "infer_img_s": infer,
+            "dtype": str(dtype).replace("torch.", "") if dtype else "float32", "layout": "channels_last"}
+
+
+def bench_naive(args, device, data_dir, samples):
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    model = UNet(1, 1, args.base_channels, args.depth, num_classes=3).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = BCEDiceLoss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loader = torch.utils.data.DataLoader(NaiveBUSIDataset(data_dir, samples, args.image_size),
+                                         batch_size=args.batch_size, shuffle=True,
+                                         drop_last=len(samples) >= args.batch_size,
+                                         num_workers=args.naive_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.naive_workers > 0)
+
+    def batches():
+        while True:
+            yield from loader  # not empty: drop_last only where a full batch exists
+
+    it = batches()
+    for _ in range(args.warmup):
+        x, y, lab = next(it)
+        naive_train_step(model, optimizer, loss_fn, 0.2, x.to(device), y.to(device), lab.to(device))
+    sync(device)
+    data_wait, t0 = 0.0, time.perf_counter()
+    for _ in range(args.steps):
+        t_wait = time.perf_counter()
+        x, y, lab = next(it)
+        data_wait += time.perf_counter() - t_wait
+        naive_train_step(model, optimizer, loss_fn, 0.2, x.to(device), y.to(device), lab.to(device))
+    sync(device)
+    step_time = (time.perf_counter() - t0) / args.steps
+    # naive inference: fp32 NCHW on images decoded per call
+    model.eval()
+    n_inf = min(len(samples), max(args.batch_size * 4, 64))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, n_inf, 32):
+            x = torch.stack([torch.from_numpy(dataset.resize_image(dataset.load_image(data_dir / s.image),
+                                                                   args.image_size) / np.float32(255))[None]
+                             for s in samples[start:start + 32]]).to(device)
+            torch.sigmoid(model(x)[0])
+    sync(device)
+    infer = n_inf / (time.perf_counter() - t0)
+    return {"train_img_s": args.batch_size / step_time, "step_s": step_time, "data_share": data_wait / step_time / 1,
+            "peak_mem_mb": peak_memory_mb(device), "flops_per_img": None, "infer_img_s": infer, "dtype": "float32",
+            "layout": "NCHW"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--data-dir", default=None,
+                   help="BUSI layout dir (default: ./Dataset_BUSI_with_GT, ../shared/data/..., else the bundled sample)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--base-channels", type=int, default=32)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per pipeline")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, workers start)")
+    p.add_argument("--naive-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes of the naive pipeline")
+    p.add_argument("--no-amp", action="store_true", help="project pipeline in fp32 too")
+    p.add_argument("--compile", action="store_true", help="torch.compile the project model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    if args.image_size % 2 ** args.depth:
+        p.error(f"--image-size must be a multiple of {2 ** args.depth}")
+    try:
+        device = utils.pick_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
+    candidates = [args.data_dir] if args.data_dir else [
+        "Dataset_BUSI_with_GT", str(Path(__file__).resolve().parent.parent / "shared/data/Dataset_BUSI_with_GT"),
+        str(Path(__file__).resolve().parent / "data/busi_sample")]
+    data_dir = next((Path(c) for c in candidates if Path(c).is_dir()), Path(candidates[-1]))
+    try:
+        samples = dataset.discover_samples(data_dir)
+        cache = dataset.build_cache(data_dir, samples, args.image_size, ".cache", progress=False)
+    except dataset.DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"bench: {data_dir} ({len(samples)} images) | device {device}"
+          f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | torch {torch.__version__} "
+          f"| threads {torch.get_num_threads()} | UNet base {args.base_channels} depth {args.depth} | "
+          f"{args.image_size}px | batch {args.batch_size} | {args.steps} timed steps", flush=True)
+
+    project = bench_project(args, device, cache, len(samples))
+    naive = bench_naive(args, device, data_dir, samples)
+    n_train = 546  # images in the committed BUSI training split: one epoch
+    peak = bf16_peak(device)
+    rows = [("train img/s", "{:.1f}", "train_img_s"), ("train step (ms)", "{:.1f}", "step_s"),
+            ("epoch of 546 images (s)", "{:.2f}", "epoch_s"), ("data-time share", "{:.1%}", "data_share"),
+            ("peak memory (MiB)", "{:.0f}", "peak_mem_mb"), ("inference img/s", "{:.1f}", "infer_img_s"),
+            ("precision / layout", "{}", "kind")]
+    for r in (project, naive):
+        r["epoch_s"] = n_train / r["train_img_s"]
+        r["kind"] = f"{r['dtype']} / {r['layout']}"
+    print(f"\n{'':<26}{'project':>18}{'naive':>18}")
+    for label, fmt, key in rows:
+        vals = [project[key], naive[key]]
+        if key == "step_s":
+            vals = [v * 1000 for v in vals]
+        print(f"{label:<26}" + "".join(f"{fmt.format(v):>18}" for v in vals))
+    gflops = project["flops_per_img"] / 1e9
+    achieved = project["flops_per_img"] * project["train_img_s"] / 1e12
+    print(f"\nmodel training FLOPs per image (fwd+bwd): {gflops:.2f} GFLOP; achieved {achieved:.2f} TFLOP/s"
+          + (f" = {achieved / peak:.1%} of the {peak:.0f} TFLOP/s bf16 dense peak" if peak else ""))
+    if device.type == "cpu":
+        print("(peak memory on CPU is the process's peak RSS, so the naive column includes the project's)")
+    speedup = project["train_img_s"] / naive["train_img_s"]
+    result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args),
+              "project": project, "naive": naive, "train_gflop_per_image": gflops, "achieved_tflops": achieved,
+              "bf16_peak_tflops": peak, "fraction_of_peak": achieved / peak if peak else None,
+              "speedup_vs_naive": speedup}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"speedup_vs_naive: {speedup:.2f}")
+    return 0 if math.isfinite(speedup) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
