@@ -90,50 +90,66 @@ def _probability(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog="Defaults are the names at the top of train_unet_busi.py: edit them there.")
     g = p.add_argument_group("data and output")
     g.add_argument("--data-dir", default=DATA_DIR,
-                   help="folder with benign/, malignant/, normal/ (None: ./Dataset_BUSI_with_GT, else the bundled sample)")
+                   help="folder with benign/, malignant/, normal/ (default: ./Dataset_BUSI_with_GT if present, "
+                        "else the bundled sample data/busi_sample)")
     g.add_argument("--split-file", default=SPLIT_FILE,
-                   help="split JSON; the default is used when it lists exactly the data dir's images, "
-                        "otherwise a split is computed and written into the run folder")
-    g.add_argument("--output-dir", default=OUTPUT_DIR, help="parent folder of run folders")
+                   help="split JSON (default: %(default)s, used when it lists exactly the data dir's images; "
+                        "for other data a leakage-safe split is computed and written into the run folder)")
+    g.add_argument("--output-dir", default=OUTPUT_DIR, help="parent folder of run folders (default: %(default)s)")
     g.add_argument("--run-name", default=RUN_NAME, help="run folder name (default: a timestamp)")
-    g.add_argument("--cache-dir", default=CACHE_DIR, help="where decoded tensors are cached ('' = no cache)")
+    g.add_argument("--cache-dir", default=CACHE_DIR,
+                   help="cache of decoded tensors, '' for none (default: %(default)s)")
     g = p.add_argument_group("model")
-    g.add_argument("--image-size", type=_positive_int, default=IMAGE_SIZE, help="training/inference size (square)")
-    g.add_argument("--base-channels", type=_positive_int, default=BASE_CHANNELS, help="width of the first stage")
-    g.add_argument("--depth", type=_positive_int, default=DEPTH, help="number of down-sampling steps")
+    g.add_argument("--image-size", type=_positive_int, default=IMAGE_SIZE,
+                   help="square training/inference size, a multiple of 2**depth (default: %(default)s)")
+    g.add_argument("--base-channels", type=_positive_int, default=BASE_CHANNELS,
+                   help="width of the first U-Net stage (default: %(default)s)")
+    g.add_argument("--depth", type=_positive_int, default=DEPTH,
+                   help="number of down-sampling steps (default: %(default)s)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive_int, default=EPOCHS)
-    g.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE)
-    g.add_argument("--lr", type=_positive_float, default=LR, help="peak learning rate")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=WEIGHT_DECAY)
-    g.add_argument("--warmup-epochs", type=_non_negative_float, default=WARMUP_EPOCHS)
-    g.add_argument("--bce-weight", type=_non_negative_float, default=BCE_WEIGHT)
-    g.add_argument("--dice-weight", type=_non_negative_float, default=DICE_WEIGHT)
+    g.add_argument("--epochs", type=_positive_int, default=EPOCHS, help="epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE, help="batch size (default: %(default)s)")
+    g.add_argument("--lr", type=_positive_float, default=LR, help="peak AdamW learning rate (default: %(default)s)")
+    g.add_argument("--weight-decay", type=_non_negative_float, default=WEIGHT_DECAY,
+                   help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--warmup-epochs", type=_non_negative_float, default=WARMUP_EPOCHS,
+                   help="linear warm-up before the cosine decay (default: %(default)s)")
+    g.add_argument("--bce-weight", type=_non_negative_float, default=BCE_WEIGHT,
+                   help="weight of the BCE term (default: %(default)s)")
+    g.add_argument("--dice-weight", type=_non_negative_float, default=DICE_WEIGHT,
+                   help="weight of the soft-Dice term (default: %(default)s)")
     g.add_argument("--cls-weight", type=_non_negative_float, default=CLS_WEIGHT,
-                   help="weight of the normal/benign/malignant classification head (0 turns it off)")
-    g.add_argument("--augment", type=_non_negative_float, default=AUGMENT, help="augmentation strength (0 = off)")
-    g.add_argument("--seed", type=int, default=SEED)
+                   help="weight of the normal/benign/malignant head, 0 = no head (default: %(default)s)")
+    g.add_argument("--augment", type=_non_negative_float, default=AUGMENT,
+                   help="augmentation strength, 0 = off (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")
     g.add_argument("--deterministic", action="store_true", default=DETERMINISTIC,
-                   help="deterministic cuDNN kernels (slower)")
+                   help="deterministic cuDNN kernels (slower; CPU runs are deterministic anyway)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--threshold", type=_probability, default=THRESHOLD, help="lesion probability threshold")
-    g.add_argument("--tta", action="store_true", default=TTA, help="flip test-time augmentation")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=EVAL_BATCH_SIZE)
+    g.add_argument("--threshold", type=_probability, default=THRESHOLD,
+                   help="lesion probability threshold (default: %(default)s)")
+    g.add_argument("--tta", action="store_true", default=TTA, help="average with the flipped image's prediction")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=EVAL_BATCH_SIZE,
+                   help="batch size of evaluation (default: %(default)s)")
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default=DEVICE, help="auto, cpu, cuda, cuda:N or mps")
-    g.add_argument("--no-amp", dest="amp", action="store_false", default=AMP, help="disable mixed precision")
-    g.add_argument("--compile", action="store_true", default=COMPILE, help="torch.compile the model")
+    g.add_argument("--device", default=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps "
+                                                    "(default: %(default)s)")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=AMP,
+                   help="full fp32 on CUDA (mixed precision is on by default: bf16, or fp16 + GradScaler)")
+    g.add_argument("--compile", action="store_true", default=COMPILE,
+                   help="torch.compile the model (falls back to eager where it cannot)")
     g = p.add_argument_group("resume and evaluation only")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue from latest.pt of --run-name (or of the given run folder / checkpoint file)")
+                   help="continue a run from its latest.pt: the run of --run-name, or the given run folder or file")
     g.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
                    help="train at most N epochs in this invocation, then save and exit (for time-limited jobs; "
                         "continue with --resume)")
-    g.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the test split")
-    g.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate --checkpoint once on the test split and write metrics.json")
+    g.add_argument("--checkpoint", default=None, help="checkpoint file for --eval-only")
     return p
 
 
@@ -362,9 +378,8 @@ def run(args) -> int:
     print(f"model: UNet{model.config} | {n_params / 1e6:.2f} M parameters | amp {dtype} | image {args.image_size}px",
           flush=True)
 
-    def evaluate(net, data, with_loss=False):
-        summary, records = utils.evaluate(net, data, device, dtype, args.threshold, args.eval_batch_size, args.tta)
-        return summary, records
+    def evaluate(net, data):
+        return utils.evaluate(net, data, device, dtype, args.threshold, args.eval_batch_size, args.tta)
 
     if args.eval_only:
         summary, records = evaluate(model, test)
