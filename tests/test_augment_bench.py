@@ -1,0 +1,95 @@
+"""On-device augmentation keeps image and mask aligned; the fast and naive data paths agree; the bench runs."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import torch
+
+import dataset
+from augment import AugmentConfig, augment_batch, to_unit_float
+from bench_busi import NaiveBUSIDataset
+from conftest import ROOT
+from losses import BCEDiceLoss
+from unet import UNet
+
+
+def _squares(b=16, s=64):
+    """Bright squares on black as images, the same squares as masks: any misalignment shows."""
+    images = torch.zeros(b, 1, s, s, dtype=torch.uint8)
+    masks = torch.zeros_like(images)
+    g = torch.Generator().manual_seed(0)
+    for i in range(b):
+        y0, x0 = torch.randint(8, s // 2, (2,), generator=g).tolist()
+        h, w = torch.randint(10, s // 3, (2,), generator=g).tolist()
+        images[i, :, y0:y0 + h, x0:x0 + w] = 255
+        masks[i, :, y0:y0 + h, x0:x0 + w] = 1
+    return images, masks
+
+
+def test_geometry_moves_image_and_mask_together_and_mask_stays_binary():
+    images, masks = _squares()
+    cfg = AugmentConfig(brightness=0, contrast=0, gamma=0, noise=0)  # geometry only
+    x, y = augment_batch(images, masks, cfg, torch.Generator().manual_seed(1))
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    moved = (y != masks.float()).flatten(1).any(1)
+    assert moved.sum() >= 12  # the transform really did something to most samples
+    bright = x > 0.5
+    inter = (bright & (y > 0)).flatten(1).sum(1).float()
+    union = (bright | (y > 0)).flatten(1).sum(1).float()
+    assert (inter / union).min() > 0.85  # the square in the image is where the mask says
+
+
+def test_intensity_transforms_leave_the_mask_alone_and_stay_in_range():
+    images, masks = _squares()
+    cfg = AugmentConfig(hflip=0, rotate_deg=0, scale=0, translate=0)  # intensity only
+    x, y = augment_batch(images, masks, cfg, torch.Generator().manual_seed(2), torch.Generator().manual_seed(3))
+    assert torch.equal(y, masks.float())
+    assert x.min() >= 0 and x.max() <= 1 and not torch.equal(x, to_unit_float(images))
+
+
+def test_augmentation_is_reproducible_from_the_generators():
+    images, masks = _squares()
+    a = augment_batch(images, masks, AugmentConfig(), torch.Generator().manual_seed(5), torch.Generator().manual_seed(6))
+    b = augment_batch(images, masks, AugmentConfig(), torch.Generator().manual_seed(5), torch.Generator().manual_seed(6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    off = augment_batch(images, masks, AugmentConfig().scaled(0), torch.Generator().manual_seed(5))
+    assert torch.equal(off[0], to_unit_float(images)) and torch.equal(off[1], masks.float())
+
+
+def test_device_path_and_naive_path_give_the_same_loss_without_augmentation(busi_dir):
+    root, _ = busi_dir
+    samples = dataset.discover_samples(root)[:6]
+    cache = dataset.build_cache(root, samples, 32, None, progress=False)
+    fast_x, fast_y = augment_batch(cache["images"], cache["masks"], AugmentConfig().scaled(0),
+                                   torch.Generator().manual_seed(0))
+    naive = NaiveBUSIDataset(root, samples, 32, augment=False)
+    items = [naive[i] for i in range(len(samples))]
+    naive_x = torch.stack([it[0] for it in items])
+    naive_y = torch.stack([it[1] for it in items])
+    torch.manual_seed(0)
+    model = UNet(1, 1, 4, 2).eval()
+    loss = BCEDiceLoss()
+    with torch.no_grad():
+        fast = loss(model(fast_x.contiguous(memory_format=torch.channels_last))[0], fast_y)
+        slow = loss(model(naive_x)[0], naive_y)
+    assert torch.equal(fast_x, naive_x) and torch.equal(fast_y, naive_y)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_smoke(busi_dir, tmp_path):
+    root, _ = busi_dir
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench_busi.py"), "--device", "cpu", "--data-dir", str(root), "--image-size",
+         "32", "--base-channels", "4", "--depth", "2", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+         "--naive-workers", "0", "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"speedup_vs_naive: \d+\.\d\d", last)
+    figures = json.loads(out.read_text())
+    assert figures["project"]["train_img_s"] > 0 and figures["naive"]["train_img_s"] > 0
+    assert figures["train_gflop_per_image"] > 0
+    assert float(last.split()[-1]) == round(figures["speedup_vs_naive"], 2)
