@@ -128,34 +128,34 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
-def _to_float_channels(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """Colour as float32 HxW in [0, 1] (luminance) and alpha (or None), for any PIL mode incl. 16-bit."""
+def _grey_and_alpha(image: Image.Image) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """(grey array, its full-scale value, alpha uint8 array or None) for any PIL mode, without float copies.
+
+    Integer arithmetic keeps a 10000 x 10000 mask at a few hundred MB rather than gigabytes of float32.
+    """
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(image, dtype=np.float32) / 65535.0, None
+    if image.mode == "1":
+        return np.asarray(image, dtype=np.uint8), 1, None
+    if image.mode.startswith("I;16"):
+        return np.asarray(image, dtype=np.uint16), 65535, None
     if image.mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float32)
-        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
-        return np.clip(array / peak, 0, 1), None
-    if image.mode == "1":
-        return np.asarray(image, dtype=np.float32), None
+        return array, (65535 if array.max(initial=0) > 255 else 255), None
     alpha = None
     if image.mode in ("LA", "RGBA", "PA", "La", "RGBa"):
-        alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
-    grey = image.convert("L") if image.mode not in ("L",) else image
-    return np.asarray(grey, dtype=np.float32) / 255.0, alpha
+        alpha = np.asarray(image.getchannel("A"), dtype=np.uint8)
+    grey = image if image.mode == "L" else image.convert("L")
+    return np.asarray(grey, dtype=np.uint8), 255, alpha
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read any image as one grey uint8 channel (HxW). 16-bit, palette and alpha images are handled."""
     image = _open(Path(path))
-    if image.mode in ("L",):
-        return np.array(image, dtype=np.uint8)
-    if image.mode in ("RGB", "RGBA", "LA", "P"):
-        return np.array(image.convert("L"), dtype=np.uint8)
-    grey, _ = _to_float_channels(image)
-    return np.round(grey * 255).astype(np.uint8)
+    grey, full_scale, _ = _grey_and_alpha(image)
+    if full_scale == 255 and grey.dtype == np.uint8:
+        return np.array(grey, dtype=np.uint8)  # a copy: PIL's buffer is released with the image
+    return np.round(np.clip(grey, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
 
 
 def load_mask(paths: list[str | os.PathLike], size: tuple[int, int] | None = None) -> np.ndarray:
@@ -170,8 +170,12 @@ def load_mask(paths: list[str | os.PathLike], size: tuple[int, int] | None = Non
         if size is not None and image.size != tuple(size):
             raise DataError(f"mask size {image.size[0]}x{image.size[1]} differs from its image's "
                             f"{size[0]}x{size[1]}: {path}")
-        grey, alpha = _to_float_channels(image)
-        lesion = (grey * alpha if alpha is not None else grey) >= 0.5
+        grey, full_scale, alpha = _grey_and_alpha(image)
+        if alpha is None:
+            lesion = grey >= (full_scale + 1) // 2
+        else:  # composite over black: grey * alpha / 255 >= half scale, in uint16 (255 * 255 fits)
+            lesion = grey.astype(np.uint16) * alpha >= 128 * 255
+        del grey, alpha
         merged = lesion if merged is None else (merged | lesion)
     return merged
 
