@@ -31,8 +31,10 @@ BCE_WEIGHT = 1.0                 # loss = BCE_WEIGHT * BCE + DICE_WEIGHT * (1 - 
 DICE_WEIGHT = 1.0
 CLS_WEIGHT = 0.2                 # weight of the normal/benign/malignant head on the bottleneck (0 = no head)
 AUGMENT = 1.0                    # strength of the on-device augmentation (0 = none; see augment.AugmentConfig)
+EMA = 0.0                        # decay of a moving average of the weights used for validation and checkpoints (0 = off)
 THRESHOLD = 0.5                  # probability above which a pixel is lesion
 TTA = False                      # average predictions with the left-right flipped image at evaluation
+TUNE_THRESHOLD = False           # pick the threshold on the VALIDATION split (0.3-0.7) before the one test evaluation
 SEED = 42
 DETERMINISTIC = False            # deterministic cuDNN kernels (slower); CPU runs are deterministic anyway
 DEVICE = "auto"                  # auto = cuda > mps > cpu
@@ -54,7 +56,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 SAMPLE_DIR = ROOT / "data" / "busi_sample"
 CONFIG_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "image_size", "base_channels",
-               "depth", "bce_weight", "dice_weight", "cls_weight", "augment", "threshold", "tta", "seed")
+               "depth", "bce_weight", "dice_weight", "cls_weight", "augment", "ema", "threshold", "tta", "seed")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -125,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the normal/benign/malignant head, 0 = no head (default: %(default)s)")
     g.add_argument("--augment", type=_non_negative_float, default=AUGMENT,
                    help="augmentation strength, 0 = off (default: %(default)s)")
+    g.add_argument("--ema", type=_non_negative_float, default=EMA,
+                   help="weight moving-average decay, e.g. 0.99; 0 = off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")
     g.add_argument("--deterministic", action="store_true", default=DETERMINISTIC,
                    help="deterministic cuDNN kernels (slower; CPU runs are deterministic anyway)")
@@ -132,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=_probability, default=THRESHOLD,
                    help="lesion probability threshold (default: %(default)s)")
     g.add_argument("--tta", action="store_true", default=TTA, help="average with the flipped image's prediction")
+    g.add_argument("--tune-threshold", action="store_true", default=TUNE_THRESHOLD,
+                   help="choose the threshold on the validation split before the test evaluation")
     g.add_argument("--eval-batch-size", type=_positive_int, default=EVAL_BATCH_SIZE,
                    help="batch size of evaluation (default: %(default)s)")
     g = p.add_argument_group("hardware")
@@ -161,6 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.image_size % multiple:
         parser.error(f"argument --image-size: {args.image_size} is not a multiple of {multiple} "
                      f"(the U-Net halves it {args.depth} times; try {max(multiple, round(args.image_size / multiple) * multiple)})")
+    if not 0 <= args.ema < 1:
+        parser.error(f"argument --ema: must be in [0, 1), got {args.ema}")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only needs --checkpoint PATH")
     if args.device != "auto":
@@ -368,6 +376,8 @@ def run(args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if state is not None:
         model = utils.build_model(state, args.checkpoint or "latest.pt")
+        if "train_model" in state and not args.eval_only:  # an EMA run: "model" holds the averaged weights
+            model.load_state_dict(state["train_model"])
         args.base_channels, args.depth = model.config["base_channels"], model.config["depth"]
         config.update(base_channels=args.base_channels, depth=args.depth)
     else:
@@ -403,6 +413,16 @@ def run(args) -> int:
     param_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1) if device.type != "mps" else None
 
+    ema_model = None
+    if args.ema > 0:
+        import copy
+        ema_model = copy.deepcopy(model).eval()
+        if state is not None:
+            ema_model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
+        ema_params, model_params = list(ema_model.parameters()), list(model.parameters())
+        ema_buffers, model_buffers = list(ema_model.buffers()), list(model.buffers())
+    eval_model = ema_model if ema_model is not None else model
+
     start_epoch, start_step, epoch_perm, history = 0, 0, None, []
     best_score, best_epoch, best_val = -1.0, None, None
     if state is not None:
@@ -430,7 +450,10 @@ def run(args) -> int:
             rng["noise_gen"] = noise_gen.get_state()
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        return {"format": utils.CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model.config,
+        weights = {"model": eval_model.state_dict()}
+        if ema_model is not None:
+            weights["train_model"] = model.state_dict()
+        return {"format": utils.CHECKPOINT_FORMAT, **weights, "model_config": model.config,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "epoch_perm": perm,
                 "best_score": best_score, "best_epoch": best_epoch, "best_val": best_val, "config": config,
@@ -466,6 +489,12 @@ def run(args) -> int:
                             f"The last good checkpoints in {run_dir} are untouched; try a lower --lr or --no-amp")
                     continue
                 bad_steps = 0
+                if ema_model is not None:  # decay ramps up so the average forgets the random init quickly
+                    done = scheduler.last_epoch
+                    decay = min(args.ema, (1 + done) / (10 + done))
+                    with torch.no_grad():
+                        torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+                        torch._foreach_copy_(ema_buffers, model_buffers)
                 loss_sum += loss.detach() * len(idx)
                 seen += len(idx)
                 if step % 10 == 0:
@@ -485,8 +514,8 @@ def run(args) -> int:
             train_seconds = time.perf_counter() - t0
 
             # ---- validation at each image's original resolution ----
-            val_summary, _ = evaluate(model, val_on_device)
-            val_loss = validation_loss(model, val_on_device, val["masks"], val["labels"], seg_loss, args, device,
+            val_summary, _ = evaluate(eval_model, val_on_device)
+            val_loss = validation_loss(eval_model, val_on_device, val["masks"], val["labels"], seg_loss, args, device,
                                        dtype, torch, F)
             score = val_summary["all_dice"]
             seconds = time.perf_counter() - t0
@@ -525,6 +554,17 @@ def run(args) -> int:
     if best_epoch is None:
         raise ValueError("no epoch finished, so there is no best.pt to evaluate")
     best_model = utils.load_model(run_dir / "best.pt", device)[0].to(memory_format=torch.channels_last)
+    if args.tune_threshold:
+        grid = [round(0.3 + 0.05 * k, 2) for k in range(9)]
+        scores = {t: r[0]["all_dice"] for t, r in utils.evaluate_thresholds(
+            best_model, val_on_device, device, dtype, grid, args.eval_batch_size, args.tta).items()}
+        args.threshold = max(grid, key=lambda t: (scores[t], -abs(t - 0.5)))
+        config["threshold"] = args.threshold
+        print("threshold chosen on validation: " + ", ".join(f"{t}: {v:.4f}" for t, v in scores.items())
+              + f" -> {args.threshold}", flush=True)
+        best_state = utils.load_checkpoint(run_dir / "best.pt")
+        best_state["config"] = config  # predict_busi.py and the GUI read the threshold from here
+        utils.save_checkpoint(best_state, run_dir / "best.pt")
     summary, records = evaluate(best_model, test)
     write_test_report(run_dir, summary, records, {"best_epoch": best_epoch, "val_at_best": best_val,
                                                   "config": config, "checkpoint": str(run_dir / "best.pt")})

@@ -184,25 +184,34 @@ def evaluate(model: UNet, data: dict, device: torch.device, dtype: torch.dtype |
 
     `data` is a dataset.subset(...) dict: images [N,1,S,S] uint8, labels, names, full_masks, full_sizes.
     """
+    return evaluate_thresholds(model, data, device, dtype, [threshold], batch_size, tta, class_names)[threshold]
+
+
+def evaluate_thresholds(model: UNet, data: dict, device: torch.device, dtype: torch.dtype | None,
+                        thresholds, batch_size: int = 32, tta: bool = False,
+                        class_names=("benign", "malignant", "normal")) -> dict:
+    """`evaluate` for several thresholds from one inference pass: {threshold: (summary, records)}."""
     from dataset import unpack_mask  # local: utils stays importable without the data module's PIL setup
 
-    records: list[dict] = []
+    per_t: dict = {t: [] for t in thresholds}
     i = 0
     for probs, cls in predict_batches(model, data["images"], device, dtype, batch_size, tta):
         for j in range(probs.shape[0]):
             h, w = (int(v) for v in data["full_sizes"][i])
-            pred = probs_to_original(probs[j], h, w) > threshold
+            prob = probs_to_original(probs[j], h, w)
             gt = unpack_mask(data["full_masks"][i], (h, w)).to(device)
-            d, iou = dice_iou(pred, gt)
-            record = {"file": data["names"][i], "label": class_names[int(data["labels"][i])], "dice": d, "iou": iou,
-                      "pred_pixels": int(pred.sum()), "gt_pixels": int(gt.sum()),
-                      "inter": int(torch.logical_and(pred, gt).sum())}
+            extra = {}
             if cls is not None:
-                record["class_probs"] = cls[j].float().cpu().tolist()
-                record["malignancy"] = float(malignancy_probability(cls[j].float(), class_names))
-            records.append(record)
+                extra = {"class_probs": cls[j].float().cpu().tolist(),
+                         "malignancy": float(malignancy_probability(cls[j].float(), class_names))}
+            for t in thresholds:
+                pred = prob > t
+                d, iou = dice_iou(pred, gt)
+                per_t[t].append({"file": data["names"][i], "label": class_names[int(data["labels"][i])], "dice": d,
+                                 "iou": iou, "pred_pixels": int(pred.sum()), "gt_pixels": int(gt.sum()),
+                                 "inter": int(torch.logical_and(pred, gt).sum()), **extra})
             i += 1
-    return summarize(records, class_names), records
+    return {t: (summarize(records, class_names), records) for t, records in per_t.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -230,3 +230,23 @@ def test_read_only_output_dir_gives_a_clear_error(busi_dir, tmp_path):
     finally:
         out.chmod(0o700)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_ema_weights_are_checkpointed_and_resume_exactly_and_threshold_is_tuned_on_validation(busi_dir, tmp_path,
+                                                                                              capsys):
+    root, _ = busi_dir
+    flags = ["--epochs", "3", "--ema", "0.9", "--tune-threshold"]
+    assert train(root, tmp_path, *flags, "--run-name", "straight") == 0
+    out = capsys.readouterr().out
+    assert "threshold chosen on validation" in out
+    assert train(root, tmp_path, *flags, "--run-name", "split", "--stop-after", "1") == 0
+    assert train(root, tmp_path, "--resume", str(tmp_path / "split")) == 0
+    a = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "latest.pt", weights_only=True)
+    for key in ("model", "train_model"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert not all(torch.equal(a["model"][k], a["train_model"][k]) for k in a["model"])  # averaged != raw
+    metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    threshold = metrics["config"]["threshold"]
+    assert threshold in [round(0.3 + 0.05 * k, 2) for k in range(9)]
+    assert torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["config"]["threshold"] == threshold
