@@ -1,0 +1,739 @@
+"""Inspect BUSI U-Net predictions image by image: scan, ground truth vs predicted outline, probability map.
+
+    python inspect_busi_predictions_gui.py                      # shipped model on the BUSI test split (or the sample)
+    python inspect_busi_predictions_gui.py --data-dir PATH/Dataset_BUSI_with_GT --split val
+    python inspect_busi_predictions_gui.py --checkpoint checkpoints/run/best.pt scan1.png scan2.jpg   # no truth
+
+Without --data-dir the BUSI data is taken from ./Dataset_BUSI_with_GT when it exists, else the bundled sample
+data/busi_sample. Per image the window shows Dice and IoU at the image's original resolution, its class and,
+for models with a class head, P(malignant | lesion). Inference runs once per image and is cached; the threshold
+slider only re-thresholds the cached probability map. Keys: Left/Right = previous/next image.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+import tkinter as tk
+from dataclasses import dataclass
+from pathlib import Path
+from tkinter import filedialog, messagebox, ttk
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_tkagg import FigureCanvasTkAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+import dataset
+import utils
+from predict_busi import DEFAULT_CHECKPOINT, default_threads, natural_key, predict_images
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE_DIR = ROOT / "data" / "busi_sample"
+SPLITS = ("train", "val", "test", "all")
+CLASS_FILTERS = ("all", *dataset.CLASSES)
+# Cyan and orange stay distinguishable on grey ultrasound and for red-green colour-blind viewers; the prediction
+# colour matches the outlines that predict_busi.py draws.
+TRUTH_COLOUR = "#00d5ff"
+PRED_COLOUR = "#ff4000"
+SORT_CHUNK = 4  # images per inference step of "Sort by Dice": ~0.3 s on 2 busy CPU cores, so the window reacts
+WINDOW_SIZE = "1300x800"
+TITLE = "BUSI prediction inspector"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What can be shown
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(eq=False)  # identity: the same file opened twice is two list entries
+class Item:
+    """One image in the list; dataset images carry their `sample` (ground truth), opened files do not."""
+
+    path: Path
+    label: str | None = None
+    data_dir: Path | None = None
+    sample: dataset.Sample | None = None
+
+    @functools.cached_property
+    def key(self) -> str:
+        """Cache key: the same file opened twice, by different relative paths, is predicted once."""
+        return str(self.path.resolve())
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def has_truth(self) -> bool:
+        return self.sample is not None
+
+    def load(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Grey uint8 image and bool ground truth (None for opened files); raises dataset.DataError."""
+        if self.sample is not None:
+            return dataset.load_sample(self.data_dir, self.sample)
+        return dataset.load_image(self.path), None
+
+
+@dataclass
+class Prediction:
+    """The cached model output for one image, at the image's own resolution."""
+
+    prob: np.ndarray                # float16 HxW: half the memory of float32, far finer than the slider's 0.01
+    class_probs: np.ndarray | None  # (3,) softmax over dataset.CLASSES, None without a class head
+    truth_bits: np.ndarray | None   # np.packbits of the bool ground truth (1/8 of the memory), None without truth
+
+    def truth(self) -> np.ndarray | None:
+        if self.truth_bits is None:
+            return None
+        h, w = self.prob.shape
+        return np.unpackbits(self.truth_bits, count=h * w).reshape(h, w).astype(bool)
+
+    def metrics(self, threshold: float) -> tuple[float, float] | None:
+        """(Dice, IoU) of prob > threshold against the ground truth, or None without ground truth."""
+        truth = self.truth()
+        if truth is None:
+            return None
+        return utils.dice_iou(torch.from_numpy(self.prob > threshold), torch.from_numpy(truth))
+
+    @property
+    def malignancy(self) -> float | None:
+        return None if self.class_probs is None else float(utils.malignancy_probability(
+            torch.from_numpy(self.class_probs)))
+
+    @property
+    def predicted_class(self) -> str | None:
+        return None if self.class_probs is None else dataset.CLASSES[int(np.argmax(self.class_probs))]
+
+
+def dataset_items(data_dir: str | os.PathLike, split: str = "test",
+                  split_file: str | os.PathLike = dataset.DEFAULT_SPLIT_FILE) -> tuple[list[Item], str]:
+    """The items of one split of a BUSI-layout folder, and a note on where the split came from.
+
+    The split file is used when it lists exactly this folder's images; otherwise (e.g. the bundled sample) a
+    leakage-safe split is computed with dataset.compute_split, as training does.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    root = Path(data_dir)
+    samples = dataset.discover_samples(root)
+    note = f"{root}: all {len(samples)} images"
+    if split != "all":
+        chosen = None
+        if Path(split_file).is_file():
+            try:
+                candidate = dataset.read_split(split_file)
+                if dataset.split_matches(candidate, samples):
+                    chosen, note = candidate, f"{root}: {split} split of {Path(split_file).name}"
+            except dataset.DataError:
+                pass  # a damaged split file: fall back to computing one below
+        if chosen is None:
+            chosen = dataset.compute_split(root, samples, progress=False)
+            note = f"{root}: {split} split computed for this folder (near-duplicate-safe)"
+        names = set(chosen[split])
+        samples = [s for s in samples if s.image in names]
+    items = [Item(root / s.image, s.label, root, s) for s in samples]
+    return sorted(items, key=lambda it: natural_key(it.path)), note
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The window
+# --------------------------------------------------------------------------------------------------------------
+class InspectorApp:
+    """Tk window: image list on the left, three Matplotlib panels on the right, controls above, status below.
+
+    State the tests (and the user) can read: `index` (position in the shown list), `current` (the Item),
+    `dice`/`iou` (of the shown image at `threshold`, None without ground truth), `listbox_entries()`,
+    `status`, `cache` (Prediction per Item.key). Errors go through `show_error` (a dialog), never a traceback.
+    """
+
+    def __init__(self, root: tk.Tk, checkpoint: str | os.PathLike | None = None, items: list[Item] = (),
+                 device: torch.device | str = "cpu", source: str = ""):
+        self.root = root
+        self.device = torch.device(device)
+        self.source = source
+        self.model = None
+        self.checkpoint: Path | None = None
+        self.image_size = 256
+        self.threshold = 0.5
+        self.items: list[Item] = list(items)
+        self.visible: list[int] = []   # indices into self.items, in list order
+        self.index = -1                # position in self.visible of the shown image
+        self.cache: dict[str, Prediction] = {}
+        self._dice_memo: dict[tuple[str, float], float | None] = {}
+        self.dice: float | None = None
+        self.iou: float | None = None
+        self.info_text = ""
+        self.class_filter = "all"
+        self.sorted_by_dice = False
+        self.busy = False              # a background "Sort by Dice" is running
+        self._after: str | None = None  # its next scheduled step
+        self.last_show_seconds = 0.0   # load + inference (if not cached) + panel update of the last shown image
+        self._shown: tuple[Item, np.ndarray, np.ndarray | None] | None = None  # what the panels show now
+        self._generation = 0           # bumped per loaded model, so a running sort notices a model change
+        self._contours: dict[str, object] = {}
+
+        root.title(TITLE)
+        root.geometry(WINDOW_SIZE)
+        root.minsize(900, 560)
+        self._build_controls()
+        self._build_figure()
+        root.protocol("WM_DELETE_WINDOW", self.close)
+        self.set_status(source or "no images: use Open image...")
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+        self._refresh_list()
+        if self.visible:
+            self.select(0)
+        else:
+            self._show_current()
+
+    # ---------------------------------------------------------------------------------------------- widgets
+    def _build_controls(self) -> None:
+        bar = ttk.Frame(self.root, padding=(6, 4))
+        bar.pack(side=tk.TOP, fill=tk.X)
+        ttk.Button(bar, text="Load checkpoint...", command=self._ask_checkpoint).pack(side=tk.LEFT)
+        ttk.Button(bar, text="Open image...", command=self._ask_images).pack(side=tk.LEFT, padx=(4, 0))
+        ttk.Button(bar, text="Save figure...", command=self._ask_save).pack(side=tk.LEFT, padx=(4, 12))
+        ttk.Label(bar, text="Class:").pack(side=tk.LEFT)
+        self.filter_var = tk.StringVar(value="all")
+        combo = ttk.Combobox(bar, textvariable=self.filter_var, values=CLASS_FILTERS, state="readonly", width=10)
+        combo.bind("<<ComboboxSelected>>", lambda _e: self.filter_class(self.filter_var.get()))
+        combo.pack(side=tk.LEFT, padx=(2, 6))
+        ttk.Button(bar, text="Sort by Dice (worst first)", command=self.sort_by_dice).pack(side=tk.LEFT)
+        ttk.Button(bar, text="Sort by name", command=self.sort_by_name).pack(side=tk.LEFT, padx=(4, 12))
+        ttk.Button(bar, text="\u25c0 Prev", command=self.prev).pack(side=tk.LEFT)
+        ttk.Button(bar, text="Next \u25b6", command=self.next).pack(side=tk.LEFT, padx=(4, 12))
+        ttk.Label(bar, text="Threshold:").pack(side=tk.LEFT)
+        self.threshold_var = tk.DoubleVar(value=self.threshold)
+        self.scale = tk.Scale(bar, from_=0.01, to=0.99, resolution=0.01, orient=tk.HORIZONTAL, length=200,
+                              variable=self.threshold_var, command=self._on_scale, showvalue=True)
+        self.scale.pack(side=tk.LEFT)
+
+        status = ttk.Frame(self.root, padding=(6, 2))
+        status.pack(side=tk.BOTTOM, fill=tk.X)
+        self.status_var = tk.StringVar()
+        ttk.Label(status, textvariable=self.status_var, anchor=tk.W).pack(side=tk.LEFT, fill=tk.X, expand=True)
+        self.progress = ttk.Progressbar(status, length=180, mode="determinate")
+        self.progress.pack(side=tk.RIGHT)
+
+        body = ttk.Frame(self.root)
+        body.pack(side=tk.TOP, fill=tk.BOTH, expand=True)
+        left = ttk.Frame(body, padding=(6, 0, 0, 6), width=230)
+        left.pack(side=tk.LEFT, fill=tk.Y)
+        left.pack_propagate(False)  # a fixed width: a long title or file name must not squeeze the figure
+        self.list_title = tk.StringVar(value="Images")
+        ttk.Label(left, textvariable=self.list_title, wraplength=220, justify=tk.LEFT).pack(side=tk.TOP,
+                                                                                          anchor=tk.W)
+        scroll = ttk.Scrollbar(left, orient=tk.VERTICAL)
+        self.listbox = tk.Listbox(left, width=26, exportselection=False, activestyle="none",
+                                  yscrollcommand=scroll.set, font=("TkFixedFont", 10))
+        scroll.config(command=self.listbox.yview)
+        scroll.pack(side=tk.RIGHT, fill=tk.Y)
+        self.listbox.pack(side=tk.LEFT, fill=tk.BOTH, expand=True)
+        self.listbox.bind("<<ListboxSelect>>", self._on_list_select)
+        self.figure_frame = ttk.Frame(body)
+        self.figure_frame.pack(side=tk.LEFT, fill=tk.BOTH, expand=True)
+
+        # Left/Right on the whole window, except where they already mean something (see _on_arrow).
+        self.root.bind("<Left>", lambda e: self._on_arrow(e, self.prev))
+        self.root.bind("<Right>", lambda e: self._on_arrow(e, self.next))
+
+    def _build_figure(self) -> None:
+        """The comparison panel large on the left, image and probability map stacked on the right.
+
+        Axes sit at fixed figure fractions (no layout engine): a constrained layout would be recomputed on every
+        redraw, which costs about a third of the drawing time, and these positions do not depend on the image.
+        Artists are created once and then only updated, which is far cheaper than re-plotting.
+        """
+        self.figure = Figure(figsize=(10.5, 7.2), dpi=100)
+        self.ax_overlay = self.figure.add_axes((0.01, 0.07, 0.60, 0.80))
+        self.ax_image = self.figure.add_axes((0.635, 0.50, 0.28, 0.36))
+        self.ax_prob = self.figure.add_axes((0.635, 0.07, 0.28, 0.36))
+        for ax in (self.ax_overlay, self.ax_image, self.ax_prob):
+            ax.set_anchor("N")  # images of any aspect hang from the top, right under their titles
+        blank = np.zeros((2, 2), dtype=np.uint8)
+        self.im_image = self.ax_image.imshow(blank, cmap="gray", vmin=0, vmax=255)
+        self.im_overlay = self.ax_overlay.imshow(blank, cmap="gray", vmin=0, vmax=255)
+        self.im_prob = self.ax_prob.imshow(blank.astype(np.float32), cmap="viridis", vmin=0, vmax=1)
+        # An inset in axes coordinates follows the probability panel whatever aspect the image gives it.
+        colourbar = self.figure.colorbar(self.im_prob, cax=self.ax_prob.inset_axes((1.03, 0.0, 0.045, 1.0)))
+        colourbar.set_label("P(lesion)")
+        for ax, title in ((self.ax_image, "Image"), (self.ax_overlay, "Ground truth vs prediction"),
+                          (self.ax_prob, "Lesion probability")):
+            ax.set_title(title, fontsize=11)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        self._legend_handles = [Line2D([], [], color=TRUTH_COLOUR, lw=2.5, label="ground truth"),
+                                Line2D([], [], color=PRED_COLOUR, lw=2.5, label="prediction")]
+        self.legend = self.ax_overlay.legend(handles=self._legend_handles, loc="upper center", ncol=2,
+                                             bbox_to_anchor=(0.5, -0.005), frameon=False, fontsize=11)
+        self.suptitle = self.figure.suptitle("", fontsize=12, y=0.99, linespacing=1.5)
+        self.canvas = FigureCanvasTkAgg(self.figure, master=self.figure_frame)
+        self.canvas.get_tk_widget().pack(fill=tk.BOTH, expand=True)
+
+    # ------------------------------------------------------------------------------------------- readable state
+    @property
+    def current(self) -> Item | None:
+        return self.items[self.visible[self.index]] if 0 <= self.index < len(self.visible) else None
+
+    @property
+    def status(self) -> str:
+        return self.status_var.get()
+
+    def listbox_entries(self) -> list[str]:
+        return list(self.listbox.get(0, tk.END))
+
+    def set_status(self, text: str) -> None:
+        self.status_var.set(text)
+
+    def show_error(self, message: str) -> None:
+        """The one place errors reach the user (tests replace it to collect messages instead of a dialog)."""
+        self.set_status(f"error: {message.splitlines()[0]}")
+        messagebox.showerror(TITLE, message, parent=self.root)
+
+    # ------------------------------------------------------------------------------------------------ actions
+    def load_checkpoint(self, path: str | os.PathLike) -> bool:
+        """Use another model; a bad file leaves the current one (or none) in place and shows why."""
+        try:
+            model, state = utils.load_model(path, self.device)
+        except utils.CheckpointError as exc:
+            self.show_error(str(exc))
+            return False
+        except (RuntimeError, ValueError, OSError) as exc:  # e.g. out of memory on the device
+            self.show_error(f"cannot load checkpoint {path}: {exc}")
+            return False
+        config = state.get("config") or {}
+        self.model, self.checkpoint = model, Path(path)
+        self.image_size = int(config.get("image_size", 256))
+        self.cache.clear()
+        self._dice_memo.clear()
+        self._generation += 1
+        self.set_threshold(float(config.get("threshold", 0.5)), redraw=False)
+        head = "class head" if model.config.get("num_classes") else "no class head"
+        self.set_status(f"model {self.checkpoint.name}: UNet base {model.config['base_channels']}, depth "
+                        f"{model.config['depth']}, {self.image_size}px, {head}"
+                        + (f" | {self.source}" if self.source else ""))
+        if self.sorted_by_dice:  # the old order was this model's, not the new one's
+            self.sort_by_name()
+        elif self.current is not None:
+            self._show_current()
+        return True
+
+    def open_images(self, paths) -> int:
+        """Add image files (no ground truth: prediction only) to the list and show the first; returns how many.
+
+        Unreadable files are reported in one dialog and left out; the others still open.
+        """
+        errors, added = [], []
+        for path in paths:
+            item = Item(Path(path))
+            try:
+                image = dataset.load_image(item.path)
+            except dataset.DataError as exc:
+                errors.append(str(exc))
+                continue
+            self.items.append(item)
+            added.append(len(self.items) - 1)
+            if len(added) == 1:
+                self._shown = (item, image, None)  # it is shown next: spare the display a second decode
+        if added:
+            self.filter_class("all", show=False)  # opened images have no class: only "all" lists them
+            self.select(self.visible.index(added[0]))
+            self.set_status(f"opened {len(added)} image(s) without ground truth: prediction only")
+        if errors:
+            self.show_error("\n".join(errors))
+        return len(added)
+
+    def select(self, position: int) -> None:
+        """Show the image at `position` of the list (clamped)."""
+        if not self.visible:
+            return
+        self.index = max(0, min(int(position), len(self.visible) - 1))
+        self.listbox.selection_clear(0, tk.END)
+        self.listbox.selection_set(self.index)
+        self.listbox.activate(self.index)
+        self.listbox.see(self.index)
+        self._show_current()
+
+    def next(self) -> None:
+        if self.index < len(self.visible) - 1:
+            self.select(self.index + 1)
+        elif self.visible:
+            self.set_status("last image of the list")
+
+    def prev(self) -> None:
+        if self.index > 0:
+            self.select(self.index - 1)
+        elif self.visible:
+            self.set_status("first image of the list")
+
+    def set_threshold(self, value: float, redraw: bool = True) -> None:
+        """Re-threshold the cached probability map: new outline, Dice and IoU, no new inference."""
+        value = round(min(max(float(value), 0.01), 0.99), 2)
+        self.threshold = value
+        if abs(self.threshold_var.get() - value) > 1e-9:
+            self.threshold_var.set(value)
+        if redraw and self._shown is not None:
+            self._update_prediction()
+            self.canvas.draw_idle()
+
+    def filter_class(self, name: str, show: bool = True) -> None:
+        """List only one class (benign/malignant/normal) or all images; keeps the current image when listed."""
+        if name not in CLASS_FILTERS:
+            raise ValueError(f"unknown class filter {name!r} (choose from {', '.join(CLASS_FILTERS)})")
+        self.class_filter = name
+        self.filter_var.set(name)
+        keep = self.current
+        self._refresh_list()
+        if not show:
+            return
+        if keep is not None and self.items.index(keep) in self.visible:
+            self.select(self.visible.index(self.items.index(keep)))
+        elif self.visible:
+            self.select(0)
+        else:
+            self.index = -1
+            self._show_current()
+
+    def sort_by_name(self) -> None:
+        self.sorted_by_dice = False
+        self.filter_class(self.class_filter)
+
+    def sort_by_dice(self, background: bool = True) -> None:
+        """Order the list by Dice at the current threshold, worst first (images without truth last).
+
+        Missing predictions are computed in chunks; in the background (the button) the window keeps reacting
+        between chunks and the status bar counts up; `background=False` finishes before returning.
+        """
+        if self.model is None:
+            self.show_error("no model loaded: use Load checkpoint... first")
+            return
+        if self.busy:
+            return
+        todo = [i for i in self.visible if self.items[i].key not in self.cache and self.items[i].has_truth]
+        generation = self._generation
+        steps = self._predict_chunks(todo)
+        if not background:
+            for _ in steps:
+                pass
+            self._finish_sort()
+            return
+        self.busy = True
+
+        def step():
+            if not self.busy:
+                return  # the window was closed
+            try:
+                next(steps)
+            except StopIteration:
+                self.busy = False
+                if generation != self._generation:
+                    self.set_status("Sort by Dice stopped: another model was loaded")
+                else:
+                    self._finish_sort()
+                return
+            self._after = self.root.after(1, step)
+
+        self._after = self.root.after(1, step)
+
+    def save_figure(self, path: str | os.PathLike) -> bool:
+        try:
+            self.figure.savefig(path, dpi=self.figure.dpi)
+        except (OSError, ValueError) as exc:  # unwritable folder, unknown extension
+            self.show_error(f"cannot save the figure to {path}: {exc}")
+            return False
+        self.set_status(f"saved {path}")
+        return True
+
+    def close(self) -> None:
+        """Stop a background sort and close the window."""
+        self.busy = False
+        if self._after is not None:
+            self.root.after_cancel(self._after)
+        self.root.destroy()
+
+    # ------------------------------------------------------------------------------------------ event handlers
+    def _on_list_select(self, _event) -> None:
+        selection = self.listbox.curselection()
+        if selection and selection[0] != self.index:
+            self.select(selection[0])
+
+    def _on_arrow(self, event, action) -> None:
+        if isinstance(event.widget, (tk.Scale, ttk.Combobox)):
+            return  # the slider and the class menu use the arrow keys themselves
+        action()
+
+    def _on_scale(self, value: str) -> None:
+        if abs(float(value) - self.threshold) > 1e-9:
+            self.set_threshold(float(value))
+
+    def _ask_checkpoint(self) -> None:
+        path = filedialog.askopenfilename(parent=self.root, title="Load checkpoint",
+                                          filetypes=[("PyTorch checkpoint", "*.pt *.pth"), ("All files", "*")])
+        if path:
+            self.load_checkpoint(path)
+
+    def _ask_images(self) -> None:
+        patterns = " ".join(f"*{e} *{e.upper()}" for e in dataset.IMAGE_EXTENSIONS)
+        paths = filedialog.askopenfilenames(parent=self.root, title="Open images",
+                                            filetypes=[("Images", patterns), ("All files", "*")])
+        if paths:
+            self.open_images(paths)
+
+    def _ask_save(self) -> None:
+        stem = Path(self.current.name).stem if self.current else "busi"
+        path = filedialog.asksaveasfilename(parent=self.root, title="Save figure", defaultextension=".png",
+                                            initialfile=f"{stem}_inspect.png",
+                                            filetypes=[("PNG", "*.png"), ("PDF", "*.pdf"), ("SVG", "*.svg")])
+        if path:
+            self.save_figure(path)
+
+    # ------------------------------------------------------------------------------------------------ workers
+    def _predict(self, items: list[Item], loaded: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
+        """Run the model once over `items` (already decoded) and cache the results."""
+        images = [image for image, _ in loaded]
+        outputs = predict_images(self.model, images, self.image_size, self.device, utils.amp_dtype(self.device),
+                                 batch_size=SORT_CHUNK)
+        for item, (_, truth), (prob, cls) in zip(items, loaded, outputs):
+            self.cache[item.key] = Prediction(
+                prob=prob.numpy().astype(np.float16),
+                class_probs=None if cls is None else cls.numpy().astype(np.float32),
+                truth_bits=None if truth is None else np.packbits(truth))
+
+    def _predict_chunks(self, todo: list[int]):
+        """Generator: predict `todo` (item indices) SORT_CHUNK at a time, reporting progress after each chunk."""
+        generation, failed = self._generation, []
+        self.progress.configure(maximum=max(1, len(todo)), value=0)
+        for start in range(0, len(todo), SORT_CHUNK):
+            if generation != self._generation:
+                return  # another model was loaded meanwhile: its predictions will be made on demand
+            items, loaded = [], []
+            for i in todo[start:start + SORT_CHUNK]:
+                try:
+                    loaded.append(self.items[i].load())
+                    items.append(self.items[i])
+                except dataset.DataError as exc:
+                    failed.append(str(exc))
+            if items:
+                self._predict(items, loaded)
+            done = min(start + SORT_CHUNK, len(todo))
+            self.progress.configure(value=done)
+            self.set_status(f"predicting {done}/{len(todo)} images for Sort by Dice...")
+            self.root.update_idletasks()
+            yield
+        self.progress.configure(value=0)
+        if failed:
+            self.show_error(f"{len(failed)} image(s) could not be read and are listed last:\n" + "\n".join(failed))
+
+    def _dice_of(self, i: int) -> float | None:
+        """Dice of item i at the current threshold from its cached map (None: no truth or not predicted)."""
+        key = self.items[i].key
+        prediction = self.cache.get(key)
+        if prediction is None:
+            return None
+        memo = (key, self.threshold)
+        if memo not in self._dice_memo:  # re-filtering a sorted list must not redo hundreds of full-size masks
+            metrics = prediction.metrics(self.threshold)
+            self._dice_memo[memo] = None if metrics is None else metrics[0]
+        return self._dice_memo[memo]
+
+    def _finish_sort(self) -> None:
+        self.sorted_by_dice = True
+        self.filter_class(self.class_filter)
+        scores = [d for d in (self._dice_of(i) for i in self.visible) if d is not None]
+        mean = f", mean Dice {np.mean(scores):.3f}" if scores else ""
+        self.set_status(f"sorted {len(self.visible)} images by Dice at threshold {self.threshold:.2f}, worst "
+                        f"first{mean}")
+
+    # ------------------------------------------------------------------------------------------------ the list
+    def _refresh_list(self) -> None:
+        """Rebuild `visible` and the Listbox from the filter and the sort order."""
+        visible = [i for i, item in enumerate(self.items)
+                   if self.class_filter == "all" or item.label == self.class_filter]
+        labels = {}
+        if self.sorted_by_dice:
+            dice = {i: self._dice_of(i) for i in visible}
+            visible.sort(key=lambda i: (dice[i] is None, dice[i] if dice[i] is not None else 0.0))
+            labels = {i: ("  -  " if dice[i] is None else f"{dice[i]:.3f}") + "  " for i in visible}
+        self.visible = visible
+        self.listbox.delete(0, tk.END)
+        for i in visible:
+            self.listbox.insert(tk.END, labels.get(i, "") + self.items[i].name)
+        order = f", Dice at threshold {self.threshold:.2f}, worst first" if self.sorted_by_dice else ""
+        self.list_title.set(f"{len(visible)} images ({self.class_filter}){order}")
+        if self.index >= len(visible):
+            self.index = len(visible) - 1
+
+    # ------------------------------------------------------------------------------------------------ drawing
+    def _show_current(self) -> None:
+        """Load (or reuse) the current image, predict it unless cached, and update every panel."""
+        start = time.perf_counter()
+        item = self.current
+        if item is None:
+            self._shown = None
+            self._draw_empty("No image: pick one from the list or use Open image...")
+            return
+        if self._shown is not None and self._shown[0] is item:
+            image, truth = self._shown[1], self._shown[2]
+        else:
+            try:
+                image, truth = item.load()
+            except dataset.DataError as exc:
+                self._shown = None
+                self._draw_empty(f"cannot read {item.name}")
+                self.show_error(str(exc))
+                return
+        self._shown = (item, image, truth)
+        if self.model is not None and item.key not in self.cache:
+            self._predict([item], [(image, truth)])
+        h, w = image.shape
+        for im, ax in ((self.im_image, self.ax_image), (self.im_overlay, self.ax_overlay)):
+            im.set_data(image)
+            im.set_visible(True)
+            self._fit(im, ax, w, h)
+        self.ax_image.set_title(f"Image ({w}\u00d7{h})", fontsize=11)
+        prediction = self.cache.get(item.key)
+        prob = prediction.prob.astype(np.float32) if prediction is not None else np.zeros((h, w), np.float32)
+        self.im_prob.set_data(prob)
+        self.im_prob.set_visible(prediction is not None)  # an empty panel, not a map of zeros, without a model
+        self._fit(self.im_prob, self.ax_prob, w, h)
+        self.ax_prob.set_title("Lesion probability" if prediction is not None else "Lesion probability (no model)",
+                               fontsize=11)
+        self._set_contour("truth", truth, TRUTH_COLOUR)
+        self._legend_handles[0].set_label("ground truth" if truth is not None else "ground truth (none)")
+        self._update_prediction()
+        self.canvas.draw_idle()
+        self.last_show_seconds = time.perf_counter() - start
+
+    def _update_prediction(self) -> None:
+        """Outline, metrics and texts for the shown image at the current threshold."""
+        item, image, truth = self._shown
+        prediction = self.cache.get(item.key)
+        mask = prediction.prob > self.threshold if prediction is not None else None
+        self._set_contour("pred", mask, PRED_COLOUR)
+        if prediction is not None and truth is not None:
+            self.dice, self.iou = utils.dice_iou(torch.from_numpy(mask), torch.from_numpy(truth))
+        else:
+            self.dice = self.iou = None
+        texts = self.legend.get_texts()
+        texts[0].set_text(self._legend_handles[0].get_label())
+        texts[1].set_text(f"prediction (p > {self.threshold:.2f})" if mask is not None else "prediction (no model)")
+        # Two lines: what the image is, then what the model made of it.
+        facts = []
+        if self.dice is not None:
+            facts.append(f"Dice {self.dice:.3f}   IoU {self.iou:.3f}")
+        elif prediction is not None:
+            facts.append("no ground truth: prediction only")
+        if prediction is not None and prediction.class_probs is not None:
+            facts.append(f"P(malignant | lesion) {prediction.malignancy:.2f}   predicted class: "
+                         f"{prediction.predicted_class}")
+        if self.model is None:
+            facts.append("no model loaded: use Load checkpoint...")
+        self.info_text = (f"{item.name}   \u2014   class: {item.label or 'unknown (no ground truth)'}\n"
+                          + "   |   ".join(facts))
+        self.suptitle.set_text(self.info_text)
+
+    def _set_contour(self, key: str, mask: np.ndarray | None, colour: str) -> None:
+        """Replace one outline. The mask is padded with background so a lesion touching the border (or a
+        mask that is all lesion) still gets a closed outline instead of a 'no contour levels' warning."""
+        old = self._contours.pop(key, None)
+        if old is not None:
+            old.remove()
+        if mask is None or not mask.any():
+            return
+        h, w = mask.shape
+        padded = np.pad(mask, 1).astype(np.uint8)
+        self._contours[key] = self.ax_overlay.contour(np.arange(-1, w + 1), np.arange(-1, h + 1), padded,
+                                                      levels=[0.5], colors=colour, linewidths=1.6)
+
+    @staticmethod
+    def _fit(im, ax, w: int, h: int) -> None:
+        im.set_extent((-0.5, w - 0.5, h - 0.5, -0.5))
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+
+    def _draw_empty(self, message: str) -> None:
+        blank = np.zeros((2, 2), dtype=np.uint8)
+        for im, ax in ((self.im_image, self.ax_image), (self.im_overlay, self.ax_overlay),
+                       (self.im_prob, self.ax_prob)):
+            im.set_data(blank)
+            im.set_visible(False)
+            self._fit(im, ax, 2, 2)
+        for key in list(self._contours):
+            self._set_contour(key, None, "")
+        self.dice = self.iou = None
+        self.info_text = message
+        self.suptitle.set_text(message)
+        self.canvas.draw_idle()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Tk window to inspect a BUSI U-Net's predictions: image, ground truth vs predicted outline, "
+                    "probability map, per-image Dice/IoU at the original resolution, live threshold slider.",
+        epilog="Without --data-dir: ./Dataset_BUSI_with_GT if present, else the bundled sample data/busi_sample. "
+               "Keys: Left/Right = previous/next image.")
+    default_checkpoint = DEFAULT_CHECKPOINT.relative_to(ROOT) if Path.cwd() == ROOT else DEFAULT_CHECKPOINT
+    p.add_argument("images", nargs="*", help="image files to open without ground truth (instead of a data set)")
+    p.add_argument("--checkpoint", default=str(default_checkpoint), help="model (.pt); default: %(default)s")
+    p.add_argument("--data-dir", default=None, help="BUSI-layout folder with benign/, malignant/, normal/")
+    p.add_argument("--split", default="test", choices=SPLITS, help="which images to list; default: %(default)s")
+    p.add_argument("--split-file", default=str(dataset.DEFAULT_SPLIT_FILE),
+                   help="split JSON, used when it lists exactly the data dir's images (else one is computed)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=_positive_int, default=default_threads(), help="CPU threads for inference; "
+                   "default: %(default)s")
+    return p
+
+
+def resolve_items(args) -> tuple[list[Item], str, str | None]:
+    """(items, a note on their source, an error message or None) from the command line."""
+    if args.images:
+        return [Item(Path(p)) for p in args.images], f"{len(args.images)} image(s) from the command line", None
+    data_dir = Path(args.data_dir) if args.data_dir else (
+        Path("Dataset_BUSI_with_GT") if Path("Dataset_BUSI_with_GT").is_dir() else SAMPLE_DIR)
+    try:
+        items, note = dataset_items(data_dir, args.split, args.split_file)
+    except (dataset.DataError, ValueError) as exc:
+        return [], "no data", str(exc)
+    if data_dir == SAMPLE_DIR:
+        note += " (bundled sample: a handful of images, pass --data-dir for BUSI)"
+    return items, note, None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = utils.pick_device(args.device)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    items, note, error = resolve_items(args)
+    try:
+        root = tk.Tk()
+    except tk.TclError as exc:
+        print(f"error: cannot open a window ({exc}); a display (X server) is needed", file=sys.stderr)
+        return 2
+    app = InspectorApp(root, args.checkpoint, items, device, source=note)
+    if error:
+        app.show_error(error)
+    root.mainloop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""inspect_busi_predictions_gui.py driven under a real X server (Xvfb, started here; skipped where it is missing).
+
+Every number the window shows is checked against values computed here independently: the model run directly
+(no predict_busi / utils.predict_batches) for the probability map, utils.dice_iou for the metrics.
+"""
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import dataset
+import utils
+from conftest import REAL_DATA, ROOT
+from test_predict import IMAGE_SIZE, save_tiny_checkpoint, scan, write_bad_checkpoint
+
+tk = pytest.importorskip("tkinter")
+SAMPLE = ROOT / "data" / "busi_sample"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fixtures: an X server for the module, a Tk root and a tiny model per test
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def display():
+    """Start Xvfb on a display number it picks itself (-displayfd: no races with other servers), stop it after."""
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        pytest.skip("Xvfb not found: install the Debian package 'xvfb' to run the GUI tests")
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen([xvfb, "-displayfd", str(write_fd), "-screen", "0", "1400x900x24", "-nolisten", "tcp"],
+                            pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    number = b""
+    deadline = time.monotonic() + 20
+    while not number.endswith(b"\n") and time.monotonic() < deadline:
+        ready, _, _ = select.select([read_fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(read_fd, 16)
+            if not chunk:
+                break
+            number += chunk
+    os.close(read_fd)
+    if not number.strip():
+        proc.kill()
+        proc.wait()
+        pytest.skip("Xvfb did not start")
+    name = f":{number.decode().strip()}"
+    old = os.environ.get("DISPLAY")
+    os.environ["DISPLAY"] = name
+    yield name
+    if old is None:
+        os.environ.pop("DISPLAY", None)
+    else:
+        os.environ["DISPLAY"] = old
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def root(display):
+    window = tk.Tk()
+    yield window
+    try:
+        window.destroy()
+    except tk.TclError:
+        pass  # the test closed it
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("gui_ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def gui():
+    """The module, with PyTorch's CPU threads set as its main() sets them (restored afterwards)."""
+    import inspect_busi_predictions_gui
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(inspect_busi_predictions_gui.default_threads())
+    yield inspect_busi_predictions_gui
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def errors(monkeypatch, gui):
+    """Collect error dialogs instead of blocking on them (also those raised while the window is built)."""
+    seen: list[str] = []
+    monkeypatch.setattr(gui.InspectorApp, "show_error", lambda self, message: seen.append(message))
+    return seen
+
+
+def pump(root, seconds: float = 0.0) -> None:
+    """Let Tk process pending events (and idle redraws) for a while."""
+    end = time.monotonic() + seconds
+    while True:
+        root.update()
+        if time.monotonic() >= end:
+            break
+        time.sleep(0.01)
+
+
+def expected_probability(checkpoint, image: np.ndarray) -> np.ndarray:
+    """The probability map at the image's size, computed here from the model alone."""
+    model, _ = utils.load_model(checkpoint)
+    x = torch.from_numpy(np.array(dataset.resize_image(image, IMAGE_SIZE))).float().div(255)[None, None]
+    with torch.no_grad():
+        prob = torch.sigmoid(model(x)[0])
+    return F.interpolate(prob, size=image.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def expected_metrics(app, threshold: float):
+    """Dice/IoU of the shown image from its cached map, with the truth loaded afresh from disk."""
+    item = app.current
+    _, truth = dataset.load_sample(item.data_dir, item.sample)
+    prob = app.cache[item.key].prob
+    return utils.dice_iou(torch.from_numpy(prob > threshold), torch.from_numpy(truth))
+
+
+def non_blank(image: Image.Image) -> float:
+    return float(np.asarray(image.convert("L"), dtype=np.float32).std())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeypatch):
+    items, note = gui.dataset_items(SAMPLE, "all")
+    app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
+    pump(root)
+    assert errors == []
+    assert app.listbox_entries() == [it.name for it in items] and len(items) == 15
+    assert app.index == 0 and app.listbox.curselection() == (0,)
+    assert app.threshold == 0.5 and app.threshold_var.get() == 0.5  # the checkpoint's threshold
+
+    app.next()
+    root.focus_force()
+    pump(root)
+    root.event_generate("<Right>")  # the keyboard works as well as the buttons
+    pump(root)
+    assert app.index == 2 and app.current is items[2] and app.listbox.curselection() == (2,)
+    root.event_generate("<Left>")
+    pump(root)
+    assert app.index == 1
+
+    # The cached map is the model's output at the image's own size ...
+    item = app.current
+    image, truth = dataset.load_sample(item.data_dir, item.sample)
+    cached = app.cache[item.key].prob
+    assert cached.shape == image.shape == truth.shape
+    np.testing.assert_allclose(cached.astype(np.float32), expected_probability(checkpoint, image), atol=2e-3)
+    # ... and the Dice/IoU shown are computed from it at full resolution.
+    assert (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.5))
+    assert f"Dice {app.dice:.3f}" in app.info_text and item.name in app.info_text
+
+    # The slider re-thresholds the cached map: new metrics, no new inference.
+    calls = []
+    monkeypatch.setattr(app, "_predict", lambda *a: calls.append(a))
+    shown = {}
+    for t in (0.3, 0.62, 0.9):
+        app.set_threshold(t)
+        pump(root)
+        assert app.threshold == t and app.threshold_var.get() == pytest.approx(t)
+        assert (app.dice, app.iou) == pytest.approx(expected_metrics(app, t))
+        shown[t] = app.dice
+    app.threshold_var.set(0.45)  # as if the user dragged the slider
+    app._on_scale("0.45")
+    assert app.threshold == 0.45 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.45))
+    assert calls == [] and len(set(shown.values())) > 1
+    app.prev()  # cached: shown without inference
+    assert calls == [] and app.index == 0
+    app.prev()
+    assert app.index == 0 and "first image" in app.status
+    assert errors == []
+
+
+def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
+    items, note = gui.dataset_items(SAMPLE, "all")
+    app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
+    app.filter_class("malignant")
+    assert app.listbox_entries() == [it.name for it in items if it.label == "malignant"]
+    assert all(app.items[i].label == "malignant" for i in app.visible) and app.current.label == "malignant"
+
+    app.filter_class("all")
+    app.set_threshold(0.55)
+    app.sort_by_dice()  # as the button does: in the background, the status bar counting
+    deadline = time.monotonic() + 60
+    while app.busy and time.monotonic() < deadline:
+        pump(root, 0.02)
+    assert not app.busy and "sorted 15 images" in app.status
+    assert len(app.cache) == 15
+    entries = app.listbox_entries()
+    shown = [float(e.split()[0]) for e in entries]
+    assert shown == sorted(shown)  # worst first
+    expected = {}
+    for i in app.visible:
+        item = app.items[i]
+        _, truth = dataset.load_sample(item.data_dir, item.sample)
+        expected[item.name] = utils.dice_iou(torch.from_numpy(app.cache[item.key].prob > 0.55),
+                                             torch.from_numpy(truth))[0]
+    assert [app.items[i].name for i in app.visible] == sorted(expected, key=lambda n: expected[n])
+    for entry, i in zip(entries, app.visible):
+        assert entry.endswith(app.items[i].name)
+        assert float(entry.split()[0]) == pytest.approx(expected[app.items[i].name], abs=5e-4)
+
+    app.filter_class("normal")  # the sort order survives filtering
+    normal = [app.items[i].name for i in app.visible]
+    assert normal == [n for n in sorted(expected, key=lambda n: expected[n]) if n.startswith("normal")]
+    app.select(len(normal) - 1)
+    assert app.index == len(normal) - 1 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.55))
+    app.sort_by_name()
+    assert app.listbox_entries() == [it.name for it in items if it.label == "normal"]
+    with pytest.raises(ValueError):
+        app.filter_class("cysts")
+    assert errors == []
+
+
+def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors, tmp_path):
+    items, note = gui.dataset_items(SAMPLE, "test")  # the sample gets a split computed for it
+    assert 0 < len(items) < 15
+    app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
+    good = tmp_path / "new scan.jpg"
+    Image.fromarray(np.dstack([scan(123, 77, 3)] * 3)).save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    assert app.open_images([good, broken]) == 1
+    assert len(errors) == 1 and "broken.png" in errors[0]
+    pump(root)
+    assert app.current.name == "new scan.jpg" and app.listbox_entries()[app.index] == "new scan.jpg"
+    assert app.dice is None and app.iou is None and "no ground truth" in app.info_text
+    assert app.cache[app.current.key].prob.shape == (77, 123)
+    np.testing.assert_allclose(app.cache[app.current.key].prob.astype(np.float32),
+                               expected_probability(checkpoint, dataset.load_image(good)), atol=2e-3)
+    app.set_threshold(0.7)  # works without truth too
+    assert app.threshold == 0.7 and app.dice is None
+
+    # Missing, foreign, another architecture, code-running: a dialog each, the model in use is kept.
+    model = app.model
+    problems = ("missing", "foreign", "architecture", "hostile")
+    for problem in problems:
+        bad = write_bad_checkpoint(problem, tmp_path / f"{problem}.pt", checkpoint)
+        assert app.load_checkpoint(bad) is False
+        assert bad.name in errors[-1] and app.model is model
+    assert len(errors) == 1 + len(problems)
+    assert not (tmp_path / "hostile.pwned").exists()  # the hostile pickle ran nothing
+    app.select(0)  # still fully working
+    assert (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.7))
+    assert app.load_checkpoint(checkpoint) is True and app.cache and app.dice is not None
+
+
+def test_bad_checkpoint_at_startup_keeps_the_window_usable(root, gui, checkpoint, errors, tmp_path):
+    items, note = gui.dataset_items(SAMPLE, "all")
+    app = gui.InspectorApp(root, tmp_path / "nope.pt", items, "cpu", source=note)
+    pump(root)
+    assert len(errors) == 1 and "nope.pt" in errors[0]
+    assert app.model is None and app.current is items[0] and app.dice is None
+    assert "no model loaded" in app.info_text
+    app.next()  # images and truth still browse
+    app.sort_by_dice(background=False)
+    assert len(errors) == 2 and "no model" in errors[1]
+    assert app.load_checkpoint(checkpoint)
+    assert app.index == 1 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.5))
+
+
+def test_unreadable_dataset_image_is_reported_and_skipped(root, gui, checkpoint, errors, fresh_busi_dir):
+    data_dir, _ = fresh_busi_dir
+    (data_dir / "benign" / "benign (2).png").write_bytes(b"")  # empty file
+    items, note = gui.dataset_items(data_dir, "all")
+    app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
+    position = [it.name for it in items].index("benign (2).png")
+    app.select(position)
+    assert len(errors) == 1 and "benign (2).png" in errors[0] and app.dice is None
+    app.next()
+    assert len(errors) == 1 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.5))
+    app.sort_by_dice(background=False)  # the bad image is reported once more and listed last
+    assert len(errors) == 2 and app.listbox_entries()[-1].endswith("benign (2).png")
+
+
+def test_save_figure_and_screenshot_are_not_blank(root, gui, checkpoint, errors, tmp_path, display):
+    from PIL import ImageGrab
+
+    items, note = gui.dataset_items(SAMPLE, "all")
+    app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
+    pump(root, 0.3)
+    assert app.save_figure(tmp_path / "figure.png")
+    figure = Image.open(tmp_path / "figure.png")
+    assert figure.size[0] > 600 and non_blank(figure) > 20
+    assert app.save_figure(tmp_path / "no" / "such" / "dir" / "f.png") is False and len(errors) == 1
+
+    root.update_idletasks()
+    x, y, w, h = root.winfo_rootx(), root.winfo_rooty(), root.winfo_width(), root.winfo_height()
+    assert (w, h) == (1300, 800)
+    shot = ImageGrab.grab(bbox=(x, y, x + w, y + h), xdisplay=display)
+    shot.save(tmp_path / "window.png")
+    assert shot.size == (1300, 800) and non_blank(shot) > 20
+    app.close()
+
+
+def test_script_starts_and_survives_a_bad_checkpoint(display, tmp_path):
+    """The real entry point: no traceback with a missing checkpoint; its window waits on the error dialog."""
+    probe = tk.Tk()  # to see which Tk applications are registered on the display
+    probe.withdraw()
+    before = len(probe.tk.call("winfo", "interps"))
+    proc = subprocess.Popen([sys.executable, "inspect_busi_predictions_gui.py", "--checkpoint",
+                             str(tmp_path / "missing.pt"), "--data-dir", str(SAMPLE), "--split", "all",
+                             "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(probe.tk.call("winfo", "interps")) <= before and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(probe.tk.call("winfo", "interps")) > before, "the window never appeared"
+        time.sleep(1.0)
+        assert proc.poll() is None, proc.communicate()
+    finally:
+        probe.destroy()
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "Traceback" not in err
+
+
+def test_help_and_no_display(tmp_path):
+    proc = subprocess.run([sys.executable, "inspect_busi_predictions_gui.py", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--split" in proc.stdout and "--data-dir" in proc.stdout
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    proc = subprocess.run([sys.executable, "inspect_busi_predictions_gui.py", "--data-dir", str(SAMPLE),
+                           "--split", "all"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+SHIPPED = ROOT / "checkpoints" / "busi_unet_small.pt"
+
+
+@pytest.mark.skipif(not (REAL_DATA.is_dir() and SHIPPED.is_file()), reason="real BUSI data or shipped model absent")
+def test_shipped_model_on_the_real_test_split(root, gui, errors):
+    items, note = gui.dataset_items(REAL_DATA, "test")
+    split = dataset.read_split(dataset.DEFAULT_SPLIT_FILE)
+    assert sorted(it.sample.image for it in items) == sorted(split["test"])
+    app = gui.InspectorApp(root, SHIPPED, items, "cpu", source=note)
+    for _ in range(3):
+        app.next()
+    assert errors == [] and (app.dice, app.iou) == pytest.approx(expected_metrics(app, app.threshold))
+
+
+def test_command_line_picks_the_data(gui, busi_dir, monkeypatch, tmp_path):
+    """No display needed: which images the window would list for a given command line."""
+    monkeypatch.chdir(tmp_path)  # no ./Dataset_BUSI_with_GT here: the bundled sample, test split computed for it
+    items, note, error = gui.resolve_items(gui.build_parser().parse_args([]))
+    assert error is None and "bundled sample" in note and 0 < len(items) < 15
+    assert all(it.has_truth and it.data_dir == SAMPLE for it in items)
+
+    data_dir, _ = busi_dir
+    monkeypatch.chdir(data_dir.parent)  # ./Dataset_BUSI_with_GT is used when present
+    items, note, error = gui.resolve_items(gui.build_parser().parse_args(["--split", "all"]))
+    assert error is None and len(items) == len(dataset.discover_samples(data_dir))
+    assert {it.label for it in items} == set(dataset.CLASSES)
+
+    items, note, error = gui.resolve_items(gui.build_parser().parse_args(["x.png", "y.jpg"]))
+    assert [it.name for it in items] == ["x.png", "y.jpg"] and not any(it.has_truth for it in items)
+
+    items, note, error = gui.resolve_items(gui.build_parser().parse_args(["--data-dir", str(tmp_path / "nope")]))
+    assert items == [] and "nope" in error

@@ -1,0 +1,266 @@
+"""predict_busi.py: odd inputs, partial failures, exit codes, and masks checked against an independent prediction."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import dataset
+import predict_busi
+import utils
+from conftest import REAL_DATA, ROOT
+from unet import UNet
+
+IMAGE_SIZE = 32
+SHARPEN = 1000.0
+
+
+def save_tiny_checkpoint(path, num_classes: int = 3, seed: int = 0, threshold: float = 0.5):
+    torch.manual_seed(seed)
+    model = UNet(1, 1, base_channels=4, depth=2, num_classes=num_classes)
+    # An untrained net's probabilities all sit within ~0.003 of 0.5; sharpening its output layer spreads them
+    # over (0, 1), so that masks are partial and thresholds matter, as with a trained model.
+    model.eval()
+    with torch.no_grad():
+        model.head.weight.mul_(SHARPEN)
+        model.head.bias.mul_(SHARPEN)
+        reference = torch.from_numpy(scan(IMAGE_SIZE, IMAGE_SIZE, seed=99)).float().div(255)[None, None]
+        model.head.bias.sub_(model(reference)[0].median())  # about half of a typical image is then "lesion"
+    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": model.state_dict(),
+                           "model_config": model.config,
+                           "config": {"image_size": IMAGE_SIZE, "threshold": threshold}}, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """predict_busi.main() sets PyTorch's thread count for the process; give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def scan(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth grey test pattern (compresses well, so even big files are quick to write)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(5, 5)).astype(np.uint8)
+    return np.array(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.uint8)
+
+
+def make_odd_inputs(folder):
+    """Every mode and format the tool promises to read, plus litter it must skip; returns {name: (w, h)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+
+    def save(name, image, **kw):
+        image.save(folder / name, **kw)
+        sizes[name] = image.size
+
+    save("tiny.png", Image.fromarray(scan(5, 7)))                                       # 5 x 7, L
+    save("large.png", Image.fromarray(np.dstack([scan(1500, 1200, 1)] * 3)))            # 1500 x 1200, RGB
+    rgba = np.dstack([scan(64, 48, 2)] * 3 + [np.full((48, 64), 200, np.uint8)])
+    save("alpha.png", Image.fromarray(rgba))                                            # RGBA
+    save("deep.png", Image.fromarray(scan(40, 30, 3).astype(np.uint16) * 257))          # 16-bit
+    assert Image.open(folder / "deep.png").mode.startswith("I")
+    save("palette.png", Image.fromarray(scan(33, 21, 4)).convert("P"))                  # palette
+    save("photo.jpg", Image.fromarray(np.dstack([scan(80, 60, 5)] * 3)), quality=90)    # JPEG
+    save("bitmap.bmp", Image.fromarray(scan(50, 40, 6)))                                # BMP
+    save("scan.tiff", Image.fromarray(scan(45, 35, 7)))                                 # TIFF
+    # litter: ground truth, hidden file, a non-image
+    Image.fromarray(scan(5, 7)).save(folder / "tiny_mask.png")
+    Image.fromarray(scan(5, 7)).save(folder / ".hidden.png")
+    (folder / "notes.txt").write_text("not an image")
+    return sizes
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def independent_mask(model, image: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The expected prediction, computed without predict_busi: (probability map, mask) at the image's size."""
+    x = torch.from_numpy(np.array(dataset.resize_image(image, IMAGE_SIZE))).float().div(255)[None, None]
+    with torch.no_grad():
+        prob = torch.sigmoid(model(x)[0])
+    prob = F.interpolate(prob, size=image.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+    return prob, prob > threshold
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def test_odd_inputs_with_a_corrupt_file_via_the_command_line(tmp_path, checkpoint):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    sizes = make_odd_inputs(inputs)
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    proc = subprocess.run([sys.executable, "predict_busi.py", "--checkpoint", str(checkpoint), "--input",
+                           str(inputs), "--output", str(out), "--batch-size", "3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "broken.png" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    rows = read_csv(out / "predictions.csv")
+    assert list(rows[0]) == list(predict_busi.CSV_FIELDS)
+    assert sorted(r["file"] for r in rows) == sorted(sizes)  # good files only: no broken, mask, hidden or txt
+    for row in rows:
+        stem = row["file"].rsplit(".", 1)[0]
+        mask = Image.open(out / f"{stem}_mask.png")
+        assert mask.mode == "L" and mask.size == sizes[row["file"]]
+        values = np.unique(np.asarray(mask))
+        assert set(values.tolist()) <= {0, 255}
+        overlay = Image.open(out / f"{stem}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.size == sizes[row["file"]]
+        w, h = sizes[row["file"]]
+        lesion = int((np.asarray(mask) == 255).sum())
+        assert (int(row["width"]), int(row["height"]), int(row["lesion_pixels"])) == (w, h, lesion)
+        assert float(row["lesion_fraction"]) == pytest.approx(lesion / (w * h), abs=1e-6)
+        assert 0 <= float(row["max_probability"]) <= 1
+        assert 0 <= float(row["malignancy_probability"]) <= 1 and row["predicted_class"] in dataset.CLASSES
+    assert not (out / "broken_mask.png").exists() and not (out / "tiny_mask_mask.png").exists()
+    assert not (out / ".hidden_mask.png").exists()
+
+
+def test_masks_equal_an_independent_prediction_and_threshold_applies(tmp_path, checkpoint, capsys):
+    inputs = tmp_path / "in"
+    make_odd_inputs(inputs)
+    model, _ = utils.load_model(checkpoint)
+    for threshold in (0.5, 0.52):
+        out = tmp_path / f"out{threshold}"
+        assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
+                                  "--threshold", str(threshold), "--quiet"]) == 0
+        rows = {r["file"]: r for r in read_csv(out / "predictions.csv")}
+        for name in ("alpha.png", "photo.jpg", "deep.png", "large.png"):
+            image = dataset.load_image(inputs / name)
+            prob, expected = independent_mask(model, image, threshold)
+            written = np.asarray(Image.open(out / f"{name.rsplit('.', 1)[0]}_mask.png")) == 255
+            # Equal up to float rounding: any disagreement must sit right at the threshold.
+            differ = written != expected
+            assert np.all(np.abs(prob[differ] - threshold) < 1e-4), name
+            assert float(rows[name]["max_probability"]) == pytest.approx(prob.max(), abs=2e-4)
+    lesion = {t: sum(int(r["lesion_pixels"]) for r in read_csv(tmp_path / f"out{t}" / "predictions.csv"))
+              for t in (0.5, 0.52)}
+    assert lesion[0.52] <= lesion[0.5]
+
+
+def test_overlay_draws_the_outline_around_the_mask():
+    image = np.full((40, 50), 100, np.uint8)
+    mask = np.zeros((40, 50), bool)
+    mask[10:20, 15:30] = True
+    rgb = predict_busi.overlay_image(image, mask)
+    coloured = np.all(rgb == predict_busi.OUTLINE_RGB, axis=2)
+    assert coloured[9, 20] and coloured[20, 20] and coloured[15, 14] and coloured[15, 30]  # the ring outside
+    assert not coloured[mask].any()                                                       # inside untouched
+    assert np.all(rgb[~coloured] == 100)
+    assert np.all(predict_busi.overlay_image(image, np.zeros_like(mask)) == 100)  # no lesion, no outline
+
+
+def test_clean_run_exits_0_and_single_file_and_glob_inputs(tmp_path, checkpoint, capsys):
+    inputs = tmp_path / "in"
+    make_odd_inputs(inputs)
+    out = tmp_path / "one"
+    assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(inputs / "photo.jpg"),
+                              "--output", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["photo_mask.png", "photo_overlay.png", "predictions.csv"]
+    out = tmp_path / "glob"
+    assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(inputs / "*.png"),
+                              "--output", str(out), "--quiet"]) == 0
+    files = {r["file"] for r in read_csv(out / "predictions.csv")}
+    assert files == {"tiny.png", "large.png", "alpha.png", "deep.png", "palette.png"}  # no *_mask*, no hidden
+    assert capsys.readouterr().err.count("error") == 0
+
+
+def test_model_without_class_head_leaves_the_class_columns_empty(tmp_path, capsys):
+    ckpt = save_tiny_checkpoint(tmp_path / "nohead.pt", num_classes=0)
+    Image.fromarray(scan(30, 20)).save(tmp_path / "a.png")
+    assert predict_busi.main(["--checkpoint", str(ckpt), "--input", str(tmp_path / "a.png"), "--output",
+                              str(tmp_path / "out"), "--quiet"]) == 0
+    (row,) = read_csv(tmp_path / "out" / "predictions.csv")
+    assert row["malignancy_probability"] == "" and row["predicted_class"] == ""
+
+
+class RunsCode:
+    """Unpickling this would create a file: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def write_bad_checkpoint(problem: str, path: Path, good: Path) -> Path:
+    """A checkpoint that must be refused: missing, not a checkpoint, another architecture, or code-running."""
+    if problem == "foreign":
+        path.write_text("not a checkpoint")
+    elif problem == "architecture":
+        state = torch.load(good, weights_only=True)
+        state["model_config"] = dict(state["model_config"], base_channels=8)
+        torch.save(state, path)
+    elif problem == "hostile":
+        torch.save({"format": utils.CHECKPOINT_FORMAT, "model": RunsCode(path.with_suffix(".pwned"))}, path)
+    return path
+
+
+@pytest.mark.parametrize("problem", ["missing", "foreign", "architecture", "hostile"])
+def test_bad_checkpoint_exits_2_with_one_line(tmp_path, checkpoint, capsys, problem):
+    Image.fromarray(scan(30, 20)).save(tmp_path / "a.png")
+    bad = write_bad_checkpoint(problem, tmp_path / "bad.pt", checkpoint)
+    code = predict_busi.main(["--checkpoint", str(bad), "--input", str(tmp_path / "a.png"), "--output",
+                              str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "bad.pt" in err[0]
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "bad.pwned").exists()  # the hostile pickle ran nothing
+
+
+@pytest.mark.parametrize("spec", ["nothing_here/*.png", "missing.png", "empty_dir"])
+def test_input_matching_nothing_exits_2(tmp_path, checkpoint, capsys, spec):
+    (tmp_path / "empty_dir").mkdir()
+    code = predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / spec), "--output",
+                              str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:")
+
+
+def test_help_describes_the_tool():
+    proc = subprocess.run([sys.executable, "predict_busi.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    for word in ("--checkpoint", "--input", "--output", "--threshold", "--tta", "predictions.csv", "Exit codes"):
+        assert word in proc.stdout
+
+
+def test_bundled_sample_folder_skips_ground_truth(tmp_path, checkpoint, capsys):
+    folder = ROOT / "data" / "busi_sample" / "benign"
+    images = [p for p in folder.iterdir() if "_mask" not in p.name]
+    assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(folder), "--output",
+                              str(tmp_path), "--quiet"]) == 0
+    assert len(list(tmp_path.glob("*_mask.png"))) == len(images) == len(read_csv(tmp_path / "predictions.csv"))
+
+
+SHIPPED = ROOT / "checkpoints" / "busi_unet_small.pt"
+
+
+@pytest.mark.skipif(not (REAL_DATA.is_dir() and SHIPPED.is_file()), reason="real BUSI data or shipped model absent")
+def test_shipped_model_on_real_scans(tmp_path, capsys):
+    pattern = str(REAL_DATA / "malignant" / "malignant (1?).png")  # ten real scans, quick on a CPU
+    assert predict_busi.main(["--checkpoint", str(SHIPPED), "--input", pattern, "--output", str(tmp_path),
+                              "--device", "cpu", "--quiet"]) == 0
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert len(rows) == 10
+    for row in rows:
+        w, h = Image.open(REAL_DATA / "malignant" / row["file"]).size
+        assert Image.open(tmp_path / row["file"].replace(".png", "_mask.png")).size == (w, h)
