@@ -312,7 +312,6 @@ class StopRequest:
 
 def run(args) -> int:
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     import dataset
@@ -516,7 +515,7 @@ def run(args) -> int:
             # ---- validation at each image's original resolution ----
             val_summary, _ = evaluate(eval_model, val_on_device)
             val_loss = validation_loss(eval_model, val_on_device, val["masks"], val["labels"], seg_loss, args, device,
-                                       dtype, torch, F)
+                                       dtype)
             score = val_summary["all_dice"]
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "train_loss": round(float(loss_sum) / max(1, seen), 5),
@@ -630,8 +629,11 @@ class TrainStep:
         return loss.detach()
 
 
-def validation_loss(model, data, masks, labels, seg_loss, args, device, dtype, torch, F) -> float:
+def validation_loss(model, data, masks, labels, seg_loss, args, device, dtype) -> float:
     """Mean training loss (without augmentation) over the validation split, at the training size."""
+    import torch
+    import torch.nn.functional as F
+
     import utils
 
     model.eval()
