@@ -230,6 +230,9 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is as readable as any other file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
