@@ -365,7 +365,9 @@ def test_seeding_is_reproducible():
     b = (torch.rand(3), np.random.rand(3))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert utils.pick_device("cpu").type == "cpu"
-    assert utils.amp_dtype(torch.device("cpu")) is None
+    cpu = torch.device("cpu")
+    assert utils.amp_dtype(cpu, enabled=False) is None
+    assert utils.amp_dtype(cpu) == (torch.bfloat16 if utils.cpu_has_native_bf16() else None)
 
 
 def test_committed_split_file_is_well_formed():
