@@ -250,3 +250,17 @@ def test_ema_weights_are_checkpointed_and_resume_exactly_and_threshold_is_tuned_
     threshold = metrics["config"]["threshold"]
     assert threshold in [round(0.3 + 0.05 * k, 2) for k in range(9)]
     assert torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["config"]["threshold"] == threshold
+
+
+def test_compile_falls_back_to_eager_when_it_cannot_run(busi_dir, tmp_path, monkeypatch, capsys):
+    root, _ = busi_dir
+
+    def broken_compile(model, *args, **kwargs):  # torch.compile fails lazily, at the first call
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    assert train(root, tmp_path, "--epochs", "1", "--compile", "--run-name", "c") == 0
+    assert "torch.compile failed" in capsys.readouterr().err
+    assert (tmp_path / "c" / "metrics.json").is_file()
