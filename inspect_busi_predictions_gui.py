@@ -672,13 +672,6 @@ class InspectorApp:
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Tk window to inspect a BUSI U-Net's predictions: image, ground truth vs predicted outline, "
@@ -693,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file", default=str(dataset.DEFAULT_SPLIT_FILE),
                    help="split JSON, used when it lists exactly the data dir's images (else one is computed)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=_positive_int, default=default_threads(), help="CPU threads for inference; "
+    p.add_argument("--threads", type=utils.positive_int, default=default_threads(), help="CPU threads for inference; "
                    "default: %(default)s")
     return p
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import math
 import os
 import re
 import sys
@@ -247,20 +246,6 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and 0 < value < 1):
-        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Segment breast-ultrasound lesions in new images with a trained BUSI U-Net. Writes "
@@ -275,13 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image file, a folder (its images; *_mask* ground-truth files are skipped) or a quoted "
                         "glob pattern such as 'scans/*.png'")
     p.add_argument("--output", required=True, help="folder for the masks, overlays and predictions.csv")
-    p.add_argument("--threshold", type=_probability, default=None,
+    p.add_argument("--threshold", type=utils.probability, default=None,
                    help="lesion probability threshold (default: the checkpoint's, else 0.5)")
     p.add_argument("--device", default="auto",
                    help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps; default: %(default)s")
-    p.add_argument("--batch-size", type=_positive_int, default=16,
+    p.add_argument("--batch-size", type=utils.positive_int, default=16,
                    help="images per forward pass and per chunk held in memory; default: %(default)s")
-    p.add_argument("--threads", type=_positive_int, default=default_threads(),
+    p.add_argument("--threads", type=utils.positive_int, default=default_threads(),
                    help="CPU threads for inference; default: %(default)s (half the cores: an oversubscribed CPU "
                         "runs PyTorch many times slower)")
     p.add_argument("--tta", action="store_true", help="average with the left-right flipped prediction")

@@ -62,35 +62,9 @@ CONFIG_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "i
 # ------------------------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    import utils
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog="Defaults are the names at the top of train_unet_busi.py: edit them there.")
     g = p.add_argument_group("data and output")
@@ -105,40 +79,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=CACHE_DIR,
                    help="cache of decoded tensors, '' for none (default: %(default)s)")
     g = p.add_argument_group("model")
-    g.add_argument("--image-size", type=_positive_int, default=IMAGE_SIZE,
+    g.add_argument("--image-size", type=utils.positive_int, default=IMAGE_SIZE,
                    help="square training/inference size, a multiple of 2**depth (default: %(default)s)")
-    g.add_argument("--base-channels", type=_positive_int, default=BASE_CHANNELS,
+    g.add_argument("--base-channels", type=utils.positive_int, default=BASE_CHANNELS,
                    help="width of the first U-Net stage (default: %(default)s)")
-    g.add_argument("--depth", type=_positive_int, default=DEPTH,
+    g.add_argument("--depth", type=utils.positive_int, default=DEPTH,
                    help="number of down-sampling steps (default: %(default)s)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive_int, default=EPOCHS, help="epochs (default: %(default)s)")
-    g.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE, help="batch size (default: %(default)s)")
-    g.add_argument("--lr", type=_positive_float, default=LR, help="peak AdamW learning rate (default: %(default)s)")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=WEIGHT_DECAY,
+    g.add_argument("--epochs", type=utils.positive_int, default=EPOCHS, help="epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="batch size (default: %(default)s)")
+    g.add_argument("--lr", type=utils.positive_float, default=LR, help="peak AdamW learning rate (default: %(default)s)")
+    g.add_argument("--weight-decay", type=utils.non_negative_float, default=WEIGHT_DECAY,
                    help="AdamW weight decay (default: %(default)s)")
-    g.add_argument("--warmup-epochs", type=_non_negative_float, default=WARMUP_EPOCHS,
+    g.add_argument("--warmup-epochs", type=utils.non_negative_float, default=WARMUP_EPOCHS,
                    help="linear warm-up before the cosine decay (default: %(default)s)")
-    g.add_argument("--bce-weight", type=_non_negative_float, default=BCE_WEIGHT,
+    g.add_argument("--bce-weight", type=utils.non_negative_float, default=BCE_WEIGHT,
                    help="weight of the BCE term (default: %(default)s)")
-    g.add_argument("--dice-weight", type=_non_negative_float, default=DICE_WEIGHT,
+    g.add_argument("--dice-weight", type=utils.non_negative_float, default=DICE_WEIGHT,
                    help="weight of the soft-Dice term (default: %(default)s)")
-    g.add_argument("--cls-weight", type=_non_negative_float, default=CLS_WEIGHT,
+    g.add_argument("--cls-weight", type=utils.non_negative_float, default=CLS_WEIGHT,
                    help="weight of the normal/benign/malignant head, 0 = no head (default: %(default)s)")
-    g.add_argument("--augment", type=_non_negative_float, default=AUGMENT,
+    g.add_argument("--augment", type=utils.non_negative_float, default=AUGMENT,
                    help="augmentation strength, 0 = off (default: %(default)s)")
-    g.add_argument("--ema", type=_non_negative_float, default=EMA,
+    g.add_argument("--ema", type=utils.non_negative_float, default=EMA,
                    help="weight moving-average decay, e.g. 0.99; 0 = off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")
     g.add_argument("--deterministic", action="store_true", default=DETERMINISTIC,
                    help="deterministic cuDNN kernels (slower; CPU runs are deterministic anyway)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--threshold", type=_probability, default=THRESHOLD,
+    g.add_argument("--threshold", type=utils.probability, default=THRESHOLD,
                    help="lesion probability threshold (default: %(default)s)")
     g.add_argument("--tta", action="store_true", default=TTA, help="average with the flipped image's prediction")
     g.add_argument("--tune-threshold", action="store_true", default=TUNE_THRESHOLD,
                    help="choose the threshold on the validation split before the test evaluation")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=EVAL_BATCH_SIZE,
+    g.add_argument("--eval-batch-size", type=utils.positive_int, default=EVAL_BATCH_SIZE,
                    help="batch size of evaluation (default: %(default)s)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps "
@@ -150,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("resume and evaluation only")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run from its latest.pt: the run of --run-name, or the given run folder or file")
-    g.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--stop-after", type=utils.positive_int, default=None, metavar="N",
                    help="train at most N epochs in this invocation, then save and exit (for time-limited jobs; "
                         "continue with --resume)")
     g.add_argument("--eval-only", action="store_true",

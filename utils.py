@@ -1,7 +1,9 @@
 """Shared plumbing: seeding, device and mixed precision, metrics, inference, checkpoints."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
 import pickle
 import random
@@ -20,6 +22,37 @@ CHECKPOINT_FORMAT = "busi-unet-v1"
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command-line value checks (argparse `type=` functions: a bad value is refused with the reason)
+# --------------------------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 < value < 1):
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------------
