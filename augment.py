@@ -49,8 +49,11 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig,
     x = to_unit_float(images)
     y = masks.float()
 
-    def uniform(low, high):  # B numbers drawn on the CPU generator, then moved
-        return (torch.rand(b, generator=param_gen) * (high - low) + low).to(device, non_blocking=True)
+    # All per-sample random numbers in one CPU draw and ONE host-to-device copy (9 rows of B numbers).
+    draws = iter(torch.rand(9, b, generator=param_gen).to(device, non_blocking=True))
+
+    def uniform(low, high):
+        return next(draws) * (high - low) + low
 
     if cfg.rotate_deg or cfg.scale or cfg.translate or cfg.hflip:
         angle = uniform(-cfg.rotate_deg, cfg.rotate_deg) * (math.pi / 180)
