@@ -415,9 +415,8 @@ def main(argv=None) -> int:
                     "leakage-safe, class-stratified train/val/test split (JSON).")
     parser.add_argument("--data-dir", default="../shared/data/Dataset_BUSI_with_GT",
                         help="folder with benign/, malignant/, normal/ (default: %(default)s)")
-    parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE.relative_to(Path.cwd()))
-                        if DEFAULT_SPLIT_FILE.is_relative_to(Path.cwd()) else str(DEFAULT_SPLIT_FILE),
-                        help="where to write the split (default: %(default)s)")
+    parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE),
+                        help="where to write the split (default: the repo's splits/busi_split.json)")
     parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="shuffle seed (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
