@@ -183,7 +183,8 @@ def test_sigkill_during_an_epoch_and_during_a_save_leaves_readable_checkpoints(b
     proc.kill()
     proc.wait()
     run = tmp_path / "k"
-    assert utils.load_checkpoint(run / "latest.pt")["epoch"] >= 2
+    # the epoch-2 line is printed just before its checkpoint is written, so the kill may land before or after
+    assert utils.load_checkpoint(run / "latest.pt")["epoch"] >= 1
     utils.load_checkpoint(run / "best.pt")
 
     # 2) SIGKILL while latest.pt is being written: the temp file is half written when the process dies
