@@ -147,10 +147,11 @@ def bench_project(args, device, cache, n_train):
     # inference, as predict_busi.py runs it
     n_inf = min(len(cache["images"]), max(args.batch_size * 4, 64))
     inf_images = cache["images"][:n_inf].to(device)
-    list(utils.predict_batches(model, inf_images[:args.batch_size], device, dtype, batch_size=32))
+    infer_dtype = utils.inference_dtype(device, not args.no_amp)  # what predict_busi.py runs
+    list(utils.predict_batches(model, inf_images[:args.batch_size], device, infer_dtype, batch_size=32))
     sync(device)
     t0 = time.perf_counter()
-    for _ in utils.predict_batches(model, inf_images, device, dtype, batch_size=32):
+    for _ in utils.predict_batches(model, inf_images, device, infer_dtype, batch_size=32):
         pass
     sync(device)
     infer = n_inf / (time.perf_counter() - t0)

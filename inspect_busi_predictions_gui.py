@@ -494,7 +494,7 @@ class InspectorApp:
     def _predict(self, items: list[Item], loaded: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
         """Run the model once over `items` (already decoded) and cache the results."""
         images = [image for image, _ in loaded]
-        outputs = predict_images(self.model, images, self.image_size, self.device, utils.amp_dtype(self.device),
+        outputs = predict_images(self.model, images, self.image_size, self.device, utils.inference_dtype(self.device),
                                  batch_size=SORT_CHUNK)
         for item, (_, truth), (prob, cls) in zip(items, loaded, outputs):
             self.cache[item.key] = Prediction(

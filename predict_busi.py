@@ -205,7 +205,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
     run keeps the rows of the files it wrote). Returns the results and one message per unreadable file."""
     from tqdm import tqdm
 
-    dtype = utils.amp_dtype(device)
+    dtype = utils.inference_dtype(device)
     stems = output_stems(paths)
     results: list[Result] = []
     failures: list[str] = []

@@ -340,7 +340,8 @@ def run(args) -> int:
 
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     config.update(data_dir=str(data_dir), split_file=split_source, device=str(device), amp=args.amp)
-    dtype = utils.amp_dtype(device, args.amp)
+    dtype = utils.amp_dtype(device, args.amp)          # training
+    eval_dtype = utils.inference_dtype(device, args.amp)  # validation and test: fp32 on CPU, see utils
 
     # ---- model ----
     utils.seed_everything(args.seed, args.deterministic)
@@ -358,11 +359,12 @@ def run(args) -> int:
     model = model.to(device, memory_format=torch.channels_last)
     config["model"] = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: UNet{model.config} | {n_params / 1e6:.2f} M parameters | amp {dtype} | image {args.image_size}px",
+    print(f"model: UNet{model.config} | {n_params / 1e6:.2f} M parameters | autocast: train {dtype}, "
+          f"eval {eval_dtype} | image {args.image_size}px",
           flush=True)
 
     def evaluate(net, data):
-        return utils.evaluate(net, data, device, dtype, args.threshold, args.eval_batch_size, args.tta)
+        return utils.evaluate(net, data, device, eval_dtype, args.threshold, args.eval_batch_size, args.tta)
 
     if args.eval_only:
         summary, records = evaluate(model, test)
@@ -489,7 +491,7 @@ def run(args) -> int:
             # ---- validation at each image's original resolution ----
             val_summary, _ = evaluate(eval_model, val_on_device)
             val_loss = validation_loss(eval_model, val_on_device, val["masks"], val["labels"], seg_loss, args, device,
-                                       dtype)
+                                       eval_dtype)
             score = val_summary["all_dice"]
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "train_loss": round(float(loss_sum) / max(1, seen), 5),
@@ -530,7 +532,7 @@ def run(args) -> int:
     if args.tune_threshold:
         grid = [round(0.3 + 0.05 * k, 2) for k in range(9)]
         scores = {t: r[0]["all_dice"] for t, r in utils.evaluate_thresholds(
-            best_model, val_on_device, device, dtype, grid, args.eval_batch_size, args.tta).items()}
+            best_model, val_on_device, device, eval_dtype, grid, args.eval_batch_size, args.tta).items()}
         args.threshold = max(grid, key=lambda t: (scores[t], -abs(t - 0.5)))
         config["threshold"] = args.threshold
         print("threshold chosen on validation: " + ", ".join(f"{t}: {v:.4f}" for t, v in scores.items())

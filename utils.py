@@ -111,6 +111,15 @@ def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
     return None
 
 
+def inference_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """Autocast dtype for evaluation and prediction: as `amp_dtype` on CUDA, fp32 on CPU and MPS.
+
+    On a CPU an image takes milliseconds anyway, and fp32 keeps written masks and reported metrics identical
+    on every CPU, with or without bf16 instructions (`--eval-only` prints the same figures everywhere).
+    """
+    return amp_dtype(device, enabled) if device.type == "cuda" else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast context for `dtype`, or a no-op when it is None."""
     if dtype is None:
