@@ -38,7 +38,7 @@ TUNE_THRESHOLD = False           # pick the threshold on the VALIDATION split (0
 SEED = 42
 DETERMINISTIC = False            # deterministic cuDNN kernels (slower); CPU runs are deterministic anyway
 DEVICE = "auto"                  # auto = cuda > mps > cpu
-AMP = True                       # mixed precision on CUDA: bf16 where supported, else fp16 + GradScaler
+AMP = True                       # mixed precision: bf16 on GPUs and CPUs that have it, fp16 + GradScaler on older GPUs
 COMPILE = False                  # torch.compile the model (falls back to eager if it cannot)
 CACHE_DIR = ".cache"             # decoded uint8 tensors, keyed by data and size: later runs start in seconds
 EVAL_BATCH_SIZE = 32
@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps "
                                                     "(default: %(default)s)")
     g.add_argument("--no-amp", dest="amp", action="store_false", default=AMP,
-                   help="full fp32 on CUDA (mixed precision is on by default: bf16, or fp16 + GradScaler)")
+                   help="train in fp32 (by default training autocasts to bf16 on CUDA GPUs that have it and on "
+                        "CPUs with bf16 instructions, fp16 + GradScaler on older GPUs)")
     g.add_argument("--compile", action="store_true", default=COMPILE,
                    help="torch.compile the model (falls back to eager where it cannot)")
     g = p.add_argument_group("resume and evaluation only")
