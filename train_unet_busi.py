@@ -232,6 +232,8 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
 
 def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: dict) -> None:
     """metrics.json and test_predictions.csv."""
+    import dataset
+
     metrics = {"test": summary, **extra}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(run_dir / "test_predictions.csv", "w", newline="") as f:
@@ -243,7 +245,6 @@ def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: 
         for r in records:
             row = [r["file"], r["label"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", r["pred_pixels"], r["gt_pixels"]]
             if "malignancy" in r:
-                import dataset
                 row += [f"{r['malignancy']:.4f}", dataset.CLASSES[max(range(3), key=lambda k: r["class_probs"][k])]]
             writer.writerow(row)
 
