@@ -395,7 +395,7 @@ def run(args) -> int:
         import copy
         ema_model = copy.deepcopy(model).eval()
         if state is not None:
-            ema_model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
+            ema_model.load_state_dict(state["model"])
         ema_params, model_params = list(ema_model.parameters()), list(model.parameters())
         ema_buffers, model_buffers = list(ema_model.buffers()), list(model.buffers())
     eval_model = ema_model if ema_model is not None else model
