@@ -111,7 +111,7 @@ def bench_project(args, device, cache, n_train):
     dtype = utils.amp_dtype(device, not args.no_amp)
     torch.manual_seed(args.seed)
     model = UNet(1, 1, args.base_channels, args.depth, num_classes=3).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    optimizer = utils.make_optimizer(model, 1e-3, 1e-2, device)
     scaler = utils.make_grad_scaler(device, dtype)
     step = TrainStep(model, optimizer, scaler, BCEDiceLoss(), 0.2, device, dtype, args.compile)
     images, masks, labels = (cache[k][:n_train].to(device) for k in ("images", "masks", "labels"))

@@ -381,8 +381,7 @@ def run(args) -> int:
     steps_per_epoch = math.ceil(len(train["names"]) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    optimizer = utils.make_optimizer(model, args.lr, args.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
     scaler = utils.make_grad_scaler(device, dtype)
     seg_loss = BCEDiceLoss(args.bce_weight, args.dice_weight)
@@ -491,9 +490,7 @@ def run(args) -> int:
             train_seconds = time.perf_counter() - t0
 
             # ---- validation at each image's original resolution ----
-            val_summary, _ = evaluate(eval_model, val_on_device)
-            val_loss = validation_loss(eval_model, val_on_device, val["masks"], val["labels"], seg_loss, args, device,
-                                       eval_dtype)
+            val_summary, val_loss = validate(eval_model, val_on_device, seg_loss, args, device, eval_dtype)
             score = val_summary["all_dice"]
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "train_loss": round(float(loss_sum) / max(1, seen), 5),
@@ -607,28 +604,28 @@ class TrainStep:
         return loss.detach()
 
 
-def validation_loss(model, data, masks, labels, seg_loss, args, device, dtype) -> float:
-    """Mean training loss (without augmentation) over the validation split, at the training size."""
+def validate(model, data, seg_loss, args, device, dtype) -> tuple[dict, float]:
+    """One pass over the validation split: its summary at the original resolution (utils.evaluate) and the mean
+    training loss (no augmentation) at the training size, from the same forward passes."""
     import torch
     import torch.nn.functional as F
 
     import utils
 
-    model.eval()
-    total, n = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(data["names"]), args.eval_batch_size):
-            x = data["images"][start:start + args.eval_batch_size].float().div(255.0)
-            x = x.contiguous(memory_format=torch.channels_last)
-            y = masks[start:start + args.eval_batch_size].to(device)
-            with utils.autocast(device, dtype):
-                seg, cls = model(x)
-            loss = seg_loss(seg, y)
-            if cls is not None:
-                loss = loss + args.cls_weight * F.cross_entropy(cls.float(), labels[start:start + len(x)].to(device))
-            total += float(loss) * len(x)
-            n += len(x)
-    return total / max(n, 1)
+    total = torch.zeros((), device=device)  # summed on the device: one host sync at the end, not per batch
+    masks, labels = data["masks"].to(device), data["labels"].to(device)
+
+    def add_loss(start, seg_logits, cls_logits):
+        nonlocal total
+        n = seg_logits.shape[0]
+        loss = seg_loss(seg_logits, masks[start:start + n])
+        if cls_logits is not None and args.cls_weight:
+            loss = loss + args.cls_weight * F.cross_entropy(cls_logits.float(), labels[start:start + n])
+        total = total + loss.float() * n
+
+    summary, _ = utils.evaluate(model, data, device, dtype, args.threshold, args.eval_batch_size, args.tta,
+                                on_logits=add_loss)
+    return summary, float(total) / max(1, len(data["names"]))
 
 
 def main(argv=None) -> int:

@@ -127,6 +127,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """AdamW, fused where PyTorch has the fused kernel (CUDA and CPU): one pass over all parameters instead of
+    a Python loop over them (on 2 CPU cores the step of the 1.9 M-parameter model drops from ~5 ms to ~1 ms)."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+
+
 def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """A GradScaler that is active only for fp16 (bf16 has fp32's range and needs none)."""
     return torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=dtype == torch.float16)
@@ -138,10 +145,14 @@ def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.a
 def dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     """Dice and IoU of two bool masks. Convention: both empty -> (1, 1); one empty -> (0, 0)."""
     inter = torch.logical_and(pred, target).sum().item()
-    p, t = pred.sum().item(), target.sum().item()
-    if p + t == 0:
+    return dice_iou_from_counts(inter, pred.sum().item(), target.sum().item())
+
+
+def dice_iou_from_counts(inter: int, pred: int, target: int) -> tuple[float, float]:
+    """Dice and IoU from pixel counts (intersection, predicted, ground truth), with `dice_iou`'s conventions."""
+    if pred + target == 0:
         return 1.0, 1.0
-    return 2.0 * inter / (p + t), inter / (p + t - inter)
+    return 2.0 * inter / (pred + target), inter / (pred + target - inter)
 
 
 def roc_auc(scores, positives) -> float:
@@ -206,25 +217,29 @@ def classification_summary(records: list[dict], class_names) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def predict_batches(model: UNet, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
-                    batch_size: int = 32, tta: bool = False):
+                    batch_size: int = 32, tta: bool = False, with_logits: bool = False):
     """Yield (probabilities float32 [b,1,S,S] on `device`, class probabilities [b,C] or None) per batch.
 
     `images` are uint8 [N,1,S,S] on any device. `tta` averages with the left-right flipped prediction.
+    `with_logits` adds a third item, the raw (mask logits, class logits or None) of the unflipped input, so a
+    caller can compute a loss from the same forward pass.
     """
     model.eval()
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255.0)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
-            seg, cls = model(x)
+            seg_logits, cls_logits = model(x)
+            seg = torch.sigmoid(seg_logits.float())
+            cls = None if cls_logits is None else torch.softmax(cls_logits.float(), 1)
             if tta:
                 seg_f, cls_f = model(torch.flip(x, dims=[3]))
-                seg = (torch.sigmoid(seg.float()) + torch.sigmoid(torch.flip(seg_f, dims=[3]).float())) / 2
-                cls = None if cls is None else (torch.softmax(cls.float(), 1) + torch.softmax(cls_f.float(), 1)) / 2
-            else:
-                seg = torch.sigmoid(seg.float())
-                cls = None if cls is None else torch.softmax(cls.float(), 1)
-        yield seg.float(), cls
+                seg = (seg + torch.sigmoid(torch.flip(seg_f, dims=[3]).float())) / 2
+                cls = None if cls is None else (cls + torch.softmax(cls_f.float(), 1)) / 2
+        if with_logits:
+            yield seg, cls, (seg_logits, cls_logits)
+        else:
+            yield seg, cls
 
 
 def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -240,38 +255,63 @@ def malignancy_probability(class_probs: torch.Tensor, class_names=("benign", "ma
 
 def evaluate(model: UNet, data: dict, device: torch.device, dtype: torch.dtype | None = None,
              threshold: float = 0.5, batch_size: int = 32, tta: bool = False,
-             class_names=("benign", "malignant", "normal")) -> tuple[dict, list[dict]]:
+             class_names=("benign", "malignant", "normal"), on_logits=None) -> tuple[dict, list[dict]]:
     """Per-image Dice/IoU at each image's ORIGINAL resolution (prediction resized back), and their summary.
 
     `data` is a dataset.subset(...) dict: images [N,1,S,S] uint8, labels, names, full_masks, full_sizes.
+    `on_logits(start, mask_logits, class_logits)` is called for every batch (the training loop computes its
+    validation loss there, from the same forward pass).
     """
-    return evaluate_thresholds(model, data, device, dtype, [threshold], batch_size, tta, class_names)[threshold]
+    return evaluate_thresholds(model, data, device, dtype, [threshold], batch_size, tta, class_names,
+                               on_logits)[threshold]
+
+
+def ground_truth_on(data: dict, device: torch.device) -> list[torch.Tensor]:
+    """The full-resolution bool masks of `data` on `device`, unpacked once and kept in `data` for later calls
+    (validation runs every epoch; about 0.3 MB per BUSI image)."""
+    from dataset import unpack_mask  # local: utils stays importable without the data module's PIL setup
+
+    key = f"ground_truth[{device}]"
+    if key not in data:
+        data[key] = [unpack_mask(m, s).to(device) for m, s in zip(data["full_masks"], data["full_sizes"].tolist())]
+    return data[key]
 
 
 def evaluate_thresholds(model: UNet, data: dict, device: torch.device, dtype: torch.dtype | None,
                         thresholds, batch_size: int = 32, tta: bool = False,
-                        class_names=("benign", "malignant", "normal")) -> dict:
-    """`evaluate` for several thresholds from one inference pass: {threshold: (summary, records)}."""
-    from dataset import unpack_mask  # local: utils stays importable without the data module's PIL setup
+                        class_names=("benign", "malignant", "normal"), on_logits=None) -> dict:
+    """`evaluate` for several thresholds from one inference pass: {threshold: (summary, records)}.
 
-    per_t: dict = {t: [] for t in thresholds}
-    i = 0
-    for probs, cls in predict_batches(model, data["images"], device, dtype, batch_size, tta):
+    The pixel counts stay on the device until one copy at the end: no host sync per image, so a GPU is not
+    left idle while Python walks the split.
+    """
+    truths = ground_truth_on(data, device)
+    cuts = torch.tensor(list(thresholds), dtype=torch.float32, device=device).view(-1, 1, 1)
+    counts, class_probs, i = [], [], 0
+    for probs, cls, (seg_logits, cls_logits) in predict_batches(model, data["images"], device, dtype, batch_size,
+                                                                 tta, with_logits=True):
+        if on_logits is not None:
+            on_logits(i, seg_logits, cls_logits)
+        if cls is not None:
+            class_probs.append(cls.float())
         for j in range(probs.shape[0]):
-            h, w = (int(v) for v in data["full_sizes"][i])
-            prob = probs_to_original(probs[j], h, w)
-            gt = unpack_mask(data["full_masks"][i], (h, w)).to(device)
-            extra = {}
-            if cls is not None:
-                extra = {"class_probs": cls[j].float().cpu().tolist(),
-                         "malignancy": float(malignancy_probability(cls[j].float(), class_names))}
-            for t in thresholds:
-                pred = prob > t
-                d, iou = dice_iou(pred, gt)
-                per_t[t].append({"file": data["names"][i], "label": class_names[int(data["labels"][i])], "dice": d,
-                                 "iou": iou, "pred_pixels": int(pred.sum()), "gt_pixels": int(gt.sum()),
-                                 "inter": int(torch.logical_and(pred, gt).sum()), **extra})
+            gt = truths[i]
+            preds = probs_to_original(probs[j], *gt.shape) > cuts  # [T,H,W], one per threshold
+            counts.append(torch.stack([torch.logical_and(preds, gt).sum((1, 2)), preds.sum((1, 2)),
+                                       gt.sum().expand(len(thresholds))], 1))  # [T,3]
             i += 1
+    counts = torch.stack(counts).cpu().tolist() if counts else []  # [N,T,3]
+    cls_all = torch.cat(class_probs).cpu() if class_probs else None
+    per_t: dict = {t: [] for t in thresholds}
+    for i, per_image in enumerate(counts):
+        extra = {}
+        if cls_all is not None:
+            extra = {"class_probs": cls_all[i].tolist(), "malignancy": float(malignancy_probability(cls_all[i],
+                                                                                                   class_names))}
+        for t, (inter, pred, gt) in zip(thresholds, per_image):
+            d, iou = dice_iou_from_counts(inter, pred, gt)
+            per_t[t].append({"file": data["names"][i], "label": class_names[int(data["labels"][i])], "dice": d,
+                             "iou": iou, "pred_pixels": pred, "gt_pixels": gt, "inter": inter, **extra})
     return {t: (summarize(records, class_names), records) for t, records in per_t.items()}
 
 

@@ -284,6 +284,31 @@ def test_evaluate_scores_at_original_resolution(busi_dir):
     assert summary["normal_fp_rate"] == 0.0
 
 
+def test_evaluate_thresholds_match_dice_iou_on_each_resized_prediction(busi_dir):
+    """The batched, sync-free counting gives, per image and threshold, exactly utils.dice_iou of the prediction
+    resized to the original size; the class probabilities come through per image."""
+    root, facts = busi_dir
+    samples = dataset.discover_samples(root)
+    cache = dataset.build_cache(root, samples, 32, None, progress=False)
+    torch.manual_seed(0)
+    model = UNet(1, 1, base_channels=4, depth=2, num_classes=3).eval()
+    thresholds = [0.3, 0.5, 0.7]
+    results = utils.evaluate_thresholds(model, cache, torch.device("cpu"), None, thresholds, batch_size=3)
+    probs = torch.cat([p for p, _ in utils.predict_batches(model, cache["images"], torch.device("cpu"))])
+    cls = torch.cat([c for _, c in utils.predict_batches(model, cache["images"], torch.device("cpu"))])
+    for t in thresholds:
+        summary, records = results[t]
+        assert [r["file"] for r in records] == cache["names"]
+        for i, r in enumerate(records):
+            gt = torch.from_numpy(facts["masks"][r["file"]])
+            pred = utils.probs_to_original(probs[i], *gt.shape) > t
+            assert (r["dice"], r["iou"]) == utils.dice_iou(pred, gt)
+            assert r["pred_pixels"] == int(pred.sum()) and r["gt_pixels"] == int(gt.sum())
+            assert r["class_probs"] == pytest.approx(cls[i].tolist())
+        assert summary["all_dice"] == pytest.approx(np.mean([r["dice"] for r in records]))
+    assert results[0.3][0]["lesion_pooled_dice"] != results[0.7][0]["lesion_pooled_dice"]  # thresholds differ
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------------------------------

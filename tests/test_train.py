@@ -265,3 +265,35 @@ def test_compile_falls_back_to_eager_when_it_cannot_run(busi_dir, tmp_path, monk
     assert train(root, tmp_path, "--epochs", "1", "--compile", "--run-name", "c") == 0
     assert "torch.compile failed" in capsys.readouterr().err
     assert (tmp_path / "c" / "metrics.json").is_file()
+
+
+def test_validation_loss_is_the_training_loss_of_the_same_forward_pass(busi_dir):
+    """validate() gets Dice and loss from one pass; its loss equals the loss computed directly, batch by batch
+    (uneven last batch included), and its summary equals utils.evaluate's."""
+    import argparse
+
+    import torch.nn.functional as F
+
+    import dataset
+    from losses import BCEDiceLoss
+    from unet import UNet
+
+    root, _ = busi_dir
+    samples = dataset.discover_samples(root)
+    data = dataset.build_cache(root, samples, 32, None, progress=False)
+    torch.manual_seed(0)
+    model = UNet(1, 1, base_channels=4, depth=2, num_classes=3).eval()
+    seg_loss = BCEDiceLoss()
+    args = argparse.Namespace(cls_weight=0.3, threshold=0.5, eval_batch_size=4, tta=False)
+    summary, loss = T.validate(model, data, seg_loss, args, torch.device("cpu"), None)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(data["names"]), 4):
+            x = data["images"][start:start + 4].float() / 255
+            seg, cls = model(x)
+            batch_loss = seg_loss(seg, data["masks"][start:start + 4]) + 0.3 * F.cross_entropy(
+                cls, data["labels"][start:start + 4])
+            total += float(batch_loss) * len(x)
+    assert len(data["names"]) % 4 != 0
+    assert loss == pytest.approx(total / len(data["names"]), rel=1e-5)
+    assert summary == utils.evaluate(model, data, torch.device("cpu"), None, 0.5, 4)[0]
