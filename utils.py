@@ -128,8 +128,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
-    """AdamW, fused where PyTorch has the fused kernel (CUDA and CPU): one pass over all parameters instead of
-    a Python loop over them (on 2 CPU cores the step of the 1.9 M-parameter model drops from ~5 ms to ~1 ms)."""
+    """AdamW, fused where PyTorch has the fused kernel (CUDA and CPU): one kernel over all parameters instead of
+    a Python loop over them (several times faster per step on CPU; on CUDA, far fewer kernel launches)."""
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
 
