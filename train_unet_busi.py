@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate --checkpoint once on the test split and write metrics.json")
     g.add_argument("--checkpoint", default=None, help="checkpoint file for --eval-only")
+    g.add_argument("--eval-split", choices=("test", "val", "train"), default="test",
+                   help="split that --eval-only scores (default: %(default)s); compare levers such as --tta or "
+                        "--threshold on val, so the test split chooses nothing")
     return p
 
 
@@ -230,13 +233,13 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     (run_dir / ".curves.png.tmp.png").replace(run_dir / "curves.png")
 
 
-def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: dict) -> None:
-    """metrics.json and test_predictions.csv."""
+def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: dict, split: str = "test") -> None:
+    """metrics.json ({split: summary, ...}) and <split>_predictions.csv."""
     import dataset
 
-    metrics = {"test": summary, **extra}
+    metrics = {split: summary, **extra}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(run_dir / "test_predictions.csv", "w", newline="") as f:
+    with open(run_dir / f"{split}_predictions.csv", "w", newline="") as f:
         fields = ["file", "class", "dice", "iou", "pred_pixels", "gt_pixels"]
         if records and "malignancy" in records[0]:
             fields += ["malignancy_probability", "predicted_class"]
@@ -369,12 +372,14 @@ def run(args) -> int:
         return utils.evaluate(net, data, device, eval_dtype, args.threshold, args.eval_batch_size, args.tta)
 
     if args.eval_only:
-        summary, records = evaluate(model, test)
+        split_name = args.eval_split
+        summary, records = evaluate(model, {"test": test, "val": val, "train": train}[split_name])
         extra = {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"), "config": config,
                  "val_at_best": state.get("best_val")}
-        write_test_report(run_dir, summary, records, extra)
-        print_summary(f"test ({args.checkpoint})", summary)
-        print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'test_predictions.csv'}")
+        write_test_report(run_dir, summary, records, extra, split_name)
+        print_summary(f"{split_name} ({args.checkpoint}{', flip TTA' if args.tta else ''}, threshold "
+                      f"{args.threshold})", summary)
+        print(f"wrote {run_dir / 'metrics.json'} and {run_dir / f'{split_name}_predictions.csv'}")
         return 0
 
     # ---- optimisation ----

@@ -63,6 +63,14 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
     assert set(ev["test"]) == set(metrics["test"])
     assert (tmp_path / "ev" / "test_predictions.csv").is_file()
 
+    # --eval-split val scores the validation split instead (for comparing levers without touching test)
+    assert train(root, tmp_path, "--eval-only", "--checkpoint", str(run / "best.pt"), "--run-name", "ev-val",
+                 "--eval-split", "val") == 0
+    ev_val = json.loads((tmp_path / "ev-val" / "metrics.json").read_text())
+    assert "test" not in ev_val and ev_val["val"]["n_images"] == len(json.loads((run / "split.json").read_text())["val"])
+    with open(tmp_path / "ev-val" / "val_predictions.csv") as f:
+        assert sorted(r["file"] for r in csv.DictReader(f)) == sorted(json.loads((run / "split.json").read_text())["val"])
+
 
 def test_resume_is_exact_on_cpu(busi_dir, tmp_path):
     root, _ = busi_dir
