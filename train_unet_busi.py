@@ -42,7 +42,7 @@ AMP = True                       # mixed precision: bf16 on GPUs and CPUs that h
 COMPILE = False                  # torch.compile the model (falls back to eager if it cannot)
 CACHE_DIR = ".cache"             # decoded uint8 tensors, keyed by data and size: later runs start in seconds
 EVAL_BATCH_SIZE = 32
-MAX_BAD_STEPS = 5                # stop after this many non-finite losses in a row
+MAX_BAD_STEPS = 5                # stop after this many non-finite losses in a row (checked every 10 steps)
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
@@ -445,7 +445,9 @@ def run(args) -> int:
     train_masks = train["masks"].to(device)
     train_labels = train["labels"].to(device)
     val_on_device = {**val, "images": val["images"].to(device)}
-    bad_steps = 0
+    # non-finite losses, counted on the device: the current streak, the longest one, and the total
+    bad_run, bad_longest, bad_total = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+    bad_reported = 0
     step_fn = TrainStep(model, optimizer, scaler, seg_loss, args.cls_weight, device, dtype, args.compile)
 
     with StopRequest() as stop:
@@ -454,32 +456,39 @@ def run(args) -> int:
             perm = epoch_perm if epoch_perm is not None else torch.randperm(len(train["names"]), generator=param_gen)
             epoch_perm = None
             t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+            good_seen = torch.zeros((), dtype=torch.long, device=device)
             bar = tqdm(range(start_step, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                        dynamic_ncols=True, initial=start_step, total=steps_per_epoch)
             for step in bar:
                 idx = perm[step * args.batch_size:(step + 1) * args.batch_size].to(device)
-                loss = step_fn(train_images[idx], train_masks[idx], train_labels[idx], aug_cfg, param_gen, noise_gen)
+                loss, finite = step_fn(train_images[idx], train_masks[idx], train_labels[idx], aug_cfg, param_gen,
+                                       noise_gen)
                 scheduler.step()
-                if loss is None:
-                    bad_steps += 1
-                    print(f"warning: non-finite loss at epoch {epoch + 1} step {step + 1}: step skipped "
-                          f"({bad_steps} in a row)", file=sys.stderr, flush=True)
-                    if bad_steps >= MAX_BAD_STEPS:
-                        raise FloatingPointError(
-                            f"loss was non-finite {bad_steps} steps in a row (epoch {epoch + 1}); stopping. "
-                            f"The last good checkpoints in {run_dir} are untouched; try a lower --lr or --no-amp")
-                    continue
-                bad_steps = 0
+                # Bookkeeping stays on the device (no host sync per step); a skipped step adds nothing.
+                bad_run = torch.where(finite, 0, bad_run + 1)
+                bad_longest = torch.maximum(bad_longest, bad_run)
+                bad_total += ~finite
                 if ema_model is not None:  # decay ramps up so the average forgets the random init quickly
                     done = scheduler.last_epoch
-                    decay = min(args.ema, (1 + done) / (10 + done))
+                    weight = finite.float() * (1 - min(args.ema, (1 + done) / (10 + done)))
                     with torch.no_grad():
-                        torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+                        torch._foreach_lerp_(ema_params, model_params, weight)
                         torch._foreach_copy_(ema_buffers, model_buffers)
-                loss_sum += loss.detach() * len(idx)
+                loss_sum += torch.where(finite, loss, 0) * len(idx)
+                good_seen += finite * len(idx)
                 seen += len(idx)
-                if step % 10 == 0:
+                if step % 10 == 0 or step == steps_per_epoch - 1:  # the one read-back every 10 steps
                     bar.set_postfix(loss=f"{loss.item():.4f}")
+                    total, longest = torch.stack([bad_total, bad_longest]).tolist()
+                    if total > bad_reported:
+                        print(f"warning: {total - bad_reported} non-finite loss(es) by epoch {epoch + 1} step "
+                              f"{step + 1}: each step skipped, nothing updated (longest streak {longest})",
+                              file=sys.stderr, flush=True)
+                        bad_reported = total
+                        if longest >= MAX_BAD_STEPS:
+                            raise FloatingPointError(
+                                f"loss was non-finite {longest} steps in a row (epoch {epoch + 1}); stopping. The "
+                                f"last good checkpoints in {run_dir} are untouched; try a lower --lr or --no-amp")
                 if stop.requested:
                     bar.close()
                     next_step = step + 1
@@ -498,7 +507,7 @@ def run(args) -> int:
             val_summary, val_loss = validate(eval_model, val_on_device, seg_loss, args, device, eval_dtype)
             score = val_summary["all_dice"]
             seconds = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "train_loss": round(float(loss_sum) / max(1, seen), 5),
+            row = {"epoch": epoch + 1, "train_loss": round(float(loss_sum) / max(1, int(good_seen)), 5),
                    "val_loss": round(val_loss, 5), "val_lesion_dice": round(val_summary["lesion_dice"], 5),
                    "val_lesion_iou": round(val_summary["lesion_iou"], 5),
                    "val_normal_fp_rate": round(val_summary["normal_fp_rate"], 5)
@@ -557,9 +566,12 @@ class TrainStep:
     """One optimisation step of the project's pipeline, shared by the training loop and bench_busi.py.
 
     uint8 batch already on the device -> batched augmentation -> channels_last -> autocast forward ->
-    float32 loss -> backward -> (fused) optimizer step. Returns the loss tensor, or None when the loss was not
-    finite: then nothing is updated, BatchNorm running statistics included (the forward pass changes them
-    before the loss can be checked, so they are snapshotted: a few KB, one fused copy per step).
+    float32 loss -> backward -> fused optimizer step. Returns `(loss, finite)`, two 0-dim tensors on the device.
+    Nothing is read back to the host, so the CPU can queue the next steps while the GPU works. A non-finite
+    loss still skips the step completely, decided on the device: the fused AdamW kernel takes a `found_inf`
+    flag (the same input GradScaler uses) and leaves weights and optimizer state alone, and the BatchNorm
+    running statistics, which the forward pass changes before the loss is known, are restored from a snapshot
+    (a few KB).
     """
 
     def __init__(self, model, optimizer, scaler, seg_loss, cls_weight, device, dtype, compile=False):
@@ -573,8 +585,9 @@ class TrainStep:
                 self.forward = torch.compile(model)
             except Exception as exc:  # noqa: BLE001 - any backend problem: run eagerly
                 print(f"warning: torch.compile unavailable ({exc}); running eagerly", file=sys.stderr)
-        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self.buffers = list(model.buffers())  # BatchNorm running mean/var and num_batches_tracked
         self.snapshot = [b.clone() for b in self.buffers]
+        self.skips_on_device = bool(optimizer.defaults.get("fused"))
 
     def __call__(self, images, masks, labels, aug_cfg, param_gen, noise_gen):
         import torch
@@ -599,14 +612,22 @@ class TrainStep:
         loss = self.seg_loss(seg_logits, y)
         if cls_logits is not None and self.cls_weight:
             loss = loss + self.cls_weight * F.cross_entropy(cls_logits.float(), labels)
+        finite = torch.isfinite(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            torch._foreach_copy_(self.buffers, self.snapshot)
-            return None
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach()
+        if self.scaler.is_enabled():  # fp16: GradScaler sees the inf/NaN gradients and skips the step itself
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.skips_on_device:
+            loss.backward()
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif bool(finite):  # an unfused optimizer (MPS) cannot skip on the device: one host sync
+            loss.backward()
+            self.optimizer.step()
+        torch._foreach_copy_(self.buffers, [torch.where(finite, b, s) for b, s in zip(self.buffers, self.snapshot)])
+        return loss.detach(), finite
 
 
 def validate(model, data, seg_loss, args, device, dtype) -> tuple[dict, float]:

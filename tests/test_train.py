@@ -305,3 +305,46 @@ def test_validation_loss_is_the_training_loss_of_the_same_forward_pass(busi_dir)
     assert len(data["names"]) % 4 != 0
     assert loss == pytest.approx(total / len(data["names"]), rel=1e-5)
     assert summary == utils.evaluate(model, data, torch.device("cpu"), None, 0.5, 4)[0]
+
+
+def test_train_step_skips_a_non_finite_batch_on_the_device():
+    """A NaN batch leaves weights, BatchNorm statistics and AdamW state exactly as they were (decided by the
+    fused kernel's found_inf flag, with no host read-back); the next finite batch updates all of them."""
+    from augment import AugmentConfig
+    from losses import BCEDiceLoss
+    from unet import UNet
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = UNet(1, 1, base_channels=4, depth=2, num_classes=3).to(memory_format=torch.channels_last)
+    optimizer = utils.make_optimizer(model, 1e-2, 1e-4, device)
+    step = T.TrainStep(model, optimizer, utils.make_grad_scaler(device, None), BCEDiceLoss(), 0.2, device, None)
+    assert step.skips_on_device
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    masks = (torch.rand(4, 1, 32, 32) > 0.7).to(torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0])
+    gen = torch.Generator().manual_seed(0)
+    loss, finite = step(images, masks, labels, AugmentConfig(), gen, None)  # one good step: optimizer state exists
+    assert bool(finite) and loss.shape == ()
+
+    def snapshot():
+        return ({k: v.clone() for k, v in model.state_dict().items()},
+                {i: {k: v.clone() for k, v in st.items()} for i, st in optimizer.state_dict()["state"].items()})
+
+    before_model, before_opt = snapshot()
+    real_loss = step.seg_loss
+    step.seg_loss = lambda logits, target: real_loss(logits, target) * float("nan")
+    loss, finite = step(images, masks, labels, AugmentConfig(), gen, None)
+    assert not bool(finite) and torch.isnan(loss)
+    after_model, after_opt = snapshot()
+    for k, v in before_model.items():
+        assert torch.equal(v, after_model[k]), k  # weights and running_mean/var/num_batches_tracked
+    for i, st in before_opt.items():
+        for k, v in st.items():
+            assert torch.equal(v, after_opt[i][k]), (i, k)  # step count, exp_avg, exp_avg_sq
+    step.seg_loss = real_loss
+    loss, finite = step(images, masks, labels, AugmentConfig(), gen, None)
+    assert bool(finite)
+    changed = snapshot()[0]
+    assert not torch.equal(changed["stem.block.0.weight"], before_model["stem.block.0.weight"])
+    assert not torch.equal(changed["stem.block.1.running_mean"], before_model["stem.block.1.running_mean"])
