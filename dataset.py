@@ -6,7 +6,8 @@ Layout (Kaggle "breast-ultrasound-images-dataset"):
     <data-dir>/{benign,malignant,normal}/X_mask.png, X_mask_1.png, X_mask_2.png, ...
 
 Every problem with the files raises `DataError` with a one-line message naming the file; the scripts turn it
-into `error: ...` and a non-zero exit. Run `python dataset.py --help` to (re)generate a split file.
+into `error: ...` and a non-zero exit. Run `python dataset.py --help` to (re)generate a split file, or to pack
+the decoded data into one compressed bundle file (to train on a machine that does not hold the PNGs).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import random
 import re
 import sys
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ SPLIT_SEED = 0
 # Erring towards grouping is safe: a wrongly grouped pair only moves together, it cannot leak.
 DUPLICATE_MAX_BITS = 12
 CACHE_VERSION = 1
+BUNDLE_FORMAT = "busi-bundle-v1"
 # PIL refuses images above 2x this as "decompression bombs"; raise the limit so that a legitimately huge scan
 # loads (it is reduced before anything else is done with it), while a corrupt header claiming gigapixels
 # still fails.
@@ -394,6 +397,75 @@ def unpack_mask(packed: torch.Tensor, size) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy())[: h * w].reshape(h, w).astype(bool))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Bundle: the decoded cache in one compressed file
+# --------------------------------------------------------------------------------------------------------------
+def is_bundle(path: str | os.PathLike) -> bool:
+    return Path(path).is_file()
+
+
+def _zip(array: np.ndarray) -> torch.Tensor:
+    return torch.frombuffer(bytearray(zlib.compress(np.ascontiguousarray(array).tobytes(), 6)), dtype=torch.uint8)
+
+
+def _unzip(blob: torch.Tensor, dtype, shape) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(blob.numpy().tobytes()), dtype=dtype).reshape(shape)
+
+
+def write_bundle(cache: dict, image_size: int, path: str | os.PathLike) -> int:
+    """Write `build_cache`'s tensors as one file; returns its size in bytes.
+
+    Images are stored as left-neighbour differences (like PNG's "Sub" filter) and zlib-compressed, masks
+    bit-packed: all of BUSI at 256 px is about a quarter of its PNGs. Everything needed to train and to score
+    at the original resolution is inside; the PNGs are not (no GUI, no duplicate grouping from a bundle).
+    """
+    images = cache["images"].numpy()
+    deltas = np.diff(images, axis=-1, prepend=np.zeros_like(images[..., :1]))  # uint8 wrap-around is lossless
+    packed = [m.numpy() for m in cache["full_masks"]]
+    bundle = {
+        "format": BUNDLE_FORMAT, "image_size": image_size, "names": list(cache["names"]), "labels": cache["labels"],
+        "full_sizes": cache["full_sizes"], "images_shape": list(images.shape), "images": _zip(deltas),
+        "masks": _zip(np.packbits(cache["masks"].numpy())),
+        "full_mask_lengths": torch.tensor([len(m) for m in packed], dtype=torch.int64),
+        "full_masks": _zip(np.concatenate(packed) if packed else np.zeros(0, np.uint8)),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(bundle, tmp)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def read_bundle(path: str | os.PathLike, image_size: int | None = None) -> dict:
+    """The cache dict of `build_cache` from a bundle file (DataError for anything else, or another size)."""
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise DataError(f"{path} is a file but not a data bundle made by `python dataset.py --bundle` "
+                        f"({type(exc).__name__})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise DataError(f"{path} is a file but not a data bundle made by `python dataset.py --bundle`")
+    if image_size is not None and bundle["image_size"] != image_size:
+        raise DataError(f"{path} holds {bundle['image_size']} px images, not {image_size} px: pass "
+                        f"--image-size {bundle['image_size']} or make a bundle at {image_size} px")
+    shape = bundle["images_shape"]
+    images = np.cumsum(_unzip(bundle["images"], np.uint8, shape), axis=-1, dtype=np.uint8)
+    n_pixels = int(np.prod(shape))
+    masks = np.unpackbits(_unzip(bundle["masks"], np.uint8, (-1,)))[:n_pixels].reshape(shape)
+    flat = _unzip(bundle["full_masks"], np.uint8, (-1,))
+    ends = np.cumsum(bundle["full_mask_lengths"].numpy())
+    full = [torch.from_numpy(flat[e - n:e].copy()) for e, n in zip(ends, bundle["full_mask_lengths"].tolist())]
+    return {"images": torch.from_numpy(images.copy()), "masks": torch.from_numpy(masks.copy()),
+            "labels": bundle["labels"], "names": list(bundle["names"]), "full_masks": full,
+            "full_sizes": bundle["full_sizes"]}
+
+
+def bundle_samples(cache: dict) -> list[Sample]:
+    """Samples (image name and class, no mask paths) for the images of a bundle, for split checks."""
+    return [Sample(image=n, label=CLASSES[int(k)]) for n, k in zip(cache["names"], cache["labels"])]
+
+
 def subset(cache: dict, names: list[str]) -> dict:
     """The cache entries for `names` (in that order)."""
     index = {n: i for i, n in enumerate(cache["names"])}
@@ -418,9 +490,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE),
                         help="where to write the split (default: the repo's splits/busi_split.json)")
     parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="shuffle seed (default: %(default)s)")
+    parser.add_argument("--bundle", default=None, metavar="FILE",
+                        help="instead of a split, write the data decoded at --image-size into one compressed file "
+                             "that train_unet_busi.py --data-dir FILE trains from (for a machine without the PNGs)")
+    parser.add_argument("--image-size", type=int, default=256, help="image size of --bundle (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         samples = discover_samples(args.data_dir)
+        if args.bundle:
+            cache = build_cache(args.data_dir, samples, args.image_size, None)
+            size = write_bundle(cache, args.image_size, args.bundle)
+            print(f"{len(samples)} images at {args.image_size} px -> {args.bundle} ({size / 2**20:.1f} MiB)")
+            return 0
         split = compute_split(args.data_dir, samples, seed=args.seed)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)

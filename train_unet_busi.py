@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Defaults are the names at the top of train_unet_busi.py: edit them there.")
     g = p.add_argument_group("data and output")
     g.add_argument("--data-dir", default=DATA_DIR,
-                   help="folder with benign/, malignant/, normal/ (default: ./Dataset_BUSI_with_GT if present, "
-                        "else the bundled sample data/busi_sample)")
+                   help="folder with benign/, malignant/, normal/, or a bundle file from `python dataset.py "
+                        "--bundle` (default: ./Dataset_BUSI_with_GT if present, else the bundled sample "
+                        "data/busi_sample)")
     g.add_argument("--split-file", default=SPLIT_FILE,
                    help="split JSON (default: %(default)s, used when it lists exactly the data dir's images; "
                         "for other data a leakage-safe split is computed and written into the run folder)")
@@ -187,6 +188,10 @@ def choose_split(args, data_dir: Path, samples, run_dir: Path) -> tuple[dict, st
         split = dataset.read_split(split_path)
         if dataset.split_matches(split, samples):
             return split, str(split_path)
+    if dataset.is_bundle(data_dir):
+        raise dataset.DataError(f"{split_path} does not list the images of the bundle {data_dir}, and a bundle "
+                                f"has no full-size images to group duplicates: pass --split-file with a split "
+                                f"of its images")
     print(f"{split_path.name} does not list this data dir's images: computing a leakage-safe split "
           f"(near-duplicate grouping + stratification) into {run_dir / 'split.json'}", flush=True)
     split = dataset.compute_split(data_dir, samples)
@@ -327,15 +332,25 @@ def run(args) -> int:
         for key in CONFIG_KEYS:
             if key in saved and ("--" + key.replace("_", "-")) not in args.explicit:
                 setattr(args, key, saved[key])
-        if not args.data_dir and saved.get("data_dir") and Path(saved["data_dir"]).is_dir() and args.resume is not None:
+        if not args.data_dir and saved.get("data_dir") and Path(saved["data_dir"]).exists() and args.resume is not None:
             args.data_dir = saved["data_dir"]
+        if (args.resume is not None and "--split-file" not in args.explicit and saved.get("split_file")
+                and Path(saved["split_file"]).is_file()):  # the split the run started with
+            args.split_file = saved["split_file"]
+            args.explicit.add("--split-file")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- data: discover, split, decode once, keep on the device ----
     data_dir = resolve_data_dir(args.data_dir)
-    samples = dataset.discover_samples(data_dir)
+    if dataset.is_bundle(data_dir):  # one file from `python dataset.py --bundle`: already decoded
+        cache = dataset.read_bundle(data_dir, args.image_size)
+        samples = dataset.bundle_samples(cache)
+    else:
+        samples = dataset.discover_samples(data_dir)
+        cache = None
     split, split_source = choose_split(args, data_dir, samples, run_dir)
-    cache = dataset.build_cache(data_dir, samples, args.image_size, args.cache_dir or None)
+    if cache is None:
+        cache = dataset.build_cache(data_dir, samples, args.image_size, args.cache_dir or None)
     train, val, test = (dataset.subset(cache, split[k]) for k in ("train", "val", "test"))
     counts = {k: len(split[k]) for k in ("train", "val", "test")}
     print(f"data: {data_dir} | {len(samples)} images | split {counts} from {split_source} | device {device}",

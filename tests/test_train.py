@@ -348,3 +348,38 @@ def test_train_step_skips_a_non_finite_batch_on_the_device():
     changed = snapshot()[0]
     assert not torch.equal(changed["stem.block.0.weight"], before_model["stem.block.0.weight"])
     assert not torch.equal(changed["stem.block.1.running_mean"], before_model["stem.block.1.running_mean"])
+
+
+def test_training_from_a_bundle_file_matches_training_from_the_folder(busi_dir, tmp_path, capsys):
+    """`python dataset.py --bundle` packs the decoded data losslessly; a run from the bundle (with the folder
+    run's split) gives the same test figures, bit for bit on CPU; wrong sizes and wrong files are refused."""
+    import dataset
+
+    root, _ = busi_dir
+    assert train(root, tmp_path, "--epochs", "1", "--run-name", "folder") == 0
+    bundle = tmp_path / "busi_32.pt"
+    assert dataset.main(["--data-dir", str(root), "--bundle", str(bundle), "--image-size", "32"]) == 0
+    samples = dataset.discover_samples(root)
+    cache = dataset.build_cache(root, samples, 32, None, progress=False)
+    packed = dataset.read_bundle(bundle, 32)
+    for key in ("images", "masks", "labels", "full_sizes"):
+        assert torch.equal(packed[key], cache[key]), key
+    assert packed["names"] == cache["names"]
+    assert all(torch.equal(a, b) for a, b in zip(packed["full_masks"], cache["full_masks"]))
+
+    split = str(tmp_path / "folder" / "split.json")
+    assert train(bundle, tmp_path, "--epochs", "1", "--run-name", "bundle", "--split-file", split) == 0
+    a = json.loads((tmp_path / "folder" / "metrics.json").read_text())["test"]
+    b = json.loads((tmp_path / "bundle" / "metrics.json").read_text())["test"]
+    assert a == b
+
+    capsys.readouterr()
+    assert train(bundle, tmp_path, "--epochs", "1", "--run-name", "nosplit") == 2  # cannot group duplicates
+    assert "--split-file" in capsys.readouterr().err
+    assert T.main(["--data-dir", str(bundle), "--output-dir", str(tmp_path), "--image-size", "64", "--depth", "2",
+                   "--split-file", split, "--device", "cpu"]) == 2
+    assert "holds 32 px images" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a bundle")
+    assert train(junk, tmp_path, "--epochs", "1", "--split-file", split) == 2
+    assert "not a data bundle" in capsys.readouterr().err
