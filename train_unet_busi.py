@@ -321,7 +321,8 @@ def run(args) -> int:
         run_dir = ckpt_path.parent
     elif args.eval_only:
         state = utils.load_checkpoint(args.checkpoint)
-        run_dir = output_dir / (args.run_name or f"eval-{Path(args.checkpoint).stem}")
+        suffix = "" if args.eval_split == "test" else f"-{args.eval_split}"
+        run_dir = output_dir / (args.run_name or f"eval-{Path(args.checkpoint).stem}{suffix}")
     else:
         run_dir = output_dir / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
         if (run_dir / "latest.pt").exists():
