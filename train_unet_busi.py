@@ -8,7 +8,8 @@
 Every hyperparameter below is a plain name: edit it here, or override it with the --flag of the same name.
 The run folder <output-dir>/<run-name>/ receives latest.pt (every epoch), best.pt (best validation score),
 history.csv, curves.png, and at the end metrics.json + test_predictions.csv from ONE evaluation of best.pt on
-the test split. The test split never chooses anything: the checkpoint and threshold are chosen on validation.
+the test split (and test_report.png: Dice per class, malignancy ROC curve, confusion matrix). The test split
+never chooses anything: the checkpoint and threshold are chosen on validation.
 """
 from __future__ import annotations
 
@@ -257,6 +258,55 @@ def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: 
             writer.writerow(row)
 
 
+def write_report_figure(run_dir: Path, summary: dict, records: list[dict], split: str = "test") -> None:
+    """<split>_report.png: per-image Dice by class, the malignancy ROC curve and the confusion matrix."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    import dataset
+    import utils
+
+    has_cls = "malignancy_auc" in summary
+    fig, axes = plt.subplots(1, 3 if has_cls else 1, figsize=(15 if has_cls else 5.5, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    lesion_classes = [c for c in ("benign", "malignant") if c in summary["per_class"]]
+    dice = [[r["dice"] for r in records if r["label"] == c] for c in lesion_classes]
+    if dice:
+        ax.boxplot(dice, showmeans=True)
+        ax.set_xticks(range(1, len(dice) + 1), lesion_classes)
+        for k, values in enumerate(dice, start=1):  # every image as a dot beside its box
+            ax.scatter(np.full(len(values), k + 0.25), values, s=6, alpha=0.5)
+    fp = summary["normal_fp_rate"]
+    ax.set(ylim=(-0.02, 1.02), ylabel="Dice per image (original resolution)",
+           xlabel="box: median and quartiles; triangle: mean; dots: images",
+           title=f"{split}: lesion Dice {summary['lesion_dice']:.3f}"
+                 + (f", normal FP rate {fp:.2f}" if fp == fp else ""))
+    if has_cls:
+        lesion = [r for r in records if r["label"] != "normal"]
+        fpr, tpr = utils.roc_curve([r["malignancy"] for r in lesion], [r["label"] == "malignant" for r in lesion])
+        ax = axes[0, 1]
+        ax.plot(fpr, tpr, drawstyle="default", label=f"AUC {summary['malignancy_auc']:.3f} (n={len(lesion)})")
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+        ax.set(xlabel="benign called malignant (FPR)", ylabel="malignant found (TPR)",
+               title="Malignant vs benign, lesion images", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(loc="lower right")
+        ax = axes[0, 2]
+        counts = np.array(summary["confusion_matrix"]["counts"])
+        ax.imshow(counts, cmap="Blues")
+        for (i, j), v in np.ndenumerate(counts):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > counts.max() / 2 else "black")
+        ax.set_xticks(range(len(dataset.CLASSES)), dataset.CLASSES)
+        ax.set_yticks(range(len(dataset.CLASSES)), dataset.CLASSES)
+        ax.set(xlabel="predicted", ylabel="true", title=f"Class head: accuracy {summary['class_accuracy']:.3f}")
+    fig.tight_layout()
+    tmp = run_dir / f".{split}_report.png.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(run_dir / f"{split}_report.png")
+
+
 def print_summary(title: str, s: dict) -> None:
     print(f"{title}: lesion Dice {s['lesion_dice']:.4f} | lesion IoU {s['lesion_iou']:.4f} | "
           f"pooled Dice {s['lesion_pooled_dice']:.4f} | normal FP rate {s['normal_fp_rate']:.3f} "
@@ -393,9 +443,11 @@ def run(args) -> int:
         extra = {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"), "config": config,
                  "val_at_best": state.get("best_val")}
         write_test_report(run_dir, summary, records, extra, split_name)
+        write_report_figure(run_dir, summary, records, split_name)
         print_summary(f"{split_name} ({args.checkpoint}{', flip TTA' if args.tta else ''}, threshold "
                       f"{args.threshold})", summary)
-        print(f"wrote {run_dir / 'metrics.json'} and {run_dir / f'{split_name}_predictions.csv'}")
+        print(f"wrote {run_dir / 'metrics.json'}, {run_dir / f'{split_name}_predictions.csv'} and "
+              f"{run_dir / f'{split_name}_report.png'}")
         return 0
 
     # ---- optimisation ----
@@ -572,9 +624,11 @@ def run(args) -> int:
     summary, records = evaluate(best_model, test)
     write_test_report(run_dir, summary, records, {"best_epoch": best_epoch, "val_at_best": best_val,
                                                   "config": config, "checkpoint": str(run_dir / "best.pt")})
+    write_report_figure(run_dir, summary, records)
     print(f"best epoch {best_epoch} (validation all-image Dice {best_score:.4f})")
     print_summary("test (best.pt, evaluated once)", summary)
-    print(f"wrote {run_dir}/: best.pt latest.pt history.csv curves.png metrics.json test_predictions.csv")
+    print(f"wrote {run_dir}/: best.pt latest.pt history.csv curves.png metrics.json test_predictions.csv "
+          f"test_report.png")
     return 0
 
 

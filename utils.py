@@ -165,6 +165,18 @@ def roc_auc(scores, positives) -> float:
     return float(greater / (len(pos) * len(neg)))
 
 
+def roc_curve(scores, positives) -> tuple[np.ndarray, np.ndarray]:
+    """(false-positive rates, true-positive rates) from (0, 0) to (1, 1), one point per distinct score;
+    the trapezoid area under it equals `roc_auc` (ties give a diagonal step)."""
+    scores, positives = np.asarray(scores, dtype=np.float64), np.asarray(positives, dtype=bool)
+    order = np.argsort(-scores, kind="stable")
+    scores, positives = scores[order], positives[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1] if len(scores) else np.zeros(0, int)
+    tps, fps = np.cumsum(positives)[last_of_tie], np.cumsum(~positives)[last_of_tie]
+    n_pos, n_neg = max(1, positives.sum()), max(1, (~positives).sum())
+    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
+
+
 def summarize(records: list[dict], class_names=("benign", "malignant", "normal")) -> dict:
     """Aggregate per-image records (keys: label, dice, iou, pred_pixels, inter, gt_pixels[, class_probs]).
 

@@ -259,6 +259,19 @@ def test_roc_auc_hand_computed():
     assert math.isnan(utils.roc_auc([0.5], [1]))
 
 
+def test_roc_curve_hand_computed_and_its_area_is_roc_auc():
+    fpr, tpr = utils.roc_curve([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, 40) / 5  # many ties
+    positives = rng.random(40) < 0.4
+    fpr, tpr = utils.roc_curve(scores, positives)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(utils.roc_auc(scores, positives))
+
+
 def test_evaluate_scores_at_original_resolution(busi_dir):
     """A model that predicts exactly the resized mask scores the Dice of that mask resized back, per image."""
     root, facts = busi_dir

@@ -35,7 +35,7 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
     assert train(root, tmp_path, "--epochs", "2", "--run-name", "r") == 0
     run = tmp_path / "r"
     for name in ("best.pt", "latest.pt", "history.csv", "curves.png", "metrics.json", "test_predictions.csv",
-                 "split.json"):
+                 "test_report.png", "split.json"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"lesion_dice", "lesion_iou", "normal_fp_rate", "per_class", "malignancy_auc"} <= set(metrics["test"])
@@ -68,6 +68,7 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
                  "--eval-split", "val") == 0
     ev_val = json.loads((tmp_path / "ev-val" / "metrics.json").read_text())
     assert "test" not in ev_val and ev_val["val"]["n_images"] == len(json.loads((run / "split.json").read_text())["val"])
+    assert (tmp_path / "ev-val" / "val_report.png").is_file()
     with open(tmp_path / "ev-val" / "val_predictions.csv") as f:
         assert sorted(r["file"] for r in csv.DictReader(f)) == sorted(json.loads((run / "split.json").read_text())["val"])
 
@@ -383,3 +384,13 @@ def test_training_from_a_bundle_file_matches_training_from_the_folder(busi_dir, 
     junk.write_bytes(b"not a bundle")
     assert train(junk, tmp_path, "--epochs", "1", "--split-file", split) == 2
     assert "not a data bundle" in capsys.readouterr().err
+
+
+def test_report_figure_without_a_class_head(tmp_path):
+    """A run without the class head (--cls-weight 0) still gets its report figure: the Dice panel alone."""
+    records = [{"label": "benign", "dice": 0.8}, {"label": "malignant", "dice": 0.5}, {"label": "normal", "dice": 1.0}]
+    summary = utils.summarize([{**r, "iou": r["dice"], "pred_pixels": 1 if r["label"] != "normal" else 0,
+                                "gt_pixels": 1 if r["label"] != "normal" else 0, "inter": 1} for r in records])
+    T.write_report_figure(tmp_path, summary, records)
+    from PIL import Image
+    assert Image.open(tmp_path / "test_report.png").size[0] < 600  # one panel, not three
