@@ -512,7 +512,7 @@ def run(args) -> int:
     train_images = train["images"].to(device)
     train_masks = train["masks"].to(device)
     train_labels = train["labels"].to(device)
-    val_on_device = {**val, "images": val["images"].to(device)}
+    val_on_device = {**val, "images": val["images"].to(device), "masks": val["masks"].to(device)}  # once, not per epoch
     # non-finite losses, counted on the device: the current streak, the longest one, and the total
     bad_run, bad_longest, bad_total = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
     bad_reported = 0
@@ -709,7 +709,7 @@ def validate(model, data, seg_loss, args, device, dtype) -> tuple[dict, float]:
     import utils
 
     total = torch.zeros((), device=device)  # summed on the device: one host sync at the end, not per batch
-    masks, labels = data["masks"].to(device), data["labels"].to(device)
+    masks, labels = data["masks"].to(device), data["labels"].to(device)  # no copy where already on the device
 
     def add_loss(start, seg_logits, cls_logits):
         nonlocal total
