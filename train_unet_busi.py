@@ -208,6 +208,17 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a Matplotlib figure as PNG through a temp file (a killed run never leaves half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def write_history(run_dir: Path, history: list[dict]) -> None:
     """history.csv and curves.png (loss and validation Dice per epoch), rewritten every epoch."""
     import matplotlib
@@ -233,10 +244,7 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     ax2.plot(epochs, [h["val_score"] for h in history], label="all-image Dice (selects best.pt)")
     ax2.set(xlabel="epoch", ylabel="validation", title="Validation (original resolution)", ylim=(0, 1))
     ax2.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(run_dir / ".curves.png.tmp.png", dpi=100)
-    plt.close(fig)
-    (run_dir / ".curves.png.tmp.png").replace(run_dir / "curves.png")
+    save_figure(fig, run_dir / "curves.png")
 
 
 def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: dict, split: str = "test") -> None:
@@ -300,11 +308,7 @@ def write_report_figure(run_dir: Path, summary: dict, records: list[dict], split
         ax.set_xticks(range(len(dataset.CLASSES)), dataset.CLASSES)
         ax.set_yticks(range(len(dataset.CLASSES)), dataset.CLASSES)
         ax.set(xlabel="predicted", ylabel="true", title=f"Class head: accuracy {summary['class_accuracy']:.3f}")
-    fig.tight_layout()
-    tmp = run_dir / f".{split}_report.png.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(run_dir / f"{split}_report.png")
+    save_figure(fig, run_dir / f"{split}_report.png")
 
 
 def print_summary(title: str, s: dict) -> None:
