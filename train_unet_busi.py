@@ -31,6 +31,7 @@ DEPTH = 4                        # number of down-sampling steps
 BCE_WEIGHT = 1.0                 # loss = BCE_WEIGHT * BCE + DICE_WEIGHT * (1 - soft Dice) + CLS_WEIGHT * CE
 DICE_WEIGHT = 1.0
 CLS_WEIGHT = 0.2                 # weight of the normal/benign/malignant head on the bottleneck (0 = no head)
+DEEP_SUPERVISION = 0.0           # weight of the same seg loss on the coarser decoder outputs (0 = off, no aux heads)
 AUGMENT = 1.0                    # strength of the on-device augmentation (0 = none; see augment.AugmentConfig)
 EMA = 0.0                        # decay of a moving average of the weights used for validation and checkpoints (0 = off)
 THRESHOLD = 0.5                  # probability above which a pixel is lesion
@@ -57,7 +58,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 SAMPLE_DIR = ROOT / "data" / "busi_sample"
 CONFIG_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "image_size", "base_channels",
-               "depth", "bce_weight", "dice_weight", "cls_weight", "augment", "ema", "threshold", "tta", "seed")
+               "depth", "bce_weight", "dice_weight", "cls_weight", "deep_supervision", "augment", "ema", "threshold", "tta", "seed")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the soft-Dice term (default: %(default)s)")
     g.add_argument("--cls-weight", type=utils.non_negative_float, default=CLS_WEIGHT,
                    help="weight of the normal/benign/malignant head, 0 = no head (default: %(default)s)")
+    g.add_argument("--deep-supervision", type=utils.non_negative_float, default=DEEP_SUPERVISION,
+                   help="weight of the auxiliary seg losses on the coarser decoder outputs, 0 = off "
+                        "(default: %(default)s)")
     g.add_argument("--augment", type=utils.non_negative_float, default=AUGMENT,
                    help="augmentation strength, 0 = off (default: %(default)s)")
     g.add_argument("--ema", type=utils.non_negative_float, default=EMA,
@@ -430,7 +434,8 @@ def run(args) -> int:
         args.base_channels, args.depth = model.config["base_channels"], model.config["depth"]
         config.update(base_channels=args.base_channels, depth=args.depth)
     else:
-        model = UNet(1, 1, args.base_channels, args.depth, num_classes=3 if args.cls_weight > 0 else 0)
+        model = UNet(1, 1, args.base_channels, args.depth, num_classes=3 if args.cls_weight > 0 else 0,
+                     deep_supervision=args.deep_supervision > 0)
     model = model.to(device, memory_format=torch.channels_last)
     config["model"] = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -520,7 +525,8 @@ def run(args) -> int:
     # non-finite losses, counted on the device: the current streak, the longest one, and the total
     bad_run, bad_longest, bad_total = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
     bad_reported = 0
-    step_fn = TrainStep(model, optimizer, scaler, seg_loss, args.cls_weight, device, dtype, args.compile)
+    step_fn = TrainStep(model, optimizer, scaler, seg_loss, args.cls_weight, device, dtype, args.compile,
+                        ds_weight=args.deep_supervision)
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, args.epochs):
@@ -648,11 +654,12 @@ class TrainStep:
     (a few KB).
     """
 
-    def __init__(self, model, optimizer, scaler, seg_loss, cls_weight, device, dtype, compile=False):
+    def __init__(self, model, optimizer, scaler, seg_loss, cls_weight, device, dtype, compile=False, ds_weight=0.0):
         import torch
 
         self.model, self.optimizer, self.scaler, self.seg_loss = model, optimizer, scaler, seg_loss
         self.cls_weight, self.device, self.dtype = cls_weight, device, dtype
+        self.ds_weight = ds_weight if getattr(model, "aux_heads", None) is not None else 0.0
         self.forward = model
         if compile:
             try:
@@ -675,15 +682,18 @@ class TrainStep:
         torch._foreach_copy_(self.snapshot, self.buffers)
         with utils.autocast(self.device, self.dtype):
             try:
-                seg_logits, cls_logits = self.forward(x)
+                seg_logits, cls_logits, aux_logits = self.forward(x, with_aux=True)
             except Exception as exc:  # noqa: BLE001 - torch.compile fails lazily, at the first call
                 if self.forward is self.model:
                     raise
                 print(f"warning: torch.compile failed ({type(exc).__name__}); running eagerly", file=sys.stderr)
                 self.forward = self.model
                 torch._foreach_copy_(self.buffers, self.snapshot)
-                seg_logits, cls_logits = self.model(x)
+                seg_logits, cls_logits, aux_logits = self.model(x, with_aux=True)
         loss = self.seg_loss(seg_logits, y)
+        if aux_logits and self.ds_weight:  # deep supervision: each coarser output against the mask average-pooled to its size
+            aux = [self.seg_loss(a, F.avg_pool2d(y, y.shape[-1] // a.shape[-1])) for a in aux_logits]
+            loss = loss + self.ds_weight * torch.stack(aux).mean()
         if cls_logits is not None and self.cls_weight:
             loss = loss + self.cls_weight * F.cross_entropy(cls_logits.float(), labels)
         finite = torch.isfinite(loss.detach())

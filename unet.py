@@ -63,21 +63,29 @@ class UNet(nn.Module):
 
     `forward` returns `(mask_logits [B,out,H,W], class_logits [B,num_classes] or None)`.
     H and W must be multiples of 2**depth (see `check_size`).
+    With `deep_supervision=True` the decoder stages below full resolution get their own 1x1 output convs;
+    `forward(x, with_aux=True)` then also returns their logits (coarsest first), for an auxiliary loss in
+    training. Inference never needs them.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32, depth: int = 4,
-                 num_classes: int = 0):
+                 num_classes: int = 0, deep_supervision: bool = False):
         super().__init__()
         if depth < 1 or base_channels < 1:
             raise ValueError(f"UNet needs depth >= 1 and base_channels >= 1, got {depth} and {base_channels}")
         self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
                            depth=depth, num_classes=num_classes)
+        if deep_supervision:  # only when on, so that older checkpoints' configs still match exactly
+            self.config["deep_supervision"] = True
         widths = [base_channels * 2 ** i for i in range(depth + 1)]  # last one is the bottleneck
         self.stem = DoubleConv(in_channels, widths[0])
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
         self.ups = nn.ModuleList(Up(widths[i + 1], widths[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], out_channels, kernel_size=1)
         self.classifier = ClassHead(widths[-1], num_classes) if num_classes > 0 else None
+        # decoder outputs at 1/2**(depth-1) ... 1/2 of the input size, in the order the decoder makes them
+        self.aux_heads = (nn.ModuleList(nn.Conv2d(widths[i], out_channels, kernel_size=1)
+                                        for i in reversed(range(1, depth))) if deep_supervision else None)
 
     @property
     def size_multiple(self) -> int:
@@ -90,13 +98,18 @@ class UNet(nn.Module):
             raise ValueError(f"input size {height}x{width} is not a positive multiple of {m} "
                              f"(2**depth for depth={self.config['depth']})")
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, with_aux: bool = False):
         self.check_size(x.shape[-2], x.shape[-1])
         skips = [self.stem(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         x = skips.pop()  # bottleneck
         class_logits = self.classifier(x) if self.classifier is not None else None
-        for up in self.ups:
+        aux_logits = []
+        for i, up in enumerate(self.ups):
             x = up(x, skips.pop())
+            if with_aux and self.aux_heads is not None and i < len(self.aux_heads):
+                aux_logits.append(self.aux_heads[i](x))
+        if with_aux:
+            return self.head(x), class_logits, aux_logits
         return self.head(x), class_logits

@@ -181,6 +181,22 @@ def test_unet_output_shapes(depth, size):
     assert UNet(1, 2, base_channels=4, depth=depth)(torch.rand(1, 1, *size))[1] is None
 
 
+def test_deep_supervision_heads_give_coarser_logits_only_when_asked():
+    plain = UNet(1, 1, base_channels=4, depth=3, num_classes=3)
+    assert "deep_supervision" not in plain.config and plain.aux_heads is None  # old checkpoints' configs match
+    assert plain(torch.rand(1, 1, 32, 32), with_aux=True)[2] == []
+    torch.manual_seed(0)
+    model = UNet(1, 1, base_channels=4, depth=3, num_classes=3, deep_supervision=True).eval()
+    assert model.config["deep_supervision"] is True
+    x = torch.rand(2, 1, 32, 48)
+    seg, cls, aux = model(x, with_aux=True)
+    assert [tuple(a.shape) for a in aux] == [(2, 1, 8, 12), (2, 1, 16, 24)]  # 1/4, 1/2: coarsest first
+    seg2, cls2 = model(x)  # inference: the usual pair, same mask
+    assert torch.equal(seg, seg2) and torch.equal(cls, cls2)
+    rebuilt = UNet(**model.config)
+    rebuilt.load_state_dict(model.state_dict())  # the config alone rebuilds the aux heads too
+
+
 def test_unet_refuses_sizes_it_cannot_take():
     with pytest.raises(ValueError, match="multiple of 16"):
         UNet(base_channels=4, depth=4)(torch.rand(1, 1, 40, 64))

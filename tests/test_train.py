@@ -351,6 +351,45 @@ def test_train_step_skips_a_non_finite_batch_on_the_device():
     assert not torch.equal(changed["stem.block.1.running_mean"], before_model["stem.block.1.running_mean"])
 
 
+def test_deep_supervision_adds_the_weighted_mean_of_the_coarse_losses(busi_dir, tmp_path):
+    """TrainStep's loss is main + w * mean(aux losses against the average-pooled mask); the aux heads learn; a run
+    with --deep-supervision saves a checkpoint that utils.load_model rebuilds and predicts with."""
+    import torch.nn.functional as F
+
+    from augment import AugmentConfig
+    from losses import BCEDiceLoss
+    from unet import UNet
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = UNet(1, 1, base_channels=4, depth=3, num_classes=3, deep_supervision=True)
+    reference = UNet(**model.config)
+    reference.load_state_dict(model.state_dict())
+    optimizer = utils.make_optimizer(model, 1e-2, 1e-4, device)
+    step = T.TrainStep(model, optimizer, utils.make_grad_scaler(device, None), BCEDiceLoss(), 0.2, device, None,
+                       ds_weight=0.5)
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    masks = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    masks[:, :, 8:20, 4:28] = 1
+    labels = torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(1)  # the same dropout mask in the class head
+    loss, finite = step(images, masks, labels, AugmentConfig().scaled(0), torch.Generator(), None)
+    torch.manual_seed(1)
+    seg, cls, aux = reference.train()(images.float() / 255, with_aux=True)
+    y = masks.float()
+    seg_loss = BCEDiceLoss()
+    aux_losses = [seg_loss(aux[0], F.avg_pool2d(y, 4)), seg_loss(aux[1], F.avg_pool2d(y, 2))]
+    expected = seg_loss(seg, y) + 0.2 * F.cross_entropy(cls, labels) + 0.5 * (aux_losses[0] + aux_losses[1]) / 2
+    assert bool(finite) and float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert not torch.equal(model.aux_heads[0].weight, reference.aux_heads[0].weight)  # the aux heads were trained
+
+    root, _ = busi_dir
+    assert train(root, tmp_path, "--epochs", "1", "--depth", "2", "--deep-supervision", "0.5", "--run-name", "ds") == 0
+    net, state = utils.load_model(tmp_path / "ds" / "best.pt")
+    assert net.config["deep_supervision"] is True and state["config"]["deep_supervision"] == 0.5
+    assert net(torch.rand(1, 1, 32, 32))[0].shape == (1, 1, 32, 32)
+
+
 def test_training_from_a_bundle_file_matches_training_from_the_folder(busi_dir, tmp_path, capsys):
     """`python dataset.py --bundle` packs the decoded data losslessly; a run from the bundle (with the folder
     run's split) gives the same test figures, bit for bit on CPU; wrong sizes and wrong files are refused."""
