@@ -31,7 +31,7 @@ DEPTH = 4                        # number of down-sampling steps
 BCE_WEIGHT = 1.0                 # loss = BCE_WEIGHT * BCE + DICE_WEIGHT * (1 - soft Dice) + CLS_WEIGHT * CE
 DICE_WEIGHT = 1.0
 CLS_WEIGHT = 0.2                 # weight of the normal/benign/malignant head on the bottleneck (0 = no head)
-DEEP_SUPERVISION = 0.0           # weight of the same seg loss on the coarser decoder outputs (0 = off, no aux heads)
+DEEP_SUPERVISION = 0.5           # weight of the same seg loss on the coarser decoder outputs (0 = off, no aux heads)
 AUGMENT = 1.0                    # strength of the on-device augmentation (0 = none; see augment.AugmentConfig)
 EMA = 0.0                        # decay of a moving average of the weights used for validation and checkpoints (0 = off)
 THRESHOLD = 0.5                  # probability above which a pixel is lesion
