@@ -58,7 +58,8 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 SAMPLE_DIR = ROOT / "data" / "busi_sample"
 CONFIG_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "image_size", "base_channels",
-               "depth", "bce_weight", "dice_weight", "cls_weight", "deep_supervision", "augment", "ema", "threshold", "tta", "seed")
+               "depth", "bce_weight", "dice_weight", "cls_weight", "deep_supervision", "augment", "ema", "threshold",
+               "tta", "seed")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -658,8 +659,7 @@ class TrainStep:
         import torch
 
         self.model, self.optimizer, self.scaler, self.seg_loss = model, optimizer, scaler, seg_loss
-        self.cls_weight, self.device, self.dtype = cls_weight, device, dtype
-        self.ds_weight = ds_weight if getattr(model, "aux_heads", None) is not None else 0.0
+        self.cls_weight, self.ds_weight, self.device, self.dtype = cls_weight, ds_weight, device, dtype
         self.forward = model
         if compile:
             try:
@@ -691,7 +691,7 @@ class TrainStep:
                 torch._foreach_copy_(self.buffers, self.snapshot)
                 seg_logits, cls_logits, aux_logits = self.model(x, with_aux=True)
         loss = self.seg_loss(seg_logits, y)
-        if aux_logits and self.ds_weight:  # deep supervision: each coarser output against the mask average-pooled to its size
+        if aux_logits and self.ds_weight:  # deep supervision: each coarser output vs the mask average-pooled to it
             aux = [self.seg_loss(a, F.avg_pool2d(y, y.shape[-1] // a.shape[-1])) for a in aux_logits]
             loss = loss + self.ds_weight * torch.stack(aux).mean()
         if cls_logits is not None and self.cls_weight:
