@@ -660,6 +660,7 @@ class TrainStep:
 
         self.model, self.optimizer, self.scaler, self.seg_loss = model, optimizer, scaler, seg_loss
         self.cls_weight, self.ds_weight, self.device, self.dtype = cls_weight, ds_weight, device, dtype
+        self.with_aux = bool(ds_weight)  # a deep-supervision model resumed with weight 0 skips its aux heads
         self.forward = model
         if compile:
             try:
@@ -682,16 +683,17 @@ class TrainStep:
         torch._foreach_copy_(self.snapshot, self.buffers)
         with utils.autocast(self.device, self.dtype):
             try:
-                seg_logits, cls_logits, aux_logits = self.forward(x, with_aux=True)
+                seg_logits, cls_logits, *aux_logits = self.forward(x, with_aux=self.with_aux)
             except Exception as exc:  # noqa: BLE001 - torch.compile fails lazily, at the first call
                 if self.forward is self.model:
                     raise
                 print(f"warning: torch.compile failed ({type(exc).__name__}); running eagerly", file=sys.stderr)
                 self.forward = self.model
                 torch._foreach_copy_(self.buffers, self.snapshot)
-                seg_logits, cls_logits, aux_logits = self.model(x, with_aux=True)
+                seg_logits, cls_logits, *aux_logits = self.model(x, with_aux=self.with_aux)
+        aux_logits = aux_logits[0] if aux_logits else []  # the list is only returned when asked for
         loss = self.seg_loss(seg_logits, y)
-        if aux_logits and self.ds_weight:  # deep supervision: each coarser output vs the mask average-pooled to it
+        if aux_logits:  # deep supervision: each coarser output vs the mask average-pooled to it
             aux = [self.seg_loss(a, F.avg_pool2d(y, y.shape[-1] // a.shape[-1])) for a in aux_logits]
             loss = loss + self.ds_weight * torch.stack(aux).mean()
         if cls_logits is not None and self.cls_weight:

@@ -383,6 +383,15 @@ def test_deep_supervision_adds_the_weighted_mean_of_the_coarse_losses(busi_dir, 
     assert bool(finite) and float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert not torch.equal(model.aux_heads[0].weight, reference.aux_heads[0].weight)  # the aux heads were trained
 
+    # weight 0 (a deep-supervision checkpoint resumed with --deep-supervision 0): the heads are not even run
+    calls = []
+    hooks = [head.register_forward_hook(lambda *_: calls.append(1)) for head in model.aux_heads]
+    no_aux = T.TrainStep(model, optimizer, utils.make_grad_scaler(device, None), BCEDiceLoss(), 0.2, device, None)
+    assert bool(no_aux(images, masks, labels, AugmentConfig().scaled(0), torch.Generator(), None)[1])
+    assert calls == []
+    for hook in hooks:
+        hook.remove()
+
     root, _ = busi_dir
     assert train(root, tmp_path, "--epochs", "1", "--depth", "2", "--deep-supervision", "0.5", "--run-name", "ds") == 0
     net, state = utils.load_model(tmp_path / "ds" / "best.pt")
