@@ -29,7 +29,7 @@ import dataset
 import utils
 from augment import AugmentConfig
 from losses import BCEDiceLoss
-from train_unet_busi import TrainStep
+from train_unet_busi import DEEP_SUPERVISION, TrainStep
 from unet import UNet
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' datasheets, matched by device name.
@@ -61,10 +61,13 @@ class NaiveBUSIDataset(torch.utils.data.Dataset):
         return x, y, self.samples[i].label_index
 
 
-def naive_train_step(model, optimizer, loss_fn, cls_weight, x, y, labels):
-    """fp32, NCHW, no fusion: the baseline's step."""
-    seg, cls = model(x)
+def naive_train_step(model, optimizer, loss_fn, cls_weight, x, y, labels, ds_weight=0.0):
+    """fp32, NCHW, no fusion: the baseline's step (the same loss as the project's, deep supervision included)."""
+    seg, cls, aux = model(x, with_aux=True)
     loss = loss_fn(seg, y)
+    if aux and ds_weight:
+        pooled = [torch.nn.functional.avg_pool2d(y, y.shape[-1] // a.shape[-1]) for a in aux]
+        loss = loss + ds_weight * torch.stack([loss_fn(a, t) for a, t in zip(aux, pooled)]).mean()
     if cls is not None:
         loss = loss + cls_weight * torch.nn.functional.cross_entropy(cls, labels)
     optimizer.zero_grad()
@@ -110,10 +113,12 @@ def bf16_peak(device) -> float | None:
 def bench_project(args, device, cache, n_train):
     dtype = utils.amp_dtype(device, not args.no_amp)
     torch.manual_seed(args.seed)
-    model = UNet(1, 1, args.base_channels, args.depth, num_classes=3).to(device, memory_format=torch.channels_last)
+    model = UNet(1, 1, args.base_channels, args.depth, num_classes=3,
+                 deep_supervision=args.deep_supervision > 0).to(device, memory_format=torch.channels_last)
     optimizer = utils.make_optimizer(model, 1e-3, 1e-2, device)
     scaler = utils.make_grad_scaler(device, dtype)
-    step = TrainStep(model, optimizer, scaler, BCEDiceLoss(), 0.2, device, dtype, args.compile)
+    step = TrainStep(model, optimizer, scaler, BCEDiceLoss(), 0.2, device, dtype, args.compile,
+                     ds_weight=args.deep_supervision)
     images, masks, labels = (cache[k][:n_train].to(device) for k in ("images", "masks", "labels"))
     cfg = AugmentConfig()
     param_gen = torch.Generator().manual_seed(args.seed)
@@ -163,7 +168,8 @@ def bench_project(args, device, cache, n_train):
 def bench_naive(args, device, data_dir, samples):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    model = UNet(1, 1, args.base_channels, args.depth, num_classes=3).to(device)
+    model = UNet(1, 1, args.base_channels, args.depth, num_classes=3,
+                 deep_supervision=args.deep_supervision > 0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = BCEDiceLoss()
     if device.type == "cuda":
@@ -181,14 +187,16 @@ def bench_naive(args, device, data_dir, samples):
     it = batches()
     for _ in range(args.warmup):
         x, y, lab = next(it)
-        naive_train_step(model, optimizer, loss_fn, 0.2, x.to(device), y.to(device), lab.to(device))
+        naive_train_step(model, optimizer, loss_fn, 0.2, x.to(device), y.to(device), lab.to(device),
+                         args.deep_supervision)
     sync(device)
     data_wait, t0 = 0.0, time.perf_counter()
     for _ in range(args.steps):
         t_wait = time.perf_counter()
         x, y, lab = next(it)
         data_wait += time.perf_counter() - t_wait
-        naive_train_step(model, optimizer, loss_fn, 0.2, x.to(device), y.to(device), lab.to(device))
+        naive_train_step(model, optimizer, loss_fn, 0.2, x.to(device), y.to(device), lab.to(device),
+                         args.deep_supervision)
     sync(device)
     step_time = (time.perf_counter() - t0) / args.steps
     # naive inference: fp32 NCHW on images decoded per call
@@ -217,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--base-channels", type=int, default=32)
     p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--deep-supervision", type=float, default=DEEP_SUPERVISION,
+                   help="weight of the aux losses, as in training; 0 = no aux heads (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="timed steps per pipeline")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, workers start)")
@@ -245,7 +255,8 @@ def main(argv=None) -> int:
         return 2
     print(f"bench: {data_dir} ({len(samples)} images) | device {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | torch {torch.__version__} "
-          f"| threads {torch.get_num_threads()} | UNet base {args.base_channels} depth {args.depth} | "
+          f"| threads {torch.get_num_threads()} | UNet base {args.base_channels} depth {args.depth} "
+          f"(deep supervision {args.deep_supervision:g}) | "
           f"{args.image_size}px | batch {args.batch_size} | {args.steps} timed steps", flush=True)
 
     project = bench_project(args, device, cache, len(samples))
