@@ -28,7 +28,7 @@ from PIL import Image
 import dataset
 import utils
 from augment import AugmentConfig
-from losses import BCEDiceLoss
+from losses import BCEDiceLoss, deep_supervision_loss
 from train_unet_busi import DEEP_SUPERVISION, TrainStep
 from unet import UNet
 
@@ -66,8 +66,7 @@ def naive_train_step(model, optimizer, loss_fn, cls_weight, x, y, labels, ds_wei
     seg, cls, aux = model(x, with_aux=True)
     loss = loss_fn(seg, y)
     if aux and ds_weight:
-        pooled = [torch.nn.functional.avg_pool2d(y, y.shape[-1] // a.shape[-1]) for a in aux]
-        loss = loss + ds_weight * torch.stack([loss_fn(a, t) for a, t in zip(aux, pooled)]).mean()
+        loss = loss + ds_weight * deep_supervision_loss(loss_fn, aux, y)
     if cls is not None:
         loss = loss + cls_weight * torch.nn.functional.cross_entropy(cls, labels)
     optimizer.zero_grad()

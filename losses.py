@@ -35,3 +35,8 @@ class BCEDiceLoss(nn.Module):
         if self.dice_weight:
             loss = loss + self.dice_weight * soft_dice_loss(logits, target, self.smooth)
         return loss
+
+
+def deep_supervision_loss(seg_loss, aux_logits, target: torch.Tensor) -> torch.Tensor:
+    """Mean of `seg_loss` over the coarser decoder outputs, each against the mask average-pooled to its size."""
+    return torch.stack([seg_loss(a, F.avg_pool2d(target, target.shape[-1] // a.shape[-1])) for a in aux_logits]).mean()

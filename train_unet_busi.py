@@ -676,6 +676,7 @@ class TrainStep:
         import torch.nn.functional as F
 
         import augment
+        import losses
         import utils
 
         x, y = augment.augment_batch(images, masks, aug_cfg, param_gen, noise_gen)
@@ -694,8 +695,7 @@ class TrainStep:
         aux_logits = aux_logits[0] if aux_logits else []  # the list is only returned when asked for
         loss = self.seg_loss(seg_logits, y)
         if aux_logits:  # deep supervision: each coarser output vs the mask average-pooled to it
-            aux = [self.seg_loss(a, F.avg_pool2d(y, y.shape[-1] // a.shape[-1])) for a in aux_logits]
-            loss = loss + self.ds_weight * torch.stack(aux).mean()
+            loss = loss + self.ds_weight * losses.deep_supervision_loss(self.seg_loss, aux_logits, y)
         if cls_logits is not None and self.cls_weight:
             loss = loss + self.cls_weight * F.cross_entropy(cls_logits.float(), labels)
         finite = torch.isfinite(loss.detach())
