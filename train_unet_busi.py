@@ -1,7 +1,9 @@
 """Train a U-Net on BUSI (breast-ultrasound lesion segmentation) and report honest held-out numbers.
 
     python train_unet_busi.py                       # bundled sample, or ./Dataset_BUSI_with_GT if present
-    python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT --epochs 60
+    python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT        # the defaults: 256 px, base 32 (a GPU)
+    python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT --image-size 128 --base-channels 16
+                                                    # the small recipe: about 20 min on 2 CPU cores with bf16
     python train_unet_busi.py --resume --run-name NAME   # continue a killed run
     python train_unet_busi.py --eval-only --checkpoint checkpoints/busi_unet_small.pt
 
@@ -20,7 +22,7 @@ DATA_DIR = None                  # None: ./Dataset_BUSI_with_GT if present, else
 SPLIT_FILE = "splits/busi_split.json"  # committed leakage-safe split of BUSI; other data gets a split computed per run
 OUTPUT_DIR = "checkpoints"       # run folders go here
 RUN_NAME = None                  # None: a timestamp
-EPOCHS = 60                      # passes over the training split
+EPOCHS = 100                     # passes over the training split (100 beat 50 on validation, 3 seeds, 128 px)
 BATCH_SIZE = 16
 LR = 2e-3                        # peak AdamW learning rate (after warm-up; cosine decay to 0 by the last step)
 WEIGHT_DECAY = 1e-4
