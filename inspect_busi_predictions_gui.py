@@ -312,7 +312,8 @@ class InspectorApp:
         self._generation += 1
         self.set_threshold(float(config.get("threshold", 0.5)), redraw=False)
         head = "class head" if model.config.get("num_classes") else "no class head"
-        self.set_status(f"model {self.checkpoint.name}: UNet base {model.config['base_channels']}, depth "
+        members = f"ensemble of {model.config['members']} x " if model.config.get("members") else ""
+        self.set_status(f"model {self.checkpoint.name}: {members}UNet base {model.config['base_channels']}, depth "
                         f"{model.config['depth']}, {self.image_size}px, {head}"
                         + (f" | {self.source}" if self.source else ""))
         if self.sorted_by_dice:  # the old order was this model's, not the new one's

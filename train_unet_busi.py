@@ -379,6 +379,9 @@ def run(args) -> int:
         else:
             raise ValueError("--resume needs --run-name NAME (or --resume PATH to a run folder or latest.pt)")
         state = utils.load_checkpoint(ckpt_path)
+        if "optimizer" not in state:  # an exported model (or ensemble): weights only
+            raise ValueError(f"{ckpt_path} holds weights only (an exported model), not a training run to resume: "
+                             f"evaluate it with --eval-only --checkpoint {ckpt_path}")
         run_dir = ckpt_path.parent
     elif args.eval_only:
         state = utils.load_checkpoint(args.checkpoint)
@@ -442,7 +445,7 @@ def run(args) -> int:
     model = model.to(device, memory_format=torch.channels_last)
     config["model"] = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: UNet{model.config} | {n_params / 1e6:.2f} M parameters | autocast: train {dtype}, "
+    print(f"model: {type(model).__name__}{model.config} | {n_params / 1e6:.2f} M parameters | autocast: train {dtype}, "
           f"eval {eval_dtype} | image {args.image_size}px",
           flush=True)
 

@@ -113,3 +113,33 @@ class UNet(nn.Module):
         if with_aux:
             return self.head(x), class_logits, aux_logits
         return self.head(x), class_logits
+
+
+class UNetEnsemble(nn.Module):
+    """Several UNets of one architecture for inference: the mean of their mask logits and class logits.
+
+    `config` is the members' config plus `members` (their number), which is how a checkpoint says "ensemble".
+    """
+
+    def __init__(self, members: list[UNet]):
+        super().__init__()
+        if not members or any(m.config != members[0].config for m in members):
+            raise ValueError("an ensemble needs one or more UNets with the same config, got "
+                             f"{[m.config for m in members]}")
+        self.members = nn.ModuleList(members)
+        self.config = dict(members[0].config, members=len(members))
+
+    @property
+    def size_multiple(self) -> int:
+        return self.members[0].size_multiple
+
+    def check_size(self, height: int, width: int) -> None:
+        self.members[0].check_size(height, width)
+
+    def forward(self, x: torch.Tensor, with_aux: bool = False):
+        if with_aux:
+            raise ValueError("an ensemble is for inference: train its members one by one")
+        outputs = [member(x) for member in self.members]
+        seg = torch.stack([seg for seg, _ in outputs]).mean(0)
+        cls = None if outputs[0][1] is None else torch.stack([cls for _, cls in outputs]).mean(0)
+        return seg, cls

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unet import UNet
+from unet import UNet, UNetEnsemble
 
 CHECKPOINT_FORMAT = "busi-unet-v1"
 
@@ -375,14 +375,22 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
-def build_model(state: dict, path: str | os.PathLike = "checkpoint") -> UNet:
-    """Rebuild the UNet described by a checkpoint and load its weights, naming any mismatch."""
+def build_model(state: dict, path: str | os.PathLike = "checkpoint") -> UNet | UNetEnsemble:
+    """Rebuild the UNet (or ensemble of UNets) described by a checkpoint and load its weights, naming any
+    mismatch."""
     config = state.get("model_config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} has no model_config")
     try:
-        model = UNet(**config)
-    except TypeError as exc:
+        unet_config = {k: v for k, v in config.items() if k != "members"}
+        if "members" in config:
+            n = config["members"]
+            if not isinstance(n, int) or n < 1:
+                raise TypeError(f"members must be a positive integer, got {n!r}")
+            model = UNetEnsemble([UNet(**unet_config) for _ in range(n)])
+        else:
+            model = UNet(**unet_config)
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: model_config {config} does not describe this project's UNet ({exc})") from None
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
     expected = model.state_dict()
@@ -405,13 +413,42 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     return model, state
 
 
-def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> dict:
+def export_checkpoint(src, dst: str | os.PathLike, half: bool = True) -> dict:
     """Strip a training checkpoint to what inference needs (weights, model config, run config, validation
-    figures), with fp16 weights by default: the shipped model. Returns the exported dict."""
-    state = load_checkpoint(src)
-    weights = {k: v.half() if (half and v.is_floating_point()) else v for k, v in state["model"].items()}
-    slim = {"format": CHECKPOINT_FORMAT, "model": weights, "model_config": state["model_config"],
-            "config": state.get("config", {}), "best_epoch": state.get("best_epoch"),
-            "best_val": state.get("best_val")}
+    figures), with fp16 weights by default: the shipped model. Returns the exported dict.
+
+    `src` may also be a list of checkpoints: they become ONE ensemble checkpoint (see unet.UNetEnsemble),
+    which every tool loads like a single model. Its members must share the architecture, the input size and
+    the threshold; the first member's run config is kept, and each member's source, best epoch and
+    validation figures are listed under `members`.
+    """
+    sources = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+    states = [load_checkpoint(s) for s in sources]
+    first = states[0]
+    for s, state in zip(sources[1:], states[1:]):
+        for what, a, b in (("model_config", first.get("model_config"), state.get("model_config")),
+                           ("image_size", first.get("config", {}).get("image_size"),
+                            state.get("config", {}).get("image_size")),
+                           ("threshold", first.get("config", {}).get("threshold"),
+                            state.get("config", {}).get("threshold"))):
+            if a != b:
+                raise CheckpointError(f"cannot ensemble {sources[0]} and {s}: their {what} differ ({a} vs {b})")
+
+    def slim_weights(state):
+        return {k: v.half() if (half and v.is_floating_point()) else v for k, v in state["model"].items()}
+
+    if len(states) == 1:
+        weights, model_config = slim_weights(first), first["model_config"]
+        best_epoch, best_val, members = first.get("best_epoch"), first.get("best_val"), None
+    else:
+        weights = {f"members.{i}.{k}": v for i, state in enumerate(states) for k, v in slim_weights(state).items()}
+        model_config = dict(first["model_config"], members=len(states))
+        best_epoch, best_val = None, None  # an ensemble has no epoch; its members' figures are listed
+        members = [{"source": str(s), "best_epoch": state.get("best_epoch"), "best_val": state.get("best_val"),
+                    "seed": state.get("config", {}).get("seed")} for s, state in zip(sources, states)]
+    slim = {"format": CHECKPOINT_FORMAT, "model": weights, "model_config": model_config,
+            "config": first.get("config", {}), "best_epoch": best_epoch, "best_val": best_val}
+    if members:
+        slim["members"] = members
     save_checkpoint(slim, dst)
     return slim

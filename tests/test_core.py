@@ -14,7 +14,7 @@ import dataset
 import utils
 from conftest import SYNTHETIC_COUNTS
 from losses import BCEDiceLoss, soft_dice_loss
-from unet import UNet
+from unet import UNet, UNetEnsemble
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -394,6 +394,46 @@ def test_wrong_checkpoints_name_the_problem(tmp_path):
         utils.load_model(tmp_path / "wide.pt")
     with pytest.raises(utils.CheckpointError, match="not found"):
         utils.load_checkpoint(tmp_path / "none.pt")
+
+
+def test_ensemble_checkpoint_is_the_mean_of_its_members_and_loads_like_one_model(tmp_path):
+    torch.manual_seed(0)
+    members = [_tiny_checkpoint(tmp_path / f"m{i}.pt", image_size=32, threshold=0.5) for i in range(3)]
+    slim = utils.export_checkpoint([tmp_path / f"m{i}.pt" for i in range(3)], tmp_path / "ens.pt")
+    assert slim["model_config"]["members"] == 3 and len(slim["members"]) == 3
+    ensemble, state = utils.load_model(tmp_path / "ens.pt")
+    assert isinstance(ensemble, UNetEnsemble) and state["config"]["image_size"] == 32
+    assert ensemble.config == dict(members[0].config, members=3) and ensemble.size_multiple == 4
+    x = torch.rand(2, 1, 32, 32)
+    for i in range(3):  # each member exported alone: the same fp16-rounded weights as inside the ensemble
+        utils.export_checkpoint(tmp_path / f"m{i}.pt", tmp_path / f"s{i}.pt")
+    singles = [utils.load_model(tmp_path / f"s{i}.pt")[0](x) for i in range(3)]
+    seg, cls = ensemble(x)
+    assert torch.allclose(seg, torch.stack([s for s, _ in singles]).mean(0), atol=1e-6)
+    assert torch.allclose(cls, torch.stack([c for _, c in singles]).mean(0), atol=1e-6)
+    assert not torch.allclose(singles[0][0], singles[1][0])  # the members differ, so the mean means something
+    with pytest.raises(ValueError, match="for inference"):
+        ensemble(x, with_aux=True)
+
+
+def test_ensemble_export_refuses_members_that_do_not_fit_together(tmp_path):
+    _tiny_checkpoint(tmp_path / "a.pt", image_size=32, threshold=0.5)
+    _tiny_checkpoint(tmp_path / "b.pt", image_size=64, threshold=0.5)
+    with pytest.raises(utils.CheckpointError, match="image_size differ"):
+        utils.export_checkpoint([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "e.pt")
+    model = UNet(1, 1, base_channels=8, depth=2, num_classes=3)
+    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": model.state_dict(),
+                           "model_config": model.config, "config": {"image_size": 32, "threshold": 0.5}},
+                          tmp_path / "wide.pt")
+    with pytest.raises(utils.CheckpointError, match="model_config differ"):
+        utils.export_checkpoint([tmp_path / "a.pt", tmp_path / "wide.pt"], tmp_path / "e.pt")
+    assert not (tmp_path / "e.pt").exists()
+    utils.export_checkpoint([tmp_path / "a.pt", tmp_path / "a.pt"], tmp_path / "e.pt")
+    state = torch.load(tmp_path / "e.pt", weights_only=True)
+    state["model_config"]["members"] = 0
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(utils.CheckpointError, match="members must be a positive integer"):
+        utils.load_model(tmp_path / "bad.pt")
 
 
 def test_save_checkpoint_is_atomic_when_the_write_fails(tmp_path, monkeypatch):

@@ -258,6 +258,11 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     app.select(0)  # still fully working
     assert (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.7))
     assert app.load_checkpoint(checkpoint) is True and app.cache and app.dice is not None
+    utils.export_checkpoint([checkpoint, checkpoint], tmp_path / "ens.pt")  # an ensemble loads like one model
+    assert app.load_checkpoint(tmp_path / "ens.pt") is True and "ensemble of 2 x UNet" in app.status
+    item = app.current
+    np.testing.assert_allclose(app.cache[item.key].prob.astype(np.float32), expected_probability(
+        checkpoint, dataset.load_sample(item.data_dir, item.sample)[0]), atol=5e-3)
 
 
 def test_bad_checkpoint_at_startup_keeps_the_window_usable(root, gui, checkpoint, errors, tmp_path):

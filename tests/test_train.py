@@ -72,6 +72,14 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
     with open(tmp_path / "ev-val" / "val_predictions.csv") as f:
         assert sorted(r["file"] for r in csv.DictReader(f)) == sorted(json.loads((run / "split.json").read_text())["val"])
 
+    # an ensemble of two checkpoints of the run evaluates like one model; an exported model cannot be resumed
+    utils.export_checkpoint([run / "best.pt", run / "latest.pt"], tmp_path / "ens.pt")
+    assert train(root, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "ens.pt"), "--run-name", "ev-ens") == 0
+    assert "UNetEnsemble" in capsys.readouterr().out
+    assert set(json.loads((tmp_path / "ev-ens" / "metrics.json").read_text())["test"]) == set(metrics["test"])
+    assert train(root, tmp_path, "--resume", str(tmp_path / "ens.pt")) == 2
+    assert "holds weights only" in capsys.readouterr().err
+
 
 def test_resume_is_exact_on_cpu(busi_dir, tmp_path):
     root, _ = busi_dir
