@@ -254,6 +254,12 @@ def test_bundled_sample_folder_skips_ground_truth(tmp_path, checkpoint, capsys):
 SHIPPED = ROOT / "checkpoints" / "busi_unet_small.pt"
 
 
+def test_shipped_model_fits_its_budget_and_loads():
+    assert SHIPPED.stat().st_size < 15e6  # the shipped model's budget: 15 MB
+    model, state = utils.load_model(SHIPPED)
+    assert state["config"]["image_size"] % model.size_multiple == 0
+
+
 @pytest.mark.skipif(not (REAL_DATA.is_dir() and SHIPPED.is_file()), reason="real BUSI data or shipped model absent")
 def test_shipped_model_on_real_scans(tmp_path, capsys):
     pattern = str(REAL_DATA / "malignant" / "malignant (1?).png")  # ten real scans, quick on a CPU
