@@ -425,6 +425,10 @@ def export_checkpoint(src, dst: str | os.PathLike, half: bool = True) -> dict:
     sources = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     states = [load_checkpoint(s) for s in sources]
     first = states[0]
+    if len(states) > 1:
+        for s, state in zip(sources, states):
+            if "members" in (state.get("model_config") or {}):
+                raise CheckpointError(f"cannot ensemble {s}: it is an ensemble already (list its members instead)")
     for s, state in zip(sources[1:], states[1:]):
         for what, a, b in (("model_config", first.get("model_config"), state.get("model_config")),
                            ("image_size", first.get("config", {}).get("image_size"),
@@ -439,7 +443,7 @@ def export_checkpoint(src, dst: str | os.PathLike, half: bool = True) -> dict:
 
     if len(states) == 1:
         weights, model_config = slim_weights(first), first["model_config"]
-        best_epoch, best_val, members = first.get("best_epoch"), first.get("best_val"), None
+        best_epoch, best_val, members = first.get("best_epoch"), first.get("best_val"), first.get("members")
     else:
         weights = {f"members.{i}.{k}": v for i, state in enumerate(states) for k, v in slim_weights(state).items()}
         model_config = dict(first["model_config"], members=len(states))

@@ -429,6 +429,11 @@ def test_ensemble_export_refuses_members_that_do_not_fit_together(tmp_path):
         utils.export_checkpoint([tmp_path / "a.pt", tmp_path / "wide.pt"], tmp_path / "e.pt")
     assert not (tmp_path / "e.pt").exists()
     utils.export_checkpoint([tmp_path / "a.pt", tmp_path / "a.pt"], tmp_path / "e.pt")
+    with pytest.raises(utils.CheckpointError, match="ensemble already"):
+        utils.export_checkpoint([tmp_path / "e.pt", tmp_path / "a.pt"], tmp_path / "ee.pt")
+    utils.export_checkpoint(tmp_path / "e.pt", tmp_path / "e2.pt")  # re-exporting one ensemble keeps it whole
+    model, state = utils.load_model(tmp_path / "e2.pt")
+    assert isinstance(model, UNetEnsemble) and len(state["members"]) == 2
     state = torch.load(tmp_path / "e.pt", weights_only=True)
     state["model_config"]["members"] = 0
     torch.save(state, tmp_path / "bad.pt")
