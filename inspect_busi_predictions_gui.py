@@ -681,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
                "Keys: Left/Right = previous/next image.")
     default_checkpoint = DEFAULT_CHECKPOINT.relative_to(ROOT) if Path.cwd() == ROOT else DEFAULT_CHECKPOINT
     p.add_argument("images", nargs="*", help="image files to open without ground truth (instead of a data set)")
-    p.add_argument("--checkpoint", default=str(default_checkpoint), help="model (.pt); default: %(default)s")
+    p.add_argument("--checkpoint", default=str(default_checkpoint), help="model or ensemble (.pt); default: %(default)s")
     p.add_argument("--data-dir", default=None, help="BUSI-layout folder with benign/, malignant/, normal/")
     p.add_argument("--split", default="test", choices=SPLITS, help="which images to list; default: %(default)s")
     p.add_argument("--split-file", default=str(dataset.DEFAULT_SPLIT_FILE),

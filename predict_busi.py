@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                "written); 2 bad checkpoint, bad option or no input found.",
     )
     default_checkpoint = DEFAULT_CHECKPOINT.relative_to(ROOT) if Path.cwd() == ROOT else DEFAULT_CHECKPOINT
-    p.add_argument("--checkpoint", default=str(default_checkpoint), help="trained model (.pt); default: %(default)s")
+    p.add_argument("--checkpoint", default=str(default_checkpoint), help="trained model or ensemble (.pt); default: %(default)s")
     p.add_argument("--input", required=True,
                    help="an image file, a folder (its images; *_mask* ground-truth files are skipped) or a quoted "
                         "glob pattern such as 'scans/*.png'")

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "continue with --resume)")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate --checkpoint once on the test split and write metrics.json")
-    g.add_argument("--checkpoint", default=None, help="checkpoint file for --eval-only")
+    g.add_argument("--checkpoint", default=None, help="checkpoint file for --eval-only: a run's best.pt, or a model or ensemble "
+                        "exported with utils.export_checkpoint")
     g.add_argument("--eval-split", choices=("test", "val", "train"), default="test",
                    help="split that --eval-only scores (default: %(default)s); compare levers such as --tta or "
                         "--threshold on val, so the test split chooses nothing")
