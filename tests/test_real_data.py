@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 
 import numpy as np
+import pytest
 
 import dataset
-from conftest import REAL_DATA, requires_real_data
+import train_unet_busi
+from conftest import REAL_DATA, ROOT, requires_real_data
 
 pytestmark = requires_real_data
 
@@ -52,3 +55,31 @@ def test_committed_split_is_what_the_command_regenerates():
     regenerated = dataset.compute_split(REAL_DATA, progress=False)
     committed = json.loads(dataset.DEFAULT_SPLIT_FILE.read_text())
     assert regenerated == committed
+
+
+SHIPPED = ROOT / "checkpoints" / "busi_unet_small.pt"
+
+
+def readme_row(section: str, label: str) -> list[float]:
+    """The 0.xxx figures of the README table row that starts with `label`."""
+    row = next(line for line in section.splitlines() if line.startswith(f"| {label}"))
+    return [float(v) for v in re.findall(r"\b\d\.\d{3}\b", row)]
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped model absent")
+def test_shipped_model_prints_the_figures_the_readme_claims(tmp_path):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### The shipped model"):readme.index("### Three seeds")]
+    assert train_unet_busi.main(["--eval-only", "--checkpoint", str(SHIPPED), "--data-dir", str(REAL_DATA),
+                                 "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+                                 "--device", "cpu"]) == 0
+    t = json.loads((tmp_path / "eval-busi_unet_small" / "metrics.json").read_text())["test"]
+    claims = {"lesion images (benign + malignant), per-image mean": [t["lesion_dice"], t["lesion_iou"]],
+              "lesion images, pooled over pixels": [t["lesion_pooled_dice"]],
+              "benign": [t["per_class"]["benign"]["dice"], t["per_class"]["benign"]["iou"]],
+              "malignant": [t["per_class"]["malignant"]["dice"], t["per_class"]["malignant"]["iou"]],
+              "normal: images with any predicted lesion pixel": [t["normal_fp_rate"]],
+              "ROC AUC, malignant vs benign": [t["malignancy_auc"]],
+              "3-way accuracy": [t["class_accuracy"]]}
+    for label, measured in claims.items():
+        assert readme_row(section, label) == [round(v, 3) for v in measured], label
