@@ -109,6 +109,30 @@ def bf16_peak(device) -> float | None:
     return None
 
 
+def cpu_gemm_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of a large square matrix product on this CPU: the practical ceiling of a conv net's training step
+    (convolutions run as GEMM-like kernels on the same FMA units; none runs faster than a big GEMM)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def cpu_ceiling(project_gflops: float, naive_gflops: float, project_dtype: str) -> dict:
+    """What this CPU allows: its GEMM ceiling in fp32 (and bf16 where it has bf16 instructions; emulated bf16 is
+    hundreds of times slower and not measured), each pipeline's achieved fraction of its precision's ceiling,
+    and the largest speedup over the naive pipeline that any pipeline of the same model (same FLOPs) can reach."""
+    gemm = {"float32": cpu_gemm_gflops(torch.float32)}
+    if utils.cpu_has_native_bf16():
+        gemm["bfloat16"] = cpu_gemm_gflops(torch.bfloat16)
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": utils.cpu_has_native_bf16(),
+            "gemm_gflops": gemm, "project_fraction": project_gflops / gemm.get(project_dtype, gemm["float32"]),
+            "naive_fraction": naive_gflops / gemm["float32"], "speedup_bound": max(gemm.values()) / naive_gflops}
+
+
 def bench_project(args, device, cache, n_train):
     dtype = utils.amp_dtype(device, not args.no_amp)
     torch.manual_seed(args.seed)
@@ -279,13 +303,22 @@ def main(argv=None) -> int:
     achieved = project["flops_per_img"] * project["train_img_s"] / 1e12
     print(f"\nmodel training FLOPs per image (fwd+bwd): {gflops:.2f} GFLOP; achieved {achieved:.2f} TFLOP/s"
           + (f" = {achieved / peak:.1%} of the {peak:.0f} TFLOP/s bf16 dense peak" if peak else ""))
+    ceiling = None
     if device.type == "cpu":
+        naive_gflops = project["flops_per_img"] * naive["train_img_s"] / 1e9
+        ceiling = cpu_ceiling(achieved * 1e3, naive_gflops, project["dtype"])
+        gemm = ", ".join(f"{k} {v:.0f}" for k, v in ceiling["gemm_gflops"].items())
+        print(f"CPU ceiling ({ceiling['capability']}, {'with' if ceiling['native_bf16'] else 'no'} bf16 instructions; "
+              f"2048x2048 GEMM, GFLOP/s): {gemm}. Project {achieved * 1e3:.0f} GFLOP/s = "
+              f"{ceiling['project_fraction']:.0%} of its precision's ceiling; naive {naive_gflops:.0f} GFLOP/s = "
+              f"{ceiling['naive_fraction']:.0%} of fp32's.\nAt this model's FLOPs no pipeline can be more than "
+              f"{ceiling['speedup_bound']:.2f}x faster than the naive one on this CPU (best ceiling / naive).")
         print("(peak memory on CPU is the process's peak RSS, so the naive column includes the project's)")
     speedup = project["train_img_s"] / naive["train_img_s"]
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args),
               "project": project, "naive": naive, "train_gflop_per_image": gflops, "achieved_tflops": achieved,
-              "bf16_peak_tflops": peak, "fraction_of_peak": achieved / peak if peak else None,
+              "bf16_peak_tflops": peak, "fraction_of_peak": achieved / peak if peak else None, "cpu_ceiling": ceiling,
               "speedup_vs_naive": speedup}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
