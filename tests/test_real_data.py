@@ -83,3 +83,31 @@ def test_shipped_model_prints_the_figures_the_readme_claims(tmp_path):
               "3-way accuracy": [t["class_accuracy"]]}
     for label, measured in claims.items():
         assert readme_row(section, label) == [round(v, 3) for v in measured], label
+
+
+def test_mask_round_trip_through_the_training_size_costs_what_the_readme_says():
+    """Ground truth -> training size (dataset.resize_mask, as the cache does) -> original size (the evaluation's
+    own resize) -> Dice against itself: the ceiling that the input size alone puts on per-image Dice. Lesion
+    images of train + val (the test split is not looked at)."""
+    import torch
+
+    import utils
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Where the Dice is lost"):readme.index("### Open work")]
+    split = json.loads(dataset.DEFAULT_SPLIT_FILE.read_text())
+    names = set(split["train"]) | set(split["val"])
+    sizes = (128, 192, 256, 320, 384)
+    dice = {size: [] for size in sizes}
+    for sample in dataset.discover_samples(REAL_DATA):
+        if sample.image not in names or sample.label == "normal":
+            continue
+        mask = dataset.load_mask([REAL_DATA / m for m in sample.masks])
+        for size in sizes:
+            small = torch.from_numpy(dataset.resize_mask(mask, size))[None].float()
+            back = utils.probs_to_original(small, *mask.shape) > 0.5
+            dice[size].append(utils.dice_iou(back, torch.from_numpy(mask))[0])
+    assert len(dice[128]) == 550
+    for size in sizes:
+        assert readme_row(section, f"{size} px") == [round(float(np.mean(dice[size])), 3),
+                                                     round(float(np.min(dice[size])), 3)], size
