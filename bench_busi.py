@@ -8,6 +8,9 @@
 (b) naive: the way a typical repo does it: a Dataset that decodes the PNGs with PIL, resizes and augments
     per item, in a DataLoader with worker processes, an fp32 NCHW model and a plain AdamW.
 Prints a table and, as its LAST line, `speedup_vs_naive: X.XX` (project train img/s / naive train img/s).
+On a GPU it also prints the achieved fraction of the bf16 dense peak; on a CPU, the CPU's measured ceiling (a large
+matrix product's GFLOP/s), each pipeline's fraction of it, and the largest speedup any pipeline of this model
+could reach on that CPU.
 """
 from __future__ import annotations
 
