@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import dataset
@@ -93,3 +94,9 @@ def test_bench_smoke(busi_dir, tmp_path):
     assert figures["project"]["train_img_s"] > 0 and figures["naive"]["train_img_s"] > 0
     assert figures["train_gflop_per_image"] > 0
     assert float(last.split()[-1]) == round(figures["speedup_vs_naive"], 2)
+    # on a CPU: the measured ceiling, and the speedup bound it puts on any pipeline of this model
+    ceiling = figures["cpu_ceiling"]
+    assert ceiling["gemm_gflops"]["float32"] > 0 and "CPU ceiling" in result.stdout
+    naive_gflops = figures["train_gflop_per_image"] * figures["naive"]["train_img_s"]
+    assert ceiling["speedup_bound"] == pytest.approx(max(ceiling["gemm_gflops"].values()) / naive_gflops)
+    assert ceiling["naive_fraction"] == pytest.approx(naive_gflops / ceiling["gemm_gflops"]["float32"])
