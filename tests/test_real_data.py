@@ -61,7 +61,7 @@ SHIPPED = ROOT / "checkpoints" / "busi_unet_small.pt"
 
 
 def readme_row(section: str, label: str) -> list[float]:
-    """The 0.xxx figures of the README table row that starts with `label`."""
+    """The 0.xxx figures of the Markdown table row (README, RESULTS.md) that starts with `label`."""
     row = next(line for line in section.splitlines() if line.startswith(f"| {label}"))
     return [float(v) for v in re.findall(r"\b\d\.\d{3}\b", row)]
 
@@ -69,7 +69,7 @@ def readme_row(section: str, label: str) -> list[float]:
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped model absent")
 def test_shipped_model_prints_the_figures_the_readme_claims(tmp_path):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### The shipped model"):readme.index("### Three seeds")]
+    section = readme[readme.index("### The shipped model"):readme.index("### Against the literature")]
     assert train_unet_busi.main(["--eval-only", "--checkpoint", str(SHIPPED), "--data-dir", str(REAL_DATA),
                                  "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
                                  "--device", "cpu"]) == 0
@@ -85,7 +85,7 @@ def test_shipped_model_prints_the_figures_the_readme_claims(tmp_path):
         assert readme_row(section, label) == [round(v, 3) for v in measured], label
 
 
-def test_mask_round_trip_through_the_training_size_costs_what_the_readme_says():
+def test_mask_round_trip_through_the_training_size_costs_what_results_md_says():
     """Ground truth -> training size (dataset.resize_mask, as the cache does) -> original size (the evaluation's
     own resize) -> Dice against itself: the ceiling that the input size alone puts on per-image Dice. Lesion
     images of train + val (the test split is not looked at)."""
@@ -93,8 +93,8 @@ def test_mask_round_trip_through_the_training_size_costs_what_the_readme_says():
 
     import utils
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### Where the Dice is lost"):readme.index("### Open work")]
+    results = (ROOT / "RESULTS.md").read_text(encoding="utf-8")
+    section = results[results.index("### Where the Dice is lost"):results.index("### Open work")]
     split = json.loads(dataset.DEFAULT_SPLIT_FILE.read_text())
     names = set(split["train"]) | set(split["val"])
     sizes = (128, 192, 256, 320, 384)
