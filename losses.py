@@ -6,25 +6,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice, pooled over the whole batch.
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
+                   per_image: bool = False) -> torch.Tensor:
+    """1 - soft Dice, pooled over the whole batch, or (`per_image`) the mean of each image's own.
 
-    Pooling (rather than a mean of per-image Dice) keeps the loss sensible on empty masks: an empty
-    ground truth (a normal image) contributes its predicted mass to the denominator, so false positives are
-    penalised in proportion to their size, instead of a per-image Dice that is all-or-nothing there.
+    Pooling keeps the loss sensible on empty masks: an empty ground truth (a normal image) contributes its
+    predicted mass to the denominator, so false positives are penalised in proportion to their size, and a
+    large lesion weighs more than a small one. `per_image` gives every image the same weight, as the reported
+    metric (the mean of per-image Dice) does, so a missed lesion costs a whole image's Dice whatever its size;
+    on an empty ground truth each image's term is mass / (mass + smooth), which saturates at 1.
     """
     probs = torch.sigmoid(logits.float())
     target = target.float()
-    intersection = (probs * target).sum()
-    return 1.0 - (2.0 * intersection + smooth) / (probs.sum() + target.sum() + smooth)
+    if per_image:
+        probs, target = probs.flatten(1), target.flatten(1)
+        intersection, total = (probs * target).sum(1), probs.sum(1) + target.sum(1)
+    else:
+        intersection, total = (probs * target).sum(), probs.sum() + target.sum()
+    return (1.0 - (2.0 * intersection + smooth) / (total + smooth)).mean()
 
 
 class BCEDiceLoss(nn.Module):
-    """bce_weight * BCE-with-logits + dice_weight * (1 - soft Dice); inputs may be bf16/fp16, math is fp32."""
+    """bce_weight * BCE-with-logits + dice_weight * (1 - soft Dice); inputs may be bf16/fp16, math is fp32.
+    `dice_per_image`: see `soft_dice_loss`."""
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0):
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
+                 dice_per_image: bool = False):
         super().__init__()
         self.bce_weight, self.dice_weight, self.smooth = bce_weight, dice_weight, smooth
+        self.dice_per_image = dice_per_image
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -33,7 +43,7 @@ class BCEDiceLoss(nn.Module):
         if self.bce_weight:
             loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(logits, target)
         if self.dice_weight:
-            loss = loss + self.dice_weight * soft_dice_loss(logits, target, self.smooth)
+            loss = loss + self.dice_weight * soft_dice_loss(logits, target, self.smooth, self.dice_per_image)
         return loss
 
 

@@ -32,6 +32,7 @@ BASE_CHANNELS = 32               # width of the first U-Net stage; doubles at ev
 DEPTH = 4                        # number of down-sampling steps
 BCE_WEIGHT = 1.0                 # loss = BCE_WEIGHT * BCE + DICE_WEIGHT * (1 - soft Dice) + CLS_WEIGHT * CE
 DICE_WEIGHT = 1.0
+DICE_PER_IMAGE = False           # soft Dice per image, then averaged (as the metric is), instead of pooled over the batch
 CLS_WEIGHT = 0.2                 # weight of the normal/benign/malignant head on the bottleneck (0 = no head)
 DEEP_SUPERVISION = 0.5           # weight of the same seg loss on the coarser decoder outputs (0 = off, no aux heads)
 AUGMENT = 1.0                    # strength of the on-device augmentation (0 = none; see augment.AugmentConfig)
@@ -60,8 +61,8 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 SAMPLE_DIR = ROOT / "data" / "busi_sample"
 CONFIG_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "image_size", "base_channels",
-               "depth", "bce_weight", "dice_weight", "cls_weight", "deep_supervision", "augment", "ema", "threshold",
-               "tta", "seed")
+               "depth", "bce_weight", "dice_weight", "dice_per_image", "cls_weight", "deep_supervision", "augment",
+               "ema", "threshold", "tta", "seed")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the BCE term (default: %(default)s)")
     g.add_argument("--dice-weight", type=utils.non_negative_float, default=DICE_WEIGHT,
                    help="weight of the soft-Dice term (default: %(default)s)")
+    g.add_argument("--dice-per-image", action="store_true", default=DICE_PER_IMAGE,
+                   help="soft-Dice loss per image, averaged over the batch (as the reported Dice is), instead of "
+                        "pooled over the batch's pixels")
     g.add_argument("--cls-weight", type=utils.non_negative_float, default=CLS_WEIGHT,
                    help="weight of the normal/benign/malignant head, 0 = no head (default: %(default)s)")
     g.add_argument("--deep-supervision", type=utils.non_negative_float, default=DEEP_SUPERVISION,
@@ -473,7 +477,7 @@ def run(args) -> int:
     optimizer = utils.make_optimizer(model, args.lr, args.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
     scaler = utils.make_grad_scaler(device, dtype)
-    seg_loss = BCEDiceLoss(args.bce_weight, args.dice_weight)
+    seg_loss = BCEDiceLoss(args.bce_weight, args.dice_weight, dice_per_image=args.dice_per_image)
     aug_cfg = AugmentConfig().scaled(args.augment)
     param_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1) if device.type != "mps" else None

@@ -223,6 +223,18 @@ def test_bce_dice_hand_computed():
     assert BCEDiceLoss(0.5, 2.0)(logits, target).item() == pytest.approx(0.5 * math.log(2) + 0.8, rel=1e-6)
 
 
+def test_dice_per_image_is_the_mean_of_each_images_own_dice_loss():
+    target = torch.zeros(2, 1, 2, 2)
+    target[0, :, 0, :] = 1  # image 0: 2 of 4 pixels; image 1: empty (a normal image)
+    logits = torch.zeros(2, 1, 2, 2)  # p = 0.5 everywhere
+    # image 0: 1 - (2*1 + 1) / (2 + 2 + 1) = 0.4; image 1: 1 - (0 + 1) / (2 + 0 + 1) = 2/3
+    assert soft_dice_loss(logits, target, per_image=True).item() == pytest.approx((0.4 + 2 / 3) / 2, rel=1e-6)
+    # pooled over the batch: 1 - (2*1 + 1) / (4 + 2 + 1) = 4/7
+    assert soft_dice_loss(logits, target).item() == pytest.approx(4 / 7, rel=1e-6)
+    assert BCEDiceLoss(0, 1, dice_per_image=True)(logits, target).item() == pytest.approx((0.4 + 2 / 3) / 2,
+                                                                                          rel=1e-6)
+
+
 def test_loss_on_empty_masks_is_finite_and_rewards_empty_predictions():
     target = torch.zeros(2, 1, 8, 8)
     quiet, noisy = torch.full((2, 1, 8, 8), -12.0), torch.full((2, 1, 8, 8), 3.0)

@@ -81,6 +81,17 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
     assert "holds weights only" in capsys.readouterr().err
 
 
+def test_dice_per_image_flag_reaches_the_loss_and_the_checkpoint(busi_dir, tmp_path):
+    root, _ = busi_dir
+    assert train(root, tmp_path, "--epochs", "1", "--run-name", "pooled") == 0
+    assert train(root, tmp_path, "--epochs", "1", "--run-name", "per-image", "--dice-per-image") == 0
+    pooled, per_image = history(tmp_path / "pooled")[0], history(tmp_path / "per-image")[0]
+    assert pooled["train_loss"] != per_image["train_loss"]  # same seed and batches: only the Dice term differs
+    saved = torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)["config"]
+    assert saved["dice_per_image"] is True
+    assert json.loads((tmp_path / "pooled" / "metrics.json").read_text())["config"]["dice_per_image"] is False
+
+
 def test_resume_is_exact_on_cpu(busi_dir, tmp_path):
     root, _ = busi_dir
     assert train(root, tmp_path, "--epochs", "4", "--run-name", "straight") == 0
