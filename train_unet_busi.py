@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the BCE term (default: %(default)s)")
     g.add_argument("--dice-weight", type=utils.non_negative_float, default=DICE_WEIGHT,
                    help="weight of the soft-Dice term (default: %(default)s)")
-    g.add_argument("--dice-per-image", action="store_true", default=DICE_PER_IMAGE,
+    g.add_argument("--dice-per-image", action=argparse.BooleanOptionalAction, default=DICE_PER_IMAGE,
                    help="soft-Dice loss per image, averaged over the batch (as the reported Dice is), instead of "
                         "pooled over the batch's pixels")
     g.add_argument("--cls-weight", type=utils.non_negative_float, default=CLS_WEIGHT,
@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    args.explicit = {a.split("=")[0].replace("--no-", "--", 1)  # --no-X sets X explicitly too
+                     for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     multiple = 2 ** args.depth
     if args.image_size % multiple:
         parser.error(f"argument --image-size: {args.image_size} is not a multiple of {multiple} "

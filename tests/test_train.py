@@ -90,6 +90,11 @@ def test_dice_per_image_flag_reaches_the_loss_and_the_checkpoint(busi_dir, tmp_p
     saved = torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)["config"]
     assert saved["dice_per_image"] is True
     assert json.loads((tmp_path / "pooled" / "metrics.json").read_text())["config"]["dice_per_image"] is False
+    # a resumed run keeps the checkpoint's choice unless the command line says otherwise, either way
+    assert train(root, tmp_path, "--resume", "--run-name", "per-image", "--epochs", "2") == 0
+    assert torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)["config"]["dice_per_image"] is True
+    assert train(root, tmp_path, "--resume", "--run-name", "per-image", "--epochs", "3", "--no-dice-per-image") == 0
+    assert torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)["config"]["dice_per_image"] is False
 
 
 def test_resume_is_exact_on_cpu(busi_dir, tmp_path):
