@@ -32,7 +32,7 @@ import dataset
 import utils
 from augment import AugmentConfig
 from losses import BCEDiceLoss, deep_supervision_loss
-from train_unet_busi import DEEP_SUPERVISION, TrainStep
+from train_unet_busi import DEEP_SUPERVISION, DICE_PER_IMAGE, TrainStep
 from unet import UNet
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' datasheets, matched by device name.
@@ -143,8 +143,8 @@ def bench_project(args, device, cache, n_train):
                  deep_supervision=args.deep_supervision > 0).to(device, memory_format=torch.channels_last)
     optimizer = utils.make_optimizer(model, 1e-3, 1e-2, device)
     scaler = utils.make_grad_scaler(device, dtype)
-    step = TrainStep(model, optimizer, scaler, BCEDiceLoss(), 0.2, device, dtype, args.compile,
-                     ds_weight=args.deep_supervision)
+    step = TrainStep(model, optimizer, scaler, BCEDiceLoss(dice_per_image=DICE_PER_IMAGE), 0.2, device, dtype,
+                     args.compile, ds_weight=args.deep_supervision)
     images, masks, labels = (cache[k][:n_train].to(device) for k in ("images", "masks", "labels"))
     cfg = AugmentConfig()
     param_gen = torch.Generator().manual_seed(args.seed)
@@ -197,7 +197,7 @@ def bench_naive(args, device, data_dir, samples):
     model = UNet(1, 1, args.base_channels, args.depth, num_classes=3,
                  deep_supervision=args.deep_supervision > 0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = BCEDiceLoss()
+    loss_fn = BCEDiceLoss(dice_per_image=DICE_PER_IMAGE)  # the training default, as in the project's step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loader = torch.utils.data.DataLoader(NaiveBUSIDataset(data_dir, samples, args.image_size),

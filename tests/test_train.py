@@ -83,17 +83,26 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
 
 def test_dice_per_image_flag_reaches_the_loss_and_the_checkpoint(busi_dir, tmp_path):
     root, _ = busi_dir
-    assert train(root, tmp_path, "--epochs", "1", "--run-name", "pooled") == 0
-    assert train(root, tmp_path, "--epochs", "1", "--run-name", "per-image", "--dice-per-image") == 0
+    assert T.DICE_PER_IMAGE is True  # the default since validation preferred it
+    assert train(root, tmp_path, "--epochs", "1", "--run-name", "pooled", "--no-dice-per-image") == 0
+    assert train(root, tmp_path, "--epochs", "1", "--run-name", "per-image") == 0
     pooled, per_image = history(tmp_path / "pooled")[0], history(tmp_path / "per-image")[0]
     assert pooled["train_loss"] != per_image["train_loss"]  # same seed and batches: only the Dice term differs
     saved = torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)["config"]
     assert saved["dice_per_image"] is True
     assert json.loads((tmp_path / "pooled" / "metrics.json").read_text())["config"]["dice_per_image"] is False
     # a resumed run keeps the checkpoint's choice unless the command line says otherwise, either way
-    assert train(root, tmp_path, "--resume", "--run-name", "per-image", "--epochs", "2") == 0
-    assert torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)["config"]["dice_per_image"] is True
-    assert train(root, tmp_path, "--resume", "--run-name", "per-image", "--epochs", "3", "--no-dice-per-image") == 0
+    assert train(root, tmp_path, "--resume", "--run-name", "pooled", "--epochs", "2") == 0
+    assert torch.load(tmp_path / "pooled" / "latest.pt", weights_only=True)["config"]["dice_per_image"] is False
+    assert train(root, tmp_path, "--resume", "--run-name", "pooled", "--epochs", "3", "--dice-per-image") == 0
+    assert torch.load(tmp_path / "pooled" / "latest.pt", weights_only=True)["config"]["dice_per_image"] is True
+    assert train(root, tmp_path, "--resume", "--run-name", "per-image", "--epochs", "2", "--no-dice-per-image") == 0
+    assert torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)["config"]["dice_per_image"] is False
+    # a run saved before the option existed pooled its Dice, and goes on doing so when resumed
+    state = torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)
+    del state["config"]["dice_per_image"]
+    utils.save_checkpoint(state, tmp_path / "per-image" / "latest.pt")
+    assert train(root, tmp_path, "--resume", "--run-name", "per-image", "--epochs", "3") == 0
     assert torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)["config"]["dice_per_image"] is False
 
 
