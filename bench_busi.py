@@ -128,10 +128,11 @@ def cpu_ceiling(project_gflops: float, naive_gflops: float, project_dtype: str) 
     """What this CPU allows: its GEMM ceiling in fp32 (and bf16 where it has bf16 instructions; emulated bf16 is
     hundreds of times slower and not measured), each pipeline's achieved fraction of its precision's ceiling,
     and the largest speedup over the naive pipeline that any pipeline of the same model (same FLOPs) can reach."""
+    native_bf16 = utils.cpu_has_native_bf16()
     gemm = {"float32": cpu_gemm_gflops(torch.float32)}
-    if utils.cpu_has_native_bf16():
+    if native_bf16:
         gemm["bfloat16"] = cpu_gemm_gflops(torch.bfloat16)
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": utils.cpu_has_native_bf16(),
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16,
             "gemm_gflops": gemm, "project_fraction": project_gflops / gemm.get(project_dtype, gemm["float32"]),
             "naive_fraction": naive_gflops / gemm["float32"], "speedup_bound": max(gemm.values()) / naive_gflops}
 
