@@ -52,7 +52,6 @@ MAX_BAD_STEPS = 5                # stop after this many non-finite losses in a r
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -152,11 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def explicit_flags(argv=None) -> set[str]:
+    """The options given on the command line, as '--name' of their destination, read from a second parse with
+    no defaults: abbreviations (--epoch for --epochs) and --no-X (sets X) count like the full spelling."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = parser.parse_args(argv)
+    return {"--" + dest.replace("_", "-") for dest in vars(given)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.explicit = {a.split("=")[0].replace("--no-", "--", 1)  # --no-X sets X explicitly too
-                     for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    args.explicit = explicit_flags(argv)
     multiple = 2 ** args.depth
     if args.image_size % multiple:
         parser.error(f"argument --image-size: {args.image_size} is not a multiple of {multiple} "
@@ -177,6 +185,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------------------------
 # The experiment
 # ------------------------------------------------------------------------------------------------------------------
+def eval_folder_name(checkpoint: str, split: str) -> str:
+    """eval-<checkpoint>[-<split>]; a run's best.pt / latest.pt is named with its run folder (eval-r1-best)."""
+    path = Path(checkpoint)
+    name = f"{path.parent.name}-{path.stem}" if path.stem in ("best", "latest") and path.parent.name else path.stem
+    return f"eval-{name}" + ("" if split == "test" else f"-{split}")
+
+
 def resolve_data_dir(data_dir: str | None) -> Path:
     if data_dir:
         return Path(data_dir)
@@ -223,14 +238,29 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write a Matplotlib figure as PNG through a temp file (a killed run never leaves half a PNG) and close it."""
+    """Write a Matplotlib figure as PNG atomically (a killed run never leaves half a PNG) and close it."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    import utils
+
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        utils.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def write_csv(path: Path, header, rows) -> None:
+    """A CSV file, written atomically."""
+    import io
+
+    import utils
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    utils.atomic_write(path, text.getvalue().encode("utf-8", "surrogateescape"))  # undecodable file names: their own bytes
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
@@ -241,12 +271,8 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
 
     if not history:
         return
-    tmp = run_dir / ".history.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    tmp.replace(run_dir / "history.csv")
+    fields = list(history[0])
+    write_csv(run_dir / "history.csv", fields, [[h.get(k, "") for k in fields] for h in history])
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
@@ -265,19 +291,19 @@ def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: 
     """metrics.json ({split: summary, ...}) and <split>_predictions.csv."""
     import dataset
 
-    metrics = {split: summary, **extra}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(run_dir / f"{split}_predictions.csv", "w", newline="") as f:
-        fields = ["file", "class", "dice", "iou", "pred_pixels", "gt_pixels"]
-        if records and "malignancy" in records[0]:
-            fields += ["malignancy_probability", "predicted_class"]
-        writer = csv.writer(f)
-        writer.writerow(fields)
-        for r in records:
-            row = [r["file"], r["label"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", r["pred_pixels"], r["gt_pixels"]]
-            if "malignancy" in r:
-                row += [f"{r['malignancy']:.4f}", dataset.CLASSES[max(range(3), key=lambda k: r["class_probs"][k])]]
-            writer.writerow(row)
+    import utils
+
+    utils.write_json(run_dir / "metrics.json", {split: summary, **extra})  # NaN (e.g. no normal images) -> null
+    fields = ["file", "class", "dice", "iou", "pred_pixels", "gt_pixels"]
+    if records and "malignancy" in records[0]:
+        fields += ["malignancy_probability", "predicted_class"]
+    rows = []
+    for r in records:
+        row = [r["file"], r["label"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", r["pred_pixels"], r["gt_pixels"]]
+        if "malignancy" in r:
+            row += [f"{r['malignancy']:.4f}", dataset.CLASSES[max(range(3), key=lambda k: r["class_probs"][k])]]
+        rows.append(row)
+    write_csv(run_dir / f"{split}_predictions.csv", fields, rows)
 
 
 def write_report_figure(run_dir: Path, summary: dict, records: list[dict], split: str = "test") -> None:
@@ -392,13 +418,9 @@ def run(args) -> int:
         run_dir = ckpt_path.parent
     elif args.eval_only:
         state = utils.load_checkpoint(args.checkpoint)
-        suffix = "" if args.eval_split == "test" else f"-{args.eval_split}"
-        run_dir = output_dir / (args.run_name or f"eval-{Path(args.checkpoint).stem}{suffix}")
+        run_dir = utils.claim_run_dir(output_dir, args.run_name, eval_folder_name(args.checkpoint, args.eval_split))
     else:
-        run_dir = output_dir / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
-        if (run_dir / "latest.pt").exists():
-            raise ValueError(f"{run_dir} already holds a run: continue it with --resume --run-name {run_dir.name} "
-                             f"or choose another --run-name")
+        run_dir = utils.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
     if state is not None:
         saved = {"dice_per_image": False, **state.get("config", {})}  # runs from before the option pooled the Dice
         for key in CONFIG_KEYS:
@@ -427,8 +449,12 @@ def run(args) -> int:
     counts = {k: len(split[k]) for k in ("train", "val", "test")}
     print(f"data: {data_dir} | {len(samples)} images | split {counts} from {split_source} | device {device}",
           flush=True)
-    if not train["names"] or not val["names"]:
-        raise ValueError(f"the split leaves no training or validation images ({counts}); add data")
+    needed = (args.eval_split,) if args.eval_only else ("train", "val", "test")
+    if any(counts[k] == 0 for k in needed):
+        empty = ", ".join(k for k in needed if counts[k] == 0)
+        raise ValueError(f"the split leaves no {empty} images ({counts}); add data or pass a --split-file")
+    if not args.eval_only and counts["train"] < 2:
+        raise ValueError(f"training needs at least 2 images (BatchNorm), the split has {counts['train']}")
 
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     config.update(data_dir=str(data_dir), split_file=split_source, device=str(device), amp=args.amp)
@@ -474,6 +500,10 @@ def run(args) -> int:
 
     # ---- optimisation ----
     steps_per_epoch = math.ceil(len(train["names"]) / args.batch_size)
+    if len(train["names"]) % args.batch_size == 1:
+        # BatchNorm cannot train on a batch of one image (at a 1x1 bottleneck it fails outright): the lone last
+        # image of each shuffled epoch sits that epoch out
+        steps_per_epoch -= 1
     total_steps = steps_per_epoch * args.epochs
     warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
     optimizer = utils.make_optimizer(model, args.lr, args.weight_decay, device)

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import io
+import json
 import math
 import os
 import pickle
 import random
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -330,27 +334,84 @@ def evaluate_thresholds(model: UNet, data: dict, device: torch.device, dtype: to
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------
-def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Atomic write: a temp file in the same folder, fsync, then rename over `path`.
+def atomic_write(path: str | os.PathLike, data) -> None:
+    """Write `data` (bytes, or a callable that writes to a binary file object) to `path` atomically: a unique
+    temp file in the same folder, fsync, then rename over `path`.
 
-    A run killed at any moment leaves either the old file or the new one, never a torn one.
+    A run killed at any moment leaves either the old file or the new one, never a torn one; two writers never
+    share a temp file; a failed write (full disk) removes its temp file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is as readable as any other file
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; ours are as readable as any other file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def json_safe(value):
+    """`value` with every non-finite float turned into None: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Strict JSON (NaN written as null), atomically."""
+    atomic_write(path, (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
+
+
+def claim_run_dir(parent: str | os.PathLike, name: str | None, default_name: str) -> Path:
+    """Create and return a run or evaluation folder that no other run owns.
+
+    The claim is atomic (an exclusive mkdir, or an exclusive marker file in an empty folder), so two runs
+    started at once never share a folder. An explicit `name` whose folder already holds files is refused; a
+    default name that is taken gets a suffix (-2, -3, ...).
+    """
+    parent = Path(parent)
+    candidates = [name] if name else [default_name] + [f"{default_name}-{k}" for k in range(2, 1000)]
+    for candidate in candidates:
+        run_dir = parent / candidate
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            if not run_dir.is_dir() or any(p.name != ".claimed" for p in run_dir.iterdir()):
+                if name:
+                    raise ValueError(f"{run_dir} already holds a run (or other files): choose another --run-name, "
+                                     f"or continue a training run with --resume {run_dir}") from None
+                continue
+        try:  # an empty folder (made by hand, or just now by us) becomes ours only if no one else claimed it
+            os.close(os.open(run_dir / ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return run_dir
+        except FileExistsError:
+            if name:
+                raise ValueError(f"{run_dir} is being used by another run: choose another --run-name") from None
+    raise ValueError(f"no free folder name for {default_name} in {parent}")
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Serialise in memory, then `atomic_write`: torch's own file writer fails on a full disk with an opaque
+    RuntimeError, while a plain write raises the OSError (ENOSPC) that names the cause."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -372,7 +433,42 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this project (expected format {CHECKPOINT_FORMAT!r})")
+    problem = checkpoint_problem(state)
+    if problem:
+        raise CheckpointError(f"{path} is damaged or was not written by this project: {problem}")
     return state
+
+
+def size_multiple(model_config: dict) -> int:
+    """The input size a model takes must be a multiple of this: 2 ** (number of down-sampling steps)."""
+    return 2 ** int(model_config.get("depth", 4))
+
+
+def checkpoint_problem(state: dict) -> str | None:
+    """What is structurally wrong with a loaded checkpoint dict, or None: every tool loads through
+    `load_checkpoint`, so a crafted file ends in one clear message, not a traceback deep inside a tool."""
+    weights, model_config, config = state["model"], state.get("model_config", {}), state.get("config", {})
+    if not isinstance(weights, dict):
+        return f"'model' should be a dict of tensors, got {type(weights).__name__}"
+    bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        return f"'model' entry {bad[0]!r} is a {type(weights[bad[0]]).__name__}, not a tensor"
+    if not isinstance(model_config, dict):
+        return f"'model_config' should be a dict, got {type(model_config).__name__}"
+    if not isinstance(config, dict):
+        return f"'config' should be a dict, got {type(config).__name__}"
+    depth = model_config.get("depth", 4)  # (a missing model_config is named by build_model)
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 8:
+        return f"model_config depth should be an integer from 1 to 8, got {depth!r}"
+    size = config.get("image_size")
+    if size is not None:
+        multiple = size_multiple(model_config)
+        if not isinstance(size, int) or isinstance(size, bool) or size < multiple or size % multiple:
+            return f"config image_size should be a positive multiple of {multiple}, got {size!r}"
+    threshold = config.get("threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
+        return f"config threshold should be a number in (0, 1), got {threshold!r}"
+    return None
 
 
 def build_model(state: dict, path: str | os.PathLike = "checkpoint") -> UNet | UNetEnsemble:
