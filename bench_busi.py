@@ -4,7 +4,7 @@
     python bench_busi.py --device cuda                                         # GPU, default model at 256 px
 
 (a) project: decoded uint8 tensors kept on the device, batched on-device augmentation (augment.py),
-    channels_last, bf16 autocast where supported, fused AdamW: exactly train_unet_busi.TrainStep.
+    channels_last, bf16 autocast where supported, fused AdamW: exactly training.TrainStep, as train_unet_busi.py runs it.
 (b) naive: the way a typical repo does it: a Dataset that decodes the PNGs with PIL, resizes and augments
     per item, in a DataLoader with worker processes, an fp32 NCHW model and a plain AdamW.
 Prints a table and, as its LAST line, `speedup_vs_naive: X.XX` (project train img/s / naive train img/s).
@@ -31,8 +31,9 @@ from PIL import Image
 import dataset
 import utils
 from augment import AugmentConfig
-from losses import BCEDiceLoss, deep_supervision_loss
-from train_unet_busi import DEEP_SUPERVISION, DICE_PER_IMAGE, TrainStep
+import inference
+from losses import BCEDiceLoss, total_loss
+from training import TrainStep, make_grad_scaler, make_optimizer
 from unet import UNet
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' datasheets, matched by device name.
@@ -66,12 +67,7 @@ class NaiveBUSIDataset(torch.utils.data.Dataset):
 
 def naive_train_step(model, optimizer, loss_fn, cls_weight, x, y, labels, ds_weight=0.0):
     """fp32, NCHW, no fusion: the baseline's step (the same loss as the project's, deep supervision included)."""
-    seg, cls, aux = model(x, with_aux=True)
-    loss = loss_fn(seg, y)
-    if aux and ds_weight:
-        loss = loss + ds_weight * deep_supervision_loss(loss_fn, aux, y)
-    if cls is not None:
-        loss = loss + cls_weight * torch.nn.functional.cross_entropy(cls, labels)
+    loss = total_loss(loss_fn, model(x, with_aux=True), y, labels, cls_weight, ds_weight)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -142,9 +138,9 @@ def bench_project(args, device, cache, n_train):
     torch.manual_seed(args.seed)
     model = UNet(1, 1, args.base_channels, args.depth, num_classes=3,
                  deep_supervision=args.deep_supervision > 0).to(device, memory_format=torch.channels_last)
-    optimizer = utils.make_optimizer(model, 1e-3, 1e-2, device)
-    scaler = utils.make_grad_scaler(device, dtype)
-    step = TrainStep(model, optimizer, scaler, BCEDiceLoss(dice_per_image=DICE_PER_IMAGE), 0.2, device, dtype,
+    optimizer = make_optimizer(model, 1e-3, 1e-2, device)
+    scaler = make_grad_scaler(device, dtype)
+    step = TrainStep(model, optimizer, scaler, BCEDiceLoss(dice_per_image=args.dice_per_image), 0.2, device, dtype,
                      args.compile, ds_weight=args.deep_supervision)
     images, masks, labels = (cache[k][:n_train].to(device) for k in ("images", "masks", "labels"))
     cfg = AugmentConfig()
@@ -180,10 +176,10 @@ def bench_project(args, device, cache, n_train):
     n_inf = min(len(cache["images"]), max(args.batch_size * 4, 64))
     inf_images = cache["images"][:n_inf].to(device)
     infer_dtype = utils.inference_dtype(device, not args.no_amp)  # what predict_busi.py runs
-    list(utils.predict_batches(model, inf_images[:args.batch_size], device, infer_dtype, batch_size=32))
+    list(inference.predict_batches(model, inf_images[:args.batch_size], device, infer_dtype, batch_size=32))
     sync(device)
     t0 = time.perf_counter()
-    for _ in utils.predict_batches(model, inf_images, device, infer_dtype, batch_size=32):
+    for _ in inference.predict_batches(model, inf_images, device, infer_dtype, batch_size=32):
         pass
     sync(device)
     infer = n_inf / (time.perf_counter() - t0)
@@ -198,7 +194,7 @@ def bench_naive(args, device, data_dir, samples):
     model = UNet(1, 1, args.base_channels, args.depth, num_classes=3,
                  deep_supervision=args.deep_supervision > 0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = BCEDiceLoss(dice_per_image=DICE_PER_IMAGE)  # the training default, as in the project's step
+    loss_fn = BCEDiceLoss(dice_per_image=args.dice_per_image)  # the training default, as in the project's step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loader = torch.utils.data.DataLoader(NaiveBUSIDataset(data_dir, samples, args.image_size),
@@ -248,12 +244,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--data-dir", default=None,
-                   help="BUSI layout dir (default: ./Dataset_BUSI_with_GT, ../shared/data/..., else the bundled sample)")
+                   help="BUSI layout dir (default: ./Dataset_BUSI_with_GT, else the bundled sample)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--base-channels", type=int, default=32)
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--deep-supervision", type=float, default=DEEP_SUPERVISION,
+    # the loss as train_unet_busi.py's defaults set it when the README's figures were measured
+    p.add_argument("--deep-supervision", type=float, default=0.5,
                    help="weight of the aux losses, as in training; 0 = no aux heads (default: %(default)s)")
+    p.add_argument("--dice-per-image", action=argparse.BooleanOptionalAction, default=True,
+                   help="soft-Dice loss per image, as in training (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="timed steps per pipeline")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, workers start)")
@@ -270,10 +269,7 @@ def main(argv=None) -> int:
         device = utils.pick_device(args.device)
     except ValueError as exc:
         p.error(str(exc))
-    candidates = [args.data_dir] if args.data_dir else [
-        "Dataset_BUSI_with_GT", str(Path(__file__).resolve().parent.parent / "shared/data/Dataset_BUSI_with_GT"),
-        str(Path(__file__).resolve().parent / "data/busi_sample")]
-    data_dir = next((Path(c) for c in candidates if Path(c).is_dir()), Path(candidates[-1]))
+    data_dir = dataset.resolve_data_dir(args.data_dir)
     try:
         samples = dataset.discover_samples(data_dir)
         cache = dataset.build_cache(data_dir, samples, args.image_size, ".cache", progress=False)
@@ -325,7 +321,7 @@ def main(argv=None) -> int:
               "bf16_peak_tflops": peak, "fraction_of_peak": achieved / peak if peak else None, "cpu_ceiling": ceiling,
               "speedup_vs_naive": speedup}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        utils.atomic_write(args.json, (json.dumps(result, indent=2, default=str) + "\n").encode())
     print(f"speedup_vs_naive: {speedup:.2f}")
     return 0 if math.isfinite(speedup) else 1
 

@@ -481,6 +481,60 @@ def subset(cache: dict, names: list[str]) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Command line: (re)generate a split file
 # --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------------
+# Which data and which split: one rule for every tool
+# ------------------------------------------------------------------------------------------------------------------
+SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "busi_sample"
+LOCAL_DATA_DIR = Path("Dataset_BUSI_with_GT")  # where the Kaggle download unpacks, beside the scripts
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None, announce: bool = True) -> Path:
+    """The folder (or bundle) given, else ./Dataset_BUSI_with_GT if present, else the bundled sample; the sample
+    is announced in a banner, since its numbers mean nothing."""
+    if data_dir:
+        return Path(data_dir)
+    if LOCAL_DATA_DIR.is_dir():
+        return LOCAL_DATA_DIR
+    if announce:
+        banner = "=" * 100
+        print(f"{banner}\n  NO --data-dir GIVEN AND ./Dataset_BUSI_with_GT NOT FOUND: using the bundled sample "
+              f"(data/busi_sample, a handful of images).\n  Its numbers mean nothing. For real results download BUSI "
+              f"from Kaggle ('breast-ultrasound-images-dataset') and\n  pass --data-dir PATH/Dataset_BUSI_with_GT "
+              f"(or unpack it into this folder).\n{banner}", flush=True)
+    return SAMPLE_DIR
+
+
+def natural_key(path: Path) -> list:
+    """Sort 'x (2).png' before 'x (10).png'."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)] + [str(path)]
+
+
+def choose_split(data_dir: Path, samples: list[Sample], split_file: str | os.PathLike = DEFAULT_SPLIT_FILE,
+                 explicit: bool = False, write_to: Path | None = None) -> tuple[dict, str]:
+    """(split, where it came from): the split file when it lists exactly these images (an `explicit` one must),
+    else a leakage-safe split computed now (and written to `write_to`). A damaged split file is an error."""
+    split_path = Path(split_file)
+    if not split_path.is_absolute() and not split_path.exists():
+        split_path = Path(__file__).resolve().parent / split_path  # the repo's own splits/ from any folder
+    if explicit:
+        return read_split(split_path, samples), str(split_path)
+    if split_path.is_file():
+        split = read_split(split_path)
+        if split_matches(split, samples):
+            return split, str(split_path)
+    if is_bundle(data_dir):
+        raise DataError(f"{split_path} does not list the images of the bundle {data_dir}, and a bundle has no "
+                        f"full-size images to group duplicates: pass --split-file with a split of its images")
+    where = f" into {write_to}" if write_to else ""
+    print(f"{split_path.name} does not list this data dir's images: computing a leakage-safe split (near-duplicate "
+          f"grouping + stratification){where}", flush=True)
+    split = compute_split(data_dir, samples, progress=write_to is not None)
+    if write_to is None:
+        return split, "computed for this folder"
+    write_split(split, write_to)
+    return split, str(write_to)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Discover a BUSI-layout data dir, group near-duplicate images by perceptual hash and write a "

@@ -1,4 +1,5 @@
-"""BCE + Dice loss for binary segmentation, always computed in float32."""
+"""BCE + Dice loss for binary segmentation (always computed in float32), deep supervision, and the whole training
+objective."""
 from __future__ import annotations
 
 import torch
@@ -49,4 +50,19 @@ class BCEDiceLoss(nn.Module):
 
 def deep_supervision_loss(seg_loss, aux_logits, target: torch.Tensor) -> torch.Tensor:
     """Mean of `seg_loss` over the coarser decoder outputs, each against the mask average-pooled to its size."""
+    target = target.float()  # (validation passes the uint8 masks as they are stored)
     return torch.stack([seg_loss(a, F.avg_pool2d(target, target.shape[-1] // a.shape[-1])) for a in aux_logits]).mean()
+
+
+def total_loss(seg_loss, outputs, masks: torch.Tensor, labels: torch.Tensor, cls_weight: float = 0.0,
+               ds_weight: float = 0.0) -> torch.Tensor:
+    """The training objective of one forward pass, `outputs` = (mask logits, class logits or None[, aux logits]):
+    seg loss + ds_weight * deep-supervision loss + cls_weight * cross-entropy of the class head."""
+    seg_logits, cls_logits, *aux = outputs
+    aux_logits = aux[0] if aux else []
+    loss = seg_loss(seg_logits, masks)
+    if aux_logits and ds_weight:  # each coarser output vs the mask average-pooled to it
+        loss = loss + ds_weight * deep_supervision_loss(seg_loss, aux_logits, masks)
+    if cls_logits is not None and cls_weight:
+        loss = loss + cls_weight * F.cross_entropy(cls_logits.float(), labels)
+    return loss

@@ -12,6 +12,10 @@ from PIL import Image
 
 import dataset
 import utils
+import metrics
+import inference
+import evaluation
+import checkpoints
 from conftest import SYNTHETIC_COUNTS
 from losses import BCEDiceLoss, soft_dice_loss
 from unet import UNet, UNetEnsemble
@@ -260,11 +264,11 @@ def test_dice_iou_hand_computed_and_empty_conventions():
     pred[0, :4] = True          # 4 pixels
     gt[0, 1:4] = True           # 3 shared
     gt[1, :3] = True            # 6 in all
-    assert utils.dice_iou(pred, gt) == pytest.approx((6 / 10, 3 / 7))
+    assert metrics.dice_iou(pred, gt) == pytest.approx((6 / 10, 3 / 7))
     empty = torch.zeros(4, 4, dtype=torch.bool)
-    assert utils.dice_iou(empty, empty) == (1.0, 1.0)
-    assert utils.dice_iou(pred, empty) == (0.0, 0.0)
-    assert utils.dice_iou(empty, gt) == (0.0, 0.0)
+    assert metrics.dice_iou(empty, empty) == (1.0, 1.0)
+    assert metrics.dice_iou(pred, empty) == (0.0, 0.0)
+    assert metrics.dice_iou(empty, gt) == (0.0, 0.0)
 
 
 def test_summary_means_over_lesion_images_and_fp_rate_over_normals():
@@ -274,7 +278,7 @@ def test_summary_means_over_lesion_images_and_fp_rate_over_normals():
         {"label": "normal", "dice": 1.0, "iou": 1.0, "pred_pixels": 0, "gt_pixels": 0, "inter": 0},
         {"label": "normal", "dice": 0.0, "iou": 0.0, "pred_pixels": 5, "gt_pixels": 0, "inter": 0},
     ]
-    s = utils.summarize(records)
+    s = metrics.summarize(records)
     assert s["lesion_dice"] == pytest.approx(0.6) and s["lesion_iou"] == pytest.approx(0.425)
     assert s["lesion_pooled_dice"] == pytest.approx(2 * 16 / 60)
     assert s["normal_fp_rate"] == 0.5 and s["all_dice"] == pytest.approx(2.2 / 4)
@@ -282,22 +286,22 @@ def test_summary_means_over_lesion_images_and_fp_rate_over_normals():
 
 
 def test_roc_auc_hand_computed():
-    assert utils.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
-    assert utils.roc_auc([0.5, 0.5], [0, 1]) == 0.5
-    assert math.isnan(utils.roc_auc([0.5], [1]))
+    assert metrics.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert metrics.roc_auc([0.5, 0.5], [0, 1]) == 0.5
+    assert math.isnan(metrics.roc_auc([0.5], [1]))
 
 
 def test_roc_curve_hand_computed_and_its_area_is_roc_auc():
-    fpr, tpr = utils.roc_curve([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    fpr, tpr = metrics.roc_curve([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
     assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 6, 40) / 5  # many ties
     positives = rng.random(40) < 0.4
-    fpr, tpr = utils.roc_curve(scores, positives)
+    fpr, tpr = metrics.roc_curve(scores, positives)
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
     area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-    assert area == pytest.approx(utils.roc_auc(scores, positives))
+    assert area == pytest.approx(metrics.roc_auc(scores, positives))
 
 
 def test_evaluate_scores_at_original_resolution(busi_dir):
@@ -316,7 +320,7 @@ def test_evaluate_scores_at_original_resolution(busi_dir):
             self.i += len(x)
             return m * 40 - 20, None
 
-    summary, records = utils.evaluate(Oracle(), cache, torch.device("cpu"), batch_size=4)
+    summary, records = evaluation.evaluate(Oracle(), cache, torch.device("cpu"), batch_size=4)
     for r in records:
         gt = torch.from_numpy(facts["masks"][r["file"]])
         assert r["gt_pixels"] == int(gt.sum())  # ground truth at the original size, not 32x32
@@ -326,7 +330,7 @@ def test_evaluate_scores_at_original_resolution(busi_dir):
 
 
 def test_evaluate_thresholds_match_dice_iou_on_each_resized_prediction(busi_dir):
-    """The batched, sync-free counting gives, per image and threshold, exactly utils.dice_iou of the prediction
+    """The batched, sync-free counting gives, per image and threshold, exactly metrics.dice_iou of the prediction
     resized to the original size; the class probabilities come through per image."""
     root, facts = busi_dir
     samples = dataset.discover_samples(root)
@@ -334,16 +338,16 @@ def test_evaluate_thresholds_match_dice_iou_on_each_resized_prediction(busi_dir)
     torch.manual_seed(0)
     model = UNet(1, 1, base_channels=4, depth=2, num_classes=3).eval()
     thresholds = [0.3, 0.5, 0.7]
-    results = utils.evaluate_thresholds(model, cache, torch.device("cpu"), None, thresholds, batch_size=3)
-    probs = torch.cat([p for p, _ in utils.predict_batches(model, cache["images"], torch.device("cpu"))])
-    cls = torch.cat([c for _, c in utils.predict_batches(model, cache["images"], torch.device("cpu"))])
+    results = evaluation.evaluate_thresholds(model, cache, torch.device("cpu"), None, thresholds, batch_size=3)
+    probs = torch.cat([p for p, _ in inference.predict_batches(model, cache["images"], torch.device("cpu"))])
+    cls = torch.cat([c for _, c in inference.predict_batches(model, cache["images"], torch.device("cpu"))])
     for t in thresholds:
         summary, records = results[t]
         assert [r["file"] for r in records] == cache["names"]
         for i, r in enumerate(records):
             gt = torch.from_numpy(facts["masks"][r["file"]])
-            pred = utils.probs_to_original(probs[i], *gt.shape) > t
-            assert (r["dice"], r["iou"]) == utils.dice_iou(pred, gt)
+            pred = inference.probs_to_original(probs[i], *gt.shape) > t
+            assert (r["dice"], r["iou"]) == metrics.dice_iou(pred, gt)
             assert r["pred_pixels"] == int(pred.sum()) and r["gt_pixels"] == int(gt.sum())
             assert r["class_probs"] == pytest.approx(cls[i].tolist())
         assert summary["all_dice"] == pytest.approx(np.mean([r["dice"] for r in records]))
@@ -355,19 +359,19 @@ def test_evaluate_thresholds_match_dice_iou_on_each_resized_prediction(busi_dir)
 # ------------------------------------------------------------------------------------------------------------------
 def _tiny_checkpoint(path, **config):
     model = UNet(1, 1, base_channels=4, depth=2, num_classes=3)
-    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": model.state_dict(),
+    checkpoints.save_checkpoint({"format": checkpoints.CHECKPOINT_FORMAT, "model": model.state_dict(),
                            "model_config": model.config, "config": config}, path)
     return model
 
 
 def test_checkpoint_round_trip_and_export(tmp_path):
     model = _tiny_checkpoint(tmp_path / "a.pt", image_size=32)
-    loaded, state = utils.load_model(tmp_path / "a.pt")
+    loaded, state = checkpoints.load_model(tmp_path / "a.pt")
     x = torch.rand(1, 1, 32, 32)
     model.eval()
     assert torch.allclose(loaded(x)[0], model(x)[0])
-    utils.export_checkpoint(tmp_path / "a.pt", tmp_path / "slim.pt")
-    slim, _ = utils.load_model(tmp_path / "slim.pt")
+    checkpoints.export_checkpoint(tmp_path / "a.pt", tmp_path / "slim.pt")
+    slim, _ = checkpoints.load_model(tmp_path / "slim.pt")
     assert torch.allclose(slim(x)[0], model(x)[0], atol=0.05)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
@@ -384,42 +388,42 @@ class _Planted:
 
 def test_hostile_pickle_checkpoint_is_refused_and_runs_nothing(tmp_path):
     target = tmp_path / "pwned.txt"
-    torch.save({"format": utils.CHECKPOINT_FORMAT, "model": {}, "payload": _Planted(str(target))},
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": {}, "payload": _Planted(str(target))},
                tmp_path / "evil.pt")
-    with pytest.raises(utils.CheckpointError, match="refusing to load"):
-        utils.load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="refusing to load"):
+        checkpoints.load_checkpoint(tmp_path / "evil.pt")
     assert not target.exists()
 
 
 def test_wrong_checkpoints_name_the_problem(tmp_path):
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(1000))
-    with pytest.raises(utils.CheckpointError, match="not a PyTorch checkpoint"):
-        utils.load_checkpoint(tmp_path / "random.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="not a PyTorch checkpoint"):
+        checkpoints.load_checkpoint(tmp_path / "random.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
-    with pytest.raises(utils.CheckpointError, match="not a checkpoint of this project"):
-        utils.load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="not a checkpoint of this project"):
+        checkpoints.load_checkpoint(tmp_path / "foreign.pt")
     _tiny_checkpoint(tmp_path / "w.pt")
     state = torch.load(tmp_path / "w.pt", weights_only=True)
     state["model_config"] = dict(state["model_config"], base_channels=8)
     torch.save(state, tmp_path / "wide.pt")
-    with pytest.raises(utils.CheckpointError, match="shape of"):
-        utils.load_model(tmp_path / "wide.pt")
-    with pytest.raises(utils.CheckpointError, match="not found"):
-        utils.load_checkpoint(tmp_path / "none.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="shape of"):
+        checkpoints.load_model(tmp_path / "wide.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="not found"):
+        checkpoints.load_checkpoint(tmp_path / "none.pt")
 
 
 def test_ensemble_checkpoint_is_the_mean_of_its_members_and_loads_like_one_model(tmp_path):
     torch.manual_seed(0)
     members = [_tiny_checkpoint(tmp_path / f"m{i}.pt", image_size=32, threshold=0.5) for i in range(3)]
-    slim = utils.export_checkpoint([tmp_path / f"m{i}.pt" for i in range(3)], tmp_path / "ens.pt")
+    slim = checkpoints.export_checkpoint([tmp_path / f"m{i}.pt" for i in range(3)], tmp_path / "ens.pt")
     assert slim["model_config"]["members"] == 3 and len(slim["members"]) == 3
-    ensemble, state = utils.load_model(tmp_path / "ens.pt")
+    ensemble, state = checkpoints.load_model(tmp_path / "ens.pt")
     assert isinstance(ensemble, UNetEnsemble) and state["config"]["image_size"] == 32
     assert ensemble.config == dict(members[0].config, members=3) and ensemble.size_multiple == 4
     x = torch.rand(2, 1, 32, 32)
     for i in range(3):  # each member exported alone: the same fp16-rounded weights as inside the ensemble
-        utils.export_checkpoint(tmp_path / f"m{i}.pt", tmp_path / f"s{i}.pt")
-    singles = [utils.load_model(tmp_path / f"s{i}.pt")[0](x) for i in range(3)]
+        checkpoints.export_checkpoint(tmp_path / f"m{i}.pt", tmp_path / f"s{i}.pt")
+    singles = [checkpoints.load_model(tmp_path / f"s{i}.pt")[0](x) for i in range(3)]
     seg, cls = ensemble(x)
     assert torch.allclose(seg, torch.stack([s for s, _ in singles]).mean(0), atol=1e-6)
     assert torch.allclose(cls, torch.stack([c for _, c in singles]).mean(0), atol=1e-6)
@@ -431,31 +435,31 @@ def test_ensemble_checkpoint_is_the_mean_of_its_members_and_loads_like_one_model
 def test_ensemble_export_refuses_members_that_do_not_fit_together(tmp_path):
     _tiny_checkpoint(tmp_path / "a.pt", image_size=32, threshold=0.5)
     _tiny_checkpoint(tmp_path / "b.pt", image_size=64, threshold=0.5)
-    with pytest.raises(utils.CheckpointError, match="image_size differ"):
-        utils.export_checkpoint([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "e.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="image_size differ"):
+        checkpoints.export_checkpoint([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "e.pt")
     model = UNet(1, 1, base_channels=8, depth=2, num_classes=3)
-    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": model.state_dict(),
+    checkpoints.save_checkpoint({"format": checkpoints.CHECKPOINT_FORMAT, "model": model.state_dict(),
                            "model_config": model.config, "config": {"image_size": 32, "threshold": 0.5}},
                           tmp_path / "wide.pt")
-    with pytest.raises(utils.CheckpointError, match="model_config differ"):
-        utils.export_checkpoint([tmp_path / "a.pt", tmp_path / "wide.pt"], tmp_path / "e.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="model_config differ"):
+        checkpoints.export_checkpoint([tmp_path / "a.pt", tmp_path / "wide.pt"], tmp_path / "e.pt")
     assert not (tmp_path / "e.pt").exists()
-    utils.export_checkpoint([tmp_path / "a.pt", tmp_path / "a.pt"], tmp_path / "e.pt")
-    with pytest.raises(utils.CheckpointError, match="ensemble already"):
-        utils.export_checkpoint([tmp_path / "e.pt", tmp_path / "a.pt"], tmp_path / "ee.pt")
-    utils.export_checkpoint(tmp_path / "e.pt", tmp_path / "e2.pt")  # re-exporting one ensemble keeps it whole
-    model, state = utils.load_model(tmp_path / "e2.pt")
+    checkpoints.export_checkpoint([tmp_path / "a.pt", tmp_path / "a.pt"], tmp_path / "e.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="ensemble already"):
+        checkpoints.export_checkpoint([tmp_path / "e.pt", tmp_path / "a.pt"], tmp_path / "ee.pt")
+    checkpoints.export_checkpoint(tmp_path / "e.pt", tmp_path / "e2.pt")  # re-exporting one ensemble keeps it whole
+    model, state = checkpoints.load_model(tmp_path / "e2.pt")
     assert isinstance(model, UNetEnsemble) and len(state["members"]) == 2
     state = torch.load(tmp_path / "e.pt", weights_only=True)
     state["model_config"]["members"] = 0
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(utils.CheckpointError, match="members must be a positive integer"):
-        utils.load_model(tmp_path / "bad.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="members must be a positive integer"):
+        checkpoints.load_model(tmp_path / "bad.pt")
 
 
 def test_save_checkpoint_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "latest.pt"
-    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": {}, "v": 1}, path)
+    checkpoints.save_checkpoint({"format": checkpoints.CHECKPOINT_FORMAT, "model": {}, "v": 1}, path)
 
     def broken_save(obj, f, *a, **k):
         f.write(b"partial")
@@ -463,9 +467,9 @@ def test_save_checkpoint_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": {}, "v": 2}, path)
+        checkpoints.save_checkpoint({"format": checkpoints.CHECKPOINT_FORMAT, "model": {}, "v": 2}, path)
     monkeypatch.undo()
-    assert utils.load_checkpoint(path)["v"] == 1
+    assert checkpoints.load_checkpoint(path)["v"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
 
 

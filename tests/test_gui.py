@@ -1,7 +1,7 @@
 """inspect_busi_predictions_gui.py driven under a real X server (Xvfb, started here; skipped where it is missing).
 
 Every number the window shows is checked against values computed here independently: the model run directly
-(no predict_busi / utils.predict_batches) for the probability map, utils.dice_iou for the metrics.
+(no predict_busi / inference.predict_batches) for the probability map, metrics.dice_iou for the metrics.
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from PIL import Image
 
 import dataset
 import utils
+import metrics
+import inference
+import checkpoints
 from conftest import REAL_DATA, ROOT
 from test_predict import IMAGE_SIZE, save_tiny_checkpoint, scan, write_bad_checkpoint
 
@@ -116,7 +119,7 @@ def pump(root, seconds: float = 0.0) -> None:
 
 def expected_probability(checkpoint, image: np.ndarray) -> np.ndarray:
     """The probability map at the image's size, computed here from the model alone."""
-    model, _ = utils.load_model(checkpoint)
+    model, _ = checkpoints.load_model(checkpoint)
     x = torch.from_numpy(np.array(dataset.resize_image(image, IMAGE_SIZE))).float().div(255)[None, None]
     with torch.no_grad():
         prob = torch.sigmoid(model(x)[0])
@@ -128,7 +131,7 @@ def expected_metrics(app, threshold: float):
     item = app.current
     _, truth = dataset.load_sample(item.data_dir, item.sample)
     prob = app.cache[item.key].prob
-    return utils.dice_iou(torch.from_numpy(prob > threshold), torch.from_numpy(truth))
+    return metrics.dice_iou(torch.from_numpy(prob > threshold), torch.from_numpy(truth))
 
 
 def non_blank(image: Image.Image) -> float:
@@ -208,7 +211,7 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
     for i in app.visible:
         item = app.items[i]
         _, truth = dataset.load_sample(item.data_dir, item.sample)
-        expected[item.name] = utils.dice_iou(torch.from_numpy(app.cache[item.key].prob > 0.55),
+        expected[item.name] = metrics.dice_iou(torch.from_numpy(app.cache[item.key].prob > 0.55),
                                              torch.from_numpy(truth))[0]
     assert [app.items[i].name for i in app.visible] == sorted(expected, key=lambda n: expected[n])
     for entry, i in zip(entries, app.visible):
@@ -258,7 +261,7 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     app.select(0)  # still fully working
     assert (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.7))
     assert app.load_checkpoint(checkpoint) is True and app.cache and app.dice is not None
-    utils.export_checkpoint([checkpoint, checkpoint], tmp_path / "ens.pt")  # an ensemble loads like one model
+    checkpoints.export_checkpoint([checkpoint, checkpoint], tmp_path / "ens.pt")  # an ensemble loads like one model
     assert app.load_checkpoint(tmp_path / "ens.pt") is True and "ensemble of 2 x UNet" in app.status
     item = app.current
     np.testing.assert_allclose(app.cache[item.key].prob.astype(np.float32), expected_probability(

@@ -14,6 +14,8 @@ from PIL import Image
 import dataset
 import train_unet_busi as T
 import utils
+import training
+import checkpoints
 from conftest import ROOT
 from test_core import _Planted
 from test_train import TINY, train
@@ -119,7 +121,7 @@ def test_hostile_checkpoint_is_refused_by_training_entry_points(busi_dir, tmp_pa
     target = tmp_path / "created_by_unpickling.txt"
     run = tmp_path / "evil"
     run.mkdir()
-    torch.save({"format": utils.CHECKPOINT_FORMAT, "model": {}, "x": _Planted(str(target))}, run / "latest.pt")
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": {}, "x": _Planted(str(target))}, run / "latest.pt")
     flags = ["--resume", str(run)] if entry == "resume" else ["--eval-only", "--checkpoint", str(run / "latest.pt")]
     assert train(root, tmp_path, *flags) == 2
     assert "refusing to load" in capsys.readouterr().err
@@ -152,9 +154,9 @@ def test_split_file_naming_missing_images_is_refused(busi_dir, tmp_path, capsys)
 # ------------------------------------------------------------------------------------------------------------------
 def test_grad_scaler_is_on_for_fp16_only_and_skips_overflowing_steps():
     cpu = torch.device("cpu")
-    assert not utils.make_grad_scaler(cpu, None).is_enabled()
-    assert not utils.make_grad_scaler(cpu, torch.bfloat16).is_enabled()
-    scaler = utils.make_grad_scaler(cpu, torch.float16)
+    assert not training.make_grad_scaler(cpu, None).is_enabled()
+    assert not training.make_grad_scaler(cpu, torch.bfloat16).is_enabled()
+    scaler = training.make_grad_scaler(cpu, torch.float16)
     assert scaler.is_enabled()
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=0.1)

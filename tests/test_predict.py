@@ -15,6 +15,7 @@ from PIL import Image
 import dataset
 import predict_busi
 import utils
+import checkpoints
 from conftest import REAL_DATA, ROOT
 from unet import UNet
 
@@ -33,7 +34,7 @@ def save_tiny_checkpoint(path, num_classes: int = 3, seed: int = 0, threshold: f
         model.head.bias.mul_(SHARPEN)
         reference = torch.from_numpy(scan(IMAGE_SIZE, IMAGE_SIZE, seed=99)).float().div(255)[None, None]
         model.head.bias.sub_(model(reference)[0].median())  # about half of a typical image is then "lesion"
-    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": model.state_dict(),
+    checkpoints.save_checkpoint({"format": checkpoints.CHECKPOINT_FORMAT, "model": model.state_dict(),
                            "model_config": model.config,
                            "config": {"image_size": IMAGE_SIZE, "threshold": threshold}}, path)
     return path
@@ -136,7 +137,7 @@ def test_odd_inputs_with_a_corrupt_file_via_the_command_line(tmp_path, checkpoin
 def test_masks_equal_an_independent_prediction_and_threshold_applies(tmp_path, checkpoint, capsys):
     inputs = tmp_path / "in"
     make_odd_inputs(inputs)
-    model, _ = utils.load_model(checkpoint)
+    model, _ = checkpoints.load_model(checkpoint)
     for threshold in (0.5, 0.52):
         out = tmp_path / f"out{threshold}"
         assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
@@ -210,7 +211,7 @@ def write_bad_checkpoint(problem: str, path: Path, good: Path) -> Path:
         state["model_config"] = dict(state["model_config"], base_channels=8)
         torch.save(state, path)
     elif problem == "hostile":
-        torch.save({"format": utils.CHECKPOINT_FORMAT, "model": RunsCode(path.with_suffix(".pwned"))}, path)
+        torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": RunsCode(path.with_suffix(".pwned"))}, path)
     return path
 
 
@@ -256,7 +257,7 @@ SHIPPED = ROOT / "checkpoints" / "busi_unet_small.pt"
 
 def test_shipped_model_fits_its_budget_and_loads():
     assert SHIPPED.stat().st_size < 15e6  # the shipped model's budget: 15 MB
-    model, state = utils.load_model(SHIPPED)
+    model, state = checkpoints.load_model(SHIPPED)
     assert state["config"]["image_size"] % model.size_multiple == 0
 
 

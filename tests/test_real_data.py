@@ -10,6 +10,8 @@ import pytest
 
 import dataset
 import train_unet_busi
+import metrics
+import inference
 from conftest import REAL_DATA, ROOT, requires_real_data
 
 pytestmark = requires_real_data
@@ -105,8 +107,8 @@ def test_mask_round_trip_through_the_training_size_costs_what_results_md_says():
         mask = dataset.load_mask([REAL_DATA / m for m in sample.masks])
         for size in sizes:
             small = torch.from_numpy(dataset.resize_mask(mask, size))[None].float()
-            back = utils.probs_to_original(small, *mask.shape) > 0.5
-            dice[size].append(utils.dice_iou(back, torch.from_numpy(mask))[0])
+            back = inference.probs_to_original(small, *mask.shape) > 0.5
+            dice[size].append(metrics.dice_iou(back, torch.from_numpy(mask))[0])
     assert len(dice[128]) == 550
     for size in sizes:
         assert readme_row(section, f"{size} px") == [round(float(np.mean(dice[size])), 3),

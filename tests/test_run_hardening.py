@@ -16,6 +16,7 @@ import torch
 import predict_busi
 import train_unet_busi as T
 import utils
+import checkpoints
 from conftest import ROOT
 from test_train import TINY, history, train
 
@@ -291,4 +292,4 @@ def test_resume_with_an_abbreviated_flag_applies_it(busi_dir, tmp_path):
     assert train(root, tmp_path, "--epochs", "1", "--run-name", "ab") == 0
     assert train(root, tmp_path, "--resume", "--run-name", "ab", "--epoch", "2") == 0
     assert [int(h["epoch"]) for h in history(tmp_path / "ab")] == [1, 2]
-    assert utils.load_checkpoint(tmp_path / "ab" / "latest.pt")["config"]["epochs"] == 2
+    assert checkpoints.load_checkpoint(tmp_path / "ab" / "latest.pt")["config"]["epochs"] == 2

@@ -14,6 +14,10 @@ import torch
 
 import train_unet_busi as T
 import utils
+import training
+import metrics
+import evaluation
+import checkpoints
 from conftest import ROOT
 
 TINY = ["--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--device", "cpu",
@@ -73,7 +77,7 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
         assert sorted(r["file"] for r in csv.DictReader(f)) == sorted(json.loads((run / "split.json").read_text())["val"])
 
     # an ensemble of two checkpoints of the run evaluates like one model; an exported model cannot be resumed
-    utils.export_checkpoint([run / "best.pt", run / "latest.pt"], tmp_path / "ens.pt")
+    checkpoints.export_checkpoint([run / "best.pt", run / "latest.pt"], tmp_path / "ens.pt")
     assert train(root, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "ens.pt"), "--run-name", "ev-ens") == 0
     assert "UNetEnsemble" in capsys.readouterr().out
     assert set(json.loads((tmp_path / "ev-ens" / "metrics.json").read_text())["test"]) == set(metrics["test"])
@@ -83,7 +87,7 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
 
 def test_dice_per_image_flag_reaches_the_loss_and_the_checkpoint(busi_dir, tmp_path):
     root, _ = busi_dir
-    assert T.DICE_PER_IMAGE is True  # the default since validation preferred it
+    assert T.Hyperparameters.dice_per_image is True  # the default since validation preferred it
     assert train(root, tmp_path, "--epochs", "1", "--run-name", "pooled", "--no-dice-per-image") == 0
     assert train(root, tmp_path, "--epochs", "1", "--run-name", "per-image") == 0
     pooled, per_image = history(tmp_path / "pooled")[0], history(tmp_path / "per-image")[0]
@@ -101,7 +105,7 @@ def test_dice_per_image_flag_reaches_the_loss_and_the_checkpoint(busi_dir, tmp_p
     # a run saved before the option existed pooled its Dice, and goes on doing so when resumed
     state = torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)
     del state["config"]["dice_per_image"]
-    utils.save_checkpoint(state, tmp_path / "per-image" / "latest.pt")
+    checkpoints.save_checkpoint(state, tmp_path / "per-image" / "latest.pt")
     assert train(root, tmp_path, "--resume", "--run-name", "per-image", "--epochs", "3") == 0
     assert torch.load(tmp_path / "per-image" / "latest.pt", weights_only=True)["config"]["dice_per_image"] is False
 
@@ -207,7 +211,7 @@ def test_sigint_saves_latest_and_says_how_to_resume(busi_dir, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Resume with: python train_unet_busi.py --resume" in err
-    state = utils.load_checkpoint(tmp_path / "int" / "latest.pt")
+    state = checkpoints.load_checkpoint(tmp_path / "int" / "latest.pt")
     assert 1 <= state["epoch"] < 30
     done = subprocess.run(_command(root, tmp_path, "--resume", str(tmp_path / "int"), "--epochs",
                                    str(state["epoch"] + 1)), cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -226,13 +230,13 @@ def test_sigkill_during_an_epoch_and_during_a_save_leaves_readable_checkpoints(b
     proc.wait()
     run = tmp_path / "k"
     # the epoch-2 line is printed just before its checkpoint is written, so the kill may land before or after
-    assert utils.load_checkpoint(run / "latest.pt")["epoch"] >= 1
-    utils.load_checkpoint(run / "best.pt")
+    assert checkpoints.load_checkpoint(run / "latest.pt")["epoch"] >= 1
+    checkpoints.load_checkpoint(run / "best.pt")
 
     # 2) SIGKILL while latest.pt is being written: the temp file is half written when the process dies
     killer = (
-        "import os, signal, sys, utils, train_unet_busi as T\n"
-        "real = utils.save_checkpoint\n"
+        "import os, signal, sys, checkpoints, train_unet_busi as T\n"
+        "real = checkpoints.save_checkpoint\n"
         "def dying_save(state, path):\n"
         "    if state['epoch'] == EPOCH and str(path).endswith('latest.pt'):\n"
         "        import tempfile\n"
@@ -240,10 +244,10 @@ def test_sigkill_during_an_epoch_and_during_a_save_leaves_readable_checkpoints(b
         "        os.write(fd, b'half a checkpoint')\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    real(state, path)\n"
-        "utils.save_checkpoint = dying_save\n"
+        "checkpoints.save_checkpoint = dying_save\n"
         "sys.exit(T.main(sys.argv[1:]))\n"
     )
-    before = utils.load_checkpoint(run / "latest.pt")["epoch"]
+    before = checkpoints.load_checkpoint(run / "latest.pt")["epoch"]
     script = tmp_path / "killer.py"
     script.write_text(killer.replace("EPOCH", str(before + 1)))
     cmd = _command(root, tmp_path, "--resume", str(run), "--epochs", "30")
@@ -251,7 +255,7 @@ def test_sigkill_during_an_epoch_and_during_a_save_leaves_readable_checkpoints(b
     died = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert died.returncode == -signal.SIGKILL
-    assert utils.load_checkpoint(run / "latest.pt")["epoch"] == before  # the previous one, intact
+    assert checkpoints.load_checkpoint(run / "latest.pt")["epoch"] == before  # the previous one, intact
 
     # 3) resume finishes with the right epoch count
     done = subprocess.run(_command(root, tmp_path, "--resume", str(run), "--epochs", str(before + 2)), cwd=ROOT,
@@ -275,24 +279,21 @@ def test_read_only_output_dir_gives_a_clear_error(busi_dir, tmp_path):
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error:")
 
 
-def test_ema_weights_are_checkpointed_and_resume_exactly_and_threshold_is_tuned_on_validation(busi_dir, tmp_path,
-                                                                                              capsys):
+def test_removed_options_are_refused_and_an_old_ema_run_says_how_to_use_it(busi_dir, tmp_path, capsys):
+    """--ema and --tune-threshold measured no gain (RESULTS.md) and were removed: the flags are unknown now, and
+    resuming a run that used --ema names the option instead of silently training without it."""
     root, _ = busi_dir
-    flags = ["--epochs", "3", "--ema", "0.9", "--tune-threshold"]
-    assert train(root, tmp_path, *flags, "--run-name", "straight") == 0
-    out = capsys.readouterr().out
-    assert "threshold chosen on validation" in out
-    assert train(root, tmp_path, *flags, "--run-name", "split", "--stop-after", "1") == 0
-    assert train(root, tmp_path, "--resume", str(tmp_path / "split")) == 0
-    a = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "latest.pt", weights_only=True)
-    for key in ("model", "train_model"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-    assert not all(torch.equal(a["model"][k], a["train_model"][k]) for k in a["model"])  # averaged != raw
-    metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
-    threshold = metrics["config"]["threshold"]
-    assert threshold in [round(0.3 + 0.05 * k, 2) for k in range(9)]
-    assert torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["config"]["threshold"] == threshold
+    for flag in (["--ema", "0.9"], ["--tune-threshold"]):
+        with pytest.raises(SystemExit):
+            T.parse_args(flag)
+        assert "unrecognized arguments" in capsys.readouterr().err
+    assert train(root, tmp_path, "--epochs", "2", "--run-name", "old", "--stop-after", "1") == 0
+    state = torch.load(tmp_path / "old" / "latest.pt", weights_only=True)
+    state["train_model"] = state["model"]  # what an --ema run saved beside the averaged weights
+    checkpoints.save_checkpoint(state, tmp_path / "old" / "latest.pt")
+    capsys.readouterr()
+    assert train(root, tmp_path, "--resume", str(tmp_path / "old")) == 2
+    assert "--ema" in capsys.readouterr().err
 
 
 def test_compile_falls_back_to_eager_when_it_cannot_run(busi_dir, tmp_path, monkeypatch, capsys):
@@ -311,7 +312,7 @@ def test_compile_falls_back_to_eager_when_it_cannot_run(busi_dir, tmp_path, monk
 
 def test_validation_loss_is_the_training_loss_of_the_same_forward_pass(busi_dir):
     """validate() gets Dice and loss from one pass; its loss equals the loss computed directly, batch by batch
-    (uneven last batch included), and its summary equals utils.evaluate's."""
+    (uneven last batch included), and its summary equals evaluation.evaluate's."""
     import argparse
 
     import torch.nn.functional as F
@@ -326,8 +327,8 @@ def test_validation_loss_is_the_training_loss_of_the_same_forward_pass(busi_dir)
     torch.manual_seed(0)
     model = UNet(1, 1, base_channels=4, depth=2, num_classes=3).eval()
     seg_loss = BCEDiceLoss()
-    args = argparse.Namespace(cls_weight=0.3, threshold=0.5, eval_batch_size=4, tta=False)
-    summary, loss = T.validate(model, data, seg_loss, args, torch.device("cpu"), None)
+    args = argparse.Namespace(cls_weight=0.3, threshold=0.5, eval_batch_size=4, tta=False, deep_supervision=0.0)
+    summary, loss = training.validate(model, data, seg_loss, args, torch.device("cpu"), None)
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(data["names"]), 4):
@@ -338,7 +339,7 @@ def test_validation_loss_is_the_training_loss_of_the_same_forward_pass(busi_dir)
             total += float(batch_loss) * len(x)
     assert len(data["names"]) % 4 != 0
     assert loss == pytest.approx(total / len(data["names"]), rel=1e-5)
-    assert summary == utils.evaluate(model, data, torch.device("cpu"), None, 0.5, 4)[0]
+    assert summary == evaluation.evaluate(model, data, torch.device("cpu"), None, 0.5, 4)[0]
 
 
 def test_train_step_skips_a_non_finite_batch_on_the_device():
@@ -351,8 +352,8 @@ def test_train_step_skips_a_non_finite_batch_on_the_device():
     device = torch.device("cpu")
     torch.manual_seed(0)
     model = UNet(1, 1, base_channels=4, depth=2, num_classes=3).to(memory_format=torch.channels_last)
-    optimizer = utils.make_optimizer(model, 1e-2, 1e-4, device)
-    step = T.TrainStep(model, optimizer, utils.make_grad_scaler(device, None), BCEDiceLoss(), 0.2, device, None)
+    optimizer = training.make_optimizer(model, 1e-2, 1e-4, device)
+    step = training.TrainStep(model, optimizer, training.make_grad_scaler(device, None), BCEDiceLoss(), 0.2, device, None)
     assert step.skips_on_device
     images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
     masks = (torch.rand(4, 1, 32, 32) > 0.7).to(torch.uint8)
@@ -386,7 +387,7 @@ def test_train_step_skips_a_non_finite_batch_on_the_device():
 
 def test_deep_supervision_adds_the_weighted_mean_of_the_coarse_losses(busi_dir, tmp_path):
     """TrainStep's loss is main + w * mean(aux losses against the average-pooled mask); the aux heads learn; a run
-    with --deep-supervision saves a checkpoint that utils.load_model rebuilds and predicts with."""
+    with --deep-supervision saves a checkpoint that checkpoints.load_model rebuilds and predicts with."""
     import torch.nn.functional as F
 
     from augment import AugmentConfig
@@ -398,8 +399,8 @@ def test_deep_supervision_adds_the_weighted_mean_of_the_coarse_losses(busi_dir, 
     model = UNet(1, 1, base_channels=4, depth=3, num_classes=3, deep_supervision=True)
     reference = UNet(**model.config)
     reference.load_state_dict(model.state_dict())
-    optimizer = utils.make_optimizer(model, 1e-2, 1e-4, device)
-    step = T.TrainStep(model, optimizer, utils.make_grad_scaler(device, None), BCEDiceLoss(), 0.2, device, None,
+    optimizer = training.make_optimizer(model, 1e-2, 1e-4, device)
+    step = training.TrainStep(model, optimizer, training.make_grad_scaler(device, None), BCEDiceLoss(), 0.2, device, None,
                        ds_weight=0.5)
     images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
     masks = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
@@ -419,7 +420,7 @@ def test_deep_supervision_adds_the_weighted_mean_of_the_coarse_losses(busi_dir, 
     # weight 0 (a deep-supervision checkpoint resumed with --deep-supervision 0): the heads are not even run
     calls = []
     hooks = [head.register_forward_hook(lambda *_: calls.append(1)) for head in model.aux_heads]
-    no_aux = T.TrainStep(model, optimizer, utils.make_grad_scaler(device, None), BCEDiceLoss(), 0.2, device, None)
+    no_aux = training.TrainStep(model, optimizer, training.make_grad_scaler(device, None), BCEDiceLoss(), 0.2, device, None)
     assert bool(no_aux(images, masks, labels, AugmentConfig().scaled(0), torch.Generator(), None)[1])
     assert calls == []
     for hook in hooks:
@@ -427,7 +428,7 @@ def test_deep_supervision_adds_the_weighted_mean_of_the_coarse_losses(busi_dir, 
 
     root, _ = busi_dir
     assert train(root, tmp_path, "--epochs", "1", "--depth", "2", "--deep-supervision", "0.5", "--run-name", "ds") == 0
-    net, state = utils.load_model(tmp_path / "ds" / "best.pt")
+    net, state = checkpoints.load_model(tmp_path / "ds" / "best.pt")
     assert net.config["deep_supervision"] is True and state["config"]["deep_supervision"] == 0.5
     assert net(torch.rand(1, 1, 32, 32))[0].shape == (1, 1, 32, 32)
 
@@ -470,8 +471,8 @@ def test_training_from_a_bundle_file_matches_training_from_the_folder(busi_dir, 
 def test_report_figure_without_a_class_head(tmp_path):
     """A run without the class head (--cls-weight 0) still gets its report figure: the Dice panel alone."""
     records = [{"label": "benign", "dice": 0.8}, {"label": "malignant", "dice": 0.5}, {"label": "normal", "dice": 1.0}]
-    summary = utils.summarize([{**r, "iou": r["dice"], "pred_pixels": 1 if r["label"] != "normal" else 0,
+    summary = metrics.summarize([{**r, "iou": r["dice"], "pred_pixels": 1 if r["label"] != "normal" else 0,
                                 "gt_pixels": 1 if r["label"] != "normal" else 0, "inter": 1} for r in records])
-    T.write_report_figure(tmp_path, summary, records)
+    evaluation.write_report_figure(tmp_path, summary, records)
     from PIL import Image
     assert Image.open(tmp_path / "test_report.png").size[0] < 600  # one panel, not three

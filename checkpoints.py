@@ -1,0 +1,177 @@
+"""Checkpoint I/O, written once for every tool: atomic save, a load that never runs code and names what is
+wrong with a bad file, the model a checkpoint describes, and the export of slim (and ensemble) models."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from unet import UNet, UNetEnsemble
+from utils import atomic_write
+
+CHECKPOINT_FORMAT = "busi-unet-v1"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "busi_unet_small.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says why."""
+
+
+def shown_path(path: Path) -> Path:
+    """`path` relative to the working directory where that is shorter (for --help texts)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Serialise in memory, then `atomic_write`: torch's own file writer fails on a full disk with an opaque
+    RuntimeError, while a plain write raises the OSError (ENOSPC) that names the cause."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getbuffer())
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """torch.load with weights_only=True (a checkpoint never runs code); clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (no zip archive inside)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln or "GLOBAL" in ln]
+        reason = lines[0] if lines else "objects beyond tensors and plain data"
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data, "
+                              f"which could run code ({reason[:160]})") from None
+    except Exception as exc:  # noqa: BLE001 - zip/EOF/runtime errors of a torn or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or damaged "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (expected format {CHECKPOINT_FORMAT!r})")
+    problem = checkpoint_problem(state)
+    if problem:
+        raise CheckpointError(f"{path} is damaged or was not written by this project: {problem}")
+    return state
+
+
+def size_multiple(model_config: dict) -> int:
+    """The input size a model takes must be a multiple of this: 2 ** (number of down-sampling steps)."""
+    return 2 ** int(model_config.get("depth", 4))
+
+
+def checkpoint_problem(state: dict) -> str | None:
+    """What is structurally wrong with a loaded checkpoint dict, or None: every tool loads through
+    `load_checkpoint`, so a crafted file ends in one clear message, not a traceback deep inside a tool."""
+    weights, model_config, config = state["model"], state.get("model_config", {}), state.get("config", {})
+    if not isinstance(weights, dict):
+        return f"'model' should be a dict of tensors, got {type(weights).__name__}"
+    bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        return f"'model' entry {bad[0]!r} is a {type(weights[bad[0]]).__name__}, not a tensor"
+    if not isinstance(model_config, dict):
+        return f"'model_config' should be a dict, got {type(model_config).__name__}"
+    if not isinstance(config, dict):
+        return f"'config' should be a dict, got {type(config).__name__}"
+    depth = model_config.get("depth", 4)  # (a missing model_config is named by build_model)
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 8:
+        return f"model_config depth should be an integer from 1 to 8, got {depth!r}"
+    size = config.get("image_size")
+    if size is not None:
+        multiple = size_multiple(model_config)
+        if not isinstance(size, int) or isinstance(size, bool) or size < multiple or size % multiple:
+            return f"config image_size should be a positive multiple of {multiple}, got {size!r}"
+    threshold = config.get("threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
+        return f"config threshold should be a number in (0, 1), got {threshold!r}"
+    return None
+
+
+def build_model(state: dict, path: str | os.PathLike = "checkpoint") -> UNet | UNetEnsemble:
+    """Rebuild the UNet (or ensemble of UNets) described by a checkpoint and load its weights, naming any
+    mismatch."""
+    config = state.get("model_config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} has no model_config")
+    try:
+        unet_config = {k: v for k, v in config.items() if k != "members"}
+        if "members" in config:
+            n = config["members"]
+            if not isinstance(n, int) or n < 1:
+                raise TypeError(f"members must be a positive integer, got {n!r}")
+            model = UNetEnsemble([UNet(**unet_config) for _ in range(n)])
+        else:
+            model = UNet(**unet_config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: model_config {config} does not describe this project's UNet ({exc})") from None
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shapes = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {shapes[0]} is {tuple(weights[shapes[0]].shape)}, "
+                       f"expected {tuple(expected[shapes[0]].shape)}")
+        raise CheckpointError(f"{path}: weights do not fit UNet{config}: {detail}")
+    model.load_state_dict(weights)
+    return model
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+    """Load a checkpoint into a ready-to-use UNet in eval mode on `device`; also returns the checkpoint dict."""
+    state = load_checkpoint(path)
+    model = build_model(state, path).to(device).eval()
+    return model, state
+
+
+def export_checkpoint(src, dst: str | os.PathLike, half: bool = True) -> dict:
+    """Strip a training checkpoint to what inference needs (weights, model config, run config, validation
+    figures), with fp16 weights by default: the shipped model. Returns the exported dict.
+
+    `src` may also be a list of checkpoints: they become ONE ensemble checkpoint (see unet.UNetEnsemble),
+    which every tool loads like a single model. Its members must share the architecture, the input size and
+    the threshold; the first member's run config is kept, and each member's source, best epoch and
+    validation figures are listed under `members`.
+    """
+    sources = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+    states = [load_checkpoint(s) for s in sources]
+    first = states[0]
+    if len(states) > 1:
+        for s, state in zip(sources, states):
+            if "members" in (state.get("model_config") or {}):
+                raise CheckpointError(f"cannot ensemble {s}: it is an ensemble already (list its members instead)")
+    for s, state in zip(sources[1:], states[1:]):
+        for what, a, b in (("model_config", first.get("model_config"), state.get("model_config")),
+                           ("image_size", first.get("config", {}).get("image_size"),
+                            state.get("config", {}).get("image_size")),
+                           ("threshold", first.get("config", {}).get("threshold"),
+                            state.get("config", {}).get("threshold"))):
+            if a != b:
+                raise CheckpointError(f"cannot ensemble {sources[0]} and {s}: their {what} differ ({a} vs {b})")
+
+    def slim_weights(state):
+        return {k: v.half() if (half and v.is_floating_point()) else v for k, v in state["model"].items()}
+
+    if len(states) == 1:
+        weights, model_config = slim_weights(first), first["model_config"]
+        best_epoch, best_val, members = first.get("best_epoch"), first.get("best_val"), first.get("members")
+    else:
+        weights = {f"members.{i}.{k}": v for i, state in enumerate(states) for k, v in slim_weights(state).items()}
+        model_config = dict(first["model_config"], members=len(states))
+        best_epoch, best_val = None, None  # an ensemble has no epoch; its members' figures are listed
+        members = [{"source": str(s), "best_epoch": state.get("best_epoch"), "best_val": state.get("best_val"),
+                    "seed": state.get("config", {}).get("seed")} for s, state in zip(sources, states)]
+    slim = {"format": CHECKPOINT_FORMAT, "model": weights, "model_config": model_config,
+            "config": first.get("config", {}), "best_epoch": best_epoch, "best_val": best_val}
+    if members:
+        slim["members"] = members
+    save_checkpoint(slim, dst)
+    return slim

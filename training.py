@@ -1,0 +1,300 @@
+"""The training machinery that train_unet_busi.py and bench_busi.py share: the optimisation step, the schedule,
+validation, stop requests, non-finite-loss bookkeeping, the exact training state in a checkpoint, the curves."""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import augment
+import evaluation
+import utils
+from augment import AugmentConfig
+from checkpoints import CHECKPOINT_FORMAT
+from losses import BCEDiceLoss, total_loss
+
+MAX_BAD_STEPS = 5  # stop after this many non-finite losses in a row (checked every 10 steps)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """AdamW, fused where PyTorch has the fused kernel (CUDA and CPU): one kernel over all parameters instead of
+    a Python loop over them (several times faster per step on CPU; on CUDA, far fewer kernel launches)."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=dtype == torch.float16)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Batches per epoch. BatchNorm cannot train on a batch of one image (at a 1x1 bottleneck it fails
+    outright), so a lone last image of a shuffled epoch sits that epoch out."""
+    steps = math.ceil(n_images / batch_size)
+    return steps - 1 if n_images % batch_size == 1 and steps > 1 else steps
+
+
+class TrainStep:
+    """One optimisation step of the project's pipeline, shared by the training loop and bench_busi.py.
+
+    uint8 batch already on the device -> batched augmentation -> channels_last -> autocast forward ->
+    float32 loss -> backward -> fused optimizer step. Returns `(loss, finite)`, two 0-dim tensors on the device.
+    Nothing is read back to the host, so the CPU can queue the next steps while the GPU works. A non-finite
+    loss still skips the step completely, decided on the device: the fused AdamW kernel takes a `found_inf`
+    flag (the same input GradScaler uses) and leaves weights and optimizer state alone, and the BatchNorm
+    running statistics, which the forward pass changes before the loss is known, are restored from a snapshot
+    (a few KB).
+    """
+
+    def __init__(self, model, optimizer, scaler, seg_loss, cls_weight, device, dtype, compile=False, ds_weight=0.0):
+        self.model, self.optimizer, self.scaler, self.seg_loss = model, optimizer, scaler, seg_loss
+        self.cls_weight, self.ds_weight, self.device, self.dtype = cls_weight, ds_weight, device, dtype
+        self.with_aux = bool(ds_weight)  # a deep-supervision model resumed with weight 0 skips its aux heads
+        self.forward = model
+        if compile:
+            try:
+                self.forward = torch.compile(model)
+            except Exception as exc:  # noqa: BLE001 - any backend problem: run eagerly
+                print(f"warning: torch.compile unavailable ({exc}); running eagerly", file=sys.stderr)
+        self.buffers = list(model.buffers())  # BatchNorm running mean/var and num_batches_tracked
+        self.snapshot = [b.clone() for b in self.buffers]
+        self.skips_on_device = bool(optimizer.defaults.get("fused"))
+
+    def __call__(self, images, masks, labels, aug_cfg, param_gen, noise_gen):
+        x, y = augment.augment_batch(images, masks, aug_cfg, param_gen, noise_gen)
+        x = x.contiguous(memory_format=torch.channels_last)
+        torch._foreach_copy_(self.snapshot, self.buffers)
+        with utils.autocast(self.device, self.dtype):
+            try:
+                outputs = self.forward(x, with_aux=self.with_aux)
+            except Exception as exc:  # noqa: BLE001 - torch.compile fails lazily, at the first call
+                if self.forward is self.model:
+                    raise
+                print(f"warning: torch.compile failed ({type(exc).__name__}); running eagerly", file=sys.stderr)
+                self.forward = self.model
+                torch._foreach_copy_(self.buffers, self.snapshot)
+                outputs = self.model(x, with_aux=self.with_aux)
+        loss = total_loss(self.seg_loss, outputs, y, labels, self.cls_weight, self.ds_weight)
+        finite = torch.isfinite(loss.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():  # fp16: GradScaler sees the inf/NaN gradients and skips the step itself
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.skips_on_device:
+            loss.backward()
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif bool(finite):  # an unfused optimizer (MPS) cannot skip on the device: one host sync
+            loss.backward()
+            self.optimizer.step()
+        torch._foreach_copy_(self.buffers, [torch.where(finite, b, s) for b, s in zip(self.buffers, self.snapshot)])
+        return loss.detach(), finite
+
+
+def validate(model, data, seg_loss, hp, device, dtype) -> tuple[dict, float]:
+    """One pass over the validation split: its summary at the original resolution (evaluation.evaluate) and the
+    training objective (deep supervision included, no augmentation) at the training size, from the same
+    forward passes, so that the two loss curves compare like with like."""
+    total = torch.zeros((), device=device)  # summed on the device: one host sync at the end, not per batch
+    masks, labels = data["masks"].to(device), data["labels"].to(device)  # no copy where already on the device
+
+    def add_loss(start, outputs):
+        nonlocal total
+        n = outputs[0].shape[0]
+        loss = total_loss(seg_loss, outputs, masks[start:start + n], labels[start:start + n], hp.cls_weight,
+                          hp.deep_supervision)
+        total = total + loss.float() * n
+
+    summary, _ = evaluation.evaluate(model, data, device, dtype, hp.threshold, hp.eval_batch_size, hp.tta,
+                                     on_logits=add_loss, with_aux=bool(hp.deep_supervision))
+    return summary, float(total) / max(1, len(data["names"]))
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C aborts at once."""
+
+    def __init__(self, what: str = "stopping after this step and saving latest.pt"):
+        self.requested, self.what = False, what
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: {self.what} (press Ctrl-C again to abort without "
+              f"saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class BadSteps:
+    """Non-finite losses counted on the device (the current streak, the longest, the total), read every 10 steps:
+    a warning names new skips, a streak of MAX_BAD_STEPS stops the run."""
+
+    def __init__(self, device):
+        self.run, self.longest, self.total = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+        self.reported = 0
+
+    def add(self, finite: torch.Tensor) -> None:
+        self.run = torch.where(finite, 0, self.run + 1)
+        self.longest = torch.maximum(self.longest, self.run)
+        self.total += ~finite
+
+    def check(self, epoch: int, step: int, run_dir) -> None:
+        total, longest = torch.stack([self.total, self.longest]).tolist()
+        if total > self.reported:
+            print(f"warning: {total - self.reported} non-finite loss(es) by epoch {epoch + 1} step {step + 1}: "
+                  f"each step skipped, nothing updated (longest streak {longest})", file=sys.stderr, flush=True)
+            self.reported = total
+            if longest >= MAX_BAD_STEPS:
+                raise FloatingPointError(
+                    f"loss was non-finite {longest} steps in a row (epoch {epoch + 1}); stopping. The last good "
+                    f"checkpoints in {run_dir} are untouched; try a lower --lr or --no-amp")
+
+
+class Trainer:
+    """The model's optimiser, schedule, generators and progress (epoch, step, batch order, best score, history),
+    with the exact state a checkpoint needs to continue a run bit for bit."""
+
+    def __init__(self, model, hp, device, dtype, n_train: int, compile: bool = False):
+        self.model, self.hp, self.device = model, hp, device
+        self.steps = steps_per_epoch(n_train, hp.batch_size)
+        self.n_train = n_train
+        total, warmup = self.steps * hp.epochs, max(1, round(hp.warmup_epochs * self.steps))
+        self.optimizer = make_optimizer(model, hp.lr, hp.weight_decay, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, warmup))
+        self.scaler = make_grad_scaler(device, dtype)
+        self.seg_loss = BCEDiceLoss(hp.bce_weight, hp.dice_weight, dice_per_image=hp.dice_per_image)
+        self.aug_cfg = AugmentConfig().scaled(hp.augment)
+        self.param_gen = torch.Generator().manual_seed(hp.seed)
+        self.noise_gen = torch.Generator(device=device).manual_seed(hp.seed + 1) if device.type != "mps" else None
+        self.step_fn = TrainStep(model, self.optimizer, self.scaler, self.seg_loss, hp.cls_weight, device, dtype,
+                                 compile, ds_weight=hp.deep_supervision)
+        self.bad = BadSteps(device)
+        self.epoch, self.step, self.perm, self.history = 0, 0, None, []
+        self.best_score, self.best_epoch, self.best_val = -1.0, None, None
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's training state."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.perm = state["epoch"], state.get("step", 0), state.get("epoch_perm")
+        self.history = list(state.get("history", []))
+        self.best_score, self.best_epoch, self.best_val = state["best_score"], state["best_epoch"], state.get("best_val")
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.param_gen.set_state(rng["param_gen"])
+        if self.noise_gen is not None and "noise_gen" in rng:
+            self.noise_gen.set_state(rng["noise_gen"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def state(self, config: dict) -> dict:
+        """Everything `restore` needs, plus the weights and the run's config."""
+        rng = {"torch": torch.get_rng_state(), "param_gen": self.param_gen.get_state()}
+        if self.noise_gen is not None:
+            rng["noise_gen"] = self.noise_gen.get_state()
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "model_config": self.model.config,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "epoch_perm": self.perm,
+                "best_score": self.best_score, "best_epoch": self.best_epoch, "best_val": self.best_val,
+                "config": config, "history": self.history, "rng": rng}
+
+    def train_epoch(self, data: dict, stop: StopRequest, run_dir) -> tuple[float, float, int] | None:
+        """Train the rest of the current epoch on `data` (uint8 tensors on the device). Returns (mean loss of
+        the finite steps, seconds, images seen), or None when a stop request ended it early (then `state()`
+        holds the position inside the epoch)."""
+        self.model.train()
+        if self.perm is None:
+            self.perm = torch.randperm(self.n_train, generator=self.param_gen)
+        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
+        good_seen = torch.zeros((), dtype=torch.long, device=self.device)
+        bs = self.hp.batch_size
+        bar = tqdm(range(self.step, self.steps), desc=f"epoch {self.epoch + 1}/{self.hp.epochs}", leave=False,
+                   dynamic_ncols=True, initial=self.step, total=self.steps)
+        for step in bar:
+            idx = self.perm[step * bs:(step + 1) * bs].to(self.device)
+            loss, finite = self.step_fn(data["images"][idx], data["masks"][idx], data["labels"][idx], self.aug_cfg,
+                                        self.param_gen, self.noise_gen)
+            self.scheduler.step()
+            self.bad.add(finite)  # bookkeeping stays on the device: no host sync per step
+            loss_sum += torch.where(finite, loss, 0) * len(idx)
+            good_seen += finite * len(idx)
+            seen += len(idx)
+            if step % 10 == 0 or step == self.steps - 1:  # the one read-back every 10 steps
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                self.bad.check(self.epoch, step, run_dir)
+            if stop.requested and step + 1 < self.steps:  # (a complete epoch is finished normally)
+                bar.close()
+                self.step = step + 1
+                return None
+        bar.close()
+        self.step, self.perm = 0, None
+        return float(loss_sum) / max(1, int(good_seen)), time.perf_counter() - t0, seen
+
+    def end_epoch(self, train_loss: float, train_seconds: float, seen: int, val_summary: dict, val_loss: float,
+                  seconds: float) -> tuple[dict, bool]:
+        """Record the finished epoch in the history; returns its row and whether it is the best so far."""
+        self.epoch += 1
+        fp = val_summary["normal_fp_rate"]
+        row = {"epoch": self.epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
+               "val_lesion_dice": round(val_summary["lesion_dice"], 5),
+               "val_lesion_iou": round(val_summary["lesion_iou"], 5),
+               "val_normal_fp_rate": round(fp, 5) if not math.isnan(fp) else "",
+               "val_score": round(val_summary["all_dice"], 5), "lr": self.optimizer.param_groups[0]["lr"],
+               "seconds": round(seconds, 2), "train_img_per_s": round(seen / max(train_seconds, 1e-9), 1)}
+        if "malignancy_auc" in val_summary:
+            row["val_malignancy_auc"] = round(val_summary["malignancy_auc"], 5)
+        self.history.append(row)
+        improved = val_summary["all_dice"] > self.best_score
+        if improved:
+            self.best_score, self.best_epoch, self.best_val = val_summary["all_dice"], self.epoch, val_summary
+        return row, improved
+
+
+def write_history(run_dir, history: list[dict]) -> None:
+    """history.csv and curves.png (loss and validation figures per epoch), rewritten every epoch."""
+    if not history:
+        return
+    fields = list(history[0])
+    utils.write_csv(run_dir / "history.csv", fields, [[h.get(k, "") for k in fields] for h in history])
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(11, 4.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="training split (augmented)")
+    ax1.plot(epochs, [h["val_loss"] for h in history], label="validation split")
+    ax1.set(xlabel="epoch", ylabel="training objective (seg + deep supervision + class)", title="Loss")
+    ax1.legend(loc="upper right", fontsize="small", framealpha=0.8)
+    ax2.plot(epochs, [h["val_lesion_dice"] for h in history], label="lesion Dice")
+    ax2.plot(epochs, [h["val_lesion_iou"] for h in history], label="lesion IoU")
+    ax2.plot(epochs, [h["val_score"] for h in history], label="all-image Dice (selects best.pt)")
+    ax2.set(xlabel="epoch", ylabel="validation split, original resolution", title="Validation", ylim=(0, 1))
+    # the legend sits outside the axes: it never covers a curve
+    ax2.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)
+    utils.save_figure(fig, run_dir / "curves.png")
