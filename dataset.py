@@ -12,12 +12,14 @@ the decoded data into one compressed bundle file (to train on a machine that doe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import sys
+import tempfile
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +67,29 @@ class Sample:
         return CLASSES.index(self.label)
 
 
+def atomic_write(path: str | os.PathLike, write_fn) -> None:
+    """Write `path` by calling `write_fn(binary file)` on a unique temp file in its folder, fsync, rename.
+
+    A crash or an exception at any moment leaves the old file (or none) and no temp file, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; ours are as readable as any other file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Discovery
 # --------------------------------------------------------------------------------------------------------------
@@ -84,7 +109,11 @@ def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
             raise DataError(f"class folder missing: {folder}")
         images: dict[str, Sample] = {}
         masks: list[tuple[str, str]] = []  # (stem, file name)
-        for entry in sorted(os.listdir(folder)):
+        try:
+            entries = sorted(os.listdir(folder))
+        except OSError as exc:  # e.g. no read permission
+            raise DataError(f"cannot list {folder}: {exc.strerror or exc}") from None
+        for entry in entries:
             if _is_ignored(entry) or not (folder / entry).is_file():
                 continue
             stem = Path(entry).stem
@@ -290,11 +319,9 @@ def compute_split(data_dir: str | os.PathLike, samples: list[Sample] | None = No
 
 
 def write_split(split: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(split, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write a split as JSON, atomically. ASCII only: a name that is not valid UTF-8 is kept as a \\udcXX escape."""
+    text = json.dumps(split, indent=1, ensure_ascii=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("ascii")))
 
 
 def read_split(path: str | os.PathLike, samples: list[Sample] | None = None) -> dict:
@@ -382,10 +409,7 @@ def build_cache(data_dir: str | os.PathLike, samples: list[Sample], image_size: 
     }
     if cache_file is not None:
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            torch.save(cache, tmp)
-            os.replace(tmp, cache_file)
+            atomic_write(cache_file, lambda f: torch.save(cache, f))
         except OSError as exc:  # a read-only or full disk only costs the next run its head start
             print(f"warning: could not write the data cache {cache_file}: {exc}", file=sys.stderr)
     return cache
@@ -429,12 +453,8 @@ def write_bundle(cache: dict, image_size: int, path: str | os.PathLike) -> int:
         "full_mask_lengths": torch.tensor([len(m) for m in packed], dtype=torch.int64),
         "full_masks": _zip(np.concatenate(packed) if packed else np.zeros(0, np.uint8)),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(bundle, tmp)
-    os.replace(tmp, path)
-    return path.stat().st_size
+    atomic_write(path, lambda f: torch.save(bundle, f))
+    return Path(path).stat().st_size
 
 
 def read_bundle(path: str | os.PathLike, image_size: int | None = None) -> dict:
@@ -481,35 +501,73 @@ def subset(cache: dict, names: list[str]) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Command line: (re)generate a split file
 # --------------------------------------------------------------------------------------------------------------
+def _check_writable(path: Path) -> None:
+    """DataError unless a file can be created at `path`: probed with a temp file, before any slow work."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: give a file name")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"cannot write {path}: {existing} is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def main(argv=None) -> int:
+    import utils  # the command-line value checks are the training script's
+    from train_unet_busi import DEPTH
+
     parser = argparse.ArgumentParser(
         description="Discover a BUSI-layout data dir, group near-duplicate images by perceptual hash and write a "
                     "leakage-safe, class-stratified train/val/test split (JSON).")
-    parser.add_argument("--data-dir", default="../shared/data/Dataset_BUSI_with_GT",
-                        help="folder with benign/, malignant/, normal/ (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with benign/, malignant/, normal/ (default: ./Dataset_BUSI_with_GT, as for "
+                             "train_unet_busi.py; never the bundled sample, whose split would replace BUSI's)")
     parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE),
                         help="where to write the split (default: the repo's splits/busi_split.json)")
     parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="shuffle seed (default: %(default)s)")
     parser.add_argument("--bundle", default=None, metavar="FILE",
                         help="instead of a split, write the data decoded at --image-size into one compressed file "
                              "that train_unet_busi.py --data-dir FILE trains from (for a machine without the PNGs)")
-    parser.add_argument("--image-size", type=int, default=256, help="image size of --bundle (default: %(default)s)")
+    parser.add_argument("--image-size", type=utils.positive_int, default=256,
+                        help=f"image size of --bundle, a multiple of {2 ** DEPTH} as training needs "
+                             f"(default: %(default)s)")
     args = parser.parse_args(argv)
+    multiple = 2 ** DEPTH  # the trainer's default depth; it refuses any other size
+    if args.image_size % multiple:
+        parser.error(f"argument --image-size: {args.image_size} is not a multiple of {multiple} (the U-Net halves "
+                     f"it {DEPTH} times; try {max(multiple, round(args.image_size / multiple) * multiple)})")
+    data_dir = args.data_dir or "Dataset_BUSI_with_GT"
+    out = Path(args.bundle or args.out)
     try:
-        samples = discover_samples(args.data_dir)
+        if args.data_dir is None and not Path(data_dir).is_dir():
+            raise DataError("no --data-dir given and ./Dataset_BUSI_with_GT not found: pass --data-dir "
+                            "PATH/Dataset_BUSI_with_GT")
+        samples = discover_samples(data_dir)
+        _check_writable(out)  # fail now, not after decoding or hashing every image
         if args.bundle:
-            cache = build_cache(args.data_dir, samples, args.image_size, None)
-            size = write_bundle(cache, args.image_size, args.bundle)
-            print(f"{len(samples)} images at {args.image_size} px -> {args.bundle} ({size / 2**20:.1f} MiB)")
+            cache = build_cache(data_dir, samples, args.image_size, None)
+            try:
+                size = write_bundle(cache, args.image_size, out)
+            except OSError as exc:  # e.g. the disk filled up: atomic_write left no partial file
+                raise DataError(f"cannot write {out}: {exc.strerror or exc}") from None
+            print(f"{len(samples)} images at {args.image_size} px -> {out} ({size / 2**20:.1f} MiB)")
             return 0
-        split = compute_split(args.data_dir, samples, seed=args.seed)
+        split = compute_split(data_dir, samples, seed=args.seed)
+        try:
+            write_split(split, out)
+        except OSError as exc:
+            raise DataError(f"cannot write {out}: {exc.strerror or exc}") from None
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_split(split, args.out)
     counts = {k: len(split[k]) for k in ("train", "val", "test")}
     print(f"{len(samples)} images, {len(split['duplicate_groups'])} near-duplicate groups "
-          f"({sum(len(g) for g in split['duplicate_groups'])} images); split {counts} -> {args.out}")
+          f"({sum(len(g) for g in split['duplicate_groups'])} images); split {counts} -> {out}")
     return 0
 
 
