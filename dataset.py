@@ -120,6 +120,9 @@ def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
             match = MASK_RE.match(stem)
             if match:
                 masks.append((match.group("stem"), entry))
+            elif stem in images:  # X.png and X.jpg: which one the masks belong to is anyone's guess
+                raise DataError(f"two images with one name: {folder / Path(images[stem].image).name} and "
+                                f"{folder / entry} (keep one, or rename the other with its masks)")
             else:
                 images[stem] = Sample(image=f"{label}/{entry}", label=label)
         if not images:
@@ -371,7 +374,8 @@ def _cache_key(data_dir: Path, samples: list[Sample], image_size: int) -> str:
     for sample in samples:
         for rel in [sample.image, *sample.masks]:
             st = (data_dir / rel).stat()
-            digest.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
+            # fsencode: a name that is not valid UTF-8 hashes as its own bytes (surrogate escape)
+            digest.update(os.fsencode(rel) + f":{st.st_size}:{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -50,6 +50,69 @@ def _temp_litter(folder):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# 5. File names that are not valid UTF-8
+# ------------------------------------------------------------------------------------------------------------------
+def _plant_bad_name(root):
+    """Add benign/<BAD_NAME>.png and its mask, written through byte paths; skip if the file system refuses."""
+    folder = os.fsencode(root / "benign")
+    image, mask = _lesion_pair()
+    try:
+        Image.fromarray(image).save(os.path.join(folder, BAD_NAME + b".png"), format="PNG")
+    except OSError as exc:  # e.g. macOS APFS only takes UTF-8 names
+        pytest.skip(f"the file system refuses a non-UTF-8 name: {exc}")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(folder, BAD_NAME + b"_mask.png"), format="PNG")
+    return "benign/" + os.fsdecode(BAD_NAME) + ".png", mask
+
+
+def test_non_utf8_file_name_is_discovered_cached_split_and_bundled(fresh_busi_dir, tmp_path):
+    root, _ = fresh_busi_dir
+    rel, mask = _plant_bad_name(root)
+    samples = dataset.discover_samples(root)
+    assert rel in [s.image for s in samples]
+    # cache: written, then read back from disk with the same names and mask
+    first = dataset.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
+    assert len(list((tmp_path / "cache").glob("busi_32_*.pt"))) == 1
+    second = dataset.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
+    assert second["names"] == first["names"] and rel in second["names"]
+    i = second["names"].index(rel)
+    np.testing.assert_array_equal(dataset.unpack_mask(second["full_masks"][i], second["full_sizes"][i]), mask)
+    # split: the JSON is plain ASCII with an escape sequence, and reads back to the same names
+    split = dataset.compute_split(root, samples, progress=False)
+    dataset.write_split(split, tmp_path / "s.json")
+    text = (tmp_path / "s.json").read_bytes().decode("ascii")
+    assert "bad\\udcff name.png" in text
+    back = dataset.read_split(tmp_path / "s.json", samples)
+    assert {k: back[k] for k in ("train", "val", "test")} == {k: split[k] for k in ("train", "val", "test")}
+    assert dataset.split_matches(back, samples)
+    # bundle
+    dataset.write_bundle(first, 32, tmp_path / "b.pt")
+    assert dataset.read_bundle(tmp_path / "b.pt", 32)["names"] == first["names"]
+
+
+def test_non_utf8_file_name_through_the_split_command(fresh_busi_dir, tmp_path):
+    root, _ = fresh_busi_dir
+    rel, _ = _plant_bad_name(root)
+    result = _cli("--data-dir", root, "--out", tmp_path / "s.json")
+    assert result.returncode == 0, result.stderr
+    split = dataset.read_split(tmp_path / "s.json", dataset.discover_samples(root))
+    assert rel in split["train"] + split["val"] + split["test"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. Two images with one stem
+# ------------------------------------------------------------------------------------------------------------------
+def test_same_stem_with_two_extensions_is_refused_naming_both(fresh_busi_dir):
+    root, _ = fresh_busi_dir
+    Image.open(root / "benign" / "benign (1).png").convert("RGB").save(root / "benign" / "benign (1).jpg")
+    with pytest.raises(dataset.DataError) as info:
+        dataset.discover_samples(root)
+    message = str(info.value)
+    assert "benign (1).png" in message and "benign (1).jpg" in message and "\n" not in message
+    _assert_one_line_error(_cli("--data-dir", root, "--out", root.parent / "s.json"), "benign (1).jpg")
+    assert not (root.parent / "s.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # 14. The command line
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size,needle", [("0", "positive"), ("-8", "positive"), ("two", "two"), ("50", "16")])
