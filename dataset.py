@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 CLASSES = ("benign", "malignant", "normal")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -42,7 +42,7 @@ SPLIT_SEED = 0
 # 0-12 bits (dense at 0-6, sparse at 8-12), while the bulk of distinct scans is at 14+ (some true pairs too).
 # Erring towards grouping is safe: a wrongly grouped pair only moves together, it cannot leak.
 DUPLICATE_MAX_BITS = 12
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation applied, 0/1 masks read as lesion (older caches hold other pixels)
 BUNDLE_FORMAT = "busi-bundle-v1"
 # PIL refuses images above 2x this as "decompression bombs"; raise the limit so that a legitimately huge scan
 # loads (it is reduced before anything else is done with it), while a corrupt header claiming gigapixels
@@ -148,7 +148,8 @@ def _mask_order(path: str) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------
-def _open(path: Path) -> Image.Image:
+def _open(path: Path) -> tuple[Image.Image, int]:
+    """The decoded image turned upright by its EXIF orientation (as viewers show it), and that orientation."""
     try:
         if path.stat().st_size == 0:
             raise DataError(f"empty file: {path}")
@@ -156,11 +157,31 @@ def _open(path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
             image.load()
-        return image
+            orientation = _exif_orientation(image)
+            if orientation != 1:  # only then: exif_transpose copies the pixels
+                image = ImageOps.exif_transpose(image)
+        return image, orientation
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """EXIF orientation tag 2..8, else 1 (none, or a value no viewer would apply)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is ignored, as viewers ignore it
+        return 1
+    return orientation if orientation in range(2, 9) else 1
+
+
+def _describe_orientation(orientation: int) -> str:
+    """'none' or e.g. '6 (turned 90 degrees)'."""
+    if orientation == 1:
+        return "none"
+    turn = {2: "mirrored", 3: "turned 180 degrees", 4: "mirrored"}.get(orientation, "turned 90 degrees")
+    return f"{orientation} ({turn})"
 
 
 def _grey_and_alpha(image: Image.Image) -> tuple[np.ndarray, int, np.ndarray | None]:
@@ -185,28 +206,50 @@ def _grey_and_alpha(image: Image.Image) -> tuple[np.ndarray, int, np.ndarray | N
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read any image as one grey uint8 channel (HxW). 16-bit, palette and alpha images are handled."""
-    image = _open(Path(path))
+    """Read any image as one grey uint8 channel (HxW), upright as displayed (EXIF orientation applied).
+    16-bit, palette and alpha images are handled."""
+    return _load_image(Path(path))[0]
+
+
+def _load_image(path: Path) -> tuple[np.ndarray, int]:
+    """`load_image` and the EXIF orientation that was applied (1: none)."""
+    image, orientation = _open(path)
     grey, full_scale, _ = _grey_and_alpha(image)
     if full_scale == 255 and grey.dtype == np.uint8:
-        return np.array(grey, dtype=np.uint8)  # a copy: PIL's buffer is released with the image
-    return np.round(np.clip(grey, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
+        return np.array(grey, dtype=np.uint8), orientation  # a copy: PIL's buffer is released with the image
+    return np.round(np.clip(grey, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8), orientation
 
 
 def load_mask(paths: list[str | os.PathLike], size: tuple[int, int] | None = None) -> np.ndarray:
     """OR-merge one or more masks into a bool HxW array; `size` is the image's (width, height) to check against.
 
     A pixel is lesion when its luminance, composited over black by its alpha, is at least half scale: this reads
-    1-bit, L, RGB and RGBA masks alike (a transparent pixel is background, whatever its colour).
+    1-bit, L, RGB and RGBA masks alike (a transparent pixel is background, whatever its colour). A mask whose
+    maximum is exactly 1 (8-bit or 16-bit 0/1, float 0.0/1.0) has a scale of 1: any nonzero integer pixel is
+    lesion, and a soft float one from 0.5 up.
+    Masks are turned upright by their EXIF orientation, like images.
     """
+    return _load_mask(paths, size, 1)
+
+
+def _load_mask(paths, size, image_orientation: int) -> np.ndarray:
+    """`load_mask`; `image_orientation` (the image's applied EXIF orientation) only words the size error."""
     merged = None
     for path in paths:
-        image = _open(Path(path))
+        image, orientation = _open(Path(path))
         if size is not None and image.size != tuple(size):
+            note = ""
+            if image_orientation != 1 or orientation != 1:  # the turn is the likely cause: say so
+                note = (f" after applying EXIF orientation (image: {_describe_orientation(image_orientation)}, "
+                        f"mask: {_describe_orientation(orientation)}); a mask must match its image as displayed")
             raise DataError(f"mask size {image.size[0]}x{image.size[1]} differs from its image's "
-                            f"{size[0]}x{size[1]}: {path}")
+                            f"{size[0]}x{size[1]}{note}: {path}")
         grey, full_scale, alpha = _grey_and_alpha(image)
-        if alpha is None:
+        if full_scale > 1 and grey.max(initial=0) == 1:  # 0/1 mask: a 0/255 one never peaks at exactly 1
+            lesion = grey >= 0.5  # half of its scale of 1: any nonzero pixel of an integer mask
+            if alpha is not None:
+                lesion &= alpha >= 128
+        elif alpha is None:
             lesion = grey >= (full_scale + 1) // 2
         else:  # composite over black: grey * alpha / 255 >= half scale, in uint16 (255 * 255 fits)
             lesion = grey.astype(np.uint16) * alpha >= 128 * 255
@@ -216,10 +259,10 @@ def load_mask(paths: list[str | os.PathLike], size: tuple[int, int] | None = Non
 
 
 def load_sample(data_dir: str | os.PathLike, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """Grey uint8 image and merged bool mask at the original resolution."""
+    """Grey uint8 image and merged bool mask at the original resolution, both upright as displayed."""
     root = Path(data_dir)
-    image = load_image(root / sample.image)
-    mask = load_mask([root / m for m in sample.masks], size=(image.shape[1], image.shape[0]))
+    image, orientation = _load_image(root / sample.image)
+    mask = _load_mask([root / m for m in sample.masks], (image.shape[1], image.shape[0]), orientation)
     return image, mask
 
 
@@ -393,9 +436,12 @@ def build_cache(data_dir: str | os.PathLike, samples: list[Sample], image_size: 
         cache_file = Path(cache_dir) / f"busi_{image_size}_{_cache_key(root, samples, image_size)}.pt"
         if cache_file.is_file():
             try:
-                return torch.load(cache_file, map_location="cpu", weights_only=True)
+                cache = torch.load(cache_file, map_location="cpu", weights_only=True)
             except Exception:  # a damaged cache is rebuilt, never trusted
                 pass
+            else:
+                warn_empty_masks(cache)
+                return cache
 
     def decode(sample: Sample):
         image, mask = load_sample(root, sample)
@@ -416,7 +462,23 @@ def build_cache(data_dir: str | os.PathLike, samples: list[Sample], image_size: 
             atomic_write(cache_file, lambda f: torch.save(cache, f))
         except OSError as exc:  # a read-only or full disk only costs the next run its head start
             print(f"warning: could not write the data cache {cache_file}: {exc}", file=sys.stderr)
+    warn_empty_masks(cache)
     return cache
+
+
+def warn_empty_masks(cache: dict, shown: int = 3) -> list[str]:
+    """Warn on stderr (one line) about benign/malignant images whose merged mask is empty; returns their names.
+
+    Such an image trains as "no lesion"; a mask format read wrongly looks exactly like this, so say it aloud.
+    """
+    empty = [name for name, label, packed in zip(cache["names"], cache["labels"].tolist(), cache["full_masks"])
+             if CLASSES[label] != "normal" and not bool(packed.any())]  # packbits pads with zero bits only
+    if empty:
+        listed = ", ".join(empty[:shown]) + (", ..." if len(empty) > shown else "")
+        verb, pronoun = ("image has", "it trains") if len(empty) == 1 else ("images have", "they train")
+        print(f"warning: {len(empty)} benign/malignant {verb} an empty mask ({listed}): {pronoun} as \"no lesion\"",
+              file=sys.stderr, flush=True)
+    return empty
 
 
 def unpack_mask(packed: torch.Tensor, size) -> torch.Tensor:
@@ -480,9 +542,11 @@ def read_bundle(path: str | os.PathLike, image_size: int | None = None) -> dict:
     flat = _unzip(bundle["full_masks"], np.uint8, (-1,))
     ends = np.cumsum(bundle["full_mask_lengths"].numpy())
     full = [torch.from_numpy(flat[e - n:e].copy()) for e, n in zip(ends, bundle["full_mask_lengths"].tolist())]
-    return {"images": torch.from_numpy(images.copy()), "masks": torch.from_numpy(masks.copy()),
-            "labels": bundle["labels"], "names": list(bundle["names"]), "full_masks": full,
-            "full_sizes": bundle["full_sizes"]}
+    cache = {"images": torch.from_numpy(images.copy()), "masks": torch.from_numpy(masks.copy()),
+             "labels": bundle["labels"], "names": list(bundle["names"]), "full_masks": full,
+             "full_sizes": bundle["full_sizes"]}
+    warn_empty_masks(cache)
+    return cache
 
 
 def bundle_samples(cache: dict) -> list[Sample]:

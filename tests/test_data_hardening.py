@@ -113,6 +113,139 @@ def test_same_stem_with_two_extensions_is_refused_naming_both(fresh_busi_dir):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# 7. 0/1 masks, float masks, empty lesion masks
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["8-bit png", "16-bit png", "16-bit tiff", "float tiff", "0/1 LA png"])
+def test_zero_one_masks_read_as_lesion(tmp_path, kind):
+    image, mask = _lesion_pair()
+    Image.fromarray(image).save(tmp_path / "x.png")
+    if kind == "8-bit png":
+        Image.fromarray(mask.astype(np.uint8)).save(tmp_path / "x_mask.png")
+    elif kind == "16-bit png":
+        Image.fromarray(mask.astype(np.uint16)).save(tmp_path / "x_mask.png")
+    elif kind == "16-bit tiff":
+        Image.fromarray(mask.astype(np.uint16)).save(tmp_path / "x_mask.tif")
+    elif kind == "float tiff":
+        Image.fromarray(mask.astype(np.float32)).save(tmp_path / "x_mask.tif")
+    else:  # grey 0/1, fully opaque
+        u8 = mask.astype(np.uint8)
+        Image.fromarray(np.dstack([u8, np.full_like(u8, 255)]), "LA").save(tmp_path / "x_mask.png")
+    mask_file = next(tmp_path.glob("x_mask.*"))
+    reopened = Image.open(mask_file)
+    grey = reopened.getchannel(0) if reopened.mode == "LA" else reopened
+    assert np.asarray(grey).max() == 1, reopened.mode  # the file really holds a 0/1 mask
+    _, loaded = dataset.load_sample(tmp_path, dataset.Sample("x.png", [mask_file.name]))
+    np.testing.assert_array_equal(loaded, mask)
+
+
+def test_half_scale_rule_still_holds_for_ordinary_masks(tmp_path):
+    """0/255 masks with faint (< half scale) pixels keep them as background: only a maximum of exactly 1 is 0/1."""
+    values = np.zeros((10, 10), np.uint8)
+    values[2:4, 2:4] = 255
+    values[6, 6] = 2  # faint, and the maximum is not 1
+    Image.fromarray(values).save(tmp_path / "m.png")
+    assert dataset.load_mask([tmp_path / "m.png"]).sum() == 4
+    floats = values.astype(np.float32)
+    Image.fromarray(floats).save(tmp_path / "m.tif")
+    assert dataset.load_mask([tmp_path / "m.tif"]).sum() == 4
+
+
+def test_soft_float_mask_with_a_maximum_of_1_is_cut_at_half(tmp_path):
+    values = np.zeros((10, 10), np.float32)
+    values[2:4, 2:4] = 1.0
+    values[6, 6:9] = (0.3, 0.5, 0.7)  # an anti-aliased edge
+    Image.fromarray(values).save(tmp_path / "m.tif")
+    expected = values >= 0.5
+    np.testing.assert_array_equal(dataset.load_mask([tmp_path / "m.tif"]), expected)
+
+
+def test_empty_lesion_mask_is_warned_once_per_load(fresh_busi_dir, tmp_path, capfd):
+    root, _ = fresh_busi_dir
+    for name in ("benign (3)", "malignant (4)"):
+        folder = root / name.split()[0]
+        size = Image.open(folder / f"{name}.png").size
+        Image.new("L", size, 0).save(folder / f"{name}_mask.png")
+    samples = dataset.discover_samples(root)
+    capfd.readouterr()
+    for _ in range(2):  # decoded, then read from the cache: warned each time, once
+        dataset.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
+        err = capfd.readouterr().err
+        assert err.count("warning:") == 1, err
+        line = next(line for line in err.splitlines() if line.startswith("warning:"))
+        assert "2 benign/malignant images have an empty mask" in line
+        assert "benign/benign (3).png" in line and "malignant/malignant (4).png" in line
+        assert "normal/" not in line  # normal images are meant to be empty
+
+
+def test_no_empty_mask_warning_on_good_data(busi_dir, tmp_path, capfd):
+    root, _ = busi_dir
+    dataset.build_cache(root, dataset.discover_samples(root), 32, None, progress=False)
+    assert "empty mask" not in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 8. EXIF orientation
+# ------------------------------------------------------------------------------------------------------------------
+def _exif(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _rotated_jpeg(path):
+    """A JPEG stored 471x562 with EXIF orientation 6 that displays as 562x471 with a bright square; returns the
+    displayed bool mask of that square."""
+    shown = np.full((471, 562), 20, np.uint8)  # rows x cols = displayed height x width
+    mask = np.zeros_like(shown, bool)
+    mask[40:160, 300:500] = True  # off-centre, so any rotation or flip moves it
+    shown[mask] = 235
+    # orientation 6 = 'rotate 90 degrees clockwise to display': store the displayed image turned the other way
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)
+    assert stored.size == (471, 562)
+    stored.save(path, quality=95, exif=_exif(6))
+    return mask
+
+
+def _assert_aligned(image, mask, expected_mask):
+    assert image.shape == mask.shape == (471, 562)
+    np.testing.assert_array_equal(mask, expected_mask)
+    assert image[mask].mean() > 200 and image[~mask].mean() < 50
+
+
+def test_exif_rotated_jpeg_loads_upright_with_its_displayed_mask(tmp_path):
+    expected = _rotated_jpeg(tmp_path / "scan.jpg")
+    Image.fromarray(expected.astype(np.uint8) * 255).save(tmp_path / "scan_mask.png")  # drawn as displayed
+    assert dataset.load_image(tmp_path / "scan.jpg").shape == (471, 562)
+    image, mask = dataset.load_sample(tmp_path, dataset.Sample("scan.jpg", ["scan_mask.png"]))
+    _assert_aligned(image, mask, expected)
+
+
+def test_exif_rotated_mask_follows_its_rotated_image(tmp_path):
+    """A mask saved by a tool that keeps the EXIF block is stored turned like its image, with the same tag."""
+    expected = _rotated_jpeg(tmp_path / "scan.jpg")
+    stored = Image.fromarray(expected.astype(np.uint8) * 255).transpose(Image.Transpose.ROTATE_90)
+    stored.save(tmp_path / "scan_mask.png", exif=_exif(6))
+    image, mask = dataset.load_sample(tmp_path, dataset.Sample("scan.jpg", ["scan_mask.png"]))
+    _assert_aligned(image, mask, expected)
+
+
+def test_size_mismatch_after_exif_rotation_says_so(tmp_path):
+    expected = _rotated_jpeg(tmp_path / "scan.jpg")
+    # a mask in the stored (not displayed) orientation and without the tag: it cannot match
+    Image.fromarray(np.rot90(expected).astype(np.uint8) * 255).save(tmp_path / "scan_mask.png")
+    with pytest.raises(dataset.DataError) as info:
+        dataset.load_sample(tmp_path, dataset.Sample("scan.jpg", ["scan_mask.png"]))
+    message = str(info.value)
+    assert "EXIF orientation" in message and "scan_mask.png" in message and "471x562" in message
+
+
+def test_perceptual_hash_sees_the_displayed_image(tmp_path):
+    _rotated_jpeg(tmp_path / "scan.jpg")
+    upright = np.asarray(Image.open(tmp_path / "scan.jpg").convert("L").transpose(Image.Transpose.ROTATE_270))
+    assert dataset.perceptual_hash(dataset.load_image(tmp_path / "scan.jpg")) == dataset.perceptual_hash(upright)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # 14. The command line
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size,needle", [("0", "positive"), ("-8", "positive"), ("two", "two"), ("50", "16")])
