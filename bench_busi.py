@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 
 import dataset
+import inference
 import utils
 from augment import AugmentConfig
-import inference
 from losses import BCEDiceLoss, total_loss
 from training import TrainStep, make_grad_scaler, make_optimizer
 from unet import UNet

@@ -2,7 +2,6 @@
 wrong with a bad file, the model a checkpoint describes, and the export of slim (and ensemble) models."""
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import zipfile
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 
 from unet import UNet, UNetEnsemble
-from utils import atomic_write
+from utils import torch_save
 
 CHECKPOINT_FORMAT = "busi-unet-v1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "busi_unet_small.pt"
@@ -30,11 +29,8 @@ def shown_path(path: Path) -> Path:
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Serialise in memory, then `atomic_write`: torch's own file writer fails on a full disk with an opaque
-    RuntimeError, while a plain write raises the OSError (ENOSPC) that names the cause."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, buffer.getbuffer())
+    """Atomic: a run killed at any moment leaves the old checkpoint or the new one, never a torn one."""
+    torch_save(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import utils
+from utils import atomic_write
 
 CLASSES = ("benign", "malignant", "normal")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -40,8 +44,9 @@ SPLIT_SEED = 0
 # 0-12 bits (dense at 0-6, sparse at 8-12), while the bulk of distinct scans is at 14+ (some true pairs too).
 # Erring towards grouping is safe: a wrongly grouped pair only moves together, it cannot leak.
 DUPLICATE_MAX_BITS = 12
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation applied, 0/1 masks read as lesion (older caches hold other pixels)
 BUNDLE_FORMAT = "busi-bundle-v1"
+BUNDLE_SIZE_MULTIPLE = 16  # 2**4: a bundle's size must suit the U-Net's default depth
 # PIL refuses images above 2x this as "decompression bombs"; raise the limit so that a legitimately huge scan
 # loads (it is reduced before anything else is done with it), while a corrupt header claiming gigapixels
 # still fails.
@@ -84,13 +89,20 @@ def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
             raise DataError(f"class folder missing: {folder}")
         images: dict[str, Sample] = {}
         masks: list[tuple[str, str]] = []  # (stem, file name)
-        for entry in sorted(os.listdir(folder)):
+        try:
+            entries = sorted(os.listdir(folder))
+        except OSError as exc:  # e.g. no read permission
+            raise DataError(f"cannot list {folder}: {exc.strerror or exc}") from None
+        for entry in entries:
             if _is_ignored(entry) or not (folder / entry).is_file():
                 continue
             stem = Path(entry).stem
             match = MASK_RE.match(stem)
             if match:
                 masks.append((match.group("stem"), entry))
+            elif stem in images:  # X.png and X.jpg: which one the masks belong to is anyone's guess
+                raise DataError(f"two images with one name: {folder / Path(images[stem].image).name} and "
+                                f"{folder / entry} (keep one, or rename the other with its masks)")
             else:
                 images[stem] = Sample(image=f"{label}/{entry}", label=label)
         if not images:
@@ -116,7 +128,8 @@ def _mask_order(path: str) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------
-def _open(path: Path) -> Image.Image:
+def _open(path: Path) -> tuple[Image.Image, int]:
+    """The decoded image turned upright by its EXIF orientation (as viewers show it), and that orientation."""
     try:
         if path.stat().st_size == 0:
             raise DataError(f"empty file: {path}")
@@ -124,11 +137,31 @@ def _open(path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
             image.load()
-        return image
+            orientation = _exif_orientation(image)
+            if orientation != 1:  # only then: exif_transpose copies the pixels
+                image = ImageOps.exif_transpose(image)
+        return image, orientation
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """EXIF orientation tag 2..8, else 1 (none, or a value no viewer would apply)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is ignored, as viewers ignore it
+        return 1
+    return orientation if orientation in range(2, 9) else 1
+
+
+def _describe_orientation(orientation: int) -> str:
+    """'none' or e.g. '6 (turned 90 degrees)'."""
+    if orientation == 1:
+        return "none"
+    turn = {2: "mirrored", 3: "turned 180 degrees", 4: "mirrored"}.get(orientation, "turned 90 degrees")
+    return f"{orientation} ({turn})"
 
 
 def _grey_and_alpha(image: Image.Image) -> tuple[np.ndarray, int, np.ndarray | None]:
@@ -153,28 +186,50 @@ def _grey_and_alpha(image: Image.Image) -> tuple[np.ndarray, int, np.ndarray | N
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read any image as one grey uint8 channel (HxW). 16-bit, palette and alpha images are handled."""
-    image = _open(Path(path))
+    """Read any image as one grey uint8 channel (HxW), upright as displayed (EXIF orientation applied).
+    16-bit, palette and alpha images are handled."""
+    return _load_image(Path(path))[0]
+
+
+def _load_image(path: Path) -> tuple[np.ndarray, int]:
+    """`load_image` and the EXIF orientation that was applied (1: none)."""
+    image, orientation = _open(path)
     grey, full_scale, _ = _grey_and_alpha(image)
     if full_scale == 255 and grey.dtype == np.uint8:
-        return np.array(grey, dtype=np.uint8)  # a copy: PIL's buffer is released with the image
-    return np.round(np.clip(grey, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
+        return np.array(grey, dtype=np.uint8), orientation  # a copy: PIL's buffer is released with the image
+    return np.round(np.clip(grey, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8), orientation
 
 
 def load_mask(paths: list[str | os.PathLike], size: tuple[int, int] | None = None) -> np.ndarray:
     """OR-merge one or more masks into a bool HxW array; `size` is the image's (width, height) to check against.
 
     A pixel is lesion when its luminance, composited over black by its alpha, is at least half scale: this reads
-    1-bit, L, RGB and RGBA masks alike (a transparent pixel is background, whatever its colour).
+    1-bit, L, RGB and RGBA masks alike (a transparent pixel is background, whatever its colour). A mask whose
+    maximum is exactly 1 (8-bit or 16-bit 0/1, float 0.0/1.0) has a scale of 1: any nonzero integer pixel is
+    lesion, and a soft float one from 0.5 up.
+    Masks are turned upright by their EXIF orientation, like images.
     """
+    return _load_mask(paths, size, 1)
+
+
+def _load_mask(paths, size, image_orientation: int) -> np.ndarray:
+    """`load_mask`; `image_orientation` (the image's applied EXIF orientation) only words the size error."""
     merged = None
     for path in paths:
-        image = _open(Path(path))
+        image, orientation = _open(Path(path))
         if size is not None and image.size != tuple(size):
+            note = ""
+            if image_orientation != 1 or orientation != 1:  # the turn is the likely cause: say so
+                note = (f" after applying EXIF orientation (image: {_describe_orientation(image_orientation)}, "
+                        f"mask: {_describe_orientation(orientation)}); a mask must match its image as displayed")
             raise DataError(f"mask size {image.size[0]}x{image.size[1]} differs from its image's "
-                            f"{size[0]}x{size[1]}: {path}")
+                            f"{size[0]}x{size[1]}{note}: {path}")
         grey, full_scale, alpha = _grey_and_alpha(image)
-        if alpha is None:
+        if full_scale > 1 and grey.max(initial=0) == 1:  # 0/1 mask: a 0/255 one never peaks at exactly 1
+            lesion = grey >= 0.5  # half of its scale of 1: any nonzero pixel of an integer mask
+            if alpha is not None:
+                lesion &= alpha >= 128
+        elif alpha is None:
             lesion = grey >= (full_scale + 1) // 2
         else:  # composite over black: grey * alpha / 255 >= half scale, in uint16 (255 * 255 fits)
             lesion = grey.astype(np.uint16) * alpha >= 128 * 255
@@ -184,10 +239,10 @@ def load_mask(paths: list[str | os.PathLike], size: tuple[int, int] | None = Non
 
 
 def load_sample(data_dir: str | os.PathLike, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """Grey uint8 image and merged bool mask at the original resolution."""
+    """Grey uint8 image and merged bool mask at the original resolution, both upright as displayed."""
     root = Path(data_dir)
-    image = load_image(root / sample.image)
-    mask = load_mask([root / m for m in sample.masks], size=(image.shape[1], image.shape[0]))
+    image, orientation = _load_image(root / sample.image)
+    mask = _load_mask([root / m for m in sample.masks], (image.shape[1], image.shape[0]), orientation)
     return image, mask
 
 
@@ -290,11 +345,9 @@ def compute_split(data_dir: str | os.PathLike, samples: list[Sample] | None = No
 
 
 def write_split(split: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(split, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write a split as JSON, atomically. ASCII only: a name that is not valid UTF-8 is kept as a \\udcXX escape."""
+    text = json.dumps(split, indent=1, ensure_ascii=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("ascii")))
 
 
 def read_split(path: str | os.PathLike, samples: list[Sample] | None = None) -> dict:
@@ -344,7 +397,8 @@ def _cache_key(data_dir: Path, samples: list[Sample], image_size: int) -> str:
     for sample in samples:
         for rel in [sample.image, *sample.masks]:
             st = (data_dir / rel).stat()
-            digest.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
+            # fsencode: a name that is not valid UTF-8 hashes as its own bytes (surrogate escape)
+            digest.update(os.fsencode(rel) + f":{st.st_size}:{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -362,9 +416,12 @@ def build_cache(data_dir: str | os.PathLike, samples: list[Sample], image_size: 
         cache_file = Path(cache_dir) / f"busi_{image_size}_{_cache_key(root, samples, image_size)}.pt"
         if cache_file.is_file():
             try:
-                return torch.load(cache_file, map_location="cpu", weights_only=True)
+                cache = torch.load(cache_file, map_location="cpu", weights_only=True)
             except Exception:  # a damaged cache is rebuilt, never trusted
                 pass
+            else:
+                warn_empty_masks(cache)
+                return cache
 
     def decode(sample: Sample):
         image, mask = load_sample(root, sample)
@@ -382,13 +439,26 @@ def build_cache(data_dir: str | os.PathLike, samples: list[Sample], image_size: 
     }
     if cache_file is not None:
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            torch.save(cache, tmp)
-            os.replace(tmp, cache_file)
+            utils.torch_save(cache, cache_file)
         except OSError as exc:  # a read-only or full disk only costs the next run its head start
             print(f"warning: could not write the data cache {cache_file}: {exc}", file=sys.stderr)
+    warn_empty_masks(cache)
     return cache
+
+
+def warn_empty_masks(cache: dict, shown: int = 3) -> list[str]:
+    """Warn on stderr (one line) about benign/malignant images whose merged mask is empty; returns their names.
+
+    Such an image trains as "no lesion"; a mask format read wrongly looks exactly like this, so say it aloud.
+    """
+    empty = [name for name, label, packed in zip(cache["names"], cache["labels"].tolist(), cache["full_masks"])
+             if CLASSES[label] != "normal" and not bool(packed.any())]  # packbits pads with zero bits only
+    if empty:
+        listed = ", ".join(empty[:shown]) + (", ..." if len(empty) > shown else "")
+        verb, pronoun = ("image has", "it trains") if len(empty) == 1 else ("images have", "they train")
+        print(f"warning: {len(empty)} benign/malignant {verb} an empty mask ({listed}): {pronoun} as \"no lesion\"",
+              file=sys.stderr, flush=True)
+    return empty
 
 
 def unpack_mask(packed: torch.Tensor, size) -> torch.Tensor:
@@ -429,12 +499,8 @@ def write_bundle(cache: dict, image_size: int, path: str | os.PathLike) -> int:
         "full_mask_lengths": torch.tensor([len(m) for m in packed], dtype=torch.int64),
         "full_masks": _zip(np.concatenate(packed) if packed else np.zeros(0, np.uint8)),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(bundle, tmp)
-    os.replace(tmp, path)
-    return path.stat().st_size
+    utils.torch_save(bundle, path)
+    return Path(path).stat().st_size
 
 
 def read_bundle(path: str | os.PathLike, image_size: int | None = None) -> dict:
@@ -456,9 +522,11 @@ def read_bundle(path: str | os.PathLike, image_size: int | None = None) -> dict:
     flat = _unzip(bundle["full_masks"], np.uint8, (-1,))
     ends = np.cumsum(bundle["full_mask_lengths"].numpy())
     full = [torch.from_numpy(flat[e - n:e].copy()) for e, n in zip(ends, bundle["full_mask_lengths"].tolist())]
-    return {"images": torch.from_numpy(images.copy()), "masks": torch.from_numpy(masks.copy()),
-            "labels": bundle["labels"], "names": list(bundle["names"]), "full_masks": full,
-            "full_sizes": bundle["full_sizes"]}
+    cache = {"images": torch.from_numpy(images.copy()), "masks": torch.from_numpy(masks.copy()),
+             "labels": bundle["labels"], "names": list(bundle["names"]), "full_masks": full,
+             "full_sizes": bundle["full_sizes"]}
+    warn_empty_masks(cache)
+    return cache
 
 
 def bundle_samples(cache: dict) -> list[Sample]:
@@ -535,35 +603,70 @@ def choose_split(data_dir: Path, samples: list[Sample], split_file: str | os.Pat
     return split, str(write_to)
 
 
+def _check_writable(path: Path) -> None:
+    """DataError unless a file can be created at `path`: probed with a temp file, before any slow work."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: give a file name")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"cannot write {path}: {existing} is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Discover a BUSI-layout data dir, group near-duplicate images by perceptual hash and write a "
                     "leakage-safe, class-stratified train/val/test split (JSON).")
-    parser.add_argument("--data-dir", default="../shared/data/Dataset_BUSI_with_GT",
-                        help="folder with benign/, malignant/, normal/ (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with benign/, malignant/, normal/ (default: ./Dataset_BUSI_with_GT, as for "
+                             "train_unet_busi.py; never the bundled sample, whose split would replace BUSI's)")
     parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE),
                         help="where to write the split (default: the repo's splits/busi_split.json)")
     parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="shuffle seed (default: %(default)s)")
     parser.add_argument("--bundle", default=None, metavar="FILE",
                         help="instead of a split, write the data decoded at --image-size into one compressed file "
                              "that train_unet_busi.py --data-dir FILE trains from (for a machine without the PNGs)")
-    parser.add_argument("--image-size", type=int, default=256, help="image size of --bundle (default: %(default)s)")
+    parser.add_argument("--image-size", type=utils.positive_int, default=256,
+                        help=f"image size of --bundle, a multiple of {BUNDLE_SIZE_MULTIPLE} as training at the "
+                             f"default depth needs (default: %(default)s)")
     args = parser.parse_args(argv)
+    multiple = BUNDLE_SIZE_MULTIPLE
+    if args.image_size % multiple:
+        parser.error(f"argument --image-size: {args.image_size} is not a multiple of {multiple} (the U-Net halves "
+                     f"it 4 times; try {max(multiple, round(args.image_size / multiple) * multiple)})")
+    data_dir = resolve_data_dir(args.data_dir, announce=False)
+    out = Path(args.bundle or args.out)
     try:
-        samples = discover_samples(args.data_dir)
+        if data_dir == SAMPLE_DIR:  # its split would replace BUSI's committed one
+            raise DataError("no --data-dir given and ./Dataset_BUSI_with_GT not found: pass --data-dir "
+                            "PATH/Dataset_BUSI_with_GT")
+        samples = discover_samples(data_dir)
+        _check_writable(out)  # fail now, not after decoding or hashing every image
         if args.bundle:
-            cache = build_cache(args.data_dir, samples, args.image_size, None)
-            size = write_bundle(cache, args.image_size, args.bundle)
-            print(f"{len(samples)} images at {args.image_size} px -> {args.bundle} ({size / 2**20:.1f} MiB)")
+            cache = build_cache(data_dir, samples, args.image_size, None)
+            try:
+                size = write_bundle(cache, args.image_size, out)
+            except OSError as exc:  # e.g. the disk filled up: atomic_write left no partial file
+                raise DataError(f"cannot write {out}: {exc.strerror or exc}") from None
+            print(f"{len(samples)} images at {args.image_size} px -> {out} ({size / 2**20:.1f} MiB)")
             return 0
-        split = compute_split(args.data_dir, samples, seed=args.seed)
+        split = compute_split(data_dir, samples, seed=args.seed)
+        try:
+            write_split(split, out)
+        except OSError as exc:
+            raise DataError(f"cannot write {out}: {exc.strerror or exc}") from None
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_split(split, args.out)
     counts = {k: len(split[k]) for k in ("train", "val", "test")}
     print(f"{len(samples)} images, {len(split['duplicate_groups'])} near-duplicate groups "
-          f"({sum(len(g) for g in split['duplicate_groups'])} images); split {counts} -> {args.out}")
+          f"({sum(len(g) for g in split['duplicate_groups'])} images); split {counts} -> {out}")
     return 0
 
 

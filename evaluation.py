@@ -2,6 +2,8 @@
 --eval-only and the end of training share (metrics.json, the per-image CSV, the report figure, the summary)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe beside the Tk app

@@ -221,6 +221,14 @@ def atomic_write(path: str | os.PathLike, data) -> None:
         raise
 
 
+def torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save, atomically. Serialised in memory first: torch's own file writer fails on a full disk with an
+    opaque RuntimeError ('unexpected pos'), while a plain write raises the OSError (ENOSPC) that names the cause."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getbuffer())
+
+
 def json_safe(value):
     """`value` with every non-finite float turned into None: strict JSON has no NaN."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import dataset
 from augment import AugmentConfig, augment_batch, to_unit_float
 from bench_busi import NaiveBUSIDataset
-from conftest import ROOT
 from losses import BCEDiceLoss
 from unet import UNet
 

@@ -8,15 +8,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import SYNTHETIC_COUNTS
 from PIL import Image
 
-import dataset
-import utils
-import metrics
-import inference
-import evaluation
 import checkpoints
-from conftest import SYNTHETIC_COUNTS
+import dataset
+import evaluation
+import inference
+import metrics
+import utils
 from losses import BCEDiceLoss, soft_dice_loss
 from unet import UNet, UNetEnsemble
 

@@ -16,15 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-import dataset
-import utils
-import metrics
-import inference
-import checkpoints
 from conftest import REAL_DATA, ROOT
+from PIL import Image
 from test_predict import IMAGE_SIZE, save_tiny_checkpoint, scan, write_bad_checkpoint
+
+import checkpoints
+import dataset
+import metrics
 
 tk = pytest.importorskip("tkinter")
 SAMPLE = ROOT / "data" / "busi_sample"

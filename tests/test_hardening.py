@@ -9,16 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import dataset
-import train_unet_busi as T
-import utils
-import training
-import checkpoints
 from conftest import ROOT
+from PIL import Image
 from test_core import _Planted
 from test_train import TINY, train
+
+import checkpoints
+import dataset
+import train_unet_busi as T
+import training
+import utils
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REAL_DATA, ROOT
 from PIL import Image
 
+import checkpoints
 import dataset
 import predict_busi
-import utils
-import checkpoints
-from conftest import REAL_DATA, ROOT
 from unet import UNet
 
 IMAGE_SIZE = 32

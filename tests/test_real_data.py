@@ -7,12 +7,12 @@ import re
 
 import numpy as np
 import pytest
+from conftest import REAL_DATA, ROOT, requires_real_data
 
 import dataset
-import train_unet_busi
-import metrics
 import inference
-from conftest import REAL_DATA, ROOT, requires_real_data
+import metrics
+import train_unet_busi
 
 pytestmark = requires_real_data
 
@@ -93,7 +93,6 @@ def test_mask_round_trip_through_the_training_size_costs_what_results_md_says():
     images of train + val (the test split is not looked at)."""
     import torch
 
-    import utils
 
     results = (ROOT / "RESULTS.md").read_text(encoding="utf-8")
     section = results[results.index("### Where the Dice is lost"):results.index("### Open work")]

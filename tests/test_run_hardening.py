@@ -12,13 +12,13 @@ import uuid
 
 import pytest
 import torch
+from conftest import ROOT
+from test_train import TINY, history, train
 
+import checkpoints
 import predict_busi
 import train_unet_busi as T
 import utils
-import checkpoints
-from conftest import ROOT
-from test_train import TINY, history, train
 
 
 def _last_error(capsys) -> str:

@@ -11,14 +11,13 @@ import time
 
 import pytest
 import torch
-
-import train_unet_busi as T
-import utils
-import training
-import metrics
-import evaluation
-import checkpoints
 from conftest import ROOT
+
+import checkpoints
+import evaluation
+import metrics
+import train_unet_busi as T
+import training
 
 TINY = ["--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--device", "cpu",
         "--eval-batch-size", "16"]

@@ -1,0 +1,359 @@
+"""dataset.py against hostile data and command lines: odd file names, ambiguous files, 0/1 and float masks,
+EXIF-rotated images, bad CLI values and unwritable outputs. Real files, real subprocesses, no mocks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+
+import dataset
+
+BAD_NAME = b"bad\xff name"  # not valid UTF-8: Python sees it as 'bad\udcff name' (surrogate escape)
+
+
+def _lesion_pair(h=40, w=50):
+    """A dark image with a bright square, and the bool mask of that square."""
+    image = np.full((h, w), 30, np.uint8)
+    mask = np.zeros((h, w), bool)
+    mask[10:25, 12:30] = True
+    image[mask] = 220
+    return image, mask
+
+
+def _cli(*args, cwd=ROOT):
+    """Run `python dataset.py ARGS` as a real subprocess."""
+    return subprocess.run([sys.executable, str(ROOT / "dataset.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_line_error(result, *needles):
+    """Exit 2, no traceback, exactly one `error:` line on stderr, which contains every needle."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _temp_litter(folder):
+    """Names of temp files left in `folder` (the atomic writes' `.NAME.*.tmp` and the old `NAME.tmp`)."""
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. File names that are not valid UTF-8
+# ------------------------------------------------------------------------------------------------------------------
+def _plant_bad_name(root):
+    """Add benign/<BAD_NAME>.png and its mask, written through byte paths; skip if the file system refuses."""
+    folder = os.fsencode(root / "benign")
+    image, mask = _lesion_pair()
+    try:
+        Image.fromarray(image).save(os.path.join(folder, BAD_NAME + b".png"), format="PNG")
+    except OSError as exc:  # e.g. macOS APFS only takes UTF-8 names
+        pytest.skip(f"the file system refuses a non-UTF-8 name: {exc}")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(folder, BAD_NAME + b"_mask.png"), format="PNG")
+    return "benign/" + os.fsdecode(BAD_NAME) + ".png", mask
+
+
+def test_non_utf8_file_name_is_discovered_cached_split_and_bundled(fresh_busi_dir, tmp_path):
+    root, _ = fresh_busi_dir
+    rel, mask = _plant_bad_name(root)
+    samples = dataset.discover_samples(root)
+    assert rel in [s.image for s in samples]
+    # cache: written, then read back from disk with the same names and mask
+    first = dataset.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
+    assert len(list((tmp_path / "cache").glob("busi_32_*.pt"))) == 1
+    second = dataset.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
+    assert second["names"] == first["names"] and rel in second["names"]
+    i = second["names"].index(rel)
+    np.testing.assert_array_equal(dataset.unpack_mask(second["full_masks"][i], second["full_sizes"][i]), mask)
+    # split: the JSON is plain ASCII with an escape sequence, and reads back to the same names
+    split = dataset.compute_split(root, samples, progress=False)
+    dataset.write_split(split, tmp_path / "s.json")
+    text = (tmp_path / "s.json").read_bytes().decode("ascii")
+    assert "bad\\udcff name.png" in text
+    back = dataset.read_split(tmp_path / "s.json", samples)
+    assert {k: back[k] for k in ("train", "val", "test")} == {k: split[k] for k in ("train", "val", "test")}
+    assert dataset.split_matches(back, samples)
+    # bundle
+    dataset.write_bundle(first, 32, tmp_path / "b.pt")
+    assert dataset.read_bundle(tmp_path / "b.pt", 32)["names"] == first["names"]
+
+
+def test_non_utf8_file_name_through_the_split_command(fresh_busi_dir, tmp_path):
+    root, _ = fresh_busi_dir
+    rel, _ = _plant_bad_name(root)
+    result = _cli("--data-dir", root, "--out", tmp_path / "s.json")
+    assert result.returncode == 0, result.stderr
+    split = dataset.read_split(tmp_path / "s.json", dataset.discover_samples(root))
+    assert rel in split["train"] + split["val"] + split["test"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. Two images with one stem
+# ------------------------------------------------------------------------------------------------------------------
+def test_same_stem_with_two_extensions_is_refused_naming_both(fresh_busi_dir):
+    root, _ = fresh_busi_dir
+    Image.open(root / "benign" / "benign (1).png").convert("RGB").save(root / "benign" / "benign (1).jpg")
+    with pytest.raises(dataset.DataError) as info:
+        dataset.discover_samples(root)
+    message = str(info.value)
+    assert "benign (1).png" in message and "benign (1).jpg" in message and "\n" not in message
+    _assert_one_line_error(_cli("--data-dir", root, "--out", root.parent / "s.json"), "benign (1).jpg")
+    assert not (root.parent / "s.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 7. 0/1 masks, float masks, empty lesion masks
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["8-bit png", "16-bit png", "16-bit tiff", "float tiff", "0/1 LA png"])
+def test_zero_one_masks_read_as_lesion(tmp_path, kind):
+    image, mask = _lesion_pair()
+    Image.fromarray(image).save(tmp_path / "x.png")
+    if kind == "8-bit png":
+        Image.fromarray(mask.astype(np.uint8)).save(tmp_path / "x_mask.png")
+    elif kind == "16-bit png":
+        Image.fromarray(mask.astype(np.uint16)).save(tmp_path / "x_mask.png")
+    elif kind == "16-bit tiff":
+        Image.fromarray(mask.astype(np.uint16)).save(tmp_path / "x_mask.tif")
+    elif kind == "float tiff":
+        Image.fromarray(mask.astype(np.float32)).save(tmp_path / "x_mask.tif")
+    else:  # grey 0/1, fully opaque
+        u8 = mask.astype(np.uint8)
+        Image.fromarray(np.dstack([u8, np.full_like(u8, 255)]), "LA").save(tmp_path / "x_mask.png")
+    mask_file = next(tmp_path.glob("x_mask.*"))
+    reopened = Image.open(mask_file)
+    grey = reopened.getchannel(0) if reopened.mode == "LA" else reopened
+    assert np.asarray(grey).max() == 1, reopened.mode  # the file really holds a 0/1 mask
+    _, loaded = dataset.load_sample(tmp_path, dataset.Sample("x.png", [mask_file.name]))
+    np.testing.assert_array_equal(loaded, mask)
+
+
+def test_half_scale_rule_still_holds_for_ordinary_masks(tmp_path):
+    """0/255 masks with faint (< half scale) pixels keep them as background: only a maximum of exactly 1 is 0/1."""
+    values = np.zeros((10, 10), np.uint8)
+    values[2:4, 2:4] = 255
+    values[6, 6] = 2  # faint, and the maximum is not 1
+    Image.fromarray(values).save(tmp_path / "m.png")
+    assert dataset.load_mask([tmp_path / "m.png"]).sum() == 4
+    floats = values.astype(np.float32)
+    Image.fromarray(floats).save(tmp_path / "m.tif")
+    assert dataset.load_mask([tmp_path / "m.tif"]).sum() == 4
+
+
+def test_soft_float_mask_with_a_maximum_of_1_is_cut_at_half(tmp_path):
+    values = np.zeros((10, 10), np.float32)
+    values[2:4, 2:4] = 1.0
+    values[6, 6:9] = (0.3, 0.5, 0.7)  # an anti-aliased edge
+    Image.fromarray(values).save(tmp_path / "m.tif")
+    expected = values >= 0.5
+    np.testing.assert_array_equal(dataset.load_mask([tmp_path / "m.tif"]), expected)
+
+
+def test_empty_lesion_mask_is_warned_once_per_load(fresh_busi_dir, tmp_path, capfd):
+    root, _ = fresh_busi_dir
+    for name in ("benign (3)", "malignant (4)"):
+        folder = root / name.split()[0]
+        size = Image.open(folder / f"{name}.png").size
+        Image.new("L", size, 0).save(folder / f"{name}_mask.png")
+    samples = dataset.discover_samples(root)
+    capfd.readouterr()
+    for _ in range(2):  # decoded, then read from the cache: warned each time, once
+        dataset.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
+        err = capfd.readouterr().err
+        assert err.count("warning:") == 1, err
+        line = next(line for line in err.splitlines() if line.startswith("warning:"))
+        assert "2 benign/malignant images have an empty mask" in line
+        assert "benign/benign (3).png" in line and "malignant/malignant (4).png" in line
+        assert "normal/" not in line  # normal images are meant to be empty
+
+
+def test_no_empty_mask_warning_on_good_data(busi_dir, tmp_path, capfd):
+    root, _ = busi_dir
+    dataset.build_cache(root, dataset.discover_samples(root), 32, None, progress=False)
+    assert "empty mask" not in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 8. EXIF orientation
+# ------------------------------------------------------------------------------------------------------------------
+def _exif(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _rotated_jpeg(path):
+    """A JPEG stored 471x562 with EXIF orientation 6 that displays as 562x471 with a bright square; returns the
+    displayed bool mask of that square."""
+    shown = np.full((471, 562), 20, np.uint8)  # rows x cols = displayed height x width
+    mask = np.zeros_like(shown, bool)
+    mask[40:160, 300:500] = True  # off-centre, so any rotation or flip moves it
+    shown[mask] = 235
+    # orientation 6 = 'rotate 90 degrees clockwise to display': store the displayed image turned the other way
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)
+    assert stored.size == (471, 562)
+    stored.save(path, quality=95, exif=_exif(6))
+    return mask
+
+
+def _assert_aligned(image, mask, expected_mask):
+    assert image.shape == mask.shape == (471, 562)
+    np.testing.assert_array_equal(mask, expected_mask)
+    assert image[mask].mean() > 200 and image[~mask].mean() < 50
+
+
+def test_exif_rotated_jpeg_loads_upright_with_its_displayed_mask(tmp_path):
+    expected = _rotated_jpeg(tmp_path / "scan.jpg")
+    Image.fromarray(expected.astype(np.uint8) * 255).save(tmp_path / "scan_mask.png")  # drawn as displayed
+    assert dataset.load_image(tmp_path / "scan.jpg").shape == (471, 562)
+    image, mask = dataset.load_sample(tmp_path, dataset.Sample("scan.jpg", ["scan_mask.png"]))
+    _assert_aligned(image, mask, expected)
+
+
+def test_exif_rotated_mask_follows_its_rotated_image(tmp_path):
+    """A mask saved by a tool that keeps the EXIF block is stored turned like its image, with the same tag."""
+    expected = _rotated_jpeg(tmp_path / "scan.jpg")
+    stored = Image.fromarray(expected.astype(np.uint8) * 255).transpose(Image.Transpose.ROTATE_90)
+    stored.save(tmp_path / "scan_mask.png", exif=_exif(6))
+    image, mask = dataset.load_sample(tmp_path, dataset.Sample("scan.jpg", ["scan_mask.png"]))
+    _assert_aligned(image, mask, expected)
+
+
+def test_size_mismatch_after_exif_rotation_says_so(tmp_path):
+    expected = _rotated_jpeg(tmp_path / "scan.jpg")
+    # a mask in the stored (not displayed) orientation and without the tag: it cannot match
+    Image.fromarray(np.rot90(expected).astype(np.uint8) * 255).save(tmp_path / "scan_mask.png")
+    with pytest.raises(dataset.DataError) as info:
+        dataset.load_sample(tmp_path, dataset.Sample("scan.jpg", ["scan_mask.png"]))
+    message = str(info.value)
+    assert "EXIF orientation" in message and "scan_mask.png" in message and "471x562" in message
+
+
+def test_perceptual_hash_sees_the_displayed_image(tmp_path):
+    _rotated_jpeg(tmp_path / "scan.jpg")
+    upright = np.asarray(Image.open(tmp_path / "scan.jpg").convert("L").transpose(Image.Transpose.ROTATE_270))
+    assert dataset.perceptual_hash(dataset.load_image(tmp_path / "scan.jpg")) == dataset.perceptual_hash(upright)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 14. The command line
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,needle", [("0", "positive"), ("-8", "positive"), ("two", "two"), ("50", "16")])
+def test_bad_bundle_image_size_is_a_one_line_error(busi_dir, tmp_path, size, needle):
+    root, _ = busi_dir
+    bundle = tmp_path / "b.pt"
+    line = _assert_one_line_error(_cli("--data-dir", root, "--bundle", bundle, "--image-size", size), needle)
+    assert "--image-size" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--out", "--bundle"])
+def test_output_that_is_a_directory_is_a_one_line_error_and_leaves_no_temp_file(busi_dir, tmp_path, flag):
+    root, _ = busi_dir
+    target = tmp_path / "somedir"
+    target.mkdir()
+    extra = ["--image-size", "32"] if flag == "--bundle" else []
+    _assert_one_line_error(_cli("--data-dir", root, flag, target, *extra), str(target), "directory")
+    assert _temp_litter(tmp_path) == [] and list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--out", "--bundle"])
+def test_output_under_a_file_is_a_one_line_error(busi_dir, tmp_path, flag):
+    """The parent 'folder' is a plain file: the write fails for root too."""
+    root, _ = busi_dir
+    (tmp_path / "plain").write_text("x")
+    extra = ["--image-size", "32"] if flag == "--bundle" else []
+    _assert_one_line_error(_cli("--data-dir", root, flag, tmp_path / "plain" / "out.x", *extra), "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").write_text("x")
+    except PermissionError:
+        yield folder
+    else:  # root (or a file system without permissions) writes anyway: there is nothing to test
+        pytest.skip("chmod 555 does not stop this user from writing (running as root?)")
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--bundle"])
+def test_output_in_a_read_only_folder_is_a_one_line_error(busi_dir, read_only_dir, flag):
+    root, _ = busi_dir
+    extra = ["--image-size", "32"] if flag == "--bundle" else []
+    _assert_one_line_error(_cli("--data-dir", root, flag, read_only_dir / "out.x", *extra), "cannot write")
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_default_data_dir_is_dataset_busi_with_gt_in_the_working_folder(busi_dir, tmp_path):
+    root, _ = busi_dir
+    work = tmp_path / "work"
+    work.mkdir()
+    _assert_one_line_error(_cli("--out", tmp_path / "s.json", cwd=work), "Dataset_BUSI_with_GT")
+    (work / "Dataset_BUSI_with_GT").symlink_to(root, target_is_directory=True)
+    result = _cli("--out", tmp_path / "s.json", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert dataset.split_matches(json.loads((tmp_path / "s.json").read_text()), dataset.discover_samples(root))
+
+
+def test_good_bundle_command_still_works(busi_dir, tmp_path):
+    root, _ = busi_dir
+    result = _cli("--data-dir", root, "--bundle", tmp_path / "b.pt", "--image-size", "32")
+    assert result.returncode == 0, result.stderr
+    assert len(dataset.read_bundle(tmp_path / "b.pt", 32)["names"]) == len(dataset.discover_samples(root))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pt"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The one atomic-write helper
+# ------------------------------------------------------------------------------------------------------------------
+def test_atomic_write_keeps_the_old_file_and_no_temp_when_the_writer_fails(tmp_path):
+    target = tmp_path / "f.bin"
+    dataset.atomic_write(target, lambda f: f.write(b"old"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_bytes() == b"old" and target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+    def half_then_fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        dataset.atomic_write(target, half_then_fail)
+    assert target.read_bytes() == b"old" and _temp_litter(tmp_path) == []
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        dataset.atomic_write(tmp_path / "d", lambda f: f.write(b"x"))
+    assert _temp_litter(tmp_path) == [] and list((tmp_path / "d").iterdir()) == []
+
+
+def test_write_split_over_a_directory_leaves_no_stray_tmp(tmp_path, busi_dir):
+    root, _ = busi_dir
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OSError):
+        dataset.write_split({"train": [], "val": [], "test": []}, tmp_path / "d")
+    assert _temp_litter(tmp_path) == []
+
+
+def test_cache_and_bundle_files_are_complete_torch_files(tmp_path, busi_dir):
+    root, _ = busi_dir
+    cache = dataset.build_cache(root, dataset.discover_samples(root), 32, tmp_path, progress=False)
+    dataset.write_bundle(cache, 32, tmp_path / "b.pt")
+    for path in tmp_path.glob("*.pt"):
+        assert isinstance(torch.load(path, weights_only=True), dict)
+    assert _temp_litter(tmp_path) == []
