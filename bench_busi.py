@@ -239,7 +239,7 @@ def bench_naive(args, device, data_dir, samples):
             "layout": "NCHW"}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -262,28 +262,12 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the project model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
-    args = p.parse_args(argv)
-    if args.image_size % 2 ** args.depth:
-        p.error(f"--image-size must be a multiple of {2 ** args.depth}")
-    try:
-        device = utils.pick_device(args.device)
-    except ValueError as exc:
-        p.error(str(exc))
-    data_dir = dataset.resolve_data_dir(args.data_dir)
-    try:
-        samples = dataset.discover_samples(data_dir)
-        cache = dataset.build_cache(data_dir, samples, args.image_size, ".cache", progress=False)
-    except dataset.DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"bench: {data_dir} ({len(samples)} images) | device {device}"
-          f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | torch {torch.__version__} "
-          f"| threads {torch.get_num_threads()} | UNet base {args.base_channels} depth {args.depth} "
-          f"(deep supervision {args.deep_supervision:g}) | "
-          f"{args.image_size}px | batch {args.batch_size} | {args.steps} timed steps", flush=True)
+    return p
 
-    project = bench_project(args, device, cache, len(samples))
-    naive = bench_naive(args, device, data_dir, samples)
+
+def print_table(project: dict, naive: dict, device) -> tuple[float, float, float | None, dict | None]:
+    """The side-by-side table, FLOPs and (on a CPU) the measured ceiling; returns (GFLOP per image, achieved
+    TFLOP/s, bf16 peak or None, the CPU ceiling or None)."""
     n_train = 546  # images in the committed BUSI training split: one epoch
     peak = bf16_peak(device)
     rows = [("train img/s", "{:.1f}", "train_img_s"), ("train step (ms)", "{:.1f}", "step_s"),
@@ -314,6 +298,34 @@ def main(argv=None) -> int:
               f"{ceiling['naive_fraction']:.0%} of fp32's.\nAt this model's FLOPs no pipeline can be more than "
               f"{ceiling['speedup_bound']:.2f}x faster than the naive one on this CPU (best ceiling / naive).")
         print("(peak memory on CPU is the process's peak RSS, so the naive column includes the project's)")
+    return gflops, achieved, peak, ceiling
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.image_size % 2 ** args.depth:
+        p.error(f"--image-size must be a multiple of {2 ** args.depth}")
+    try:
+        device = utils.pick_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
+    data_dir = dataset.resolve_data_dir(args.data_dir)
+    try:
+        samples = dataset.discover_samples(data_dir)
+        cache = dataset.build_cache(data_dir, samples, args.image_size, ".cache", progress=False)
+    except dataset.DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"bench: {data_dir} ({len(samples)} images) | device {device}"
+          f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | torch {torch.__version__} "
+          f"| threads {torch.get_num_threads()} | UNet base {args.base_channels} depth {args.depth} "
+          f"(deep supervision {args.deep_supervision:g}) | "
+          f"{args.image_size}px | batch {args.batch_size} | {args.steps} timed steps", flush=True)
+
+    project = bench_project(args, device, cache, len(samples))
+    naive = bench_naive(args, device, data_dir, samples)
+    gflops, achieved, peak, ceiling = print_table(project, naive, device)
     speedup = project["train_img_s"] / naive["train_img_s"]
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args),

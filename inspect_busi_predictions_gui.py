@@ -27,12 +27,13 @@ from matplotlib.backends.backend_tkagg import FigureCanvasTkAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+import checkpoints
 import dataset
+import metrics
 import utils
-from predict_busi import DEFAULT_CHECKPOINT, default_threads, natural_key, predict_images
+from checkpoints import DEFAULT_CHECKPOINT, shown_path
+from inference import default_threads, predict_images
 
-ROOT = Path(__file__).resolve().parent
-SAMPLE_DIR = ROOT / "data" / "busi_sample"
 SPLITS = ("train", "val", "test", "all")
 CLASS_FILTERS = ("all", *dataset.CLASSES)
 # Cyan and orange stay distinguishable on grey ultrasound and for red-green colour-blind viewers; the prediction
@@ -95,11 +96,11 @@ class Prediction:
         truth = self.truth()
         if truth is None:
             return None
-        return utils.dice_iou(torch.from_numpy(self.prob > threshold), torch.from_numpy(truth))
+        return metrics.dice_iou(torch.from_numpy(self.prob > threshold), torch.from_numpy(truth))
 
     @property
     def malignancy(self) -> float | None:
-        return None if self.class_probs is None else float(utils.malignancy_probability(
+        return None if self.class_probs is None else float(metrics.malignancy_probability(
             torch.from_numpy(self.class_probs)))
 
     @property
@@ -120,21 +121,12 @@ def dataset_items(data_dir: str | os.PathLike, split: str = "test",
     samples = dataset.discover_samples(root)
     note = f"{root}: all {len(samples)} images"
     if split != "all":
-        chosen = None
-        if Path(split_file).is_file():
-            try:
-                candidate = dataset.read_split(split_file)
-                if dataset.split_matches(candidate, samples):
-                    chosen, note = candidate, f"{root}: {split} split of {Path(split_file).name}"
-            except dataset.DataError:
-                pass  # a damaged split file: fall back to computing one below
-        if chosen is None:
-            chosen = dataset.compute_split(root, samples, progress=False)
-            note = f"{root}: {split} split computed for this folder (near-duplicate-safe)"
+        chosen, source = dataset.choose_split(root, samples, split_file)
+        note = f"{root}: {split} split ({Path(source).name if source.endswith('.json') else source})"
         names = set(chosen[split])
         samples = [s for s in samples if s.image in names]
     items = [Item(root / s.image, s.label, root, s) for s in samples]
-    return sorted(items, key=lambda it: natural_key(it.path)), note
+    return sorted(items, key=lambda it: dataset.natural_key(it.path)), note
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -297,8 +289,8 @@ class InspectorApp:
     def load_checkpoint(self, path: str | os.PathLike) -> bool:
         """Use another model; a bad file leaves the current one (or none) in place and shows why."""
         try:
-            model, state = utils.load_model(path, self.device)
-        except utils.CheckpointError as exc:
+            model, state = checkpoints.load_model(path, self.device)
+        except checkpoints.CheckpointError as exc:
             self.show_error(str(exc))
             return False
         except (RuntimeError, ValueError, OSError) as exc:  # e.g. out of memory on the device
@@ -615,7 +607,7 @@ class InspectorApp:
         mask = prediction.prob > self.threshold if prediction is not None else None
         self._set_contour("pred", mask, PRED_COLOUR)
         if prediction is not None and truth is not None:
-            self.dice, self.iou = utils.dice_iou(torch.from_numpy(mask), torch.from_numpy(truth))
+            self.dice, self.iou = metrics.dice_iou(torch.from_numpy(mask), torch.from_numpy(truth))
         else:
             self.dice = self.iou = None
         texts = self.legend.get_texts()
@@ -679,9 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "probability map, per-image Dice/IoU at the original resolution, live threshold slider.",
         epilog="Without --data-dir: ./Dataset_BUSI_with_GT if present, else the bundled sample data/busi_sample. "
                "Keys: Left/Right = previous/next image.")
-    default_checkpoint = DEFAULT_CHECKPOINT.relative_to(ROOT) if Path.cwd() == ROOT else DEFAULT_CHECKPOINT
     p.add_argument("images", nargs="*", help="image files to open without ground truth (instead of a data set)")
-    p.add_argument("--checkpoint", default=str(default_checkpoint), help="model or ensemble (.pt); default: %(default)s")
+    p.add_argument("--checkpoint", default=str(shown_path(DEFAULT_CHECKPOINT)), help="model or ensemble (.pt); default: %(default)s")
     p.add_argument("--data-dir", default=None, help="BUSI-layout folder with benign/, malignant/, normal/")
     p.add_argument("--split", default="test", choices=SPLITS, help="which images to list; default: %(default)s")
     p.add_argument("--split-file", default=str(dataset.DEFAULT_SPLIT_FILE),
@@ -696,13 +687,12 @@ def resolve_items(args) -> tuple[list[Item], str, str | None]:
     """(items, a note on their source, an error message or None) from the command line."""
     if args.images:
         return [Item(Path(p)) for p in args.images], f"{len(args.images)} image(s) from the command line", None
-    data_dir = Path(args.data_dir) if args.data_dir else (
-        Path("Dataset_BUSI_with_GT") if Path("Dataset_BUSI_with_GT").is_dir() else SAMPLE_DIR)
+    data_dir = dataset.resolve_data_dir(args.data_dir, announce=False)
     try:
         items, note = dataset_items(data_dir, args.split, args.split_file)
     except (dataset.DataError, ValueError) as exc:
         return [], "no data", str(exc)
-    if data_dir == SAMPLE_DIR:
+    if data_dir == dataset.SAMPLE_DIR:
         note += " (bundled sample: a handful of images, pass --data-dir for BUSI)"
     return items, note, None
 

@@ -103,10 +103,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         helptext = comments.get(f.name, "").replace("%", "%%")
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"{helptext} (default: %(default)s)")
         else:
-            group.add_argument(flag, type=check or kind, default=f.default,
-                               help=f"{helptext} (default: %(default)s)", metavar=f.name.upper())
+            group.add_argument(flag, type=check or kind, default=f.default, help=f"{helptext} (default: %(default)s)")
 
 
 def explicit_dests(build_parser, argv) -> set[str]:

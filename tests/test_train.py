@@ -475,3 +475,36 @@ def test_report_figure_without_a_class_head(tmp_path):
     evaluation.write_report_figure(tmp_path, summary, records)
     from PIL import Image
     assert Image.open(tmp_path / "test_report.png").size[0] < 600  # one panel, not three
+
+
+def test_each_hyperparameter_is_defined_once_and_the_flags_help_and_saved_config_follow(busi_dir, tmp_path):
+    """Edit two defaults and a comment at the top of a copy of the script: its --help, its flag defaults and the
+    config saved in its checkpoint all change with them."""
+    import dataclasses
+
+    source = (ROOT / "train_unet_busi.py").read_text()
+    for old, new in (("    epochs: PositiveInt = 100 ", "    epochs: PositiveInt = 1   "),
+                     ("    warmup_epochs: NonNegativeFloat = 2 ", "    warmup_epochs: NonNegativeFloat = 0.5 "),
+                     ("# linear warm-up length;", "# EDITED COMMENT, linear warm-up length;")):
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    script = tmp_path / "edited_train.py"
+    script.write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    helptext = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env,
+                              cwd=ROOT, check=True).stdout
+    flat = " ".join(helptext.split())
+    assert "EDITED COMMENT, linear warm-up length" in flat and "(default: 0.5)" in flat
+    assert "passes over the training split (default: 1)" in flat
+    # every field of both dataclasses is a flag with its comment and default
+    for cls in (T.Hyperparameters, T.Settings):
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in helptext, f.name
+    assert "(default: True)" in flat  # booleans show theirs too (--dice-per-image)
+    run = subprocess.run([sys.executable, str(script), "--data-dir", str(busi_dir[0]), "--output-dir",
+                          str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *TINY, "--run-name", "e"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    config = torch.load(tmp_path / "e" / "latest.pt", weights_only=True)["config"]
+    assert config["epochs"] == 1 and config["warmup_epochs"] == 0.5
+    assert set(config) >= {f.name for f in dataclasses.fields(T.Hyperparameters)}
