@@ -4,11 +4,12 @@
     python predict_busi.py --input "scans/*.jpg" --output preds --threshold 0.4 --tta
     python predict_busi.py --checkpoint checkpoints/busi_unet_small.pt --input one_scan.png --output preds
 
-For every input <stem>.<ext> the output folder receives <stem>_mask.png (8-bit, 0 = background, 255 = lesion,
-the input's own width and height), <stem>_overlay.png (the scan with the predicted outline drawn on it), and one
-predictions.csv for the whole run. Files named *_mask* (ground truth in the BUSI layout), hidden files and
-non-image files in an input folder are skipped. A file that cannot be read is reported on stderr and skipped;
-the exit code is then 1 (0 when every file was written, 2 when nothing could start: bad checkpoint, no inputs).
+For every input <stem>.<ext> the output folder receives <stem>_mask.png (8-bit, 0 = background, 255 = lesion, the
+input's own width and height), <stem>_overlay.png (the scan with the predicted outline drawn on it), and one
+predictions.csv for the whole run. Files named X_mask.png or X_mask_N.png (ground truth in the BUSI layout,
+dataset.MASK_RE), hidden files and non-image files in an input folder are skipped. A file that cannot be read is
+reported on stderr and skipped; the exit code is then 1 (0 when every file was written, 2 when nothing could start:
+bad checkpoint, no inputs).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "busi_unet_small.pt"
 CSV_NAME = "predictions.csv"
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
               "malignancy_probability", "predicted_class")
+ORIENTATION_TAG = 0x0112  # EXIF; values 5-8 are a quarter turn (width and height swap)
 OUTLINE_RGB = (255, 64, 0)  # orange-red: stands out on grey ultrasound and is told apart from cyan ground truth
 # A chunk of inputs is decoded, predicted and written together. Besides --batch-size, a chunk stops growing at
 # this many original pixels (~ 64 MB of grey uint8) so that a folder of huge scans never sits in memory at once.
@@ -57,10 +59,12 @@ def natural_key(path: Path) -> list:
 
 
 def _is_candidate(path: Path) -> bool:
-    """An image file that is not ground truth (*_mask*), hidden, or of another type."""
+    """An image file that is not ground truth (X_mask.png, X_mask_N.png: the loader's rule), hidden, or of
+    another type."""
     name = path.name
     return (not name.startswith(".") and path.suffix.lower() in dataset.IMAGE_EXTENSIONS
-            and "_mask" not in path.stem and name.lower() not in dataset.IGNORED_NAMES and path.is_file())
+            and dataset.MASK_RE.match(path.stem) is None and name.lower() not in dataset.IGNORED_NAMES
+            and path.is_file())
 
 
 def find_inputs(spec: str, output_dir: Path | None = None) -> list[Path]:
@@ -162,17 +166,30 @@ class Result:
                 self.predicted_class or ""]
 
 
+def peek_size(path: Path) -> tuple[int, int]:
+    """(width, height) as displayed, from the file header (PIL decodes no pixels for it): an EXIF orientation of
+    5-8 swaps them, as the loader's EXIF transpose does."""
+    with Image.open(path) as im:
+        width, height = im.size
+        # PNG: an eXIf chunk after the pixels is only found by decoding them (getexif() would); use what the
+        # header gave. The pixel count, all the chunk budget needs, is the same either way.
+        if im.format == "PNG" and "exif" not in im.info:
+            return width, height
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def _chunks(paths: list[Path], stems: list[str], batch_size: int):
     """Group inputs into chunks of at most `batch_size` files and (roughly) CHUNK_PIXEL_BUDGET pixels.
 
-    The pixel count comes from the file header (PIL reads no pixel data for it); unreadable files count as 0
-    and fail later with a proper message.
+    The pixel count comes from the file header (peek_size); unreadable files count as 0 and fail later with a
+    proper message.
     """
     chunk, pixels = [], 0
     for path, stem in zip(paths, stems):
         try:
-            with Image.open(path) as im:
-                n = im.size[0] * im.size[1]
+            width, height = peek_size(path)
+            n = width * height
         except Exception:  # noqa: BLE001 - any failure is reported by dataset.load_image below
             n = 0
         if chunk and (len(chunk) >= batch_size or pixels + n > CHUNK_PIXEL_BUDGET):
