@@ -6,10 +6,12 @@
 
 For every input <stem>.<ext> the output folder receives <stem>_mask.png (8-bit, 0 = background, 255 = lesion, the
 input's own width and height), <stem>_overlay.png (the scan with the predicted outline drawn on it), and one
-predictions.csv for the whole run. Files named X_mask.png or X_mask_N.png (ground truth in the BUSI layout,
-dataset.MASK_RE), hidden files and non-image files in an input folder are skipped. A file that cannot be read is
-reported on stderr and skipped; the exit code is then 1 (0 when every file was written, 2 when nothing could start:
-bad checkpoint, no inputs).
+predictions.csv for the whole run, listing the mask and overlay file of each input. When several inputs share a
+stem (ignoring case), each keeps its extension: a.png -> a.png_mask.png, a.jpg -> a.jpg_mask.png; the same name
+from two folders of a glob gets _2, _3, ... (a.png_2_mask.png). Files named X_mask.png or X_mask_N.png (ground
+truth in the BUSI layout, dataset.MASK_RE), hidden files and non-image files in an input folder are skipped. A file
+that cannot be read is reported on stderr and skipped; the exit code is then 1 (0 when every file was written, 2
+when nothing could start: bad checkpoint, no inputs).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import glob
 import os
 import re
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,8 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "busi_unet_small.pt"
 CSV_NAME = "predictions.csv"
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
-              "malignancy_probability", "predicted_class")
+              "malignancy_probability", "predicted_class", "mask", "overlay")
+MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
 ORIENTATION_TAG = 0x0112  # EXIF; values 5-8 are a quarter turn (width and height swap)
 OUTLINE_RGB = (255, 64, 0)  # orange-red: stands out on grey ultrasound and is told apart from cyan ground truth
 # A chunk of inputs is decoded, predicted and written together. Besides --batch-size, a chunk stops growing at
@@ -86,15 +90,26 @@ def find_inputs(spec: str, output_dir: Path | None = None) -> list[Path]:
 
 
 def output_stems(paths: list[Path]) -> list[str]:
-    """Output file stems, made unique when a glob over several folders yields the same name twice."""
-    seen: dict[str, int] = {}
+    """One output stem per input, unique ignoring case (A_mask.png and a_mask.png are one file on macOS and
+    Windows): the input's stem; its whole name when other inputs share the stem (a.png -> a.png, a.jpg -> a.jpg);
+    then _2, _3, ... for the same name twice (a glob over several folders)."""
+    shared = Counter(p.stem.casefold() for p in paths)
+    bases = [p.name if shared[p.stem.casefold()] > 1 else p.stem for p in paths]
+    reserved = {b.casefold() for b in bases}  # a suffixed name must not take a later input's own name
+    taken: set[str] = set()
     stems = []
-    for path in paths:
-        stem = path.stem
-        count = seen.get(stem, 0)
-        seen[stem] = count + 1
-        stems.append(stem if count == 0 else f"{stem}_{count + 1}")
+    for base in bases:
+        stem, n = base, 1
+        while stem.casefold() in taken or (n > 1 and stem.casefold() in reserved):
+            n += 1
+            stem = f"{base}_{n}"
+        taken.add(stem.casefold())
+        stems.append(stem)
     return stems
+
+
+def output_names(stem: str) -> tuple[str, str]:
+    return stem + MASK_SUFFIX, stem + OVERLAY_SUFFIX
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -157,13 +172,15 @@ class Result:
     max_probability: float
     malignancy_probability: float | None
     predicted_class: str | None
+    mask: str = ""
+    overlay: str = ""
 
     def row(self) -> list:
         fraction = self.lesion_pixels / (self.width * self.height)
         return [self.file, self.width, self.height, self.lesion_pixels, f"{fraction:.6f}",
                 f"{self.max_probability:.4f}",
                 "" if self.malignancy_probability is None else f"{self.malignancy_probability:.4f}",
-                self.predicted_class or ""]
+                self.predicted_class or "", self.mask, self.overlay]
 
 
 def peek_size(path: Path) -> tuple[int, int]:
@@ -205,15 +222,16 @@ def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, threshold: float, s
                    display_name: str) -> Result:
     """Threshold one probability map, write its mask and overlay PNGs; runs in an I/O thread (numpy only)."""
     mask = prob > threshold
+    mask_name, overlay_name = output_names(stem)
     # Low zlib levels: 3-4x faster to write than the default, and the files are still small (masks are flat).
-    Image.fromarray(mask.astype(np.uint8) * 255).save(out_dir / f"{stem}_mask.png", compress_level=1)
-    Image.fromarray(overlay_image(image, mask)).save(out_dir / f"{stem}_overlay.png", compress_level=3)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(out_dir / mask_name, compress_level=1)
+    Image.fromarray(overlay_image(image, mask)).save(out_dir / overlay_name, compress_level=3)
     malignancy = predicted = None
     if cls is not None:
         malignancy = float(utils.malignancy_probability(cls))
         predicted = dataset.CLASSES[int(cls.argmax())]
     return Result(display_name, image.shape[1], image.shape[0], int(mask.sum()), float(prob.max()),
-                  malignancy, predicted)
+                  malignancy, predicted, mask_name, overlay_name)
 
 
 def run(paths: list[Path], model, image_size: int, device: torch.device, threshold: float, out_dir: Path,
@@ -267,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Segment breast-ultrasound lesions in new images with a trained BUSI U-Net. Writes "
                     "<stem>_mask.png (0/255, the input's size), <stem>_overlay.png (predicted outline on the scan) "
-                    "and predictions.csv (lesion size, max probability, malignancy probability) into --output.",
+                    "and predictions.csv (lesion size, max probability, malignancy probability, mask and overlay "
+                    "file names) into --output. Inputs that share a stem keep their extension (a.png -> "
+                    "a.png_mask.png, a.jpg -> a.jpg_mask.png); the same name from two folders gets _2, _3, ...",
         epilog="Exit codes: 0 all written; 1 some input files could not be read (named on stderr, the rest are "
                "written); 2 bad checkpoint, bad option or no input found.",
     )

@@ -69,6 +69,56 @@ def listed_outputs(rows) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# 2. One input, one set of outputs
+# ------------------------------------------------------------------------------------------------------------------
+def check_outputs_match_the_csv(out: Path, rows) -> None:
+    """Outputs on disk == outputs listed; each has its row's size."""
+    assert len({r["mask"] for r in rows}) == len(rows)
+    on_disk = {p.name for p in out.iterdir()} - {"predictions.csv"}
+    assert on_disk == listed_outputs(rows)
+    for row in rows:
+        size = (int(row["width"]), int(row["height"]))
+        assert Image.open(out / row["mask"]).size == size and Image.open(out / row["overlay"]).size == size
+
+
+def test_inputs_with_the_same_stem_get_their_own_outputs(tmp_path, checkpoint, capsys):
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    sizes = {d1 / "a.png": (30, 20), d1 / "a_2.png": (50, 28), d2 / "a.png": (36, 22)}
+    for path, (w, h) in sizes.items():
+        save_scan(path, w, h)
+    Image.fromarray(np.dstack([scan(40, 24)] * 3)).save(d1 / "a.jpg")
+    sizes[d1 / "a.jpg"] = (40, 24)
+
+    out = tmp_path / "out1"
+    assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(d1), "--output", str(out),
+                              "--quiet"]) == 0
+    rows = {r["file"]: r for r in read_csv(out / "predictions.csv")}
+    # the documented rule: a stem shared by several inputs keeps each one's extension
+    assert {f: r["mask"] for f, r in rows.items()} == {
+        "a.png": "a.png_mask.png", "a.jpg": "a.jpg_mask.png", "a_2.png": "a_2_mask.png"}
+    for name, row in rows.items():
+        assert (int(row["width"]), int(row["height"])) == sizes[d1 / name]
+    check_outputs_match_the_csv(out, list(rows.values()))
+
+    # a glob over two folders: the same file name twice, plus the stem clashes
+    out = tmp_path / "out2"
+    assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "d*" / "*"),
+                              "--output", str(out), "--quiet"]) == 0
+    rows = read_csv(out / "predictions.csv")
+    assert len(rows) == 4
+    assert sorted((int(r["width"]), int(r["height"])) for r in rows) == sorted(sizes.values())
+    check_outputs_match_the_csv(out, rows)
+
+
+def test_output_stems_are_unique_ignoring_case():
+    """On macOS and Windows, A_mask.png and a_mask.png are one file."""
+    paths = [Path(p) for p in ("d/A.png", "d/a.png", "e/a.png", "d/a.png_2.png", "d/b.tif", "d/b_2.png")]
+    stems = predict_busi.output_stems(paths)
+    assert len({s.casefold() for s in stems}) == len(paths)
+    assert stems[4:] == ["b", "b_2"]  # no clash, no change
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # 9. The ground-truth rule is the loader's (dataset.MASK_RE)
 # ------------------------------------------------------------------------------------------------------------------
 def test_a_scan_whose_name_merely_contains_mask_is_predicted(tmp_path, checkpoint, capsys):
