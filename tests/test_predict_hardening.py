@@ -69,6 +69,55 @@ def listed_outputs(rows) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# 1. Ground truth is never overwritten
+# ------------------------------------------------------------------------------------------------------------------
+def test_output_into_a_busi_folder_never_overwrites_its_ground_truth(tmp_path, checkpoint):
+    """--output = --input on a BUSI-layout folder: refused before any work, with and without --overwrite."""
+    folder = tmp_path / "benign"
+    for i in (1, 2):
+        save_scan(folder / f"benign ({i}).png", 30 + i, 20, seed=i)
+        save_scan(folder / f"benign ({i})_mask.png", 30 + i, 20, seed=10 + i)
+    save_scan(folder / "benign (2)_mask_1.png", 32, 20, seed=20)
+    before = snapshot(folder)
+    for extra in ([], ["--overwrite"]):
+        proc = cli(checkpoint, "--input", folder, "--output", folder, *extra)
+        assert proc.returncode == 2, proc.stderr
+        line = one_error_line(proc.stderr)
+        assert "_mask.png" in line and "never overwritten" in line
+        assert snapshot(folder) == before  # not one byte changed, no predictions.csv, no temp file
+
+    # A folder of plain scans (no ground truth) can still take its own predictions.
+    plain = tmp_path / "plain"
+    save_scan(plain / "x.png", 30, 20)
+    scans = snapshot(plain)
+    assert cli(checkpoint, "--input", plain, "--output", plain).returncode == 0
+    assert {n: (plain / n).read_bytes() for n in scans} == scans
+    assert sorted(p.name for p in plain.iterdir()) == ["predictions.csv", "x.png", "x_mask.png", "x_overlay.png"]
+
+
+def test_a_file_predict_did_not_write_is_never_overwritten(tmp_path, checkpoint, capsys):
+    """An existing file with an output's name, or a predictions.csv that is not ours, stays, even with --overwrite."""
+    save_scan(tmp_path / "in" / "a.png", 30, 20)
+    out = tmp_path / "out"
+    save_scan(out / "a_overlay.png", 8, 8)  # the user's own file, no predictions.csv lists it
+    before = snapshot(out)
+    for extra in ([], ["--overwrite"]):
+        code = predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "in"),
+                                  "--output", str(out), "--quiet", *extra])
+        assert code == 2
+        assert "a_overlay.png" in one_error_line(capsys.readouterr().err)
+        assert snapshot(out) == before
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "predictions.csv").write_text("my own notes\n")
+    code = predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "in"),
+                              "--output", str(other), "--quiet", "--overwrite"])
+    assert code == 2 and "predictions.csv" in one_error_line(capsys.readouterr().err)
+    assert snapshot(other) == {"predictions.csv": b"my own notes\n"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # 2. One input, one set of outputs
 # ------------------------------------------------------------------------------------------------------------------
 def check_outputs_match_the_csv(out: Path, rows) -> None:
@@ -116,6 +165,102 @@ def test_output_stems_are_unique_ignoring_case():
     stems = predict_busi.output_stems(paths)
     assert len({s.casefold() for s in stems}) == len(paths)
     assert stems[4:] == ["b", "b_2"]  # no clash, no change
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. A re-run into an earlier run's folder
+# ------------------------------------------------------------------------------------------------------------------
+def test_rerun_needs_overwrite_and_then_lists_exactly_its_own_files(tmp_path, checkpoint, capsys):
+    first_in, second_in, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    save_scan(first_in / "a.png", 30, 20)
+    save_scan(first_in / "b.png", 34, 22)
+    save_scan(second_in / "a.png", 40, 26, seed=1)
+    save_scan(second_in / "c.png", 38, 24, seed=2)
+    args = ["--checkpoint", str(checkpoint), "--output", str(out), "--quiet"]
+    assert predict_busi.main([*args, "--input", str(first_in)]) == 0
+    first = snapshot(out)
+
+    # refused before any work: predictions.csv and a_mask.png are an earlier run's
+    assert predict_busi.main([*args, "--input", str(second_in)]) == 2
+    assert "--overwrite" in one_error_line(capsys.readouterr().err)
+    assert snapshot(out) == first
+    # also when no output name clashes: the earlier predictions.csv would be replaced
+    assert predict_busi.main([*args, "--input", str(second_in / "c.png")]) == 2
+    assert "--overwrite" in one_error_line(capsys.readouterr().err)
+    assert snapshot(out) == first
+
+    assert predict_busi.main([*args, "--input", str(second_in), "--overwrite"]) == 0
+    rows = read_csv(out / "predictions.csv")
+    assert sorted(r["file"] for r in rows) == ["a.png", "c.png"]  # exactly this run's outputs
+    assert Image.open(out / "a_mask.png").size == (40, 26)  # replaced by this run's prediction
+    now = snapshot(out)
+    assert now["b_mask.png"] == first["b_mask.png"] and now["b_overlay.png"] == first["b_overlay.png"]
+    assert set(now) == set(first) | {"c_mask.png", "c_overlay.png"}  # nothing else, no temp file
+    for row in rows:
+        assert (out / row["mask"]).is_file() and (out / row["overlay"]).is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. SIGINT / SIGTERM mid-run
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_run_leaves_complete_files_listed_exactly(tmp_path, checkpoint, signum):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    first = save_scan(inputs / "scan (1).png", 640, 480)  # big enough that 40 take a few seconds
+    for i in range(2, 41):
+        shutil.copyfile(first, inputs / f"scan ({i}).png")
+    proc = subprocess.Popen([sys.executable, "predict_busi.py", "--checkpoint", str(checkpoint), "--input",
+                             str(inputs), "--output", str(out), "--batch-size", "2", "--threads", "1", "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not any(out.glob("*_mask.png")):  # final names only (a temp file is hidden)
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no mask appeared"
+            time.sleep(0.002)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    rows = read_csv(out / "predictions.csv")
+    # every file on disk is listed (no temp file, no unlisted mask) and every listed file is a complete PNG
+    assert {p.name for p in out.iterdir()} == listed_outputs(rows) | {"predictions.csv"}
+    message = stderr.strip().splitlines()[-1]
+    assert re.search(rf"\b{len(rows)} of 40 images written\b", message) and "lists exactly" in message, stderr
+    assert 0 < len(rows) < 40, "the signal came too late to test anything"
+    for row in rows:
+        for name, mode in ((row["mask"], "L"), (row["overlay"], "RGB")):
+            with Image.open(out / name) as image:
+                image.load()  # raises on a truncated file
+                assert image.mode == mode and image.size == (640, 480)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. File names that are not UTF-8
+# ------------------------------------------------------------------------------------------------------------------
+def test_a_file_name_that_is_not_utf8_is_predicted_and_listed_escaped(tmp_path, checkpoint):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    good = save_scan(inputs / "good.png", 30, 20)
+    try:
+        with open(os.fsencode(inputs) + b"/bad\xff name.png", "wb") as f:
+            f.write(good.read_bytes())
+        with open(os.fsencode(inputs) + b"/broken\xfe.png", "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    except OSError as exc:  # e.g. macOS: APFS refuses names that are not UTF-8
+        pytest.skip(f"the file system refuses a non-UTF-8 name: {exc}")
+    shutil.copyfile(good, inputs / "zz last.png")  # sorted after the odd name
+    proc = cli(checkpoint, "--input", inputs, "--output", out)
+    assert proc.returncode == 1, proc.stderr  # one unreadable file
+    assert "Traceback" not in proc.stderr
+    assert "broken\\xfe.png" in one_error_line(proc.stderr)
+    text = (out / "predictions.csv").read_bytes().decode("utf-8")  # valid UTF-8 whatever the names
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert sorted(r["file"] for r in rows) == ["bad\\xff name.png", "good.png", "zz last.png"]
+    on_disk = set(os.listdir(os.fsencode(out)))
+    assert {b"bad\xff name_mask.png", b"bad\xff name_overlay.png", b"zz last_mask.png"} <= on_disk
+    assert len(on_disk) == 2 * len(rows) + 1
 
 
 # ------------------------------------------------------------------------------------------------------------------
