@@ -5,19 +5,36 @@
     python predict_busi.py --checkpoint checkpoints/busi_unet_small.pt --input one_scan.png --output preds
 
 For every input <stem>.<ext> the output folder receives <stem>_mask.png (8-bit, 0 = background, 255 = lesion,
-the input's own width and height), <stem>_overlay.png (the scan with the predicted outline drawn on it), and one
-predictions.csv for the whole run. Files named *_mask* (ground truth in the BUSI layout), hidden files and
-non-image files in an input folder are skipped. A file that cannot be read is reported on stderr and skipped;
-the exit code is then 1 (0 when every file was written, 2 when nothing could start: bad checkpoint, no inputs).
+the input's own width and height as displayed), <stem>_overlay.png (the scan with the predicted outline drawn on
+it), and one predictions.csv for the whole run, listing exactly the mask and overlay files written. When several
+inputs share a stem (ignoring case), each keeps its extension: a.png -> a.png_mask.png, a.jpg -> a.jpg_mask.png;
+the same name from two folders of a glob gets _2, _3, ... (a.png_2_mask.png). Files named X_mask.png or
+X_mask_N.png (ground truth in the BUSI layout, dataset.MASK_RE), hidden files and non-image files in an input
+folder are skipped. A file that cannot be read is reported on stderr and skipped; the exit code is then 1 (0 when
+every file was written, 2 when nothing could start: bad checkpoint, no inputs, a refused output folder).
+
+The output folder: no file that this run did not create is ever overwritten, except, with --overwrite, the files
+an earlier run of this script listed in the folder's predictions.csv (ground truth never is: an output folder
+that holds a file with one of this run's output names, which no predictions.csv there lists, is refused). Without
+--overwrite, a folder holding predictions.csv or any of this run's output names is refused. Every file is
+written to a temp file in the same folder and renamed into place, so no file is ever seen half-written.
+SIGINT (Ctrl-C) / SIGTERM: no new image is started, those in flight are finished, predictions.csv then lists
+exactly the files written, and the exit code is 130.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
+import io
 import os
 import re
+import secrets
+import signal
 import sys
+import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +50,9 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "busi_unet_small.pt"
 CSV_NAME = "predictions.csv"
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
-              "malignancy_probability", "predicted_class")
+              "malignancy_probability", "predicted_class", "mask", "overlay")
+MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
+ORIENTATION_TAG = 0x0112  # EXIF; values 5-8 are a quarter turn (width and height swap)
 OUTLINE_RGB = (255, 64, 0)  # orange-red: stands out on grey ultrasound and is told apart from cyan ground truth
 # A chunk of inputs is decoded, predicted and written together. Besides --batch-size, a chunk stops growing at
 # this many original pixels (~ 64 MB of grey uint8) so that a folder of huge scans never sits in memory at once.
@@ -57,10 +76,12 @@ def natural_key(path: Path) -> list:
 
 
 def _is_candidate(path: Path) -> bool:
-    """An image file that is not ground truth (*_mask*), hidden, or of another type."""
+    """An image file that is not ground truth (X_mask.png, X_mask_N.png: the loader's rule), hidden, or of
+    another type."""
     name = path.name
     return (not name.startswith(".") and path.suffix.lower() in dataset.IMAGE_EXTENSIONS
-            and "_mask" not in path.stem and name.lower() not in dataset.IGNORED_NAMES and path.is_file())
+            and dataset.MASK_RE.match(path.stem) is None and name.lower() not in dataset.IGNORED_NAMES
+            and path.is_file())
 
 
 def find_inputs(spec: str, output_dir: Path | None = None) -> list[Path]:
@@ -82,15 +103,142 @@ def find_inputs(spec: str, output_dir: Path | None = None) -> list[Path]:
 
 
 def output_stems(paths: list[Path]) -> list[str]:
-    """Output file stems, made unique when a glob over several folders yields the same name twice."""
-    seen: dict[str, int] = {}
+    """One output stem per input, unique ignoring case (A_mask.png and a_mask.png are one file on macOS and
+    Windows): the input's stem; its whole name when other inputs share the stem (a.png -> a.png, a.jpg -> a.jpg);
+    then _2, _3, ... for the same name twice (a glob over several folders)."""
+    shared = Counter(p.stem.casefold() for p in paths)
+    bases = [p.name if shared[p.stem.casefold()] > 1 else p.stem for p in paths]
+    reserved = {b.casefold() for b in bases}  # a suffixed name must not take a later input's own name
+    taken: set[str] = set()
     stems = []
-    for path in paths:
-        stem = path.stem
-        count = seen.get(stem, 0)
-        seen[stem] = count + 1
-        stems.append(stem if count == 0 else f"{stem}_{count + 1}")
+    for base in bases:
+        stem, n = base, 1
+        while stem.casefold() in taken or (n > 1 and stem.casefold() in reserved):
+            n += 1
+            stem = f"{base}_{n}"
+        taken.add(stem.casefold())
+        stems.append(stem)
     return stems
+
+
+def output_names(stem: str) -> tuple[str, str]:
+    return stem + MASK_SUFFIX, stem + OVERLAY_SUFFIX
+
+
+def shown(text) -> str:
+    """A file name or message as printable UTF-8: bytes that are not UTF-8 appear as \\xff (never a crash)."""
+    return os.fsencode(str(text)).decode("utf-8", "backslashreplace")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The output folder: what may be written
+# --------------------------------------------------------------------------------------------------------------
+class RefusedOutput(Exception):
+    """The output folder would lose a file; the message says which and what to do."""
+
+
+def earlier_outputs(table: Path) -> set[str]:
+    """The files an earlier run listed in `table` (its predictions.csv), as they appear in a CSV.
+
+    A table of an older version (no mask/overlay columns) lists <stem>_mask.png and <stem>_overlay.png.
+    Raises RefusedOutput for a file of that name that is not such a table: it is someone else's.
+    """
+    try:
+        with open(table, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or []
+            if list(fields[:len(CSV_FIELDS) - 2]) != list(CSV_FIELDS[:-2]):
+                raise ValueError
+            listed = set()
+            for row in reader:
+                stem = Path(row["file"] or "").stem
+                listed.update((row.get("mask") or stem + MASK_SUFFIX, row.get("overlay") or stem + OVERLAY_SUFFIX))
+            return listed
+    except (OSError, ValueError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
+        raise RefusedOutput(f"{shown(table)} exists and is not a table written by predict_busi.py; it is never "
+                            f"overwritten: choose another --output") from exc
+
+
+def check_output_folder(out_dir: Path, stems: list[str], overwrite: bool) -> set[str]:
+    """The rule for --output (see the module docstring); returns the existing names this run may replace.
+
+    Raises RefusedOutput before anything is written.
+    """
+    if not out_dir.is_dir():
+        return set()
+    table = out_dir / CSV_NAME
+    names = [n for stem in stems for n in output_names(stem)]
+    existing = [n for n in names if os.path.lexists(out_dir / n)]
+    has_table = os.path.lexists(table)
+    if not existing and not has_table:
+        return set()
+    listed = earlier_outputs(table) if has_table else set()
+    foreign = [n for n in existing if shown(n) not in listed]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise RefusedOutput(f"{shown(out_dir / foreign[0])}{more} exists and was not written by predict_busi.py "
+                            f"(ground truth?); it is never overwritten: choose another --output")
+    if not overwrite:
+        what = f"{CSV_NAME} and {len(existing)} of this run's output files" if existing else CSV_NAME
+        raise RefusedOutput(f"{shown(out_dir)} holds an earlier run's outputs ({what}); pass --overwrite to "
+                            f"replace them or choose another --output")
+    return set(existing) | ({CSV_NAME} if has_table else set())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Atomic writes (utils.save_checkpoint is the same idea, for torch.save only)
+# --------------------------------------------------------------------------------------------------------------
+def _write_temp(final: Path, save) -> Path:
+    """`save(file object)` into a new hidden temp file next to `final` (same file system, so a rename is atomic).
+
+    Created like any file (mode 0666 minus the umask; mkstemp would make it 0600), never over an existing one.
+    """
+    # hidden (never taken as an input); the name cut short so that a long final name still fits NAME_MAX
+    tmp = final.with_name(f".{final.name[:100]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            save(f)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _commit(tmp: Path, final: Path, replace: bool) -> None:
+    """Rename a finished temp file to its final name. Without `replace`, a file that appeared under that name
+    since the run started (another program, another run) stays: link() refuses to clobber, rename() would not."""
+    if replace:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network shares): check, then rename
+        if os.path.lexists(final):
+            raise FileExistsError(17, "File exists", str(final)) from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
+
+
+def write_files_atomically(files: list[tuple[Path, object]], replaceable: set[str]) -> None:
+    """Write each (path, save) to a temp file, then rename them all into place: all of them appear, or none
+    (a mask without its overlay would be listed nowhere). Names in `replaceable` may be replaced."""
+    temps: list[Path] = []
+    done: list[Path] = []
+    try:
+        for final, save in files:
+            temps.append(_write_temp(final, save))
+        for tmp, (final, _) in zip(temps, files):
+            _commit(tmp, final, final.name in replaceable)
+            done.append(final)
+    except BaseException:
+        for path in temps + done:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # a committed temp is gone already; a lone mask would be listed nowhere
+        raise
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -153,94 +301,172 @@ class Result:
     max_probability: float
     malignancy_probability: float | None
     predicted_class: str | None
+    mask: str = ""
+    overlay: str = ""
 
     def row(self) -> list:
         fraction = self.lesion_pixels / (self.width * self.height)
-        return [self.file, self.width, self.height, self.lesion_pixels, f"{fraction:.6f}",
+        return [shown(self.file), self.width, self.height, self.lesion_pixels, f"{fraction:.6f}",
                 f"{self.max_probability:.4f}",
                 "" if self.malignancy_probability is None else f"{self.malignancy_probability:.4f}",
-                self.predicted_class or ""]
+                self.predicted_class or "", shown(self.mask), shown(self.overlay)]
+
+
+def csv_line(fields) -> str:
+    text = io.StringIO(newline="")
+    csv.writer(text).writerow(fields)
+    return text.getvalue()
+
+
+def write_table(path: Path, lines: list[str], replace: bool) -> None:
+    """predictions.csv from rows formatted by csv_line(), atomically; UTF-8 whatever the file names (shown())."""
+    data = (csv_line(CSV_FIELDS) + "".join(lines)).encode("utf-8")
+    write_files_atomically([(path, lambda f: f.write(data))], {path.name} if replace else set())
+
+
+def peek_size(path: Path) -> tuple[int, int]:
+    """(width, height) as displayed, from the file header (PIL decodes no pixels for it): an EXIF orientation of
+    5-8 swaps them, as the loader's EXIF transpose does."""
+    with Image.open(path) as im:
+        width, height = im.size
+        # PNG: an eXIf chunk after the pixels is only found by decoding them (getexif() would); use what the
+        # header gave. The pixel count, all the chunk budget needs, is the same either way.
+        if im.format == "PNG" and "exif" not in im.info:
+            return width, height
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _chunks(paths: list[Path], stems: list[str], batch_size: int):
-    """Group inputs into chunks of at most `batch_size` files and (roughly) CHUNK_PIXEL_BUDGET pixels.
+    """Group inputs into chunks of (index, path, stem), at most `batch_size` files and (roughly)
+    CHUNK_PIXEL_BUDGET pixels.
 
-    The pixel count comes from the file header (PIL reads no pixel data for it); unreadable files count as 0
-    and fail later with a proper message.
+    The pixel count comes from the file header (peek_size); unreadable files count as 0 and fail later with a
+    proper message.
     """
     chunk, pixels = [], 0
-    for path, stem in zip(paths, stems):
+    for index, (path, stem) in enumerate(zip(paths, stems)):
         try:
-            with Image.open(path) as im:
-                n = im.size[0] * im.size[1]
+            width, height = peek_size(path)
+            n = width * height
         except Exception:  # noqa: BLE001 - any failure is reported by dataset.load_image below
             n = 0
         if chunk and (len(chunk) >= batch_size or pixels + n > CHUNK_PIXEL_BUDGET):
             yield chunk
             chunk, pixels = [], 0
-        chunk.append((path, stem))
+        chunk.append((index, path, stem))
         pixels += n
     if chunk:
         yield chunk
 
 
 def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, threshold: float, stem: str, out_dir: Path,
-                   display_name: str) -> Result:
-    """Threshold one probability map, write its mask and overlay PNGs; runs in an I/O thread (numpy only)."""
+                   display_name: str, replaceable: set[str] = frozenset()) -> Result:
+    """Threshold one probability map, write its mask and overlay PNGs (atomically, both or neither); runs in an
+    I/O thread (numpy only)."""
     mask = prob > threshold
+    mask_name, overlay_name = output_names(stem)
+    mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
+    overlay_png = Image.fromarray(overlay_image(image, mask))
     # Low zlib levels: 3-4x faster to write than the default, and the files are still small (masks are flat).
-    Image.fromarray(mask.astype(np.uint8) * 255).save(out_dir / f"{stem}_mask.png", compress_level=1)
-    Image.fromarray(overlay_image(image, mask)).save(out_dir / f"{stem}_overlay.png", compress_level=3)
+    write_files_atomically([(out_dir / mask_name, lambda f: mask_png.save(f, format="PNG", compress_level=1)),
+                            (out_dir / overlay_name, lambda f: overlay_png.save(f, format="PNG", compress_level=3))],
+                           replaceable)
     malignancy = predicted = None
     if cls is not None:
         malignancy = float(utils.malignancy_probability(cls))
         predicted = dataset.CLASSES[int(cls.argmax())]
     return Result(display_name, image.shape[1], image.shape[0], int(mask.sum()), float(prob.max()),
-                  malignancy, predicted)
+                  malignancy, predicted, mask_name, overlay_name)
 
 
 def run(paths: list[Path], model, image_size: int, device: torch.device, threshold: float, out_dir: Path,
-        batch_size: int = 16, tta: bool = False, progress: bool = True) -> tuple[list[Result], list[str]]:
-    """Predict every path, write its mask and overlay, and predictions.csv (row by row, so that an interrupted
-    run keeps the rows of the files it wrote). Returns the results and one message per unreadable file."""
+        batch_size: int = 16, tta: bool = False, progress: bool = True, replaceable: set[str] = frozenset(),
+        stop: threading.Event | None = None) -> tuple[list[Result], list[str]]:
+    """Predict every path, write its mask and overlay, and predictions.csv. Returns the results (in input order)
+    and one message per unreadable file.
+
+    predictions.csv is rewritten (atomically) after every chunk and on the way out, whatever the reason: it always
+    lists exactly the files written. Once `stop` is set, no new chunk is started; the one in flight is finished.
+    Only names in `replaceable` (checked by check_output_folder) may replace existing files.
+    """
     from tqdm import tqdm
 
     dtype = utils.inference_dtype(device)
+    stop = stop or threading.Event()
     stems = output_stems(paths)
-    results: list[Result] = []
+    done: dict[int, Result] = {}  # input index -> written; filled by the I/O threads once both files are in place
+    lines: dict[int, str] = {}  # input index -> its row of the table
     failures: list[str] = []
+    table = out_dir / CSV_NAME
     bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress, dynamic_ncols=True)
 
     def load(path: Path):
         try:
             return dataset.load_image(path), None
         except dataset.DataError as exc:
-            return None, str(exc)
+            return None, shown(exc)
 
-    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool, open(out_dir / CSV_NAME, "w", newline="") as table:
-        writer = csv.writer(table)
-        writer.writerow(CSV_FIELDS)
-        for chunk in _chunks(paths, stems, batch_size):
-            loaded = list(pool.map(lambda item: load(item[0]), chunk))
-            good = []
-            for (path, stem), (image, error) in zip(chunk, loaded):
-                if error is not None:
-                    failures.append(error)
-                    bar.write(f"error: {error}", file=sys.stderr)
-                else:
-                    good.append((path, stem, image))
-            predictions = list(predict_images(model, [g[2] for g in good], image_size, device, dtype,
-                                              batch_size, tta))
-            jobs = [pool.submit(_write_outputs, image, prob.numpy(), cls, threshold, stem, out_dir, path.name)
-                    for (path, stem, image), (prob, cls) in zip(good, predictions)]
-            del loaded, good, predictions  # the chunk's images now live only until their files are written
-            for job in jobs:
-                results.append(job.result())
-                writer.writerow(results[-1].row())
-            table.flush()
-            bar.update(len(chunk))
-    bar.close()
-    return results, failures
+    def write(index: int, *args) -> None:
+        result = _write_outputs(*args, replaceable)
+        lines[index] = csv_line(result.row())  # formatted once: the table is rewritten after every chunk
+        done[index] = result
+
+    table_is_ours = False  # once written by this run, the table may be replaced
+
+    def save_table() -> None:
+        nonlocal table_is_ours
+        write_table(table, [lines[i] for i in sorted(done)], replace=table_is_ours or CSV_NAME in replaceable)
+        table_is_ours = True
+
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        try:
+            save_table()  # the header now: no earlier run's rows stay, and a read-only folder fails here
+            for chunk in _chunks(paths, stems, batch_size):
+                if stop.is_set():
+                    break
+                loaded = list(pool.map(lambda item: load(item[1]), chunk))
+                good = []
+                for (index, path, stem), (image, error) in zip(chunk, loaded):
+                    if error is not None:
+                        failures.append(error)
+                        bar.write(f"error: {error}", file=sys.stderr)
+                    else:
+                        good.append((index, path, stem, image))
+                if stop.is_set():
+                    break  # drop the decoded images: nothing of theirs was written
+                predictions = list(predict_images(model, [g[3] for g in good], image_size, device, dtype,
+                                                  batch_size, tta))
+                jobs = [pool.submit(write, index, image, prob.numpy(), cls, threshold, stem, out_dir, path.name)
+                        for (index, path, stem, image), (prob, cls) in zip(good, predictions)]
+                del loaded, good, predictions  # the chunk's images now live only until their files are written
+                for job in jobs:
+                    job.result()
+                save_table()
+                bar.update(len(chunk))
+        except BaseException:
+            pool.shutdown(wait=True)  # the writes in flight end (each one atomic), then the table lists them
+            if table_is_ours:
+                with contextlib.suppress(OSError):
+                    save_table()
+            raise
+        finally:
+            bar.close()
+    return [done[i] for i in sorted(done)], failures
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event):
+    """While inside: SIGINT and SIGTERM set `stop` (the run then ends cleanly) instead of killing it mid-file."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -249,17 +475,32 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Segment breast-ultrasound lesions in new images with a trained BUSI U-Net. Writes "
-                    "<stem>_mask.png (0/255, the input's size), <stem>_overlay.png (predicted outline on the scan) "
-                    "and predictions.csv (lesion size, max probability, malignancy probability) into --output.",
+                    "<stem>_mask.png (0/255, the input's displayed size), <stem>_overlay.png (predicted outline on "
+                    "the scan) and predictions.csv (lesion size, max probability, malignancy probability, and the "
+                    "mask and overlay file names: exactly the files written) into --output. Inputs that share a "
+                    "stem keep their extension (a.png -> a.png_mask.png, a.jpg -> a.jpg_mask.png); the same name "
+                    "from two folders gets _2, _3, ... Every file is written under a temp name and renamed into "
+                    "place. Ctrl-C / SIGTERM: the images in flight are finished, predictions.csv lists exactly the "
+                    "files written, exit code 130.",
         epilog="Exit codes: 0 all written; 1 some input files could not be read (named on stderr, the rest are "
-               "written); 2 bad checkpoint, bad option or no input found.",
+               "written); 2 bad checkpoint, bad option, no input found, or a refused --output folder; "
+               "130 interrupted.",
     )
     default_checkpoint = DEFAULT_CHECKPOINT.relative_to(ROOT) if Path.cwd() == ROOT else DEFAULT_CHECKPOINT
     p.add_argument("--checkpoint", default=str(default_checkpoint), help="trained model or ensemble (.pt); default: %(default)s")
     p.add_argument("--input", required=True,
-                   help="an image file, a folder (its images; *_mask* ground-truth files are skipped) or a quoted "
-                        "glob pattern such as 'scans/*.png'")
-    p.add_argument("--output", required=True, help="folder for the masks, overlays and predictions.csv")
+                   help="an image file, a folder (its images; ground-truth files X_mask.png, X_mask_N.png are "
+                        "skipped) or a quoted glob pattern such as 'scans/*.png'")
+    p.add_argument("--output", required=True,
+                   help="folder for the masks, overlays and predictions.csv; a file this run did not create is "
+                        "never overwritten, and a folder holding an earlier run's outputs (predictions.csv, or "
+                        "files with this run's output names) is refused unless --overwrite is given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier run that are listed in the output folder's "
+                        "predictions.csv and that this run writes again; predictions.csv then lists exactly this "
+                        "run's files (the earlier run's other files stay, unlisted). A file no predictions.csv "
+                        "lists, e.g. ground truth X_mask.png when --output is the input folder, is never replaced: "
+                        "such a folder is refused")
     p.add_argument("--threshold", type=utils.probability, default=None,
                    help="lesion probability threshold (default: the checkpoint's, else 0.5)")
     p.add_argument("--device", default="auto",
@@ -286,7 +527,12 @@ def main(argv=None) -> int:
     paths = find_inputs(args.input, out_dir)
     if not paths:
         what = "folder has no images" if Path(args.input).is_dir() else "no file matches"
-        print(f"error: {what}: {args.input}", file=sys.stderr)
+        print(f"error: {what}: {shown(args.input)}", file=sys.stderr)
+        return 2
+    try:  # before any work: a refused folder costs nothing and changes nothing
+        replaceable = check_output_folder(out_dir, output_stems(paths), args.overwrite)
+    except RefusedOutput as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         model, state = utils.load_model(args.checkpoint, device)
@@ -298,22 +544,28 @@ def main(argv=None) -> int:
         print(f"error: cannot load {args.checkpoint} on {device}: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"error: cannot create the output folder {out_dir}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: cannot create the output folder {shown(out_dir)}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written", file=sys.stderr)
+        return 130
     config = state.get("config") or {}
     image_size = int(config.get("image_size", 256))
     threshold = args.threshold if args.threshold is not None else float(config.get("threshold", 0.5))
+    stop = threading.Event()
     try:
-        results, failures = run(paths, model, image_size, device, threshold, out_dir, args.batch_size, args.tta,
-                                progress=not args.quiet)
+        with stop_on_signals(stop):
+            results, failures = run(paths, model, image_size, device, threshold, out_dir, args.batch_size,
+                                    args.tta, progress=not args.quiet, replaceable=replaceable, stop=stop)
     except OSError as exc:  # full disk, read-only folder: nothing later would succeed either
-        print(f"error: cannot write to {out_dir}: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the files written so far are in {out_dir}/ (and listed in {CSV_NAME})",
+        print(f"error: cannot write to {shown(out_dir)}: {exc.strerror or exc} ({shown(exc.filename or '')})",
               file=sys.stderr)
+        return 2
+    if stop.is_set():
+        print(f"\ninterrupted: {len(results)} of {len(paths)} images written to {shown(out_dir)}/; {CSV_NAME} "
+              f"lists exactly them", file=sys.stderr)
         return 130
-    print(f"{len(results)} of {len(paths)} images -> {out_dir}/ (masks, overlays, {CSV_NAME}; threshold "
+    print(f"{len(results)} of {len(paths)} images -> {shown(out_dir)}/ (masks, overlays, {CSV_NAME}; threshold "
           f"{threshold:g})" + (f"; {len(failures)} could not be read" if failures else ""))
     return 1 if failures else 0
 

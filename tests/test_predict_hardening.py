@@ -1,0 +1,309 @@
+"""predict_busi.py against a hostile user: output folders holding ground truth or an earlier run, colliding
+output names, signals mid-run, file names that are not UTF-8, scans named *_mask*-ish, EXIF-rotated JPEGs.
+
+Everything here runs the real thing: real files, real subprocesses and real signals; no mocks.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict_busi
+from conftest import ROOT
+from test_predict import read_csv, save_tiny_checkpoint, scan
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """predict_busi.main() sets PyTorch's thread count for the process; give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def save_scan(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(scan(width, height, seed)).save(path)
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file in `folder` (hidden ones too) with its bytes."""
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def cli(checkpoint, *args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "predict_busi.py", "--checkpoint", str(checkpoint), "--quiet",
+                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    return lines[0]
+
+
+def listed_outputs(rows) -> set[str]:
+    """The mask and overlay files a predictions.csv lists (a table without those columns: <stem>_mask.png...)."""
+    stems = [Path(r["file"]).stem for r in rows]
+    return ({r.get("mask", f"{s}_mask.png") for r, s in zip(rows, stems)}
+            | {r.get("overlay", f"{s}_overlay.png") for r, s in zip(rows, stems)})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. Ground truth is never overwritten
+# ------------------------------------------------------------------------------------------------------------------
+def test_output_into_a_busi_folder_never_overwrites_its_ground_truth(tmp_path, checkpoint):
+    """--output = --input on a BUSI-layout folder: refused before any work, with and without --overwrite."""
+    folder = tmp_path / "benign"
+    for i in (1, 2):
+        save_scan(folder / f"benign ({i}).png", 30 + i, 20, seed=i)
+        save_scan(folder / f"benign ({i})_mask.png", 30 + i, 20, seed=10 + i)
+    save_scan(folder / "benign (2)_mask_1.png", 32, 20, seed=20)
+    before = snapshot(folder)
+    for extra in ([], ["--overwrite"]):
+        proc = cli(checkpoint, "--input", folder, "--output", folder, *extra)
+        assert proc.returncode == 2, proc.stderr
+        line = one_error_line(proc.stderr)
+        assert "_mask.png" in line and "never overwritten" in line
+        assert snapshot(folder) == before  # not one byte changed, no predictions.csv, no temp file
+
+    # A folder of plain scans (no ground truth) can still take its own predictions.
+    plain = tmp_path / "plain"
+    save_scan(plain / "x.png", 30, 20)
+    scans = snapshot(plain)
+    assert cli(checkpoint, "--input", plain, "--output", plain).returncode == 0
+    assert {n: (plain / n).read_bytes() for n in scans} == scans
+    assert sorted(p.name for p in plain.iterdir()) == ["predictions.csv", "x.png", "x_mask.png", "x_overlay.png"]
+
+
+def test_a_file_predict_did_not_write_is_never_overwritten(tmp_path, checkpoint, capsys):
+    """An existing file with an output's name, or a predictions.csv that is not ours, stays, even with --overwrite."""
+    save_scan(tmp_path / "in" / "a.png", 30, 20)
+    out = tmp_path / "out"
+    save_scan(out / "a_overlay.png", 8, 8)  # the user's own file, no predictions.csv lists it
+    before = snapshot(out)
+    for extra in ([], ["--overwrite"]):
+        code = predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "in"),
+                                  "--output", str(out), "--quiet", *extra])
+        assert code == 2
+        assert "a_overlay.png" in one_error_line(capsys.readouterr().err)
+        assert snapshot(out) == before
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "predictions.csv").write_text("my own notes\n")
+    code = predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "in"),
+                              "--output", str(other), "--quiet", "--overwrite"])
+    assert code == 2 and "predictions.csv" in one_error_line(capsys.readouterr().err)
+    assert snapshot(other) == {"predictions.csv": b"my own notes\n"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. One input, one set of outputs
+# ------------------------------------------------------------------------------------------------------------------
+def check_outputs_match_the_csv(out: Path, rows) -> None:
+    """Outputs on disk == outputs listed; each has its row's size."""
+    assert len({r["mask"] for r in rows}) == len(rows)
+    on_disk = {p.name for p in out.iterdir()} - {"predictions.csv"}
+    assert on_disk == listed_outputs(rows)
+    for row in rows:
+        size = (int(row["width"]), int(row["height"]))
+        assert Image.open(out / row["mask"]).size == size and Image.open(out / row["overlay"]).size == size
+
+
+def test_inputs_with_the_same_stem_get_their_own_outputs(tmp_path, checkpoint, capsys):
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    sizes = {d1 / "a.png": (30, 20), d1 / "a_2.png": (50, 28), d2 / "a.png": (36, 22)}
+    for path, (w, h) in sizes.items():
+        save_scan(path, w, h)
+    Image.fromarray(np.dstack([scan(40, 24)] * 3)).save(d1 / "a.jpg")
+    sizes[d1 / "a.jpg"] = (40, 24)
+
+    out = tmp_path / "out1"
+    assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(d1), "--output", str(out),
+                              "--quiet"]) == 0
+    rows = {r["file"]: r for r in read_csv(out / "predictions.csv")}
+    # the documented rule: a stem shared by several inputs keeps each one's extension
+    assert {f: r["mask"] for f, r in rows.items()} == {
+        "a.png": "a.png_mask.png", "a.jpg": "a.jpg_mask.png", "a_2.png": "a_2_mask.png"}
+    for name, row in rows.items():
+        assert (int(row["width"]), int(row["height"])) == sizes[d1 / name]
+    check_outputs_match_the_csv(out, list(rows.values()))
+
+    # a glob over two folders: the same file name twice, plus the stem clashes
+    out = tmp_path / "out2"
+    assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "d*" / "*"),
+                              "--output", str(out), "--quiet"]) == 0
+    rows = read_csv(out / "predictions.csv")
+    assert len(rows) == 4
+    assert sorted((int(r["width"]), int(r["height"])) for r in rows) == sorted(sizes.values())
+    check_outputs_match_the_csv(out, rows)
+
+
+def test_output_stems_are_unique_ignoring_case():
+    """On macOS and Windows, A_mask.png and a_mask.png are one file."""
+    paths = [Path(p) for p in ("d/A.png", "d/a.png", "e/a.png", "d/a.png_2.png", "d/b.tif", "d/b_2.png")]
+    stems = predict_busi.output_stems(paths)
+    assert len({s.casefold() for s in stems}) == len(paths)
+    assert stems[4:] == ["b", "b_2"]  # no clash, no change
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. A re-run into an earlier run's folder
+# ------------------------------------------------------------------------------------------------------------------
+def test_rerun_needs_overwrite_and_then_lists_exactly_its_own_files(tmp_path, checkpoint, capsys):
+    first_in, second_in, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    save_scan(first_in / "a.png", 30, 20)
+    save_scan(first_in / "b.png", 34, 22)
+    save_scan(second_in / "a.png", 40, 26, seed=1)
+    save_scan(second_in / "c.png", 38, 24, seed=2)
+    args = ["--checkpoint", str(checkpoint), "--output", str(out), "--quiet"]
+    assert predict_busi.main([*args, "--input", str(first_in)]) == 0
+    first = snapshot(out)
+
+    # refused before any work: predictions.csv and a_mask.png are an earlier run's
+    assert predict_busi.main([*args, "--input", str(second_in)]) == 2
+    assert "--overwrite" in one_error_line(capsys.readouterr().err)
+    assert snapshot(out) == first
+    # also when no output name clashes: the earlier predictions.csv would be replaced
+    assert predict_busi.main([*args, "--input", str(second_in / "c.png")]) == 2
+    assert "--overwrite" in one_error_line(capsys.readouterr().err)
+    assert snapshot(out) == first
+
+    assert predict_busi.main([*args, "--input", str(second_in), "--overwrite"]) == 0
+    rows = read_csv(out / "predictions.csv")
+    assert sorted(r["file"] for r in rows) == ["a.png", "c.png"]  # exactly this run's outputs
+    assert Image.open(out / "a_mask.png").size == (40, 26)  # replaced by this run's prediction
+    now = snapshot(out)
+    assert now["b_mask.png"] == first["b_mask.png"] and now["b_overlay.png"] == first["b_overlay.png"]
+    assert set(now) == set(first) | {"c_mask.png", "c_overlay.png"}  # nothing else, no temp file
+    for row in rows:
+        assert (out / row["mask"]).is_file() and (out / row["overlay"]).is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. SIGINT / SIGTERM mid-run
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_run_leaves_complete_files_listed_exactly(tmp_path, checkpoint, signum):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    first = save_scan(inputs / "scan (1).png", 640, 480)  # big enough that 40 take a few seconds
+    for i in range(2, 41):
+        shutil.copyfile(first, inputs / f"scan ({i}).png")
+    proc = subprocess.Popen([sys.executable, "predict_busi.py", "--checkpoint", str(checkpoint), "--input",
+                             str(inputs), "--output", str(out), "--batch-size", "2", "--threads", "1", "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not any(out.glob("*_mask.png")):  # final names only (a temp file is hidden)
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no mask appeared"
+            time.sleep(0.002)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    rows = read_csv(out / "predictions.csv")
+    # every file on disk is listed (no temp file, no unlisted mask) and every listed file is a complete PNG
+    assert {p.name for p in out.iterdir()} == listed_outputs(rows) | {"predictions.csv"}
+    message = stderr.strip().splitlines()[-1]
+    assert re.search(rf"\b{len(rows)} of 40 images written\b", message) and "lists exactly" in message, stderr
+    assert 0 < len(rows) < 40, "the signal came too late to test anything"
+    for row in rows:
+        for name, mode in ((row["mask"], "L"), (row["overlay"], "RGB")):
+            with Image.open(out / name) as image:
+                image.load()  # raises on a truncated file
+                assert image.mode == mode and image.size == (640, 480)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. File names that are not UTF-8
+# ------------------------------------------------------------------------------------------------------------------
+def test_a_file_name_that_is_not_utf8_is_predicted_and_listed_escaped(tmp_path, checkpoint):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    good = save_scan(inputs / "good.png", 30, 20)
+    try:
+        with open(os.fsencode(inputs) + b"/bad\xff name.png", "wb") as f:
+            f.write(good.read_bytes())
+        with open(os.fsencode(inputs) + b"/broken\xfe.png", "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    except OSError as exc:  # e.g. macOS: APFS refuses names that are not UTF-8
+        pytest.skip(f"the file system refuses a non-UTF-8 name: {exc}")
+    shutil.copyfile(good, inputs / "zz last.png")  # sorted after the odd name
+    proc = cli(checkpoint, "--input", inputs, "--output", out)
+    assert proc.returncode == 1, proc.stderr  # one unreadable file
+    assert "Traceback" not in proc.stderr
+    assert "broken\\xfe.png" in one_error_line(proc.stderr)
+    text = (out / "predictions.csv").read_bytes().decode("utf-8")  # valid UTF-8 whatever the names
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert sorted(r["file"] for r in rows) == ["bad\\xff name.png", "good.png", "zz last.png"]
+    on_disk = set(os.listdir(os.fsencode(out)))
+    assert {b"bad\xff name_mask.png", b"bad\xff name_overlay.png", b"zz last_mask.png"} <= on_disk
+    assert len(on_disk) == 2 * len(rows) + 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 9. The ground-truth rule is the loader's (dataset.MASK_RE)
+# ------------------------------------------------------------------------------------------------------------------
+def test_a_scan_whose_name_merely_contains_mask_is_predicted(tmp_path, checkpoint, capsys):
+    inputs = tmp_path / "in"
+    for name in ("case_masked_liver.png", "x_mask_notes.png", "x.png", "x_mask.png", "x_mask_1.png"):
+        save_scan(inputs / name, 30, 20)
+    for spec in (inputs, inputs / "*.png"):
+        out = tmp_path / f"out{len(str(spec))}"
+        assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(spec), "--output", str(out),
+                                  "--quiet"]) == 0
+        files = sorted(r["file"] for r in read_csv(out / "predictions.csv"))
+        assert files == ["case_masked_liver.png", "x.png", "x_mask_notes.png"]  # ground truth only skipped
+    assert "3 of 3 images" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 8. EXIF orientation
+# ------------------------------------------------------------------------------------------------------------------
+def save_rotated_jpeg(path: Path) -> Path:
+    """A 40 x 24 JPEG whose EXIF orientation 6 says: display it turned a quarter, 24 x 40."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.dstack([scan(40, 24)] * 3)).save(path, exif=exif)
+    return path
+
+
+def test_the_size_peek_reports_the_displayed_size(tmp_path):
+    assert predict_busi.peek_size(save_rotated_jpeg(tmp_path / "rotated.jpg")) == (24, 40)
+    assert predict_busi.peek_size(save_scan(tmp_path / "plain.png", 40, 24)) == (40, 24)
+
+
+def test_mask_of_an_exif_rotated_jpeg_has_the_displayed_size(tmp_path, checkpoint, capsys):
+    """Passes only once dataset.load_image applies PIL.ImageOps.exif_transpose (another branch, dataset.py):
+    predict_busi.py takes the pixels, hence the mask's size, from the loader."""
+    save_rotated_jpeg(tmp_path / "in" / "rotated.jpg")
+    out = tmp_path / "out"
+    assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "in"), "--output",
+                              str(out), "--quiet"]) == 0
+    (row,) = read_csv(out / "predictions.csv")
+    assert (int(row["width"]), int(row["height"])) == (24, 40)
+    assert Image.open(out / "rotated_mask.png").size == (24, 40)
+    assert Image.open(out / "rotated_overlay.png").size == (24, 40)
