@@ -29,8 +29,6 @@ import csv
 import glob
 import io
 import os
-import re
-import secrets
 import signal
 import sys
 import threading
@@ -43,11 +41,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+import checkpoints
 import dataset
+import metrics
 import utils
+from checkpoints import DEFAULT_CHECKPOINT, shown_path
+from inference import default_threads, predict_images
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "busi_unet_small.pt"
 CSV_NAME = "predictions.csv"
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
               "malignancy_probability", "predicted_class", "mask", "overlay")
@@ -58,21 +58,6 @@ OUTLINE_RGB = (255, 64, 0)  # orange-red: stands out on grey ultrasound and is t
 # this many original pixels (~ 64 MB of grey uint8) so that a folder of huge scans never sits in memory at once.
 CHUNK_PIXEL_BUDGET = 64_000_000
 IO_THREADS = min(4, os.cpu_count() or 1)  # PIL releases the GIL while decoding/encoding PNGs
-
-
-def default_threads() -> int:
-    """PyTorch CPU threads: half the cores (at least 1, at most 8). The rest decode and write images; and when
-    another job (a training run) keeps the cores busy, PyTorch's full-size thread pool slows down several times
-    over (measured: 1.0 s instead of 0.03 s for one 128-px image on 2 busy cores)."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Finding the inputs
-# --------------------------------------------------------------------------------------------------------------
-def natural_key(path: Path) -> list:
-    """Sort 'x (2).png' before 'x (10).png'."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)] + [str(path)]
 
 
 def _is_candidate(path: Path) -> bool:
@@ -99,7 +84,7 @@ def find_inputs(spec: str, output_dir: Path | None = None) -> list[Path]:
     if output_dir is not None:
         out = output_dir.resolve()
         candidates = [p for p in candidates if not (p.stem.endswith("_overlay") and p.parent.resolve() == out)]
-    return sorted(candidates, key=natural_key)
+    return sorted(candidates, key=dataset.natural_key)
 
 
 def output_stems(paths: list[Path]) -> list[str]:
@@ -186,82 +171,8 @@ def check_output_folder(out_dir: Path, stems: list[str], overwrite: bool) -> set
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Atomic writes (utils.save_checkpoint is the same idea, for torch.save only)
+# Outputs
 # --------------------------------------------------------------------------------------------------------------
-def _write_temp(final: Path, save) -> Path:
-    """`save(file object)` into a new hidden temp file next to `final` (same file system, so a rename is atomic).
-
-    Created like any file (mode 0666 minus the umask; mkstemp would make it 0600), never over an existing one.
-    """
-    # hidden (never taken as an input); the name cut short so that a long final name still fits NAME_MAX
-    tmp = final.with_name(f".{final.name[:100]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            save(f)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _commit(tmp: Path, final: Path, replace: bool) -> None:
-    """Rename a finished temp file to its final name. Without `replace`, a file that appeared under that name
-    since the run started (another program, another run) stays: link() refuses to clobber, rename() would not."""
-    if replace:
-        os.replace(tmp, final)
-        return
-    try:
-        os.link(tmp, final)
-    except FileExistsError:
-        raise
-    except OSError:  # no hard links here (FAT, some network shares): check, then rename
-        if os.path.lexists(final):
-            raise FileExistsError(17, "File exists", str(final)) from None
-        os.replace(tmp, final)
-        return
-    os.unlink(tmp)
-
-
-def write_files_atomically(files: list[tuple[Path, object]], replaceable: set[str]) -> None:
-    """Write each (path, save) to a temp file, then rename them all into place: all of them appear, or none
-    (a mask without its overlay would be listed nowhere). Names in `replaceable` may be replaced."""
-    temps: list[Path] = []
-    done: list[Path] = []
-    try:
-        for final, save in files:
-            temps.append(_write_temp(final, save))
-        for tmp, (final, _) in zip(temps, files):
-            _commit(tmp, final, final.name in replaceable)
-            done.append(final)
-    except BaseException:
-        for path in temps + done:
-            with contextlib.suppress(OSError):
-                os.unlink(path)  # a committed temp is gone already; a lone mask would be listed nowhere
-        raise
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Inference (shared with the GUI)
-# --------------------------------------------------------------------------------------------------------------
-def predict_images(model, images: list[np.ndarray], image_size: int, device: torch.device,
-                   dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False):
-    """Yield (probability map [H,W] float32 on the CPU at each image's own size, class probabilities [3] or None).
-
-    `images` are grey uint8 HxW arrays of any size; they are squashed to the model's square input as in training.
-    """
-    if not images:
-        return
-    batch = torch.from_numpy(np.stack([dataset.resize_image(img, image_size) for img in images]))[:, None]
-    i = 0
-    for probs, cls in utils.predict_batches(model, batch, device, dtype, batch_size, tta):
-        for j in range(probs.shape[0]):
-            h, w = images[i].shape
-            prob = utils.probs_to_original(probs[j], h, w).cpu()
-            yield prob, (None if cls is None else cls[j].float().cpu())
-            i += 1
-
-
 def outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
     """Pixels just outside `mask` (square dilation minus the mask), `thickness` pixels wide; bool HxW."""
     if not mask.any():
@@ -321,7 +232,7 @@ def csv_line(fields) -> str:
 def write_table(path: Path, lines: list[str], replace: bool) -> None:
     """predictions.csv from rows formatted by csv_line(), atomically; UTF-8 whatever the file names (shown())."""
     data = (csv_line(CSV_FIELDS) + "".join(lines)).encode("utf-8")
-    write_files_atomically([(path, lambda f: f.write(data))], {path.name} if replace else set())
+    utils.atomic_write_all([(path, lambda f: f.write(data))], {path.name} if replace else set())
 
 
 def peek_size(path: Path) -> tuple[int, int]:
@@ -369,12 +280,12 @@ def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, threshold: float, s
     mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
     overlay_png = Image.fromarray(overlay_image(image, mask))
     # Low zlib levels: 3-4x faster to write than the default, and the files are still small (masks are flat).
-    write_files_atomically([(out_dir / mask_name, lambda f: mask_png.save(f, format="PNG", compress_level=1)),
+    utils.atomic_write_all([(out_dir / mask_name, lambda f: mask_png.save(f, format="PNG", compress_level=1)),
                             (out_dir / overlay_name, lambda f: overlay_png.save(f, format="PNG", compress_level=3))],
                            replaceable)
     malignancy = predicted = None
     if cls is not None:
-        malignancy = float(utils.malignancy_probability(cls))
+        malignancy = float(metrics.malignancy_probability(cls))
         predicted = dataset.CLASSES[int(cls.argmax())]
     return Result(display_name, image.shape[1], image.shape[0], int(mask.sum()), float(prob.max()),
                   malignancy, predicted, mask_name, overlay_name)
@@ -486,8 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                "written); 2 bad checkpoint, bad option, no input found, or a refused --output folder; "
                "130 interrupted.",
     )
-    default_checkpoint = DEFAULT_CHECKPOINT.relative_to(ROOT) if Path.cwd() == ROOT else DEFAULT_CHECKPOINT
-    p.add_argument("--checkpoint", default=str(default_checkpoint), help="trained model or ensemble (.pt); default: %(default)s")
+    p.add_argument("--checkpoint", default=str(shown_path(DEFAULT_CHECKPOINT)), help="trained model or ensemble (.pt); default: %(default)s")
     p.add_argument("--input", required=True,
                    help="an image file, a folder (its images; ground-truth files X_mask.png, X_mask_N.png are "
                         "skipped) or a quoted glob pattern such as 'scans/*.png'")
@@ -535,9 +445,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        model, state = utils.load_model(args.checkpoint, device)
+        model, state = checkpoints.load_model(args.checkpoint, device)
         out_dir.mkdir(parents=True, exist_ok=True)
-    except utils.CheckpointError as exc:
+    except checkpoints.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # e.g. the device ran out of memory while taking the weights

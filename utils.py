@@ -193,16 +193,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # --------------------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, data) -> None:
-    """Write `data` (bytes, or a callable that writes to a binary file object) to `path` atomically: a unique
-    temp file in the same folder, fsync, then rename over `path`.
-
-    A run killed at any moment leaves either the old file or the new one, never a torn one; two writers never
-    share a temp file; a failed write (full disk) removes its temp file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_temp(final: Path, data) -> Path:
+    """`data` (bytes, or a callable that writes to a binary file) into a new hidden temp file beside `final` (same
+    file system, so the rename is atomic), fsynced, with the mode of any new file (mkstemp makes 0600)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # the name cut short so that a long final name still fits NAME_MAX; unique, so writers never share one
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name[:100]}.", suffix=".tmp", dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(data):
@@ -213,12 +209,54 @@ def atomic_write(path: str | os.PathLike, data) -> None:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; ours are as readable as any other file
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~umask)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return Path(tmp)
+
+
+def _commit(tmp: Path, final: Path, replace: bool) -> None:
+    """Rename a finished temp file to its final name. Without `replace`, a file that exists under that name (one
+    another program or run wrote meanwhile) stays: link() refuses to clobber, where rename() would not."""
+    if replace:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network shares): check, then rename
+        if os.path.lexists(final):
+            raise FileExistsError(17, "File exists", str(final)) from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
+
+
+def atomic_write_all(files: list[tuple[Path, object]], replaceable: set[str] | None = None) -> None:
+    """Write each (path, data) to a temp file, then rename them all into place: all of them appear, or none
+    (a killed run never leaves a torn file, a failed write such as a full disk leaves no temp file). Only names
+    in `replaceable` (None: any) may replace an existing file."""
+    temps: list[Path] = []
+    done: list[Path] = []
+    try:
+        for final, data in files:
+            temps.append(_write_temp(Path(final), data))
+        for tmp, (final, _) in zip(temps, files):
+            _commit(tmp, Path(final), replaceable is None or Path(final).name in replaceable)
+            done.append(Path(final))
+    except BaseException:
+        for path in temps + done:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # a committed temp is gone already; a half-committed set is undone
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data, replace: bool = True) -> None:
+    """One file, atomically (see `atomic_write_all`); `replace=False` never replaces an existing file."""
+    atomic_write_all([(Path(path), data)], None if replace else set())
 
 
 def torch_save(obj, path: str | os.PathLike) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
+from test_predict import read_csv, save_tiny_checkpoint, scan
 
 import predict_busi
-from conftest import ROOT
-from test_predict import read_csv, save_tiny_checkpoint, scan
 
 
 @pytest.fixture(autouse=True)
