@@ -18,25 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT
 from PIL import Image
-from test_predict import read_csv, save_tiny_checkpoint, scan
+from test_predict import checkpoint, keep_torch_threads, read_csv, scan  # noqa: F401 - fixtures shared
 
 import predict_busi
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """predict_busi.main() sets PyTorch's thread count for the process; give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 def save_scan(path: Path, width: int, height: int, seed: int = 0) -> Path:
@@ -297,8 +283,8 @@ def test_the_size_peek_reports_the_displayed_size(tmp_path):
 
 
 def test_mask_of_an_exif_rotated_jpeg_has_the_displayed_size(tmp_path, checkpoint, capsys):
-    """Passes only once dataset.load_image applies PIL.ImageOps.exif_transpose (another branch, dataset.py):
-    predict_busi.py takes the pixels, hence the mask's size, from the loader."""
+    """predict_busi.py takes the pixels, hence the mask's size, from the loader, which applies the EXIF
+    orientation (PIL.ImageOps.exif_transpose)."""
     save_rotated_jpeg(tmp_path / "in" / "rotated.jpg")
     out = tmp_path / "out"
     assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "in"), "--output",
