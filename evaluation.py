@@ -137,7 +137,7 @@ def write_report_figure(run_dir: Path, summary: dict, records: list[dict], split
 def print_summary(title: str, s: dict) -> None:
     print(f"{title}: lesion Dice {s['lesion_dice']:.4f} | lesion IoU {s['lesion_iou']:.4f} | "
           f"pooled Dice {s['lesion_pooled_dice']:.4f} | normal FP rate {s['normal_fp_rate']:.3f} "
-          f"| n={s['n_images']}")
+          f"| missed lesions {s['missed_lesions']} of {s['n_lesion']} | n={s['n_images']}")
     for name, c in s["per_class"].items():
         extra = f" | FP rate {c['fp_rate']:.3f}" if "fp_rate" in c else ""
         print(f"  {name:<9} n={c['n']:<4} Dice {c['dice']:.4f} | IoU {c['iou']:.4f}{extra}")

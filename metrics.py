@@ -58,6 +58,8 @@ def summarize(records: list[dict], class_names=CLASSES) -> dict:
     pooled = sum(r["pred_pixels"] + r["gt_pixels"] for r in lesion)
     out["lesion_pooled_dice"] = 2 * sum(r["inter"] for r in lesion) / pooled if pooled else float("nan")
     out["normal_fp_rate"] = float(np.mean([r["pred_pixels"] > 0 for r in normal])) if normal else float("nan")
+    out["n_lesion"] = len(lesion)
+    out["missed_lesions"] = sum(r["pred_pixels"] == 0 for r in lesion)  # lesion images with an empty prediction
     out["all_dice"] = mean(records, "dice")
     per_class = {}
     for name in class_names:

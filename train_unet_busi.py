@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint once and write metrics.json")
     g.add_argument("--checkpoint", default=None,
                    help="checkpoint for --eval-only: a run's best.pt, or an exported model or ensemble")
-    g.add_argument("--eval-split", choices=("test", "val", "train"), default="test",
+    g.add_argument("--eval-split", choices=("test", "val", "train", "all"), default="test",
                    help="split that --eval-only scores (default: %(default)s); compare levers such as --tta or "
-                        "--threshold on val, so the test split chooses nothing")
+                        "--threshold on val, so the test split chooses nothing; 'all' scores every image of "
+                        "--data-dir without a split: an external test set such as BrEaST")
     return p
 
 
@@ -142,8 +143,9 @@ def open_run(args) -> tuple[dict | None, Path]:
         state = checkpoints.load_checkpoint(args.checkpoint)
         name = Path(args.checkpoint)
         name = f"{name.parent.name}-{name.stem}" if name.stem in ("best", "latest") and name.parent.name else name.stem
-        run_dir = utils.claim_run_dir(output_dir, args.run_name,
-                                      f"eval-{name}" + ("" if args.eval_split == "test" else f"-{args.eval_split}"))
+        split = {"test": "", "all": f"-{dataset.resolve_data_dir(args.data_dir, announce=False).name}"}.get(
+            args.eval_split, f"-{args.eval_split}")
+        run_dir = utils.claim_run_dir(output_dir, args.run_name, f"eval-{name}{split}")
     else:
         run_dir = utils.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
     if state is not None:
@@ -168,11 +170,14 @@ def load_data(args, run_dir: Path) -> tuple[dict, Path, str]:
         samples = dataset.bundle_samples(cache)
     else:
         samples, cache = dataset.discover_samples(data_dir), None
-    split, source = dataset.choose_split(data_dir, samples, args.split_file, "--split-file" in args.explicit,
-                                         write_to=run_dir / "split.json")
+    if args.eval_only and args.eval_split == "all":  # an external set: every image, no split
+        split, source = {"all": sorted(s.image for s in samples)}, "every image"
+    else:
+        split, source = dataset.choose_split(data_dir, samples, args.split_file, "--split-file" in args.explicit,
+                                             write_to=run_dir / "split.json")
     if cache is None:
         cache = dataset.build_cache(data_dir, samples, args.image_size, args.cache_dir or None)
-    counts = {k: len(split[k]) for k in ("train", "val", "test")}
+    counts = {k: len(split[k]) for k in ("train", "val", "test", "all") if k in split}
     print(f"data: {data_dir} | {len(samples)} images | split {counts} from {source}", flush=True)
     needed = (args.eval_split,) if args.eval_only else ("train", "val", "test")
     if any(counts[k] == 0 for k in needed):

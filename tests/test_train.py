@@ -508,3 +508,25 @@ def test_each_hyperparameter_is_defined_once_and_the_flags_help_and_saved_config
     config = torch.load(tmp_path / "e" / "latest.pt", weights_only=True)["config"]
     assert config["epochs"] == 1 and config["warmup_epochs"] == 0.5
     assert set(config) >= {f.name for f in dataclasses.fields(T.Hyperparameters)}
+
+
+def test_eval_split_all_scores_every_image_of_an_external_folder(busi_dir, tmp_path, capsys):
+    """An external test set in the BUSI layout: every image scored, no split made or needed, its own folder."""
+    from conftest import make_busi_dir
+
+    root, _ = busi_dir
+    assert train(root, tmp_path, "--epochs", "1", "--run-name", "r") == 0
+    external = tmp_path / "Other_Hospital"
+    make_busi_dir(external, seed=7)
+    n_images = sum(1 for p in external.rglob("*.png") if "_mask" not in p.name)
+    capsys.readouterr()
+    assert train(external, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "r" / "best.pt"),
+                 "--eval-split", "all") == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "eval-r-best-Other_Hospital"
+    result = json.loads((folder / "metrics.json").read_text())["all"]
+    assert result["n_images"] == n_images and result["n_lesion"] == n_images - 6  # 6 normal images
+    assert 0 <= result["missed_lesions"] <= result["n_lesion"] and f"missed lesions {result['missed_lesions']}" in out
+    with open(folder / "all_predictions.csv") as f:
+        assert len(list(csv.DictReader(f))) == n_images
+    assert (folder / "all_report.png").is_file() and not (folder / "split.json").exists()
