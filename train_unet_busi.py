@@ -221,7 +221,8 @@ def run(args) -> int:
     config.update(data_dir=str(data_dir), split_file=split_source, device=str(device), amp=args.amp,
                   model=model.config)
     print(f"model: {type(model).__name__}{model.config} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-          f"parameters | device {device}, autocast {dtype} | image {args.image_size}px", flush=True)
+          f"parameters | device {device}, autocast: train {dtype}, eval {utils.inference_dtype(device, args.amp)} | "
+          f"image {args.image_size}px", flush=True)
     if args.eval_only:
         report(model, parts[args.eval_split], run_dir, args.eval_split, args, device,
                {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"), "config": config,
