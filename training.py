@@ -21,11 +21,19 @@ from losses import BCEDiceLoss, total_loss
 MAX_BAD_STEPS = 5  # stop after this many non-finite losses in a row (checked every 10 steps)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   encoder_lr: float = 1.0):
     """AdamW, fused where PyTorch has the fused kernel (CUDA and CPU): one kernel over all parameters instead of
-    a Python loop over them (several times faster per step on CPU; on CUDA, far fewer kernel launches)."""
+    a Python loop over them (several times faster per step on CPU; on CUDA, far fewer kernel launches). A
+    pretrained encoder (`model.encoder`) learns at `encoder_lr` times `lr`."""
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or encoder_lr == 1.0:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+    own = {id(p) for p in encoder.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in own]},
+              {"params": list(encoder.parameters()), "lr": lr * encoder_lr}]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
@@ -184,11 +192,11 @@ class Trainer:
         self.steps = steps_per_epoch(n_train, hp.batch_size)
         self.n_train = n_train
         total, warmup = self.steps * hp.epochs, max(1, round(hp.warmup_epochs * self.steps))
-        self.optimizer = make_optimizer(model, hp.lr, hp.weight_decay, device)
+        self.optimizer = make_optimizer(model, hp.lr, hp.weight_decay, device, hp.encoder_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, warmup))
         self.scaler = make_grad_scaler(device, dtype)
         self.seg_loss = BCEDiceLoss(hp.bce_weight, hp.dice_weight, dice_per_image=hp.dice_per_image)
-        self.aug_cfg = AugmentConfig().scaled(hp.augment)
+        self.aug_cfg = AugmentConfig().scaled(hp.augment).with_scanner(hp.scanner_augment)
         self.param_gen = torch.Generator().manual_seed(hp.seed)
         self.noise_gen = torch.Generator(device=device).manual_seed(hp.seed + 1) if device.type != "mps" else None
         self.step_fn = TrainStep(model, self.optimizer, self.scaler, self.seg_loss, hp.cls_weight, device, dtype,

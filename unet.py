@@ -442,3 +442,10 @@ def model_from_config(config: dict, pretrained: bool | None = None) -> nn.Module
     if not isinstance(members, int) or isinstance(members, bool) or members < 1:
         raise TypeError(f"members must be a positive integer, got {members!r}")
     return UNetEnsemble([build() for _ in range(members)])
+
+
+def size_multiple(config: dict) -> int:
+    """Input sizes a model of this `.config` takes are multiples of this (without building it)."""
+    if config.get("encoder", "none") in (None, "none"):
+        return 2 ** int(config.get("depth", 4))
+    return LiteUNet.size_multiple

