@@ -34,7 +34,8 @@ import utils
 from augment import AugmentConfig
 from losses import BCEDiceLoss, total_loss
 from training import TrainStep, make_grad_scaler, make_optimizer
-from unet import UNet
+import unet
+from unet import LiteUNet, UNet
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' datasheets, matched by device name.
 BF16_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -133,11 +134,18 @@ def cpu_ceiling(project_gflops: float, naive_gflops: float, project_dtype: str) 
             "naive_fraction": naive_gflops / gemm["float32"], "speedup_bound": max(gemm.values()) / naive_gflops}
 
 
+def make_model(args) -> torch.nn.Module:
+    """The benchmarked model, with a class head and (when weighted) deep-supervision heads, as in training."""
+    heads = {"num_classes": 3, "deep_supervision": args.deep_supervision > 0}
+    if args.encoder == "none":
+        return UNet(1, 1, args.base_channels, args.depth, **heads)
+    return LiteUNet(args.encoder, pretrained=False, **heads)  # speed does not depend on the starting weights
+
+
 def bench_project(args, device, cache, n_train):
     dtype = utils.amp_dtype(device, not args.no_amp)
     torch.manual_seed(args.seed)
-    model = UNet(1, 1, args.base_channels, args.depth, num_classes=3,
-                 deep_supervision=args.deep_supervision > 0).to(device, memory_format=torch.channels_last)
+    model = make_model(args).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, 1e-3, 1e-2, device)
     scaler = make_grad_scaler(device, dtype)
     step = TrainStep(model, optimizer, scaler, BCEDiceLoss(dice_per_image=args.dice_per_image), 0.2, device, dtype,
@@ -191,8 +199,7 @@ def bench_project(args, device, cache, n_train):
 def bench_naive(args, device, data_dir, samples):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    model = UNet(1, 1, args.base_channels, args.depth, num_classes=3,
-                 deep_supervision=args.deep_supervision > 0).to(device)
+    model = make_model(args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = BCEDiceLoss(dice_per_image=args.dice_per_image)  # the training default, as in the project's step
     if device.type == "cuda":
@@ -245,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--data-dir", default=None,
                    help="BUSI layout dir (default: ./Dataset_BUSI_with_GT, else the bundled sample)")
+    p.add_argument("--encoder", default="none", choices=("none", "lite0", "lite1", "lite2"),
+                   help="none: UNet (--base-channels, --depth); liteN: LiteUNet on an EfficientNet-LiteN encoder")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--base-channels", type=int, default=32)
     p.add_argument("--depth", type=int, default=4)
@@ -304,8 +313,9 @@ def print_table(project: dict, naive: dict, device) -> tuple[float, float, float
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.image_size % 2 ** args.depth:
-        p.error(f"--image-size must be a multiple of {2 ** args.depth}")
+    multiple = unet.size_multiple({"encoder": args.encoder, "depth": args.depth})
+    if args.image_size % multiple:
+        p.error(f"--image-size must be a multiple of {multiple}")
     try:
         device = utils.pick_device(args.device)
     except ValueError as exc:
@@ -319,7 +329,8 @@ def main(argv=None) -> int:
         return 2
     print(f"bench: {data_dir} ({len(samples)} images) | device {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | torch {torch.__version__} "
-          f"| threads {torch.get_num_threads()} | UNet base {args.base_channels} depth {args.depth} "
+          f"| threads {torch.get_num_threads()} | "
+          f"{f'UNet base {args.base_channels} depth {args.depth}' if args.encoder == 'none' else 'LiteUNet ' + args.encoder} "
           f"(deep supervision {args.deep_supervision:g}) | "
           f"{args.image_size}px | batch {args.batch_size} | {args.steps} timed steps", flush=True)
 
