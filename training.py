@@ -204,6 +204,7 @@ class Trainer:
         self.bad = BadSteps(device)
         self.epoch, self.step, self.perm, self.history = 0, 0, None, []
         self.best_score, self.best_epoch, self.best_val = -1.0, None, None
+        self.best_found = False  # whether the best epoch found any validation lesion (see end_epoch)
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's training state."""
@@ -213,6 +214,7 @@ class Trainer:
         self.epoch, self.step, self.perm = state["epoch"], state.get("step", 0), state.get("epoch_perm")
         self.history = list(state.get("history", []))
         self.best_score, self.best_epoch, self.best_val = state["best_score"], state["best_epoch"], state.get("best_val")
+        self.best_found = state.get("best_found_lesion", True)  # runs saved before the rule ranked by score alone
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.param_gen.set_state(rng["param_gen"])
@@ -232,6 +234,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "epoch_perm": self.perm,
                 "best_score": self.best_score, "best_epoch": self.best_epoch, "best_val": self.best_val,
+                "best_found_lesion": self.best_found,
                 "config": config, "history": self.history, "rng": rng}
 
     def train_epoch(self, data: dict, stop: StopRequest, run_dir) -> tuple[float, float, int] | None:
@@ -280,9 +283,13 @@ class Trainer:
         if "malignancy_auc" in val_summary:
             row["val_malignancy_auc"] = round(val_summary["malignancy_auc"], 5)
         self.history.append(row)
-        improved = val_summary["all_dice"] > self.best_score
+        # An epoch that predicts nothing on every validation lesion scores 1 on each normal image: on a small
+        # validation split that alone can win. Such an epoch is best only until one that finds a lesion comes.
+        found = val_summary["n_lesion"] == 0 or val_summary["missed_lesions"] < val_summary["n_lesion"]
+        improved = (found, val_summary["all_dice"]) > (self.best_found, self.best_score)
         if improved:
             self.best_score, self.best_epoch, self.best_val = val_summary["all_dice"], self.epoch, val_summary
+            self.best_found = found
         return row, improved
 
 
