@@ -20,14 +20,6 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message says why."""
 
 
-def shown_path(path: Path) -> Path:
-    """`path` relative to the working directory where that is shorter (for --help texts)."""
-    try:
-        return path.relative_to(Path.cwd())
-    except ValueError:
-        return path
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Atomic: a run killed at any moment leaves the old checkpoint or the new one, never a torn one."""
     torch_save(state, path)

@@ -31,7 +31,7 @@ import checkpoints
 import dataset
 import metrics
 import utils
-from checkpoints import DEFAULT_CHECKPOINT, shown_path
+from checkpoints import DEFAULT_CHECKPOINT
 from inference import default_threads, predict_images
 
 SPLITS = ("train", "val", "test", "all")
@@ -672,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without --data-dir: ./Dataset_BUSI_with_GT if present, else the bundled sample data/busi_sample. "
                "Keys: Left/Right = previous/next image.")
     p.add_argument("images", nargs="*", help="image files to open without ground truth (instead of a data set)")
-    p.add_argument("--checkpoint", default=str(shown_path(DEFAULT_CHECKPOINT)), help="model or ensemble (.pt); default: %(default)s")
+    p.add_argument("--checkpoint", default=str(utils.shown_path(DEFAULT_CHECKPOINT)), help="model or ensemble (.pt); default: %(default)s")
     p.add_argument("--data-dir", default=None, help="BUSI-layout folder with benign/, malignant/, normal/")
     p.add_argument("--split", default="test", choices=SPLITS, help="which images to list; default: %(default)s")
     p.add_argument("--split-file", default=str(dataset.DEFAULT_SPLIT_FILE),

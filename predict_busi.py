@@ -45,7 +45,7 @@ import checkpoints
 import dataset
 import metrics
 import utils
-from checkpoints import DEFAULT_CHECKPOINT, shown_path
+from checkpoints import DEFAULT_CHECKPOINT
 from inference import default_threads, predict_images
 
 CSV_NAME = "predictions.csv"
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                "written); 2 bad checkpoint, bad option, no input found, or a refused --output folder; "
                "130 interrupted.",
     )
-    p.add_argument("--checkpoint", default=str(shown_path(DEFAULT_CHECKPOINT)), help="trained model or ensemble (.pt); default: %(default)s")
+    p.add_argument("--checkpoint", default=str(utils.shown_path(DEFAULT_CHECKPOINT)), help="trained model or ensemble (.pt); default: %(default)s")
     p.add_argument("--input", required=True,
                    help="an image file, a folder (its images; ground-truth files X_mask.png, X_mask_N.png are "
                         "skipped) or a quoted glob pattern such as 'scans/*.png'")

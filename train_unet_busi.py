@@ -170,7 +170,7 @@ def open_run(args) -> tuple[dict | None, Path]:
             given = {k: v for k, v in SAMPLE_RECIPE.items() if "--" + k.replace("_", "-") not in args.explicit}
             for key, value in given.items():
                 setattr(args, key, value)
-            print(f"sample recipe (train_unet_busi.SAMPLE_RECIPE, for the bundled sample only): "
+            print("sample recipe (train_unet_busi.SAMPLE_RECIPE, for the bundled sample only): "
                   + ", ".join(f"{k}={v}" for k, v in given.items()), flush=True)
     if state is not None:
         # runs from before these options pooled the Dice and were plain UNets
@@ -239,7 +239,7 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
 
 def print_next_steps(run_dir: Path, data_dir: Path) -> None:
     """What to do with the trained model, as commands to copy."""
-    best, data = shlex.quote(str(run_dir / "best.pt")), shlex.quote(str(data_dir))
+    best, data = (shlex.quote(str(utils.shown_path(p.resolve()))) for p in (run_dir / "best.pt", data_dir))
     print(f"\nNext steps:\n"
           f"  look at its test predictions:  python inspect_busi_predictions_gui.py --checkpoint {best} "
           f"--data-dir {data} --split test\n"
@@ -308,7 +308,7 @@ def run(args) -> int:
             if improved:
                 checkpoints.save_checkpoint(ckpt, run_dir / "best.pt")
             checkpoints.save_checkpoint(ckpt, run_dir / "latest.pt")
-            training.write_history(run_dir, trainer.history)
+            training.write_history(run_dir, trainer.history, trainer.best_epoch)
             if args.stop_after is not None and epoch + 1 - (state or {}).get("epoch", 0) >= args.stop_after \
                     and epoch + 1 < args.epochs:
                 print(f"stopping after {args.stop_after} epoch(s) as asked. {resume_hint}", flush=True)

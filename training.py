@@ -293,23 +293,25 @@ class Trainer:
         return row, improved
 
 
-def write_history(run_dir, history: list[dict]) -> None:
-    """history.csv and curves.png (loss and validation figures per epoch), rewritten every epoch."""
+def write_history(run_dir, history: list[dict], best_epoch: int | None = None) -> None:
+    """history.csv and curves.png (loss and validation figures per epoch, the best epoch marked), rewritten
+    every epoch."""
     if not history:
         return
     fields = list(history[0])
     utils.write_csv(run_dir / "history.csv", fields, [[h.get(k, "") for k in fields] for h in history])
     epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.6))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [h["train_loss"] for h in history], label="training split (augmented)")
     ax1.plot(epochs, [h["val_loss"] for h in history], label="validation split")
     ax1.set(xlabel="epoch", ylabel="training objective (seg + deep supervision + class)", title="Loss")
-    ax1.legend(loc="upper right", fontsize="small", framealpha=0.8)
     ax2.plot(epochs, [h["val_lesion_dice"] for h in history], label="lesion Dice")
     ax2.plot(epochs, [h["val_lesion_iou"] for h in history], label="lesion IoU")
     ax2.plot(epochs, [h["val_score"] for h in history], label="all-image Dice (selects best.pt)")
+    if best_epoch is not None:
+        ax2.axvline(best_epoch, color="grey", linestyle="--", linewidth=0.8, label=f"best.pt (epoch {best_epoch})")
     ax2.set(xlabel="epoch", ylabel="validation split, original resolution", title="Validation", ylim=(0, 1))
-    # the legend sits outside the axes: it never covers a curve
-    ax2.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)
+    for ax in (ax1, ax2):  # legends below the axes: they never cover a curve
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small", frameon=False)
     utils.save_figure(fig, run_dir / "curves.png")

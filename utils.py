@@ -286,6 +286,14 @@ def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write(path, (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
+def shown_path(path: Path) -> Path:
+    """`path` relative to the working directory where it lies inside it (for help texts and printed commands)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def claim_run_dir(parent: str | os.PathLike, name: str | None, default_name: str) -> Path:
     """Create and return a run or evaluation folder that no other run owns.
 
