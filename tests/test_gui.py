@@ -200,8 +200,9 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
     deadline = time.monotonic() + 60
     while app.busy and time.monotonic() < deadline:
         pump(root, 0.02)
-    assert not app.busy and "sorted 15 images" in app.status
-    assert len(app.cache) == 15
+    assert len(items) == 30  # the bundled sample
+    assert not app.busy and f"sorted {len(items)} images" in app.status
+    assert len(app.cache) == len(items)
     entries = app.listbox_entries()
     shown = [float(e.split()[0]) for e in entries]
     assert shown == sorted(shown)  # worst first
