@@ -163,9 +163,9 @@ def open_run(args) -> tuple[dict | None, Path]:
         name = f"{name.parent.name}-{name.stem}" if name.stem in ("best", "latest") and name.parent.name else name.stem
         split = {"test": "", "all": f"-{dataset.resolve_data_dir(args.data_dir, announce=False).name}"}.get(
             args.eval_split, f"-{args.eval_split}")
-        run_dir = utils.claim_run_dir(output_dir, args.run_name, f"eval-{name}{split}")
+        run_dir = args.claimed = utils.claim_run_dir(output_dir, args.run_name, f"eval-{name}{split}")
     else:
-        run_dir = utils.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
+        run_dir = args.claimed = utils.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
         if dataset.resolve_data_dir(args.data_dir, announce=False) == dataset.SAMPLE_DIR:
             given = {k: v for k, v in SAMPLE_RECIPE.items() if "--" + k.replace("_", "-") not in args.explicit}
             for key, value in given.items():
@@ -332,6 +332,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.claimed = None  # the folder this invocation claims for a new run or an evaluation
     try:
         return run(args)
     except (dataset.DataError, checkpoints.CheckpointError, ValueError, FloatingPointError) as exc:
@@ -341,6 +342,9 @@ def main(argv=None) -> int:
         print(f"error: {exc.strerror or exc} ({exc.filename or ''}); earlier checkpoints are intact",
               file=sys.stderr)
         return 2
+    finally:
+        if args.claimed is not None:  # a run that failed before its first checkpoint frees its name
+            utils.release_run_dir(args.claimed)
 
 
 if __name__ == "__main__":

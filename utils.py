@@ -322,6 +322,20 @@ def claim_run_dir(parent: str | os.PathLike, name: str | None, default_name: str
     raise ValueError(f"no free folder name for {default_name} in {parent}")
 
 
+def release_run_dir(run_dir: Path, made_before_training: tuple[str, ...] = (".claimed", "split.json")) -> None:
+    """Give a claimed folder back when the run that claimed it failed before writing anything of value (only
+    the claim marker and the split are there), so that the same --run-name can be used again."""
+    try:
+        names = {p.name for p in Path(run_dir).iterdir()}
+    except OSError:
+        return
+    if names <= set(made_before_training):
+        with contextlib.suppress(OSError):
+            for name in names:
+                (Path(run_dir) / name).unlink()
+            Path(run_dir).rmdir()
+
+
 def write_csv(path: Path, header, rows) -> None:
     """A CSV file, written atomically."""
     text = io.StringIO(newline="")

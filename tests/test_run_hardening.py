@@ -202,7 +202,8 @@ def test_a_split_with_no_test_images_is_refused_up_front_with_the_counts(busi_di
     assert train(root, tmp_path, "--epochs", "1", "--split-file", str(path), "--run-name", "no-test") == 2
     err = _last_error(capsys)
     assert "no test images" in err and f"'train': {len(split['train'])}" in err and "'test': 0" in err, err
-    assert not (tmp_path / "no-test" / "latest.pt").exists()
+    assert not (tmp_path / "no-test").exists()  # the refused run gives its name back
+    assert train(root, tmp_path, "--epochs", "1", "--run-name", "no-test", "--stop-after", "1") == 0
 
 
 def test_metrics_json_is_strict_json_when_a_figure_is_undefined(busi_dir, tmp_path, capsys):
