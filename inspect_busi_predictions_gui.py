@@ -30,6 +30,7 @@ from matplotlib.lines import Line2D
 import checkpoints
 import dataset
 import metrics
+import unet
 import utils
 from checkpoints import DEFAULT_CHECKPOINT
 from inference import default_threads, predict_images
@@ -303,10 +304,7 @@ class InspectorApp:
         self._dice_memo.clear()
         self._generation += 1
         self.set_threshold(float(config.get("threshold", 0.5)), redraw=False)
-        head = "class head" if model.config.get("num_classes") else "no class head"
-        members = f"ensemble of {model.config['members']} x " if model.config.get("members") else ""
-        self.set_status(f"model {self.checkpoint.name}: {members}UNet base {model.config['base_channels']}, depth "
-                        f"{model.config['depth']}, {self.image_size}px, {head}"
+        self.set_status(f"model {self.checkpoint.name}: {unet.describe(model.config)}, {self.image_size}px"
                         + (f" | {self.source}" if self.source else ""))
         if self.sorted_by_dice:  # the old order was this model's, not the new one's
             self.sort_by_name()

@@ -449,3 +449,13 @@ def size_multiple(config: dict) -> int:
     if config.get("encoder", "none") in (None, "none"):
         return 2 ** int(config.get("depth", 4))
     return LiteUNet.size_multiple
+
+
+def describe(config: dict) -> str:
+    """A short name for the model a `.config` describes, for status lines."""
+    members = f"ensemble of {config['members']} x " if config.get("members") else ""
+    if config.get("encoder", "none") in (None, "none"):
+        body = f"UNet base {config.get('base_channels')}, depth {config.get('depth')}"
+    else:
+        body = f"LiteUNet on EfficientNet-{config['encoder'].capitalize()}"
+    return members + body + (", class head" if config.get("num_classes") else ", no class head")
