@@ -100,7 +100,7 @@ def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeyp
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     pump(root)
     assert errors == []
-    assert app.listbox_entries() == [it.name for it in items] and len(items) == 15
+    assert app.listbox_entries() == [it.name for it in items] and len(items) == 30
     assert app.index == 0 and app.listbox.curselection() == (0,)
     assert app.threshold == 0.5 and app.threshold_var.get() == 0.5  # the checkpoint's threshold
 
@@ -189,7 +189,7 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
 
 def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors, tmp_path):
     items, note = gui.dataset_items(SAMPLE, "test")  # the sample gets a split computed for it
-    assert 0 < len(items) < 15
+    assert 0 < len(items) < 30
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     good = tmp_path / "new scan.jpg"
     Image.fromarray(np.dstack([scan(123, 77, 3)] * 3)).save(good)
@@ -325,7 +325,7 @@ def test_command_line_picks_the_data(gui, busi_dir, monkeypatch, tmp_path):
     """No display needed: which images the window would list for a given command line."""
     monkeypatch.chdir(tmp_path)  # no ./Dataset_BUSI_with_GT here: the bundled sample, test split computed for it
     items, note, error = gui.resolve_items(gui.build_parser().parse_args([]))
-    assert error is None and "bundled sample" in note and 0 < len(items) < 15
+    assert error is None and "bundled sample" in note and 0 < len(items) < 30
     assert all(it.has_truth and it.data_dir == SAMPLE for it in items)
 
     data_dir, _ = busi_dir
