@@ -14,6 +14,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def check_input_size(height: int, width: int, multiple: int, why: str) -> None:
+    """Raise ValueError unless height and width are positive multiples of `multiple` (`why` names the reason)."""
+    if height % multiple or width % multiple or height < multiple or width < multiple:
+        raise ValueError(f"input size {height}x{width} is not a positive multiple of {multiple} ({why})")
+
+
+def decode(model: nn.Module, deepest: torch.Tensor, skips: list[torch.Tensor], with_aux: bool):
+    """The decoder pass both U-Nets share: the class head on the deepest feature, then `model.ups` each taking
+    the next skip (deepest first), with the deep-supervision outputs on the way up when asked for."""
+    class_logits = model.classifier(deepest) if model.classifier is not None else None
+    x, aux_logits = deepest, []
+    for i, up in enumerate(model.ups):
+        x = up(x, skips.pop())
+        if with_aux and model.aux_heads is not None and i < len(model.aux_heads):
+            aux_logits.append(model.aux_heads[i](x))
+    if with_aux:
+        return model.head(x), class_logits, aux_logits
+    return model.head(x), class_logits
+
+
 class DoubleConv(nn.Module):
     """(3x3 conv -> BatchNorm -> ReLU) twice; the basic U-Net stage."""
 
@@ -102,26 +122,15 @@ class UNet(nn.Module):
 
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError unless the input size survives `depth` halvings exactly."""
-        m = self.size_multiple
-        if height % m or width % m or height < m or width < m:
-            raise ValueError(f"input size {height}x{width} is not a positive multiple of {m} "
-                             f"(2**depth for depth={self.config['depth']})")
+        check_input_size(height, width, self.size_multiple, f"2**depth for depth={self.config['depth']}")
 
     def forward(self, x: torch.Tensor, with_aux: bool = False):
         self.check_size(x.shape[-2], x.shape[-1])
         skips = [self.stem(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
-        x = skips.pop()  # bottleneck
-        class_logits = self.classifier(x) if self.classifier is not None else None
-        aux_logits = []
-        for i, up in enumerate(self.ups):
-            x = up(x, skips.pop())
-            if with_aux and self.aux_heads is not None and i < len(self.aux_heads):
-                aux_logits.append(self.aux_heads[i](x))
-        if with_aux:
-            return self.head(x), class_logits, aux_logits
-        return self.head(x), class_logits
+        bottleneck = skips.pop()
+        return decode(self, bottleneck, skips, with_aux)
 
 
 class UNetEnsemble(nn.Module):
@@ -390,26 +399,13 @@ class LiteUNet(nn.Module):
 
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError unless the input size survives the encoder's five halvings exactly."""
-        m = self.size_multiple
-        if height % m or width % m or height < m or width < m:
-            raise ValueError(f"input size {height}x{width} is not a positive multiple of {m} "
-                             f"(the EfficientNet-Lite encoder's stride)")
+        check_input_size(height, width, self.size_multiple, "the EfficientNet-Lite encoder's stride")
 
     def forward(self, x: torch.Tensor, with_aux: bool = False):
         self.check_size(x.shape[-2], x.shape[-1])
         x = x * (255.0 / LITE_STD) - LITE_MEAN / LITE_STD  # [0, 1] -> (x*255 - 127) / 128, as Lite was trained
         features = self.encoder(x)
-        skips = [x] + features[:-1]
-        y = features[-1]
-        class_logits = self.classifier(y) if self.classifier is not None else None
-        aux_logits = []
-        for i, up in enumerate(self.ups):
-            y = up(y, skips.pop())
-            if with_aux and self.aux_heads is not None and i < len(self.aux_heads):
-                aux_logits.append(self.aux_heads[i](y))
-        if with_aux:
-            return self.head(y), class_logits, aux_logits
-        return self.head(y), class_logits
+        return decode(self, features[-1], [x] + features[:-1], with_aux)
 
 
 def model_from_config(config: dict, pretrained: bool | None = None) -> nn.Module:

@@ -155,3 +155,27 @@ def display():
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def window_of(command: list[str], cwd, timeout: float = 60) -> str:
+    """Run a GUI command on the current display until its Tk window appears and has stayed up for a second;
+    returns its stderr. Needs the `display` fixture."""
+    import tkinter as tk
+
+    probe = tk.Tk()  # to see which Tk applications are registered on the display
+    probe.withdraw()
+    before = len(probe.tk.call("winfo", "interps"))
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while len(probe.tk.call("winfo", "interps")) <= before and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(probe.tk.call("winfo", "interps")) > before, "the window never appeared"
+        time.sleep(1.0)
+        assert proc.poll() is None, proc.communicate()
+    finally:
+        probe.destroy()
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    return err

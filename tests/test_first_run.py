@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, window_of
 from test_gui import gui, pump  # noqa: F401 - the GUI module fixture
 
 tk = pytest.importorskip("tkinter")
@@ -77,23 +77,7 @@ def test_the_printed_gui_command_opens_on_the_runs_best_model(first_run, display
     finally:
         root.destroy()
     # and as a user runs it: a real process whose window appears and stays
-    probe = tk.Tk()
-    probe.withdraw()
-    before = len(probe.tk.call("winfo", "interps"))
-    proc = subprocess.Popen([sys.executable, *command[1:], "--device", "cpu"], cwd=clone, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(probe.tk.call("winfo", "interps")) <= before and proc.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(probe.tk.call("winfo", "interps")) > before, "the window never appeared"
-        time.sleep(1.0)
-        assert proc.poll() is None, proc.communicate()
-    finally:
-        probe.destroy()
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
+    err = window_of([sys.executable, *command[1:], "--device", "cpu"], cwd=clone)
     assert "Traceback" not in err and "error" not in err.lower()
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REAL_DATA, ROOT
+from conftest import REAL_DATA, ROOT, window_of
 from PIL import Image
 from test_predict import IMAGE_SIZE, save_tiny_checkpoint, scan, write_bad_checkpoint
 
@@ -275,25 +275,8 @@ def test_save_figure_and_screenshot_are_not_blank(root, gui, checkpoint, errors,
 
 def test_script_starts_and_survives_a_bad_checkpoint(display, tmp_path):
     """The real entry point: no traceback with a missing checkpoint; its window waits on the error dialog."""
-    probe = tk.Tk()  # to see which Tk applications are registered on the display
-    probe.withdraw()
-    before = len(probe.tk.call("winfo", "interps"))
-    proc = subprocess.Popen([sys.executable, "inspect_busi_predictions_gui.py", "--checkpoint",
-                             str(tmp_path / "missing.pt"), "--data-dir", str(SAMPLE), "--split", "all",
-                             "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(probe.tk.call("winfo", "interps")) <= before and proc.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(probe.tk.call("winfo", "interps")) > before, "the window never appeared"
-        time.sleep(1.0)
-        assert proc.poll() is None, proc.communicate()
-    finally:
-        probe.destroy()
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
+    err = window_of([sys.executable, "inspect_busi_predictions_gui.py", "--checkpoint", str(tmp_path / "missing.pt"),
+                     "--data-dir", str(SAMPLE), "--split", "all", "--device", "cpu"], cwd=ROOT)
     assert "Traceback" not in err
 
 
