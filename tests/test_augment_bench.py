@@ -51,6 +51,37 @@ def test_intensity_transforms_leave_the_mask_alone_and_stay_in_range():
     assert x.min() >= 0 and x.max() <= 1 and not torch.equal(x, to_unit_float(images))
 
 
+def test_scanner_transforms_keep_image_and_mask_aligned_and_leave_the_old_stream_alone():
+    """Aspect jitter moves image and mask by one grid; speckle, blur and the gain ramp touch the image only. With
+    the scanner transforms off (the default), the random stream is the one the earlier recipes trained with."""
+    images, masks = _squares()
+    geometry = AugmentConfig(brightness=0, contrast=0, gamma=0, noise=0).with_scanner(1.0)
+    x, y = augment_batch(images, masks, geometry, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    bright = x > 0.35  # speckle, blur and the gain ramp dim the square's edge and body a little
+    inter = (bright & (y > 0)).flatten(1).sum(1).float()
+    union = (bright | (y > 0)).flatten(1).sum(1).float()
+    assert (inter / union).min() > 0.75
+    plain = AugmentConfig(brightness=0, contrast=0, gamma=0, noise=0)
+    x0, y0 = augment_batch(images, masks, plain, torch.Generator().manual_seed(1))
+    assert not torch.equal(y, y0)  # the aspect jitter changed the geometry
+    intensity = AugmentConfig(hflip=0, rotate_deg=0, scale=0, translate=0, brightness=0, contrast=0, gamma=0,
+                              noise=0).with_scanner(1.0)
+    xi, yi = augment_batch(images, masks, intensity, torch.Generator().manual_seed(3), torch.Generator().manual_seed(4))
+    assert torch.equal(yi, masks.float()) and xi.min() >= 0 and xi.max() <= 1
+    assert not torch.equal(xi, to_unit_float(images))
+    gen = torch.Generator().manual_seed(5)
+    augment_batch(images, masks, AugmentConfig(), gen, torch.Generator().manual_seed(6))
+    assert torch.equal(gen.get_state(), _after_nine_rows(images.shape[0]))
+
+
+def _after_nine_rows(b: int) -> torch.Tensor:
+    """The generator state after the original draw of 9 rows of B numbers."""
+    gen = torch.Generator().manual_seed(5)
+    torch.rand(9, b, generator=gen)
+    return gen.get_state()
+
+
 def test_augmentation_is_reproducible_from_the_generators():
     images, masks = _squares()
     a = augment_batch(images, masks, AugmentConfig(), torch.Generator().manual_seed(5), torch.Generator().manual_seed(6))
