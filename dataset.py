@@ -137,7 +137,7 @@ def _open(path: Path) -> tuple[Image.Image, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
             image.load()
-            orientation = _exif_orientation(image)
+            orientation = exif_orientation(image)
             if orientation != 1:  # only then: exif_transpose copies the pixels
                 image = ImageOps.exif_transpose(image)
         return image, orientation
@@ -147,7 +147,7 @@ def _open(path: Path) -> tuple[Image.Image, int]:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
-def _exif_orientation(image: Image.Image) -> int:
+def exif_orientation(image: Image.Image) -> int:
     """EXIF orientation tag 2..8, else 1 (none, or a value no viewer would apply)."""
     try:
         orientation = image.getexif().get(0x0112, 1)
@@ -636,10 +636,9 @@ def main(argv=None) -> int:
                         help=f"image size of --bundle, a multiple of {BUNDLE_SIZE_MULTIPLE} as training at the "
                              f"default depth needs (default: %(default)s)")
     args = parser.parse_args(argv)
-    multiple = BUNDLE_SIZE_MULTIPLE
-    if args.image_size % multiple:
-        parser.error(f"argument --image-size: {args.image_size} is not a multiple of {multiple} (the U-Net halves "
-                     f"it 4 times; try {max(multiple, round(args.image_size / multiple) * multiple)})")
+    problem = utils.not_a_multiple(args.image_size, BUNDLE_SIZE_MULTIPLE)
+    if problem:
+        parser.error(f"argument --image-size: {problem}")
     data_dir = resolve_data_dir(args.data_dir, announce=False)
     out = Path(args.bundle or args.out)
     try:

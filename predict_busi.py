@@ -52,7 +52,6 @@ CSV_NAME = "predictions.csv"
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
               "malignancy_probability", "predicted_class", "mask", "overlay")
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
-ORIENTATION_TAG = 0x0112  # EXIF; values 5-8 are a quarter turn (width and height swap)
 OUTLINE_RGB = (255, 64, 0)  # orange-red: stands out on grey ultrasound and is told apart from cyan ground truth
 # A chunk of inputs is decoded, predicted and written together. Besides --batch-size, a chunk stops growing at
 # this many original pixels (~ 64 MB of grey uint8) so that a folder of huge scans never sits in memory at once.
@@ -244,7 +243,7 @@ def peek_size(path: Path) -> tuple[int, int]:
         # header gave. The pixel count, all the chunk budget needs, is the same either way.
         if im.format == "PNG" and "exif" not in im.info:
             return width, height
-        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+        orientation = dataset.exif_orientation(im)  # the loader's reading (a damaged EXIF block: none)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 

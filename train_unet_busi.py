@@ -125,11 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.explicit = {"--" + d.replace("_", "-") for d in utils.explicit_dests(build_parser, argv)}
-    multiple = unet.size_multiple({"encoder": args.encoder, "depth": args.depth})
-    if args.image_size % multiple:
-        parser.error(f"argument --image-size: {args.image_size} is not a multiple of {multiple} (the model halves "
-                     f"it {multiple.bit_length() - 1} times; try "
-                     f"{max(multiple, round(args.image_size / multiple) * multiple)})")
+    problem = utils.not_a_multiple(args.image_size, unet.size_multiple({"encoder": args.encoder, "depth": args.depth}))
+    if problem:
+        parser.error(f"argument --image-size: {problem}")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only needs --checkpoint PATH")
     if args.device != "auto":

@@ -53,6 +53,14 @@ def probability(text: str) -> float:
     return value
 
 
+def not_a_multiple(size: int, multiple: int) -> str | None:
+    """Why an input size the model cannot take is refused, with the nearest size it can (None if it can)."""
+    if size % multiple == 0:
+        return None
+    return (f"{size} is not a multiple of {multiple} (the model halves it {multiple.bit_length() - 1} times; try "
+            f"{max(multiple, round(size / multiple) * multiple)})")
+
+
 PositiveInt = Annotated[int, positive_int]
 NonNegativeFloat = Annotated[float, non_negative_float]
 PositiveFloat = Annotated[float, positive_float]
