@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import csv
 import glob
-import io
 import os
 import signal
 import sys
@@ -222,18 +221,6 @@ class Result:
                 self.predicted_class or "", shown(self.mask), shown(self.overlay)]
 
 
-def csv_line(fields) -> str:
-    text = io.StringIO(newline="")
-    csv.writer(text).writerow(fields)
-    return text.getvalue()
-
-
-def write_table(path: Path, lines: list[str], replace: bool) -> None:
-    """predictions.csv from rows formatted by csv_line(), atomically; UTF-8 whatever the file names (shown())."""
-    data = (csv_line(CSV_FIELDS) + "".join(lines)).encode("utf-8")
-    utils.atomic_write_all([(path, lambda f: f.write(data))], {path.name} if replace else set())
-
-
 def peek_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed, from the file header (PIL decodes no pixels for it): an EXIF orientation of
     5-8 swaps them, as the loader's EXIF transpose does."""
@@ -306,7 +293,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
     stop = stop or threading.Event()
     stems = output_stems(paths)
     done: dict[int, Result] = {}  # input index -> written; filled by the I/O threads once both files are in place
-    lines: dict[int, str] = {}  # input index -> its row of the table
+    rows: dict[int, list] = {}  # input index -> its row of the table
     failures: list[str] = []
     table = out_dir / CSV_NAME
     bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress, dynamic_ncols=True)
@@ -319,14 +306,16 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
 
     def write(index: int, *args) -> None:
         result = _write_outputs(*args, replaceable)
-        lines[index] = csv_line(result.row())  # formatted once: the table is rewritten after every chunk
+        rows[index] = result.row()
         done[index] = result
 
     table_is_ours = False  # once written by this run, the table may be replaced
 
     def save_table() -> None:
         nonlocal table_is_ours
-        write_table(table, [lines[i] for i in sorted(done)], replace=table_is_ours or CSV_NAME in replaceable)
+        # UTF-8 whatever the file names: the rows hold them as shown()
+        utils.write_csv(table, CSV_FIELDS, [rows[i] for i in sorted(done)],
+                        replace=table_is_ours or CSV_NAME in replaceable)
         table_is_ours = True
 
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:

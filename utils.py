@@ -344,13 +344,14 @@ def release_run_dir(run_dir: Path, made_before_training: tuple[str, ...] = (".cl
             Path(run_dir).rmdir()
 
 
-def write_csv(path: Path, header, rows) -> None:
-    """A CSV file, written atomically."""
+def write_csv(path: Path, header, rows, replace: bool = True) -> None:
+    """A CSV file, written atomically (`replace=False`: never over an existing file)."""
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(header)
     writer.writerows(rows)
-    atomic_write(path, text.getvalue().encode("utf-8", "surrogateescape"))  # undecodable file names: their own bytes
+    # undecodable file names: their own bytes
+    atomic_write(path, text.getvalue().encode("utf-8", "surrogateescape"), replace)
 
 
 def save_figure(fig, path: Path) -> None:
