@@ -1,7 +1,8 @@
 """Benchmark the project's training pipeline against a naive one, on the same model, size and batch, in ONE run.
 
-    python bench_busi.py --device cpu --image-size 128 --base-channels 16      # CPU figures
-    python bench_busi.py --device cuda                                         # GPU, default model at 256 px
+    python bench_busi.py --device cpu                  # the default model (LiteUNet lite0, 192 px) on the CPU
+    python bench_busi.py --device cpu --encoder none --image-size 128 --base-channels 16   # the plain UNet
+    python bench_busi.py --device cuda                 # GPU
 
 (a) project: decoded uint8 tensors kept on the device, batched on-device augmentation (augment.py),
     channels_last, bf16 autocast where supported, fused AdamW: exactly training.TrainStep, as train_unet_busi.py runs it.
@@ -252,10 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--data-dir", default=None,
                    help="BUSI layout dir (default: ./Dataset_BUSI_with_GT, else the bundled sample)")
-    p.add_argument("--encoder", default="none", choices=("none", "lite0", "lite1", "lite2"),
+    # model defaults: train_unet_busi.py's default recipe (LiteUNet lite0 at 192 px)
+    p.add_argument("--encoder", default="lite0", choices=("none", "lite0", "lite1", "lite2"),
                    help="none: UNet (--base-channels, --depth); liteN: LiteUNet on an EfficientNet-LiteN encoder")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--base-channels", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=192)
+    p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)
     # the loss as train_unet_busi.py's defaults set it when the README's figures were measured
     p.add_argument("--deep-supervision", type=float, default=0.5,

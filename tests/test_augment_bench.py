@@ -115,8 +115,8 @@ def test_bench_smoke(busi_dir, tmp_path):
     root, _ = busi_dir
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench_busi.py"), "--device", "cpu", "--data-dir", str(root), "--image-size",
-         "32", "--base-channels", "4", "--depth", "2", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+        [sys.executable, str(ROOT / "bench_busi.py"), "--device", "cpu", "--data-dir", str(root), "--encoder", "none",
+         "--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "4", "--steps", "2", "--warmup", "1",
          "--naive-workers", "0", "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]

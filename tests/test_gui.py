@@ -290,7 +290,7 @@ def test_help_and_no_display(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
 
 
-SHIPPED = ROOT / "checkpoints" / "busi_unet_small.pt"
+SHIPPED = checkpoints.DEFAULT_CHECKPOINT
 
 
 @pytest.mark.skipif(not (REAL_DATA.is_dir() and SHIPPED.is_file()), reason="real BUSI data or shipped model absent")

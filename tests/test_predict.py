@@ -251,7 +251,7 @@ def test_bundled_sample_folder_skips_ground_truth(tmp_path, checkpoint, capsys):
     assert len(list(tmp_path.glob("*_mask.png"))) == len(images) == len(read_csv(tmp_path / "predictions.csv"))
 
 
-SHIPPED = ROOT / "checkpoints" / "busi_unet_small.pt"
+SHIPPED = checkpoints.DEFAULT_CHECKPOINT
 
 
 def test_shipped_model_fits_its_budget_and_loads():

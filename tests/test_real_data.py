@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import REAL_DATA, ROOT, requires_real_data
 
+import checkpoints
 import dataset
 import inference
 import metrics
@@ -59,7 +60,7 @@ def test_committed_split_is_what_the_command_regenerates():
     assert regenerated == committed
 
 
-SHIPPED = ROOT / "checkpoints" / "busi_unet_small.pt"
+SHIPPED = checkpoints.DEFAULT_CHECKPOINT
 
 
 def readme_row(section: str, label: str) -> list[float]:
@@ -75,7 +76,7 @@ def test_shipped_model_prints_the_figures_the_readme_claims(tmp_path):
     assert train_unet_busi.main(["--eval-only", "--checkpoint", str(SHIPPED), "--data-dir", str(REAL_DATA),
                                  "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
                                  "--device", "cpu"]) == 0
-    t = json.loads((tmp_path / "eval-busi_unet_small" / "metrics.json").read_text())["test"]
+    t = json.loads((tmp_path / f"eval-{SHIPPED.stem}" / "metrics.json").read_text())["test"]
     claims = {"lesion images (benign + malignant), per-image mean": [t["lesion_dice"], t["lesion_iou"]],
               "lesion images, pooled over pixels": [t["lesion_pooled_dice"]],
               "benign": [t["per_class"]["benign"]["dice"], t["per_class"]["benign"]["iou"]],

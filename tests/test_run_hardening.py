@@ -232,7 +232,7 @@ def test_a_lone_last_image_never_makes_a_batch_of_one(busi_dir, tmp_path, capsys
     root, _ = busi_dir
     split, _ = _split_of(root, tmp_path)
     batch = len(split["train"]) - 1  # leaves one image for a last batch
-    flags = ["--image-size", "16", "--depth", "4", "--batch-size", str(batch), "--epochs", "2"]
+    flags = ["--encoder", "none", "--image-size", "16", "--depth", "4", "--batch-size", str(batch), "--epochs", "2"]
     assert T.main(["--data-dir", str(root), "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
                    "--base-channels", "4", "--device", "cpu", *flags, "--run-name", "one"]) == 0, capsys.readouterr()
     assert [int(h["epoch"]) for h in history(tmp_path / "one")] == [1, 2]

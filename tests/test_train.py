@@ -19,8 +19,8 @@ import metrics
 import train_unet_busi as T
 import training
 
-TINY = ["--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--device", "cpu",
-        "--eval-batch-size", "16"]
+TINY = ["--encoder", "none", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8",
+        "--device", "cpu", "--eval-batch-size", "16"]
 
 
 def train(busi_root, out, *extra):
@@ -126,7 +126,8 @@ def test_resume_is_exact_on_cpu(busi_dir, tmp_path):
 @pytest.mark.parametrize("flags,reason", [
     (["--epochs", "-1"], "positive integer"),
     (["--batch-size", "0"], "positive integer"),
-    (["--image-size", "100"], "not a multiple of 16"),
+    (["--image-size", "100"], "not a multiple of 32"),
+    (["--encoder", "none", "--image-size", "100"], "not a multiple of 16"),
     (["--device", "tpu9"], "unknown device"),
     (["--lr", "nan"], "finite"),
     (["--eval-only"], "needs --checkpoint"),
@@ -458,8 +459,8 @@ def test_training_from_a_bundle_file_matches_training_from_the_folder(busi_dir, 
     capsys.readouterr()
     assert train(bundle, tmp_path, "--epochs", "1", "--run-name", "nosplit") == 2  # cannot group duplicates
     assert "--split-file" in capsys.readouterr().err
-    assert T.main(["--data-dir", str(bundle), "--output-dir", str(tmp_path), "--image-size", "64", "--depth", "2",
-                   "--split-file", split, "--device", "cpu"]) == 2
+    assert T.main(["--data-dir", str(bundle), "--output-dir", str(tmp_path), "--encoder", "none", "--image-size", "64",
+                   "--depth", "2", "--split-file", split, "--device", "cpu"]) == 2
     assert "holds 32 px images" in capsys.readouterr().err
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a bundle")
