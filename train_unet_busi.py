@@ -95,10 +95,9 @@ HYPERPARAMETERS = [f.name for f in dataclasses.fields(Hyperparameters)]
 # these values instead (flags given still win), so that a first run learns visibly in about 2 CPU minutes.
 SAMPLE_RECIPE = {"encoder": "lite0", "pretrained": True, "image_size": 128, "epochs": 40, "batch_size": 8,
                  "lr": 1e-3, "warmup_epochs": 3}
-# How long the recipe above takes, as printed after a sample run (the measurements: RESULTS.md, "Three seeds")
-DEFAULT_RECIPE_TIME = ("the default recipe (UNet, 128 px, 50 epochs) took about 10 min on 2 CPU cores with bf16 "
-                       "instructions and 40 min in fp32 on an AVX2-only CPU (two runs side by side); on a GPU it is "
-                       "not measured yet")
+# How long the recipe above takes, as printed after a sample run (the measurement: RESULTS.md, "The LiteUNet recipe")
+DEFAULT_RECIPE_TIME = ("the default recipe (LiteUNet lite0, 192 px, 40 epochs) took 30 min on 2 CPU cores with bf16 "
+                       "instructions (RESULTS.md); on a CPU without them and on a GPU alone it is not measured yet")
 
 
 def build_parser() -> argparse.ArgumentParser:
