@@ -484,7 +484,7 @@ def test_each_hyperparameter_is_defined_once_and_the_flags_help_and_saved_config
     import dataclasses
 
     source = (ROOT / "train_unet_busi.py").read_text()
-    for old, new in (("    epochs: PositiveInt = 50 ", "    epochs: PositiveInt = 1  "),
+    for old, new in (("    epochs: PositiveInt = 40 ", "    epochs: PositiveInt = 1  "),
                      ("    warmup_epochs: NonNegativeFloat = 2 ", "    warmup_epochs: NonNegativeFloat = 0.5 "),
                      ("# linear warm-up length;", "# EDITED COMMENT, linear warm-up length;")):
         assert source.count(old) == 1, old
