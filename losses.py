@@ -54,10 +54,18 @@ def deep_supervision_loss(seg_loss, aux_logits, target: torch.Tensor) -> torch.T
     return torch.stack([seg_loss(a, F.avg_pool2d(target, target.shape[-1] // a.shape[-1])) for a in aux_logits]).mean()
 
 
+def presence_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE of each mask's largest logit against whether its target has any lesion pixel: the image-level
+    question that a false positive on a normal scan and a missed lesion both get wrong."""
+    peak = logits.float().flatten(1).amax(1)
+    return F.binary_cross_entropy_with_logits(peak, (target.flatten(1).amax(1) > 0).float())
+
+
 def total_loss(seg_loss, outputs, masks: torch.Tensor, labels: torch.Tensor, cls_weight: float = 0.0,
-               ds_weight: float = 0.0) -> torch.Tensor:
+               ds_weight: float = 0.0, presence_weight: float = 0.0) -> torch.Tensor:
     """The training objective of one forward pass, `outputs` = (mask logits, class logits or None[, aux logits]):
-    seg loss + ds_weight * deep-supervision loss + cls_weight * cross-entropy of the class head."""
+    seg loss + ds_weight * deep-supervision loss + cls_weight * cross-entropy of the class head
+    + presence_weight * presence loss."""
     seg_logits, cls_logits, *aux = outputs
     aux_logits = aux[0] if aux else []
     loss = seg_loss(seg_logits, masks)
@@ -65,4 +73,6 @@ def total_loss(seg_loss, outputs, masks: torch.Tensor, labels: torch.Tensor, cls
         loss = loss + ds_weight * deep_supervision_loss(seg_loss, aux_logits, masks)
     if cls_logits is not None and cls_weight:
         loss = loss + cls_weight * F.cross_entropy(cls_logits.float(), labels)
+    if presence_weight:
+        loss = loss + presence_weight * presence_loss(seg_logits, masks)
     return loss

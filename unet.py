@@ -20,6 +20,23 @@ def check_input_size(height: int, width: int, multiple: int, why: str) -> None:
         raise ValueError(f"input size {height}x{width} is not a positive multiple of {multiple} ({why})")
 
 
+INPUT_NORMS = ("fixed", "per_image")  # fixed: as the model's own (UNet: [0, 1]; Lite: as trained on ImageNet)
+
+
+def check_input_norm(mode: str) -> str:
+    """`mode` if it is one of INPUT_NORMS, else ValueError."""
+    if mode not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {mode!r}")
+    return mode
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """Each image and channel to zero mean and unit standard deviation: blind to a scanner's gain and contrast."""
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    std = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)  # (a flat image stays finite: all zeros)
+    return (x - mean) / std
+
+
 def decode(model: nn.Module, deepest: torch.Tensor, skips: list[torch.Tensor], with_aux: bool):
     """The decoder pass both U-Nets share: the class head on the deepest feature, then `model.ups` each taking
     the next skip (deepest first), with the deep-supervision outputs on the way up when asked for."""
@@ -98,7 +115,7 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32, depth: int = 4,
-                 num_classes: int = 0, deep_supervision: bool = False):
+                 num_classes: int = 0, deep_supervision: bool = False, input_norm: str = "fixed"):
         super().__init__()
         if depth < 1 or base_channels < 1:
             raise ValueError(f"UNet needs depth >= 1 and base_channels >= 1, got {depth} and {base_channels}")
@@ -106,6 +123,9 @@ class UNet(nn.Module):
                            depth=depth, num_classes=num_classes)
         if deep_supervision:  # only when on, so that older checkpoints' configs still match exactly
             self.config["deep_supervision"] = True
+        self.input_norm = check_input_norm(input_norm)
+        if input_norm != "fixed":  # (the same: older configs stay exact)
+            self.config["input_norm"] = input_norm
         widths = [base_channels * 2 ** i for i in range(depth + 1)]  # last one is the bottleneck
         self.stem = DoubleConv(in_channels, widths[0])
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
@@ -126,6 +146,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, with_aux: bool = False):
         self.check_size(x.shape[-2], x.shape[-1])
+        if self.input_norm == "per_image":
+            x = standardise(x)
         skips = [self.stem(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
@@ -377,7 +399,7 @@ class LiteUNet(nn.Module):
 
     def __init__(self, encoder: str = "lite0", pretrained: bool = True, in_channels: int = 1, out_channels: int = 1,
                  num_classes: int = 0, deep_supervision: bool = False,
-                 decoder_channels: tuple[int, ...] | list[int] = (128, 64, 40, 24, 16)):
+                 decoder_channels: tuple[int, ...] | list[int] = (128, 64, 40, 24, 16), input_norm: str = "fixed"):
         super().__init__()
         decoder_channels = [int(c) for c in decoder_channels]
         if len(decoder_channels) != 5 or min(decoder_channels) < 1:
@@ -386,6 +408,9 @@ class LiteUNet(nn.Module):
         self.config = dict(encoder=encoder, pretrained=bool(pretrained), in_channels=in_channels,
                            out_channels=out_channels, num_classes=num_classes, deep_supervision=bool(deep_supervision),
                            decoder_channels=decoder_channels)
+        self.input_norm = check_input_norm(input_norm)
+        if input_norm != "fixed":  # only when on, so that older checkpoints' configs still match exactly
+            self.config["input_norm"] = input_norm
         self.encoder = LiteEncoder(encoder, in_channels)
         if pretrained:
             load_lite_weights(self.encoder, lite_state_dict(encoder))
@@ -403,7 +428,10 @@ class LiteUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, with_aux: bool = False):
         self.check_size(x.shape[-2], x.shape[-1])
-        x = x * (255.0 / LITE_STD) - LITE_MEAN / LITE_STD  # [0, 1] -> (x*255 - 127) / 128, as Lite was trained
+        if self.input_norm == "per_image":
+            x = standardise(x)
+        else:
+            x = x * (255.0 / LITE_STD) - LITE_MEAN / LITE_STD  # [0, 1] -> (x*255 - 127) / 128, as Lite was trained
         features = self.encoder(x)
         return decode(self, features[-1], [x] + features[:-1], with_aux)
 

@@ -17,7 +17,7 @@ import evaluation
 import inference
 import metrics
 import utils
-from losses import BCEDiceLoss, soft_dice_loss
+from losses import BCEDiceLoss, presence_loss, soft_dice_loss, total_loss
 from unet import UNet, UNetEnsemble
 
 
@@ -245,6 +245,23 @@ def test_loss_on_empty_masks_is_finite_and_rewards_empty_predictions():
     loss = BCEDiceLoss()
     assert loss(quiet, target).item() < 1e-3
     assert loss(noisy, target).item() > 1.0
+
+
+def test_presence_loss_asks_each_masks_peak_whether_the_image_has_a_lesion():
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, :, 2:4, 2:4] = 1  # image 0 has a lesion, image 1 is normal
+    logits = torch.full((2, 1, 8, 8), -5.0)
+    logits[0, 0, 3, 3], logits[1, 0, 6, 6] = 2.0, 1.0  # one confident pixel each: right on 0, a false positive on 1
+    expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(1.0))) / 2  # BCE of the peaks 2.0 and 1.0
+    assert presence_loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    logits.requires_grad_(True)
+    presence_loss(logits, target).backward()
+    touched = logits.grad.flatten(1).ne(0).sum(1)
+    assert touched.tolist() == [1, 1] and logits.grad[1, 0, 6, 6] > 0  # only the peaks; the FP is pushed down
+    seg = BCEDiceLoss()
+    base = total_loss(seg, (logits, None), target, torch.tensor([0, 2])).item()
+    both = total_loss(seg, (logits, None), target, torch.tensor([0, 2]), presence_weight=0.5).item()
+    assert both == pytest.approx(base + 0.5 * expected, rel=1e-5)
 
 
 def test_loss_is_float32_under_low_precision_inputs():

@@ -218,6 +218,27 @@ def test_grey_input_is_normalised_as_lite_was_trained():
     assert torch.allclose(seen[0][0, 0, 0, :3], torch.tensor([-127 / 128, 0.0, 128 / 128]))
 
 
+@pytest.mark.parametrize("cls", [UNet, LiteUNet])
+def test_per_image_input_norm_is_blind_to_gain_and_offset_and_travels_in_the_config(cls):
+    torch.manual_seed(0)
+    kwargs = {"base_channels": 4, "depth": 2} if cls is UNet else {"encoder": "lite0", "pretrained": False}
+    model = cls(input_norm="per_image", **kwargs).eval()
+    assert model.config["input_norm"] == "per_image" and "input_norm" not in cls(**kwargs).config  # old configs
+    x = torch.rand(2, 1, 64, 64) * 0.5
+    with torch.no_grad():
+        a, b = model(x)[0], model(0.3 + 1.6 * x)[0]  # another scanner's gain and offset
+        fixed = cls(**kwargs).eval()
+        fixed.load_state_dict(model.state_dict())
+        assert not torch.allclose(fixed(x)[0], fixed(0.3 + 1.6 * x)[0], atol=1e-3)  # the fixed scaling is not
+        rebuilt = model_from_config(model.config, pretrained=False).eval()
+        rebuilt.load_state_dict(model.state_dict())
+        assert torch.equal(rebuilt(x)[0], a)
+        assert torch.isfinite(model(torch.zeros(1, 1, 64, 64))[0]).all()  # a flat image
+    assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())
+    with pytest.raises(ValueError, match="input_norm"):
+        cls(input_norm="minmax", **kwargs)
+
+
 @pytest.mark.parametrize("source", ["random", pytest.param("packaged", marks=requires_weights)])
 def test_grey_stem_equals_feeding_the_replicated_image_to_the_rgb_stem(source):
     state = fake_packaged_state() if source == "random" else unet.lite_state_dict("lite0")

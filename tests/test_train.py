@@ -18,6 +18,7 @@ import evaluation
 import metrics
 import train_unet_busi as T
 import training
+from unet import LiteUNet
 
 TINY = ["--encoder", "none", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8",
         "--device", "cpu", "--eval-batch-size", "16"]
@@ -531,6 +532,28 @@ def test_eval_split_all_scores_every_image_of_an_external_folder(busi_dir, tmp_p
     with open(folder / "all_predictions.csv") as f:
         assert len(list(csv.DictReader(f))) == n_images
     assert (folder / "all_report.png").is_file() and not (folder / "split.json").exists()
+
+
+def test_a_frozen_encoder_keeps_its_weights_and_gets_no_gradients_while_the_decoder_learns(busi_dir, tmp_path):
+    """--encoder-lr 0: the encoder's weights end as they started (its BatchNorm statistics still move), the
+    decoder's do not, and the optimizer holds only the decoder's parameters."""
+    root, _ = busi_dir
+    assert train(root, tmp_path, "--encoder", "lite0", "--no-pretrained", "--image-size", "32", "--batch-size", "8",
+                 "--encoder-lr", "0", "--epochs", "2", "--seed", "3", "--run-name", "frozen") == 0
+    state = torch.load(tmp_path / "frozen" / "latest.pt", weights_only=True)
+    torch.manual_seed(3)  # the run's seed: the same random initial weights
+    start = LiteUNet("lite0", pretrained=False, num_classes=3, deep_supervision=True).state_dict()
+    end = state["model"]
+    weights = [k for k in start if k.startswith("encoder.") and "running" not in k and "num_batches" not in k]
+    assert weights and all(torch.equal(start[k], end[k].to(start[k].dtype)) for k in weights)
+    assert any(not torch.equal(start[k], end[k].to(start[k].dtype)) for k in start if "running_mean" in k
+               and k.startswith("encoder."))
+    assert not torch.equal(start["head.weight"], end["head.weight"].to(start["head.weight"].dtype))
+    n_decoder = sum(v.numel() for k, v in start.items() if not k.startswith("encoder.")
+                    and "running" not in k and "num_batches" not in k)
+    n_optimised = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
+    assert n_optimised == sum(1 for k in start if not k.startswith("encoder.") and "running" not in k
+                              and "num_batches" not in k) and n_decoder > 0
 
 
 def test_a_pretrained_lite_encoder_trains_resumes_and_evaluates(busi_dir, tmp_path, capsys):
