@@ -131,3 +131,15 @@ def test_bench_smoke(busi_dir, tmp_path):
     naive_gflops = figures["train_gflop_per_image"] * figures["naive"]["train_img_s"]
     assert ceiling["speedup_bound"] == pytest.approx(max(ceiling["gemm_gflops"].values()) / naive_gflops)
     assert ceiling["naive_fraction"] == pytest.approx(naive_gflops / ceiling["gemm_gflops"]["float32"])
+
+
+def test_bench_defaults_are_the_training_scripts_default_model():
+    """bench_busi.py writes the default model's settings out (no script imports another): they must stay the
+    training script's defaults, or its figures stop describing the default recipe."""
+    import bench_busi
+    import train_unet_busi
+
+    bench = vars(bench_busi.build_parser().parse_args([]))
+    train = vars(train_unet_busi.build_parser().parse_args([]))
+    shared = ["encoder", "image_size", "base_channels", "depth", "deep_supervision", "dice_per_image", "batch_size"]
+    assert {k: bench[k] for k in shared} == {k: train[k] for k in shared}
