@@ -319,7 +319,7 @@ def test_validation_loss_is_the_training_loss_of_the_same_forward_pass(busi_dir)
     import torch.nn.functional as F
 
     import dataset
-    from losses import BCEDiceLoss
+    from losses import BCEDiceLoss, presence_loss
     from unet import UNet
 
     root, _ = busi_dir
@@ -328,15 +328,17 @@ def test_validation_loss_is_the_training_loss_of_the_same_forward_pass(busi_dir)
     torch.manual_seed(0)
     model = UNet(1, 1, base_channels=4, depth=2, num_classes=3).eval()
     seg_loss = BCEDiceLoss()
-    args = argparse.Namespace(cls_weight=0.3, threshold=0.5, eval_batch_size=4, tta=False, deep_supervision=0.0)
+    args = argparse.Namespace(cls_weight=0.3, threshold=0.5, eval_batch_size=4, tta=False, deep_supervision=0.0,
+                              presence_weight=0.7)
     summary, loss = training.validate(model, data, seg_loss, args, torch.device("cpu"), None)
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(data["names"]), 4):
             x = data["images"][start:start + 4].float() / 255
             seg, cls = model(x)
-            batch_loss = seg_loss(seg, data["masks"][start:start + 4]) + 0.3 * F.cross_entropy(
-                cls, data["labels"][start:start + 4])
+            y = data["masks"][start:start + 4]
+            batch_loss = (seg_loss(seg, y) + 0.3 * F.cross_entropy(cls, data["labels"][start:start + 4])
+                          + 0.7 * presence_loss(seg, y))
             total += float(batch_loss) * len(x)
     assert len(data["names"]) % 4 != 0
     assert loss == pytest.approx(total / len(data["names"]), rel=1e-5)
