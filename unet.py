@@ -23,10 +23,13 @@ def check_input_size(height: int, width: int, multiple: int, why: str) -> None:
 INPUT_NORMS = ("fixed", "per_image")  # fixed: as the model's own (UNet: [0, 1]; Lite: as trained on ImageNet)
 
 
-def check_input_norm(mode: str) -> str:
-    """`mode` if it is one of INPUT_NORMS, else ValueError."""
+def record_input_norm(config: dict, mode: str) -> str:
+    """`mode` if it is one of INPUT_NORMS (else ValueError), written into a model's `config` unless "fixed", so
+    that older checkpoints' configs still match exactly."""
     if mode not in INPUT_NORMS:
         raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {mode!r}")
+    if mode != "fixed":
+        config["input_norm"] = mode
     return mode
 
 
@@ -123,9 +126,7 @@ class UNet(nn.Module):
                            depth=depth, num_classes=num_classes)
         if deep_supervision:  # only when on, so that older checkpoints' configs still match exactly
             self.config["deep_supervision"] = True
-        self.input_norm = check_input_norm(input_norm)
-        if input_norm != "fixed":  # (the same: older configs stay exact)
-            self.config["input_norm"] = input_norm
+        self.input_norm = record_input_norm(self.config, input_norm)
         widths = [base_channels * 2 ** i for i in range(depth + 1)]  # last one is the bottleneck
         self.stem = DoubleConv(in_channels, widths[0])
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
@@ -408,9 +409,7 @@ class LiteUNet(nn.Module):
         self.config = dict(encoder=encoder, pretrained=bool(pretrained), in_channels=in_channels,
                            out_channels=out_channels, num_classes=num_classes, deep_supervision=bool(deep_supervision),
                            decoder_channels=decoder_channels)
-        self.input_norm = check_input_norm(input_norm)
-        if input_norm != "fixed":  # only when on, so that older checkpoints' configs still match exactly
-            self.config["input_norm"] = input_norm
+        self.input_norm = record_input_norm(self.config, input_norm)
         self.encoder = LiteEncoder(encoder, in_channels)
         if pretrained:
             load_lite_weights(self.encoder, lite_state_dict(encoder))
