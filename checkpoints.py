@@ -32,6 +32,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (no zip archive inside)")
+    damaged = damaged_member(path)
+    if damaged:  # torch.load reads the tensors' bytes without checking them: a flipped bit would train on
+        raise CheckpointError(f"checkpoint damaged: {path} ({damaged}); nothing was loaded")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -48,6 +51,16 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if problem:
         raise CheckpointError(f"{path} is damaged or was not written by this project: {problem}")
     return state
+
+
+def damaged_member(path: Path) -> str | None:
+    """Which part of a checkpoint's zip archive fails its CRC-32 (torch.save records one per member), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # noqa: BLE001 - zip, zlib and read errors of a damaged archive alike
+        return f"unreadable archive: {type(exc).__name__}: {exc}"
+    return f"{bad} fails its CRC check: its bytes changed after it was written" if bad else None
 
 
 def checkpoint_problem(state: dict) -> str | None:

@@ -35,7 +35,8 @@ from utils import atomic_write
 CLASSES = ("benign", "malignant", "normal")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
-MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$")
+# DOTALL and \Z: a name with a newline in it is still one name ($ would also match before a trailing newline)
+MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?\Z", re.DOTALL)
 DEFAULT_SPLIT_FILE = Path(__file__).resolve().parent / "splits" / "busi_split.json"
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 SPLIT_SEED = 0
@@ -93,8 +94,14 @@ def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
             entries = sorted(os.listdir(folder))
         except OSError as exc:  # e.g. no read permission
             raise DataError(f"cannot list {folder}: {exc.strerror or exc}") from None
+        # files of another type by stem, to name X.gif when only its X_mask.png is found
+        other_types = {Path(e).stem: e for e in entries if not e.startswith(".") and _is_ignored(e)}
         for entry in entries:
-            if _is_ignored(entry) or not (folder / entry).is_file():
+            if _is_ignored(entry):
+                continue
+            if not (folder / entry).is_file():
+                if (folder / entry).is_symlink() and not (folder / entry).exists():  # a lost image, not litter
+                    raise DataError(f"broken symbolic link: {folder / entry} -> {os.readlink(folder / entry)}")
                 continue
             stem = Path(entry).stem
             match = MASK_RE.match(stem)
@@ -109,6 +116,9 @@ def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
             raise DataError(f"class folder has no images: {folder}")
         for stem, name in masks:
             if stem not in images:
+                if stem in other_types:
+                    raise DataError(f"unsupported image type: {folder / other_types[stem]} (the image of {name}; "
+                                    f"supported: {', '.join(IMAGE_EXTENSIONS)})")
                 raise DataError(f"mask without an image: {folder / name}")
             images[stem].masks.append(f"{label}/{name}")
         for sample in images.values():
@@ -177,7 +187,10 @@ def _grey_and_alpha(image: Image.Image) -> tuple[np.ndarray, int, np.ndarray | N
         return np.asarray(image, dtype=np.uint16), 65535, None
     if image.mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float32)
-        return array, (65535 if array.max(initial=0) > 255 else 255), None
+        peak = array.max(initial=0)
+        # a float image or mask that never exceeds 1 is on a 0-1 scale (0 / 0.9 is a lesion, not background)
+        scale = 1 if image.mode == "F" and peak <= 1 else 65535 if peak > 255 else 255
+        return array, scale, None
     alpha = None
     if image.mode in ("LA", "RGBA", "PA", "La", "RGBa"):
         alpha = np.asarray(image.getchannel("A"), dtype=np.uint8)
@@ -229,8 +242,8 @@ def _load_mask(paths, size, image_orientation: int) -> np.ndarray:
             lesion = grey >= 0.5  # half of its scale of 1: any nonzero pixel of an integer mask
             if alpha is not None:
                 lesion &= alpha >= 128
-        elif alpha is None:
-            lesion = grey >= (full_scale + 1) // 2
+        elif alpha is None:  # half scale: 128 of 255, 0.5 of a float 0-1 mask
+            lesion = grey >= (0.5 if full_scale == 1 else (full_scale + 1) // 2)
         else:  # composite over black: grey * alpha / 255 >= half scale, in uint16 (255 * 255 fits)
             lesion = grey.astype(np.uint16) * alpha >= 128 * 255
         del grey, alpha
@@ -363,6 +376,12 @@ def read_split(path: str | os.PathLike, samples: list[Sample] | None = None) -> 
         raise DataError(f"split file needs lists 'train', 'val' and 'test': {path}")
     seen: set[str] = set()
     for key in ("train", "val", "test"):
+        for i, name in enumerate(split[key]):
+            if not isinstance(name, str):
+                raise DataError(f"split file entry {i + 1} of {key!r} is {name!r}, not an image path: {path}")
+        if len(set(split[key])) < len(split[key]):
+            twice = next(n for n in split[key] if split[key].count(n) > 1)
+            raise DataError(f"split file lists {twice!r} twice in {key!r}: {path}")
         overlap = seen.intersection(split[key])
         if overlap:
             raise DataError(f"split file lists {sorted(overlap)[0]!r} in more than one split: {path}")
@@ -417,11 +436,14 @@ def build_cache(data_dir: str | os.PathLike, samples: list[Sample], image_size: 
         if cache_file.is_file():
             try:
                 cache = torch.load(cache_file, map_location="cpu", weights_only=True)
-            except Exception:  # a damaged cache is rebuilt, never trusted
-                pass
-            else:
+                problem = cache_problem(cache, image_size, [s.image for s in samples])
+            except Exception as exc:  # noqa: BLE001 - a torn file
+                problem = f"unreadable ({type(exc).__name__})"
+            if problem is None:
                 warn_empty_masks(cache)
                 return cache
+            print(f"warning: the data cache {cache_file} is damaged ({utils.printable(problem)}): rebuilding it",
+                  file=sys.stderr)
 
     def decode(sample: Sample):
         image, mask = load_sample(root, sample)
@@ -446,6 +468,40 @@ def build_cache(data_dir: str | os.PathLike, samples: list[Sample], image_size: 
     return cache
 
 
+def cache_problem(cache, image_size: int | None = None, names: list[str] | None = None) -> str | None:
+    """What is wrong with a decoded cache (or a bundle's): a key missing, a tensor of the wrong type or length;
+    None when every part fits `build_cache`'s layout (and the given image size and names)."""
+    if not isinstance(cache, dict):
+        return f"a {type(cache).__name__}, not a dict"
+    missing = [k for k in ("images", "masks", "labels", "names", "full_masks", "full_sizes") if k not in cache]
+    if missing:
+        return f"no {missing[0]!r}"
+    images, masks, labels, sizes = cache["images"], cache["masks"], cache["labels"], cache["full_sizes"]
+    if not all(isinstance(t, torch.Tensor) for t in (images, masks, labels, sizes)):
+        return "images, masks, labels and full_sizes should be tensors"
+    n = len(cache["names"]) if isinstance(cache["names"], list) else -1
+    if n < 0 or not all(isinstance(name, str) for name in cache["names"]):
+        return "'names' should be a list of paths"
+    if names is not None and cache["names"] != names:
+        return "its image names are not this data's"
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[:2] != (n, 1) \
+            or images.shape[2] != images.shape[3] or image_size not in (None, images.shape[2]):
+        return f"images of shape {tuple(images.shape)} for {n} images at {image_size} px"
+    if masks.shape != images.shape or masks.dtype != torch.uint8:
+        return f"masks of shape {tuple(masks.shape)}, images {tuple(images.shape)}"
+    if labels.shape != (n,) or (n and not 0 <= int(labels.min()) <= int(labels.max()) < len(CLASSES)):
+        return f"labels of shape {tuple(labels.shape)} for {n} images (or outside 0-{len(CLASSES) - 1})"
+    if sizes.shape != (n, 2) or (n and int(sizes.min()) < 1):
+        return f"full_sizes of shape {tuple(sizes.shape)} for {n} images"
+    packed = cache["full_masks"]
+    if not isinstance(packed, list) or len(packed) != n:
+        return f"full_masks should be a list of {n} tensors"
+    for name, bits, (h, w) in zip(cache["names"], packed, sizes.tolist()):
+        if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.numel() != -(-h * w // 8):
+            return f"the full-size mask of {name} does not fit its {w}x{h} size"
+    return None
+
+
 def warn_empty_masks(cache: dict, shown: int = 3) -> list[str]:
     """Warn on stderr (one line) about benign/malignant images whose merged mask is empty; returns their names.
 
@@ -454,7 +510,7 @@ def warn_empty_masks(cache: dict, shown: int = 3) -> list[str]:
     empty = [name for name, label, packed in zip(cache["names"], cache["labels"].tolist(), cache["full_masks"])
              if CLASSES[label] != "normal" and not bool(packed.any())]  # packbits pads with zero bits only
     if empty:
-        listed = ", ".join(empty[:shown]) + (", ..." if len(empty) > shown else "")
+        listed = utils.printable(", ".join(empty[:shown]) + (", ..." if len(empty) > shown else ""))
         verb, pronoun = ("image has", "it trains") if len(empty) == 1 else ("images have", "they train")
         print(f"warning: {len(empty)} benign/malignant {verb} an empty mask ({listed}): {pronoun} as \"no lesion\"",
               file=sys.stderr, flush=True)
@@ -512,19 +568,25 @@ def read_bundle(path: str | os.PathLike, image_size: int | None = None) -> dict:
                         f"({type(exc).__name__})") from None
     if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
         raise DataError(f"{path} is a file but not a data bundle made by `python dataset.py --bundle`")
-    if image_size is not None and bundle["image_size"] != image_size:
-        raise DataError(f"{path} holds {bundle['image_size']} px images, not {image_size} px: pass "
-                        f"--image-size {bundle['image_size']} or make a bundle at {image_size} px")
-    shape = bundle["images_shape"]
-    images = np.cumsum(_unzip(bundle["images"], np.uint8, shape), axis=-1, dtype=np.uint8)
-    n_pixels = int(np.prod(shape))
-    masks = np.unpackbits(_unzip(bundle["masks"], np.uint8, (-1,)))[:n_pixels].reshape(shape)
-    flat = _unzip(bundle["full_masks"], np.uint8, (-1,))
-    ends = np.cumsum(bundle["full_mask_lengths"].numpy())
-    full = [torch.from_numpy(flat[e - n:e].copy()) for e, n in zip(ends, bundle["full_mask_lengths"].tolist())]
-    cache = {"images": torch.from_numpy(images.copy()), "masks": torch.from_numpy(masks.copy()),
-             "labels": bundle["labels"], "names": list(bundle["names"]), "full_masks": full,
-             "full_sizes": bundle["full_sizes"]}
+    if image_size is not None and bundle.get("image_size") != image_size:
+        raise DataError(f"{path} holds {bundle.get('image_size')} px images, not {image_size} px: pass "
+                        f"--image-size {bundle.get('image_size')} or make a bundle at {image_size} px")
+    try:
+        shape = bundle["images_shape"]
+        images = np.cumsum(_unzip(bundle["images"], np.uint8, shape), axis=-1, dtype=np.uint8)
+        n_pixels = int(np.prod(shape))
+        masks = np.unpackbits(_unzip(bundle["masks"], np.uint8, (-1,)))[:n_pixels].reshape(shape)
+        flat = _unzip(bundle["full_masks"], np.uint8, (-1,))
+        ends = np.cumsum(bundle["full_mask_lengths"].numpy())
+        full = [torch.from_numpy(flat[e - n:e].copy()) for e, n in zip(ends, bundle["full_mask_lengths"].tolist())]
+        cache = {"images": torch.from_numpy(images.copy()), "masks": torch.from_numpy(masks.copy()),
+                 "labels": bundle["labels"], "names": list(bundle["names"]), "full_masks": full,
+                 "full_sizes": bundle["full_sizes"]}
+    except Exception as exc:  # noqa: BLE001 - a key missing, bytes that do not decompress or reshape
+        raise DataError(f"{path} is a damaged data bundle ({type(exc).__name__}: {exc})") from None
+    problem = cache_problem(cache, image_size)
+    if problem:
+        raise DataError(f"{path} is a damaged data bundle: {problem}")
     warn_empty_masks(cache)
     return cache
 
@@ -661,7 +723,7 @@ def main(argv=None) -> int:
         except OSError as exc:
             raise DataError(f"cannot write {out}: {exc.strerror or exc}") from None
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
     counts = {k: len(split[k]) for k in ("train", "val", "test")}
     print(f"{len(samples)} images, {len(split['duplicate_groups'])} near-duplicate groups "

@@ -94,6 +94,8 @@ class Settings:
 
 
 HYPERPARAMETERS = [f.name for f in dataclasses.fields(Hyperparameters)]
+# what --resume may not change: the weights and the decoded data were made for these
+FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "base_channels", "depth")
 
 # The bundled sample (data/busi_sample, 30 images) is far too small for the recipe above: a new run on it uses
 # these values instead (flags given still win), so that a first run learns visibly in about 2 CPU minutes.
@@ -133,6 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"argument --image-size: {problem}")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only needs --checkpoint PATH")
+    if args.eval_only and args.resume is not None:  # an evaluation never writes into a training run's folder
+        parser.error("--eval-only and --resume cannot be combined: evaluate with --eval-only --checkpoint PATH "
+                     "(a new folder), or continue training with --resume")
+    if args.bce_weight == 0 and args.dice_weight == 0:
+        parser.error("--bce-weight and --dice-weight are both 0: the masks would learn nothing")
     if args.device != "auto":
         try:
             torch.device(args.device)
@@ -153,6 +160,10 @@ def open_run(args) -> tuple[dict | None, Path]:
             raise ValueError("--resume needs --run-name NAME (or --resume PATH to a run folder or latest.pt)")
         path = Path(args.resume) if args.resume else output_dir / args.run_name
         path = path / "latest.pt" if path.is_dir() or not args.resume else path
+        if not path.exists() and path.parent.is_dir() and \
+                {p.name for p in path.parent.iterdir()} <= set(utils.MADE_BEFORE_TRAINING):
+            raise ValueError(f"nothing to resume: {path.parent} has no checkpoint (its run stopped before its first "
+                             f"epoch ended); start the run again without --resume (the folder is taken over)")
         state, run_dir = checkpoints.load_checkpoint(path), path.parent
         if "optimizer" not in state:  # an exported model (or ensemble): weights only
             raise ValueError(f"{path} holds weights only (an exported model), not a training run to resume: "
@@ -178,6 +189,13 @@ def open_run(args) -> tuple[dict | None, Path]:
     if state is not None:
         # runs from before these options pooled the Dice and were plain UNets
         saved = {"dice_per_image": False, "encoder": "none", **state.get("config", {})}
+        if args.resume is not None:
+            for key in FIXED_FOR_A_RUN:
+                flag = "--" + key.replace("_", "-")
+                if flag in args.explicit and key in saved and getattr(args, key) != saved[key]:
+                    raise ValueError(f"{flag} {getattr(args, key)} differs from the run's {saved[key]} "
+                                     f"({run_dir}): a run's architecture and input size cannot change mid-run; "
+                                     f"drop {flag}, or start a new run")
         for key in HYPERPARAMETERS:
             if key in saved and "--" + key.replace("_", "-") not in args.explicit:
                 setattr(args, key, saved[key])
@@ -255,6 +273,33 @@ def print_next_steps(run_dir: Path, data_dir: Path) -> None:
               f"  {DEFAULT_RECIPE_TIME}")
 
 
+def epoch_line(row: dict, improved: bool, bad: int, epochs: int) -> str:
+    """The log line of a finished epoch (* marks a new best.pt)."""
+    head = f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f}"
+    if bad:
+        return f"{head} | validation outputs not finite: epoch not saved"
+    return (f"{head} | val Dice {row['val_lesion_dice']:.4f} | val IoU {row['val_lesion_iou']:.4f} | val score "
+            f"{row['val_score']:.4f}{' *' if improved else '  '} | lr {row['lr']:.2e} | {row['seconds']:.1f} s | "
+            f"{row['train_img_per_s']:.0f} img/s")
+
+
+def save_epoch(trainer: training.Trainer, config: dict, run_dir: Path, improved: bool) -> int:
+    """best.pt (when improved), latest.pt and the history; returns the epoch latest.pt holds. An epoch whose
+    validation outputs were not finite saves no checkpoint; MAX_BAD_EPOCHS of them in a row end the run."""
+    if not trainer.bad_epochs:
+        state = trainer.state(config)
+        if improved:
+            checkpoints.save_checkpoint(state, run_dir / "best.pt")
+        checkpoints.save_checkpoint(state, run_dir / "latest.pt")
+    training.write_history(run_dir, trainer.history, trainer.best_epoch)
+    saved = trainer.epoch - trainer.bad_epochs
+    if trainer.bad_epochs >= training.MAX_BAD_EPOCHS:
+        kept = f"latest.pt holds epoch {saved}, best.pt epoch {trainer.best_epoch}" if saved else "nothing was saved"
+        raise FloatingPointError(f"training diverged: validation outputs were not finite for {trainer.bad_epochs} "
+                                 f"epochs in a row; stopping ({kept}). Try a lower --lr")
+    return saved
+
+
 def run(args) -> int:
     device = utils.pick_device(args.device)
     state, run_dir = open_run(args)
@@ -303,28 +348,22 @@ def run(args) -> int:
             val_summary, val_loss = training.validate(model, val, trainer.seg_loss, args, device,
                                                       utils.inference_dtype(device, args.amp))
             row, improved = trainer.end_epoch(*done, val_summary, val_loss, time.perf_counter() - t0)
-            if improved or (epoch + 1) % log_every == 0 or epoch + 1 == args.epochs:
-                print(f"epoch {epoch + 1:>3}/{args.epochs} | train loss {row['train_loss']:.4f} | val loss "
-                      f"{row['val_loss']:.4f} | val Dice {row['val_lesion_dice']:.4f} | val IoU "
-                      f"{row['val_lesion_iou']:.4f} | val score {row['val_score']:.4f}{' *' if improved else '  '} | "
-                      f"lr {row['lr']:.2e} | {row['seconds']:.1f} s | {row['train_img_per_s']:.0f} img/s", flush=True)
-            ckpt = trainer.state(config)
-            if improved:
-                checkpoints.save_checkpoint(ckpt, run_dir / "best.pt")
-            checkpoints.save_checkpoint(ckpt, run_dir / "latest.pt")
-            training.write_history(run_dir, trainer.history, trainer.best_epoch)
+            if trainer.bad_epochs or improved or (epoch + 1) % log_every == 0 or epoch + 1 == args.epochs:
+                print(epoch_line(row, improved, trainer.bad_epochs, args.epochs), flush=True,
+                      file=sys.stderr if trainer.bad_epochs else sys.stdout)
+            saved = save_epoch(trainer, config, run_dir, improved)
             if args.stop_after is not None and epoch + 1 - (state or {}).get("epoch", 0) >= args.stop_after \
                     and epoch + 1 < args.epochs:
                 print(f"stopping after {args.stop_after} epoch(s) as asked. {resume_hint}", flush=True)
                 return 0
             if stop.requested:
-                print(f"interrupted after epoch {epoch + 1}: saved {run_dir / 'latest.pt'}.\n{resume_hint}",
-                      file=sys.stderr, flush=True)
+                print(f"interrupted after epoch {epoch + 1}: {run_dir / 'latest.pt'} holds epoch {saved}.\n"
+                      f"{resume_hint}", file=sys.stderr, flush=True)
                 return 130
 
     # ---- one evaluation of best.pt on the test split ----
     if trainer.best_epoch is None:
-        raise ValueError("no epoch finished, so there is no best.pt to evaluate")
+        raise ValueError("no epoch made a best.pt to evaluate (none finished with finite validation outputs)")
     best = checkpoints.load_model(run_dir / "best.pt", device)[0].to(memory_format=torch.channels_last)
     print(f"best epoch {trainer.best_epoch} (validation all-image Dice {trainer.best_score:.4f})")
     report(best, parts["test"], run_dir, "test", args, device,
@@ -340,11 +379,11 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except (dataset.DataError, checkpoints.CheckpointError, ValueError, FloatingPointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # full disk, read-only output dir, ...
-        print(f"error: {exc.strerror or exc} ({exc.filename or ''}); earlier checkpoints are intact",
-              file=sys.stderr)
+        print(f"error: {exc.strerror or exc} ({utils.printable(exc.filename or '')}); earlier checkpoints are "
+              f"intact", file=sys.stderr)
         return 2
     finally:
         if args.claimed is not None:  # a run that failed before its first checkpoint frees its name

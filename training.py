@@ -19,6 +19,7 @@ from checkpoints import CHECKPOINT_FORMAT
 from losses import BCEDiceLoss, total_loss
 
 MAX_BAD_STEPS = 5  # stop after this many non-finite losses in a row (checked every 10 steps)
+MAX_BAD_EPOCHS = 3  # stop after this many epochs in a row whose validation loss or outputs are not finite
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
@@ -125,7 +126,8 @@ class TrainStep:
 def validate(model, data, seg_loss, hp, device, dtype) -> tuple[dict, float]:
     """One pass over the validation split: its summary at the original resolution (evaluation.evaluate) and the
     training objective (deep supervision included, no augmentation) at the training size, from the same
-    forward passes, so that the two loss curves compare like with like."""
+    forward passes, so that the two loss curves compare like with like. The loss is NaN when any mask logit
+    is not finite (a diverged model: its thresholded masks would be empty and score 1 on normal images)."""
     total = torch.zeros((), device=device)  # summed on the device: one host sync at the end, not per batch
     masks, labels = data["masks"].to(device), data["labels"].to(device)  # no copy where already on the device
 
@@ -134,7 +136,8 @@ def validate(model, data, seg_loss, hp, device, dtype) -> tuple[dict, float]:
         n = outputs[0].shape[0]
         loss = total_loss(seg_loss, outputs, masks[start:start + n], labels[start:start + n], hp.cls_weight,
                           hp.deep_supervision, hp.presence_weight)
-        total = total + loss.float() * n
+        finite = torch.isfinite(outputs[0]).all()
+        total = total + torch.where(finite, loss.float() * n, torch.nan)
 
     summary, _ = evaluation.evaluate(model, data, device, dtype, hp.threshold, hp.eval_batch_size, hp.tta,
                                      on_logits=add_loss, with_aux=bool(hp.deep_supervision))
@@ -186,7 +189,8 @@ class BadSteps:
             self.reported = total
             if longest >= MAX_BAD_STEPS:
                 raise FloatingPointError(
-                    f"loss was non-finite {longest} steps in a row (epoch {epoch + 1}); stopping. The last good "
+                    f"training diverged: the loss was non-finite {longest} steps in a row (epoch {epoch + 1}); "
+                    f"stopping. The last good "
                     f"checkpoints in {run_dir} are untouched; try a lower --lr or --no-amp")
 
 
@@ -212,6 +216,7 @@ class Trainer:
         self.epoch, self.step, self.perm, self.history = 0, 0, None, []
         self.best_score, self.best_epoch, self.best_val = -1.0, None, None
         self.best_found = False  # whether the best epoch found any validation lesion (see end_epoch)
+        self.bad_epochs = 0  # epochs in a row with a non-finite validation loss (not saved, see end_epoch)
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's training state."""
@@ -278,7 +283,10 @@ class Trainer:
 
     def end_epoch(self, train_loss: float, train_seconds: float, seen: int, val_summary: dict, val_loss: float,
                   seconds: float) -> tuple[dict, bool]:
-        """Record the finished epoch in the history; returns its row and whether it is the best so far."""
+        """Record the finished epoch in the history; returns its row and whether it is the best so far.
+
+        An epoch whose validation loss is not finite (its outputs overflowed) is never the best; MAX_BAD_EPOCHS
+        of them in a row stop the run (FloatingPointError) before anything of theirs is saved."""
         self.epoch += 1
         fp = val_summary["normal_fp_rate"]
         row = {"epoch": self.epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
@@ -293,7 +301,8 @@ class Trainer:
         # An epoch that predicts nothing on every validation lesion scores 1 on each normal image: on a small
         # validation split that alone can win. Such an epoch is best only until one that finds a lesion comes.
         found = val_summary["n_lesion"] == 0 or val_summary["missed_lesions"] < val_summary["n_lesion"]
-        improved = (found, val_summary["all_dice"]) > (self.best_found, self.best_score)
+        self.bad_epochs = 0 if math.isfinite(val_loss) else self.bad_epochs + 1
+        improved = not self.bad_epochs and (found, val_summary["all_dice"]) > (self.best_found, self.best_score)
         if improved:
             self.best_score, self.best_epoch, self.best_val = val_summary["all_dice"], self.epoch, val_summary
             self.best_found = found

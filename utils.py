@@ -21,6 +21,11 @@ from typing import Annotated
 import numpy as np
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Command-line value checks (argparse `type=` functions: a bad value is refused with the reason)
@@ -206,7 +211,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # --------------------------------------------------------------------------------------------------------------
 def _write_temp(final: Path, data) -> Path:
     """`data` (bytes, or a callable that writes to a binary file) into a new hidden temp file beside `final` (same
-    file system, so the rename is atomic), fsynced, with the mode of any new file (mkstemp makes 0600)."""
+    file system, so the rename is atomic), fsynced, with the mode of any new file (mkstemp makes 0600). An OSError
+    that names no file (ENOSPC from write()) is raised again with `final` as its filename."""
     final.parent.mkdir(parents=True, exist_ok=True)
     # the name cut short so that a long final name still fits NAME_MAX; unique, so writers never share one
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name[:100]}.", suffix=".tmp", dir=final.parent)
@@ -221,9 +227,12 @@ def _write_temp(final: Path, data) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # write() and fsync() name no file (a full disk ends in "... ()"): say which one it was
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
         raise
     return Path(tmp)
 
@@ -294,6 +303,13 @@ def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write(path, (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
+def printable(text) -> str:
+    """`text` as one printable UTF-8 line: bytes that are not UTF-8 appear as \\xff, control characters (a
+    newline inside a file name) as \\n, \\x1b, ... (a message never spreads over lines or drives the terminal)."""
+    text = os.fsencode(str(text)).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def shown_path(path: Path) -> Path:
     """`path` relative to the working directory where it lies inside it (for help texts and printed commands)."""
     try:
@@ -302,12 +318,70 @@ def shown_path(path: Path) -> Path:
         return path
 
 
+MADE_BEFORE_TRAINING = (".claimed", "split.json")  # what a run folder holds until its first checkpoint
+_claims: dict[Path, int] = {}  # run folder -> the open, locked file descriptor of its claim marker
+
+
+def _lock(fd: int) -> bool:
+    """An exclusive lock on an open file, held until it is closed or this process ends (however it ends)."""
+    if fcntl is None:  # no flock here (Windows): a claim is a marker file only
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _take_marker(run_dir: Path) -> bool:
+    """Create run_dir/.claimed already locked (made under a temp name, locked, then linked: no one ever sees it
+    unlocked); False when another claim got there first."""
+    fd, tmp = tempfile.mkstemp(prefix=".claimed.", dir=run_dir)
+    try:
+        _lock(fd)
+        os.link(tmp, run_dir / ".claimed")
+    except FileExistsError:
+        os.close(fd)
+        return False
+    except OSError:  # no hard links here (FAT, some shares): an exclusive create, locked just after
+        os.close(fd)
+        try:
+            fd = os.open(run_dir / ".claimed", os.O_CREAT | os.O_EXCL | os.O_RDWR)
+        except FileExistsError:
+            return False
+        _lock(fd)
+    finally:
+        os.unlink(tmp)
+    _claims[run_dir] = fd
+    return True
+
+
+def _take_abandoned(run_dir: Path) -> bool:
+    """Take over a folder whose run died before its first checkpoint: it holds no more than MADE_BEFORE_TRAINING
+    and no live process holds its marker's lock (the kernel drops it when its owner dies, even by SIGKILL)."""
+    try:
+        names = {p.name for p in run_dir.iterdir()}
+        if ".claimed" not in names or not names <= set(MADE_BEFORE_TRAINING):
+            return False
+        fd = os.open(run_dir / ".claimed", os.O_RDWR)
+    except OSError:
+        return False
+    if fcntl is None or not _lock(fd):
+        os.close(fd)
+        return False
+    with contextlib.suppress(OSError):
+        (run_dir / "split.json").unlink()  # the dead run's: this one writes its own
+    _claims[run_dir] = fd
+    return True
+
+
 def claim_run_dir(parent: str | os.PathLike, name: str | None, default_name: str) -> Path:
     """Create and return a run or evaluation folder that no other run owns.
 
-    The claim is atomic (an exclusive mkdir, or an exclusive marker file in an empty folder), so two runs
-    started at once never share a folder. An explicit `name` whose folder already holds files is refused; a
-    default name that is taken gets a suffix (-2, -3, ...).
+    The claim is atomic (an exclusive mkdir, or an exclusive, locked marker file in an empty folder), so two runs
+    started at once never share a folder. A folder whose run was killed before its first checkpoint (nothing in
+    it but the marker and the split, and no live owner) is taken over. An explicit `name` whose folder holds
+    anything else is refused; a default name that is taken gets a suffix (-2, -3, ...).
     """
     parent = Path(parent)
     candidates = [name] if name else [default_name] + [f"{default_name}-{k}" for k in range(2, 1000)]
@@ -316,32 +390,39 @@ def claim_run_dir(parent: str | os.PathLike, name: str | None, default_name: str
         try:
             run_dir.mkdir(parents=True)
         except FileExistsError:
-            if not run_dir.is_dir() or any(p.name != ".claimed" for p in run_dir.iterdir()):
-                if name:
-                    raise ValueError(f"{run_dir} already holds a run (or other files): choose another --run-name, "
-                                     f"or continue a training run with --resume {run_dir}") from None
-                continue
-        try:  # an empty folder (made by hand, or just now by us) becomes ours only if no one else claimed it
-            os.close(os.open(run_dir / ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            if _take_abandoned(run_dir):
+                print(f"note: taking over {run_dir}: its run stopped before its first checkpoint", flush=True)
+                return run_dir
+            if not run_dir.is_dir() or any(run_dir.iterdir()):
+                if not name:
+                    continue
+                if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= set(MADE_BEFORE_TRAINING):
+                    raise ValueError(f"{run_dir} is being used by another run that has not saved a checkpoint "
+                                     f"yet: choose another --run-name") from None
+                raise ValueError(f"{run_dir} already holds a run (or other files): choose another --run-name, "
+                                 f"or continue a training run with --resume {run_dir}") from None
+        if _take_marker(run_dir):  # an empty folder (made by hand, or just now by us) becomes ours only once
             return run_dir
-        except FileExistsError:
-            if name:
-                raise ValueError(f"{run_dir} is being used by another run: choose another --run-name") from None
+        if name:
+            raise ValueError(f"{run_dir} is being used by another run: choose another --run-name") from None
     raise ValueError(f"no free folder name for {default_name} in {parent}")
 
 
-def release_run_dir(run_dir: Path, made_before_training: tuple[str, ...] = (".claimed", "split.json")) -> None:
-    """Give a claimed folder back when the run that claimed it failed before writing anything of value (only
-    the claim marker and the split are there), so that the same --run-name can be used again."""
+def release_run_dir(run_dir: Path) -> None:
+    """End this process's claim on a folder; remove the folder when its run failed before writing anything of
+    value (only the claim marker and the split are there), so that the same --run-name can be used again."""
+    fd = _claims.pop(Path(run_dir), None)
     try:
         names = {p.name for p in Path(run_dir).iterdir()}
     except OSError:
-        return
-    if names <= set(made_before_training):
+        names = None
+    if names is not None and names <= set(MADE_BEFORE_TRAINING):
         with contextlib.suppress(OSError):
             for name in names:
                 (Path(run_dir) / name).unlink()
             Path(run_dir).rmdir()
+    if fd is not None:
+        os.close(fd)
 
 
 def write_csv(path: Path, header, rows, replace: bool = True) -> None:
