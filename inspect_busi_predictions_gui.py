@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import tkinter as tk
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from tkinter import filedialog, messagebox, ttk
@@ -114,11 +115,17 @@ def dataset_items(data_dir: str | os.PathLike, split: str = "test",
     """The items of one split of a BUSI-layout folder, and a note on where the split came from.
 
     The split file is used when it lists exactly this folder's images; otherwise (e.g. the bundled sample) a
-    leakage-safe split is computed with dataset.compute_split, as training does.
+    leakage-safe split is computed with dataset.compute_split, as training does. A file (a data bundle made by
+    `python dataset.py --bundle`, which training takes) is refused: the window shows the scans themselves.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
     root = Path(data_dir)
+    if root.is_file():  # else "data dir not found", which sends the user looking for a missing path
+        needs = "the inspector needs the image folder (benign/, malignant/, normal/)"
+        if zipfile.is_zipfile(root):  # a bundle is a torch.save zip archive
+            raise dataset.DataError(f"{root} is a data bundle: {needs} it was made from")
+        raise dataset.DataError(f"{root} is a file, not a data folder: {needs}")
     samples = dataset.discover_samples(root)
     note = f"{root}: all {len(samples)} images"
     if split != "all":
@@ -292,7 +299,7 @@ class InspectorApp:
         try:
             model, state = checkpoints.load_model(path, self.device)
         except checkpoints.CheckpointError as exc:
-            self.show_error(str(exc))
+            self.show_error(utils.printable(exc))
             return False
         except (RuntimeError, ValueError, OSError) as exc:  # e.g. out of memory on the device
             self.show_error(f"cannot load checkpoint {path}: {exc}")
@@ -323,7 +330,7 @@ class InspectorApp:
             try:
                 image = dataset.load_image(item.path)
             except dataset.DataError as exc:
-                errors.append(str(exc))
+                errors.append(utils.printable(exc))
                 continue
             self.items.append(item)
             added.append(len(self.items) - 1)
@@ -506,7 +513,7 @@ class InspectorApp:
                     loaded.append(self.items[i].load())
                     items.append(self.items[i])
                 except dataset.DataError as exc:
-                    failed.append(str(exc))
+                    failed.append(utils.printable(exc))
             if items:
                 self._predict(items, loaded)
             done = min(start + SORT_CHUNK, len(todo))
@@ -574,7 +581,7 @@ class InspectorApp:
             except dataset.DataError as exc:
                 self._shown = None
                 self._draw_empty(f"cannot read {item.name}")
-                self.show_error(str(exc))
+                self.show_error(utils.printable(exc))
                 return
         self._shown = (item, image, truth)
         if self.model is not None and item.key not in self.cache:
@@ -689,7 +696,7 @@ def resolve_items(args) -> tuple[list[Item], str, str | None]:
     try:
         items, note = dataset_items(data_dir, args.split, args.split_file)
     except (dataset.DataError, ValueError) as exc:
-        return [], "no data", str(exc)
+        return [], "no data", utils.printable(exc)
     if data_dir == dataset.SAMPLE_DIR:
         note += " (bundled sample: a handful of images, pass --data-dir for BUSI)"
     return items, note, None

@@ -3,6 +3,11 @@
     python predict_busi.py --input scans/ --output preds
     python predict_busi.py --input "scans/*.jpg" --output preds --threshold 0.4 --tta
     python predict_busi.py --checkpoint checkpoints/busi_lite0_192.pt --input one_scan.png --output preds
+    python predict_busi.py --input scans/ more/*.png --input one_scan.png --output preds
+
+--input takes one or more files, folders and glob patterns (repeat it, or list several after it; an unquoted glob
+is expanded by the shell); all are predicted, a file reached twice once, and a spec that matches nothing is an
+error that names it.
 
 For every input <stem>.<ext> the output folder receives <stem>_mask.png (8-bit, 0 = background, 255 = lesion,
 the input's own width and height as displayed), <stem>_overlay.png (the scan with the predicted outline drawn on
@@ -11,7 +16,9 @@ inputs share a stem (ignoring case), each keeps its extension: a.png -> a.png_ma
 the same name from two folders of a glob gets _2, _3, ... (a.png_2_mask.png). Files named X_mask.png or
 X_mask_N.png (ground truth in the BUSI layout, dataset.MASK_RE), hidden files and non-image files in an input
 folder are skipped. A file that cannot be read is reported on stderr and skipped; the exit code is then 1 (0 when
-every file was written, 2 when nothing could start: bad checkpoint, no inputs, a refused output folder).
+every file was written, 2 when nothing could start: bad checkpoint, no inputs, a refused output folder; 2 also
+when the model's outputs are not finite, NaN or inf: nothing of that chunk is written, and a run that wrote
+nothing leaves no predictions.csv and no folder it created).
 
 The output folder: no file that this run did not create is ever overwritten, except, with --overwrite, the files
 an earlier run of this script listed in the folder's predictions.csv (ground truth never is: an output folder
@@ -85,6 +92,24 @@ def find_inputs(spec: str, output_dir: Path | None = None) -> list[Path]:
     return sorted(candidates, key=dataset.natural_key)
 
 
+def gather_inputs(specs: list[str], output_dir: Path | None = None) -> list[Path]:
+    """Every spec's inputs (find_inputs), in order, each file once (the first time its resolved path is reached).
+
+    Raises ValueError naming a spec that matches nothing.
+    """
+    paths, seen = [], set()
+    for spec in specs:
+        found = find_inputs(spec, output_dir)
+        if not found:
+            what = "folder has no images" if Path(spec).is_dir() else "no file matches"
+            raise ValueError(f"{what}: {shown(spec)}")
+        for path in found:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                paths.append(path)
+    return paths
+
+
 def output_stems(paths: list[Path]) -> list[str]:
     """One output stem per input, unique ignoring case (A_mask.png and a_mask.png are one file on macOS and
     Windows): the input's stem; its whole name when other inputs share the stem (a.png -> a.png, a.jpg -> a.jpg);
@@ -108,9 +133,7 @@ def output_names(stem: str) -> tuple[str, str]:
     return stem + MASK_SUFFIX, stem + OVERLAY_SUFFIX
 
 
-def shown(text) -> str:
-    """A file name or message as printable UTF-8: bytes that are not UTF-8 appear as \\xff (never a crash)."""
-    return os.fsencode(str(text)).decode("utf-8", "backslashreplace")
+shown = utils.printable  # a file name or message on one printable line (\xff, \n for a newline), never a crash
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -118,6 +141,10 @@ def shown(text) -> str:
 # --------------------------------------------------------------------------------------------------------------
 class RefusedOutput(Exception):
     """The output folder would lose a file; the message says which and what to do."""
+
+
+class NonFiniteOutput(Exception):
+    """The model gave NaN or inf for an image (damaged weights); the message names the image."""
 
 
 def earlier_outputs(table: Path) -> set[str]:
@@ -257,6 +284,16 @@ def _chunks(paths: list[Path], stems: list[str], batch_size: int):
         yield chunk
 
 
+def _check_finite(good: list, predictions: list, written: int) -> None:
+    """Raise NonFiniteOutput, naming the first image whose probability map or class probabilities hold NaN or
+    inf: its empty mask and `nan` row would pass for a prediction."""
+    for (_, path, _, _), (prob, cls) in zip(good, predictions):
+        if not (bool(torch.isfinite(prob).all()) and (cls is None or bool(torch.isfinite(cls).all()))):
+            raise NonFiniteOutput(f"the model's outputs are not finite (NaN or inf) for {shown(path)} (damaged "
+                                  f"weights?); " + (f"{CSV_NAME} lists the {written} images written before it"
+                                                    if written else "nothing was written"))
+
+
 def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, threshold: float, stem: str, out_dir: Path,
                    display_name: str, replaceable: set[str] = frozenset()) -> Result:
     """Threshold one probability map, write its mask and overlay PNGs (atomically, both or neither); runs in an
@@ -285,7 +322,9 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
 
     predictions.csv is rewritten (atomically) after every chunk and on the way out, whatever the reason: it always
     lists exactly the files written. Once `stop` is set, no new chunk is started; the one in flight is finished.
-    Only names in `replaceable` (checked by check_output_folder) may replace existing files.
+    Only names in `replaceable` (checked by check_output_folder) may replace existing files. Raises
+    NonFiniteOutput, before anything of that chunk is written, when the model's outputs are not finite; when
+    nothing was written, the header-only predictions.csv is removed too.
     """
     from tqdm import tqdm
 
@@ -336,6 +375,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                     break  # drop the decoded images: nothing of theirs was written
                 predictions = list(predict_images(model, [g[3] for g in good], image_size, device, dtype,
                                                   batch_size, tta))
+                _check_finite(good, predictions, len(done))
                 jobs = [pool.submit(write, index, image, prob.numpy(), cls, threshold, stem, out_dir, path.name)
                         for (index, path, stem, image), (prob, cls) in zip(good, predictions)]
                 del loaded, good, predictions  # the chunk's images now live only until their files are written
@@ -343,10 +383,12 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                     job.result()
                 save_table()
                 bar.update(len(chunk))
-        except BaseException:
+        except BaseException as exc:
             pool.shutdown(wait=True)  # the writes in flight end (each one atomic), then the table lists them
-            if table_is_ours:
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                if isinstance(exc, NonFiniteOutput) and not done:
+                    table.unlink()  # its header only: a run that wrote nothing leaves nothing
+                elif table_is_ours:
                     save_table()
             raise
         finally:
@@ -382,13 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "place. Ctrl-C / SIGTERM: the images in flight are finished, predictions.csv lists exactly the "
                     "files written, exit code 130.",
         epilog="Exit codes: 0 all written; 1 some input files could not be read (named on stderr, the rest are "
-               "written); 2 bad checkpoint, bad option, no input found, or a refused --output folder; "
+               "written); 2 bad checkpoint, bad option, an --input that matches nothing, a refused --output folder, "
+               "or a model whose outputs are not finite (NaN or inf); "
                "130 interrupted.",
     )
     p.add_argument("--checkpoint", default=str(utils.shown_path(DEFAULT_CHECKPOINT)), help="trained model or ensemble (.pt); default: %(default)s")
-    p.add_argument("--input", required=True,
-                   help="an image file, a folder (its images; ground-truth files X_mask.png, X_mask_N.png are "
-                        "skipped) or a quoted glob pattern such as 'scans/*.png'")
+    p.add_argument("--input", required=True, action="extend", nargs="+", metavar="INPUT",
+                   help="one or more image files, folders (their images; ground-truth files X_mask.png, "
+                        "X_mask_N.png are skipped) or glob patterns such as 'scans/*.png' (quoted: expanded here; "
+                        "unquoted: by the shell); repeat it (--input a --input b) or list several (--input a b). "
+                        "All are predicted, a file reached twice once; one that matches nothing is an error")
     p.add_argument("--output", required=True,
                    help="folder for the masks, overlays and predictions.csv; a file this run did not create is "
                         "never overwritten, and a folder holding an earlier run's outputs (predictions.csv, or "
@@ -422,16 +467,17 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    paths = find_inputs(args.input, out_dir)
-    if not paths:
-        what = "folder has no images" if Path(args.input).is_dir() else "no file matches"
-        print(f"error: {what}: {shown(args.input)}", file=sys.stderr)
+    try:
+        paths = gather_inputs(args.input, out_dir)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:  # before any work: a refused folder costs nothing and changes nothing
         replaceable = check_output_folder(out_dir, output_stems(paths), args.overwrite)
     except RefusedOutput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # removed again if nothing is written
     try:
         model, state = checkpoints.load_model(args.checkpoint, device)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -456,8 +502,14 @@ def main(argv=None) -> int:
             results, failures = run(paths, model, image_size, device, threshold, out_dir, args.batch_size,
                                     args.tta, progress=not args.quiet, replaceable=replaceable, stop=stop)
     except OSError as exc:  # full disk, read-only folder: nothing later would succeed either
-        print(f"error: cannot write to {shown(out_dir)}: {exc.strerror or exc} ({shown(exc.filename or '')})",
-              file=sys.stderr)
+        where = f" ({shown(exc.filename)})" if exc.filename else ""
+        print(f"error: cannot write to {shown(out_dir)}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except NonFiniteOutput as exc:
+        for folder in made:  # deepest first; one that holds anything stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        print(f"error: {shown(args.checkpoint)}: {exc}", file=sys.stderr)
         return 2
     if stop.is_set():
         print(f"\ninterrupted: {len(results)} of {len(paths)} images written to {shown(out_dir)}/; {CSV_NAME} "

@@ -114,6 +114,38 @@ def fresh_busi_dir(tmp_path):
     return root, facts
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 4 MB tmpfs; skipped (with the reason) where this process may not mount one."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill_file_system(mount, leave: int = 0):
+    """Fill the file system until only `leave` bytes are free (0: until the kernel says ENOSPC)."""
+    stat = os.statvfs(mount)
+    with open(mount / "filler", "wb", buffering=0) as f:
+        if leave:
+            f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+            return
+        for chunk in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+
+
 @pytest.fixture(scope="session")
 def display():
     """Start Xvfb on a display number it picks itself (-displayfd: no races with other servers), stop it after.

@@ -322,3 +322,20 @@ def test_command_line_picks_the_data(gui, busi_dir, monkeypatch, tmp_path):
 
     items, note, error = gui.resolve_items(gui.build_parser().parse_args(["--data-dir", str(tmp_path / "nope")]))
     assert items == [] and "nope" in error
+
+
+def test_a_data_bundle_or_other_file_as_data_dir_asks_for_the_image_folder(gui, busi_dir, tmp_path):
+    """No display needed. A bundle (made by the real `python dataset.py --bundle`) trains, but holds no scans."""
+    data_dir, _ = busi_dir
+    bundle = tmp_path / "busi.bundle"
+    proc = subprocess.run([sys.executable, "dataset.py", "--data-dir", str(data_dir), "--bundle", str(bundle),
+                           "--image-size", "32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and dataset.is_bundle(bundle), proc.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not data")
+    for path, what in ((bundle, "is a data bundle"), (notes, "is a file, not a data folder")):
+        with pytest.raises(dataset.DataError, match="benign/, malignant/, normal/") as caught:
+            gui.dataset_items(path, "all")
+        assert what in str(caught.value) and "not found" not in str(caught.value)
+        items, note, error = gui.resolve_items(gui.build_parser().parse_args(["--data-dir", str(path)]))
+        assert items == [] and what in error and str(path) in error

@@ -9,6 +9,7 @@ import csv
 import io
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+import torch
+from conftest import ROOT, fill_file_system
 from PIL import Image
 from test_predict import checkpoint, keep_torch_threads, read_csv, scan  # noqa: F401 - fixtures shared
 
+import checkpoints
 import predict_busi
 
 
@@ -293,3 +296,94 @@ def test_mask_of_an_exif_rotated_jpeg_has_the_displayed_size(tmp_path, checkpoin
     assert (int(row["width"]), int(row["height"])) == (24, 40)
     assert Image.open(out / "rotated_mask.png").size == (24, 40)
     assert Image.open(out / "rotated_overlay.png").size == (24, 40)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Several inputs
+# ------------------------------------------------------------------------------------------------------------------
+def predicted(out: Path) -> list[str]:
+    return [r["file"] for r in read_csv(out / "predictions.csv")]
+
+
+def test_several_inputs_are_all_predicted_and_a_file_reached_twice_once(tmp_path, checkpoint):
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    a, c = save_scan(d1 / "a.png", 30, 20), save_scan(d2 / "c.png", 36, 24, seed=2)
+    save_scan(d1 / "b.png", 34, 22, seed=1)
+    proc = cli(checkpoint, "--input", c, "--input", a, "--output", tmp_path / "repeated")
+    assert proc.returncode == 0, proc.stderr
+    assert predicted(tmp_path / "repeated") == ["c.png", "a.png"]  # in the order given
+    # one flag, several specs: a folder, a glob and a file, reaching a.png three times (once by another spelling)
+    proc = cli(checkpoint, "--input", a, d1, d1 / ".." / "d*" / "*.png", "--output", tmp_path / "listed")
+    assert proc.returncode == 0, proc.stderr
+    assert predicted(tmp_path / "listed") == ["a.png", "b.png", "c.png"]
+    # an unquoted glob, expanded by a real shell
+    command = (f"{shlex.quote(sys.executable)} predict_busi.py --checkpoint {shlex.quote(str(checkpoint))} --quiet "
+               f"--input {shlex.quote(str(tmp_path))}/d*/*.png --output {shlex.quote(str(tmp_path / 'shell'))}")
+    proc = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(predicted(tmp_path / "shell")) == ["a.png", "b.png", "c.png"]
+    assert len(list((tmp_path / "shell").glob("*_mask.png"))) == 3
+
+
+def test_an_input_that_matches_nothing_is_named_and_nothing_is_written(tmp_path, checkpoint):
+    save_scan(tmp_path / "in" / "a.png", 30, 20)
+    proc = cli(checkpoint, "--input", tmp_path / "typo*.png", "--input", tmp_path / "in", "--output", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "typo*.png" in one_error_line(proc.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A model whose outputs are not finite
+# ------------------------------------------------------------------------------------------------------------------
+FAULTS = {  # a real tiny model's weights (nothing trained), changed so that the forward pass really breaks
+    "NaN mask head": lambda w: w["head.weight"].fill_(float("nan")),
+    "NaN class head": lambda w: w["classifier.fc.2.weight"].fill_(float("nan")),  # masks finite, classes not
+    "overflowing weights": lambda w: [t.mul_(1e38) for t in w.values() if t.dim() == 4],  # every conv: inf - inf
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_model_whose_outputs_are_not_finite_is_one_error_and_writes_nothing(tmp_path, checkpoint, fault):
+    """Empty masks and `nan` rows would pass for a prediction: one error naming the checkpoint and the first
+    image, and no file or folder left behind."""
+    state = torch.load(checkpoint, weights_only=True)
+    FAULTS[fault](state["model"])
+    broken = tmp_path / "broken.pt"
+    checkpoints.save_checkpoint(state, broken)
+    save_scan(tmp_path / "in" / "a.png", 30, 20)
+    save_scan(tmp_path / "in" / "b.png", 34, 22, seed=1)
+
+    new = tmp_path / "new" / "out"  # created by the run, parent included: gone again
+    proc = cli(broken, "--input", tmp_path / "in", "--output", new)
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert "not finite" in line and "broken.pt" in line and "a.png" in line, line
+    assert not (tmp_path / "new").exists()
+
+    mine = tmp_path / "mine"  # the user's folder stays, as it was
+    save_scan(mine / "notes.png", 8, 8)
+    before = snapshot(mine)
+    proc = cli(broken, "--input", tmp_path / "in", "--output", mine)
+    assert proc.returncode == 2 and "not finite" in one_error_line(proc.stderr)
+    assert snapshot(mine) == before
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A full disk
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("leave", [0, 200_000], ids=["no-byte-left", "room-for-the-table-only"])
+def test_a_full_disk_names_the_file_that_could_not_be_written(tmp_path, checkpoint, small_tmpfs, leave):
+    """A real 4 MB tmpfs, filled; write() fails with ENOSPC, which names no file of its own."""
+    noise = np.random.default_rng(0).integers(0, 256, (400, 600), dtype=np.uint8)  # its overlay: ~700 KB
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    out = small_tmpfs / "preds"
+    out.mkdir()
+    fill_file_system(small_tmpfs, leave)
+    proc = cli(checkpoint, "--input", tmp_path / "noise.png", "--output", out)
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)  # no traceback either
+    assert "No space left" in line and "()" not in line, line
+    names = [str(out / "predictions.csv")] if leave == 0 else [str(out / n) for n in predict_busi.output_names("noise")]
+    assert any(name in line for name in names), line
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

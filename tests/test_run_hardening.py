@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -12,7 +11,7 @@ import uuid
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, fill_file_system
 from test_train import TINY, history, train
 
 import checkpoints
@@ -30,38 +29,6 @@ def _last_error(capsys) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # A real full file system
 # ------------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A real 4 MB tmpfs; skipped (with the reason) where this process may not mount one."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command here")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-def _fill(mount, leave: int = 0):
-    """Fill the file system until only `leave` bytes are free (0: until the kernel says ENOSPC)."""
-    stat = os.statvfs(mount)
-    with open(mount / "filler", "wb", buffering=0) as f:
-        if leave:
-            f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
-            return
-        for chunk in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    f.write(b"\0" * chunk)
-            except OSError:
-                pass
-
-
 @pytest.mark.parametrize("leave", [100_000, 0], ids=["checkpoint-larger-than-the-space-left", "no-byte-left"])
 def test_full_disk_on_a_real_tmpfs_gives_the_promised_error_and_keeps_checkpoints(busi_dir, small_tmpfs, tmp_path,
                                                                                  capsys, leave):
@@ -77,7 +44,7 @@ def test_full_disk_on_a_real_tmpfs_gives_the_promised_error_and_keeps_checkpoint
     assert run("--epochs", "3", "--run-name", "d", "--stop-after", "1") == 0
     good = (out / "d" / "latest.pt").read_bytes()
     assert len(good) > 5 * leave  # the next checkpoint cannot fit
-    _fill(small_tmpfs, leave)
+    fill_file_system(small_tmpfs, leave)
     capsys.readouterr()
     assert run("--resume", str(out / "d")) == 2
     err = _last_error(capsys)
