@@ -55,6 +55,7 @@ from checkpoints import DEFAULT_CHECKPOINT
 from inference import default_threads, predict_images
 
 CSV_NAME = "predictions.csv"
+MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
               "malignancy_probability", "predicted_class", "mask", "overlay")
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
@@ -415,7 +416,9 @@ def stop_on_signals(stop: threading.Event):
 # --------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Segment breast-ultrasound lesions in new images with a trained BUSI U-Net. Writes "
+        description="Segment breast-ultrasound lesions in new images with a trained BUSI U-Net. Research use "
+                    "only: not a medical device, not for clinical decisions (the shipped model's card: "
+                    "checkpoints/README.md). Writes "
                     "<stem>_mask.png (0/255, the input's displayed size), <stem>_overlay.png (predicted outline on "
                     "the scan) and predictions.csv (lesion size, max probability, malignancy probability, and the "
                     "mask and overlay file names: exactly the files written) into --output. Inputs that share a "
@@ -517,6 +520,7 @@ def main(argv=None) -> int:
         return 130
     print(f"{len(results)} of {len(paths)} images -> {shown(out_dir)}/ (masks, overlays, {CSV_NAME}; threshold "
           f"{threshold:g})" + (f"; {len(failures)} could not be read" if failures else ""))
+    print(f"research use only, not for clinical decisions: what the shipped model is and where it fails: {MODEL_CARD}")
     return 1 if failures else 0
 
 

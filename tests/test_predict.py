@@ -270,3 +270,19 @@ def test_shipped_model_on_real_scans(tmp_path, capsys):
     for row in rows:
         w, h = Image.open(REAL_DATA / "malignant" / row["file"]).size
         assert Image.open(tmp_path / row["file"].replace(".png", "_mask.png")).size == (w, h)
+
+
+def test_predict_says_research_use_only_and_points_to_the_model_card(tmp_path, capsys):
+    import predict_busi
+
+    help_text = predict_busi.build_parser().format_help()
+    assert "Research use only" in " ".join(help_text.split())
+    assert (ROOT / "checkpoints" / "README.md").is_file()
+    card = " ".join((ROOT / "checkpoints" / "README.md").read_text().split())
+    assert "not for clinical decisions" in card and "Known limits" in card
+    image = np.full((40, 50), 90, np.uint8)
+    Image.fromarray(image).save(tmp_path / "scan.png")
+    assert predict_busi.main(["--input", str(tmp_path / "scan.png"), "--output", str(tmp_path / "out"),
+                              "--quiet", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("research use only") and out[-1].endswith("README.md")
