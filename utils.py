@@ -73,10 +73,11 @@ Probability = Annotated[float, probability]
 
 
 def field_comments(cls) -> tuple[dict[str, str], dict[str, str]]:
-    """The trailing `# comment` of each field of a dataclass (with the comment-only lines aligned under it), and
-    the section a field sits in (the last comment-only line at field indentation above it)."""
+    """The trailing `# comment` of each field of a dataclass (with the comment-only lines below it that are
+    indented past the fields), and the section a field sits in (the last comment-only line at field indentation
+    above it)."""
     lines = inspect.getsource(cls).splitlines(keepends=True)
-    comments, sections, field, column, section = {}, {}, None, None, None
+    comments, sections, field, indent, section = {}, {}, None, 0, None
     tokens = tokenize.generate_tokens(iter(lines).__next__)
     line_first: dict[int, tokenize.TokenInfo] = {}
     for tok in tokens:
@@ -87,12 +88,12 @@ def field_comments(cls) -> tuple[dict[str, str], dict[str, str]]:
         if tok.type == tokenize.NAME and first is tok and tok.start[1] > 0 and lines[row - 1].split("#")[0].count(":"):
             name = tok.string
             if name in {f.name for f in dataclasses.fields(cls)}:
-                field, column, sections[name] = name, None, section
+                field, indent, sections[name] = name, tok.start[1], section
         elif tok.type == tokenize.COMMENT:
             text = tok.string.lstrip("#").strip()
             if first is not tok and field:  # trailing comment of the field on this line
-                comments[field], column = text, tok.start[1]
-            elif field and tok.start[1] == column:  # continuation, aligned under the field's comment
+                comments[field] = text
+            elif field and field in comments and tok.start[1] > indent:  # continuation: indented past the fields
                 comments[field] += " " + text
             else:  # a section title
                 section, field = text, None
