@@ -16,7 +16,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REAL_DATA = ROOT.parent / "shared" / "data" / "Dataset_BUSI_with_GT"
+# the real BUSI folder: $BUSI_DATA_DIR, else ../shared/data/Dataset_BUSI_with_GT beside the repository
+REAL_DATA = Path(os.environ.get("BUSI_DATA_DIR") or ROOT.parent / "shared" / "data" / "Dataset_BUSI_with_GT")
 requires_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real BUSI data not found at {REAL_DATA}")
 
 # (class, number of images) and the sizes cycled through; several classes share a near-duplicate scan.

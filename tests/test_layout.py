@@ -3,6 +3,9 @@ mechanism that must exist once (the atomic write) exists once."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -45,3 +48,33 @@ def test_training_script_is_short_and_functions_are_small():
 def test_files_are_replaced_atomically_in_one_place():
     users = [p.name for p in MODULES if "os.replace(" in p.read_text(encoding="utf-8")]
     assert users == ["utils.py"]
+
+
+def test_every_training_flag_sits_in_its_section_of_help():
+    """--help groups the flags by the comment lines over the fields; a field's comment running on to a second
+    line is not a heading of its own."""
+    import dataclasses
+
+    import train_unet_busi as T
+
+    parser = T.build_parser()
+    sections = {"model": "encoder", "optimisation": "epochs", "loss": "bce_weight", "evaluation": "threshold",
+                "data and output": "data_dir", "hardware": "device"}
+    groups = {g.title: {a.dest for a in g._group_actions} for g in parser._action_groups}
+    assert set(sections) <= set(groups)
+    expected = {"model": {"encoder", "pretrained", "image_size", "input_norm", "full_res_decoder", "base_channels",
+                          "depth"}}
+    assert groups["model"] == expected["model"]
+    fields = [f.name for cls in (T.Hyperparameters, T.Settings) for f in dataclasses.fields(cls)]
+    placed = {dest for title, dests in groups.items() if title in sections for dest in dests}
+    assert set(fields) == placed  # no field in a stray group
+    help_text = " ".join(parser.format_help().split())
+    assert "per_image: each image to zero mean, unit std (blind to gain/contrast) (default: fixed)" in help_text
+
+
+def test_real_data_tests_follow_busi_data_dir(tmp_path):
+    """The real-data tests read their folder from $BUSI_DATA_DIR (a real second interpreter reads it)."""
+    code = "import sys; sys.path.insert(0, 'tests'); import conftest; print(conftest.REAL_DATA)"
+    env = {**os.environ, "BUSI_DATA_DIR": str(tmp_path / "elsewhere")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == str(tmp_path / "elsewhere"), done.stderr
