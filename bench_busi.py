@@ -16,6 +16,7 @@ could reach on that CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dataset
 import inference
@@ -87,15 +90,38 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+    """torch's FLOP formula for a convolution's backward, with the weight gradient of a grouped (depthwise)
+    convolution counted per group: torch.utils.flop_counter counts it as if the convolution were dense, `groups`
+    times too many (a 32-channel depthwise 3x3 on 64x64, batch 2: 160 M instead of 14 M for forward + backward)."""
+    from torch.utils.flop_counter import conv_backward_flop
+
+    on_shapes = getattr(conv_backward_flop, "__wrapped__", conv_backward_flop)  # torch's, before its shape wrapper
+    shapes = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    grad_input = on_shapes(*shapes, [output_mask[0], False, False], out_shape)
+    grad_weight = on_shapes(*shapes, [False, output_mask[1], False], out_shape)
+    return grad_input + grad_weight // groups
+
+
+def flop_formulas() -> dict:
+    """aten op -> FLOP formula (args, out_val=...): torch's, with the grouped convolution's backward corrected."""
+    from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+    return {**flop_registry, torch.ops.aten.convolution_backward: shape_wrapper(conv_backward_flops)}
+
+
 def flops_per_image(model, size, device, dtype) -> float:
-    """Training FLOPs (forward + backward) per image, counted by torch.utils.flop_counter."""
+    """Training FLOPs (forward + backward, multiply-adds counted as 2; convolutions and matrix products only, as
+    is usual) per image, deep-supervision heads included as in training."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.rand(2, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
     with counter, utils.autocast(device, dtype):
-        seg, cls = model(x)
-        (seg.float().mean() + (cls.float().mean() if cls is not None else 0)).backward()
+        seg, cls, aux = model(x, with_aux=True)
+        (seg.float().mean() + (cls.float().mean() if cls is not None else 0) + sum(a.float().mean() for a in aux)
+         ).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 2
 
@@ -135,12 +161,169 @@ def cpu_ceiling(project_gflops: float, naive_gflops: float, project_dtype: str) 
             "naive_fraction": naive_gflops / gemm["float32"], "speedup_bound": max(gemm.values()) / naive_gflops}
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Profile: where a training step's time goes, against what this CPU could do for each op
+# --------------------------------------------------------------------------------------------------------------
+ACTIVATIONS = ("hardtanh", "hardtanh_", "hardtanh_backward", "relu", "relu_", "threshold_backward", "clamp",
+               "clamp_", "clamp_min", "clamp_min_", "sigmoid", "sigmoid_backward")
+NORMS = ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+         "native_batch_norm_backward", "batch_norm_backward", "_batch_norm_with_update")
+MOVES = ("cat", "constant_pad_nd", "copy_", "_to_copy", "fill_", "zero_", "slice_backward", "new_zeros", "zeros_like",
+         "clone", "contiguous", "_foreach_copy_", "where")
+
+
+def op_category(name: str, args, phase: str, part: str) -> str:
+    """The profile's row for one aten op: by training phase, then by op type (convolutions by kernel shape)."""
+    if phase != "forward" and phase != "backward":
+        return phase  # augmentation, loss, optimizer
+    if name in ("convolution", "convolution_backward"):
+        weight = args[2] if name == "convolution_backward" else args[1]
+        transposed = args[7] if name == "convolution_backward" else args[6]
+        groups = args[9] if name == "convolution_backward" else args[8]
+        kind = ("transposed conv" if transposed else "depthwise conv" if groups > 1
+                else "1x1 conv" if weight.shape[-1] == 1 else "3x3 conv")
+        return f"{kind} ({part})"
+    if name in NORMS:
+        return "BatchNorm"
+    if name in ACTIVATIONS:
+        return "activations"
+    if name in MOVES:
+        return "copies, concat, padding"
+    return "other"
+
+
+class StepProfile(TorchDispatchMode):
+    """Every aten op of the steps run under it: its wall time (CPU ops run synchronously), its FLOPs (the
+    corrected formulas) and the bytes of its tensor inputs and outputs (a view moves none), under the `phase`
+    and model `part` that the caller and the module hooks set."""
+
+    def __init__(self):
+        super().__init__()
+        self.formulas, self.records = flop_formulas(), []
+        self.phase, self.part = "other", "encoder"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        t0 = time.perf_counter()
+        out = func(*args, **kwargs)
+        seconds = time.perf_counter() - t0
+        formula = self.formulas.get(func.overloadpacket)
+        flops = formula(*args, **kwargs, out_val=out) if formula else 0
+        tensors = [t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        moved = 0 if func.is_view else sum(t.numel() * t.element_size() for t in tensors)
+        name = func.overloadpacket.__name__
+        self.records.append((op_category(name, args, self.phase, self.part), self.phase, self.part, seconds, flops,
+                             moved))
+        return out
+
+
+def cpu_bandwidth_gbs(reps: int = 5) -> float:
+    """The best streaming rate of an elementwise op (c = a + b: read 2, write 1) over working sets from 1 to 64 MB:
+    what a memory-bound op (BatchNorm, activations, copies) can reach here, caches included."""
+    best = 0.0
+    for n in (2**18, 2**21, 2**24):  # floats per tensor: 1, 8, 64 MB
+        a, b = torch.rand(n), torch.rand(n)
+        c = a + b
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.add(a, b, out=c)
+        best = max(best, 3 * 4 * n * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def profile_step(args, device, cache, steps: int = 3) -> dict:
+    """Run `steps` training steps of the project's pipeline piece by piece (augmentation, forward, loss, backward,
+    optimizer: the parts of training.TrainStep) under StepProfile; returns the share of time per row, forward vs
+    backward, the decoder's share, and a roofline: each op's least time on this CPU, max(FLOPs / GEMM ceiling,
+    bytes / streaming bandwidth), summed, against the time it took."""
+    from augment import augment_batch
+
+    dtype = utils.amp_dtype(device, not args.no_amp)
+    torch.manual_seed(args.seed)
+    model = make_model(args).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, 1e-3, 1e-2, device)
+    loss_fn = BCEDiceLoss(dice_per_image=args.dice_per_image)
+    images, masks, labels = (cache[k][:args.batch_size].to(device) for k in ("images", "masks", "labels"))
+    cfg, gen = AugmentConfig(), torch.Generator().manual_seed(args.seed)
+    prof = StepProfile()
+    # modules that return one tensor (a backward hook needs that): LiteUNet's encoder stages, UNet's stem and downs
+    encoder = ([model.encoder.stem, *model.encoder.stages, model.encoder.head] if hasattr(model, "encoder")
+               else [model.stem, *model.downs])
+    parts = [("encoder", m) for m in encoder] + [("decoder", up) for up in model.ups] + \
+        [("heads", m) for m in (model.head, model.classifier, *(model.aux_heads or [])) if m is not None]
+    hooks = []
+    for name, module in parts:
+        hooks.append(module.register_forward_pre_hook(lambda *_, n=name: setattr(prof, "part", n)))
+        hooks.append(module.register_full_backward_pre_hook(lambda *_, n=name: setattr(prof, "part", n)))
+
+    def step(profiled: bool):
+        with prof if profiled else contextlib.nullcontext():
+            prof.phase = "augmentation"
+            x, y = augment_batch(images, masks, cfg, gen)
+            x = x.contiguous(memory_format=torch.channels_last)
+            prof.phase = "forward"
+            with utils.autocast(device, dtype):
+                outputs = model(x, with_aux=args.deep_supervision > 0)
+            prof.phase = "loss"
+            loss = total_loss(loss_fn, outputs, y, labels, 0.2, args.deep_supervision)
+            prof.phase, prof.part = "backward", "heads"
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            prof.phase = "optimizer"
+            optimizer.step()
+
+    step(False)  # warm-up: oneDNN primitives, allocator
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(True)
+    wall = time.perf_counter() - t0
+    for hook in hooks:
+        hook.remove()
+    gemm = max(cpu_gemm_gflops(torch.float32), cpu_gemm_gflops(torch.bfloat16) if utils.cpu_has_native_bf16()
+               else 0.0) * 1e9
+    bandwidth = cpu_bandwidth_gbs() * 1e9
+    total = sum(r[3] for r in prof.records)
+    rows: dict[str, list[float]] = {}
+    for category, phase, part, seconds, flops, moved in prof.records:
+        row = rows.setdefault(category, [0.0, 0.0, 0.0])
+        row[0] += seconds
+        row[1] += max(flops / gemm, moved / bandwidth)  # the op's least time here
+        row[2] += flops
+
+    def share(test) -> float:
+        return sum(r[3] for r in prof.records if test(r)) / total
+
+    bound = sum(r[1] for r in rows.values())
+    return {"steps": steps, "seconds_per_step": total / steps, "wall_per_step_with_profiler": wall / steps,
+            "gemm_gflops": gemm / 1e9, "bandwidth_gbs": bandwidth / 1e9, "roofline_fraction": bound / total,
+            "rows": {k: {"share": v[0] / total, "roofline_fraction": v[1] / v[0] if v[0] else None,
+                         "gflop_per_image": v[2] / steps / args.batch_size / 1e9}
+                     for k, v in sorted(rows.items(), key=lambda kv: -kv[1][0])},
+            "forward_share": share(lambda r: r[1] == "forward"), "backward_share": share(lambda r: r[1] == "backward"),
+            "decoder_share": share(lambda r: r[2] == "decoder" and r[1] in ("forward", "backward")),
+            "train_gflop_per_image": sum(r[4] for r in prof.records) / steps / args.batch_size / 1e9}
+
+
+def print_profile(profile: dict) -> None:
+    print(f"\nprofile of the training step ({profile['steps']} steps, {profile['seconds_per_step']:.2f} s of ops per "
+          f"step): forward {profile['forward_share']:.0%}, backward {profile['backward_share']:.0%}, decoder (fwd + "
+          f"bwd) {profile['decoder_share']:.0%}")
+    print(f"{'':<34}{'share':>8}{'of its roofline':>17}{'GFLOP/img':>11}")
+    for name, row in profile["rows"].items():
+        roof = "" if row["roofline_fraction"] is None else f"{row['roofline_fraction']:.0%}"
+        print(f"{name:<34}{row['share']:>8.1%}{roof:>17}{row['gflop_per_image']:>11.3f}")
+    print(f"roofline: each op's least time on this CPU, max(FLOPs / {profile['gemm_gflops']:.0f} GFLOP/s GEMM "
+          f"ceiling, bytes / {profile['bandwidth_gbs']:.0f} GB/s streaming), summed = "
+          f"{profile['roofline_fraction']:.0%} of the time the ops took")
+
+
 def make_model(args) -> torch.nn.Module:
     """The benchmarked model, with a class head and (when weighted) deep-supervision heads, as in training."""
     heads = {"num_classes": 3, "deep_supervision": args.deep_supervision > 0}
     if args.encoder == "none":
         return UNet(1, 1, args.base_channels, args.depth, **heads)
-    return LiteUNet(args.encoder, pretrained=False, **heads)  # speed does not depend on the starting weights
+    return LiteUNet(args.encoder, pretrained=False, **heads,  # speed does not depend on the starting weights
+                    decoder_channels=unet.LITE_DECODER[:5 if args.full_res_decoder else 4])
 
 
 def bench_project(args, device, cache, n_train):
@@ -257,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="lite0", choices=("none", "lite0", "lite1", "lite2"),
                    help="none: UNet (--base-channels, --depth); liteN: LiteUNet on an EfficientNet-LiteN encoder")
     p.add_argument("--image-size", type=int, default=192)
+    p.add_argument("--full-res-decoder", action=argparse.BooleanOptionalAction, default=True,
+                   help="LiteUNet: a last decoder stage at full resolution")
     p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)
     # the loss as train_unet_busi.py's defaults set it when the README's figures were measured
@@ -272,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true", help="project pipeline in fp32 too")
     p.add_argument("--compile", action="store_true", help="torch.compile the project model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the project's step: time per op type, forward/backward, decoder, roofline")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     return p
 
@@ -339,14 +526,24 @@ def main(argv=None) -> int:
     project = bench_project(args, device, cache, len(samples))
     naive = bench_naive(args, device, data_dir, samples)
     gflops, achieved, peak, ceiling = print_table(project, naive, device)
+    profile = None
+    if args.profile:
+        profile = profile_step(args, device, cache)
+        print_profile(profile)
     speedup = project["train_img_s"] / naive["train_img_s"]
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args),
               "project": project, "naive": naive, "train_gflop_per_image": gflops, "achieved_tflops": achieved,
               "bf16_peak_tflops": peak, "fraction_of_peak": achieved / peak if peak else None, "cpu_ceiling": ceiling,
-              "speedup_vs_naive": speedup}
+              "speedup_vs_naive": speedup, "profile": profile}
     if args.json:
         utils.atomic_write(args.json, (json.dumps(result, indent=2, default=str) + "\n").encode())
+    fractions = [f for f in ((ceiling or {}).get("project_fraction"), (profile or {}).get("roofline_fraction"))
+                 if f is not None]
+    if any(f > 1 for f in fractions):  # a ceiling that is passed is not a ceiling: the count or the ceiling is wrong
+        print(f"error: a measured fraction of this CPU's ceiling is above 100 % ({max(fractions):.0%}): the FLOP or "
+              f"byte count, or the measured ceiling, is wrong", file=sys.stderr)
+        return 1
     print(f"speedup_vs_naive: {speedup:.2f}")
     return 0 if math.isfinite(speedup) else 1
 

@@ -45,6 +45,7 @@ class Hyperparameters:
                                         # encoder, of 2**depth without
     input_norm: Literal["fixed", "per_image"] = "fixed"  # fixed: Lite's ImageNet scaling ([0, 1] for UNet);
                                         # per_image: each image to zero mean, unit std (blind to gain/contrast)
+    full_res_decoder: bool = True       # LiteUNet: a last decoder stage at full resolution (else half-size logits, upsampled)
     base_channels: PositiveInt = 16     # width of the first U-Net stage; doubles at every level (UNet only)
     depth: PositiveInt = 4              # number of down-sampling steps (UNet only)
     # optimisation
@@ -95,7 +96,7 @@ class Settings:
 
 HYPERPARAMETERS = [f.name for f in dataclasses.fields(Hyperparameters)]
 # what --resume may not change: the weights and the decoded data were made for these
-FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "base_channels", "depth")
+FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "full_res_decoder", "base_channels", "depth")
 
 # The bundled sample (data/busi_sample, 30 images) is far too small for the recipe above: a new run on it uses
 # these values instead (flags given still win), so that a first run learns visibly in about 2 CPU minutes.
@@ -256,7 +257,8 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
              "input_norm": args.input_norm}
     if args.encoder == "none":
         return UNet(1, 1, args.base_channels, args.depth, **heads)
-    return LiteUNet(args.encoder, pretrained=args.pretrained, **heads)
+    return LiteUNet(args.encoder, pretrained=args.pretrained, **heads,
+                    decoder_channels=unet.LITE_DECODER[:5 if args.full_res_decoder else 4])
 
 
 def print_next_steps(run_dir: Path, data_dir: Path) -> None:
@@ -273,14 +275,16 @@ def print_next_steps(run_dir: Path, data_dir: Path) -> None:
               f"  {DEFAULT_RECIPE_TIME}")
 
 
-def epoch_line(row: dict, improved: bool, bad: int, epochs: int) -> str:
-    """The log line of a finished epoch (* marks a new best.pt)."""
+def epoch_line(row: dict, improved: bool, bad: int, epochs: int, best_before: float) -> str:
+    """The log line of a finished epoch (* marks a new best.pt, with the reason when its score is lower)."""
     head = f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f}"
     if bad:
         return f"{head} | validation outputs not finite: epoch not saved"
+    star = " *" if improved else "  "
+    why = " (best: the first epoch to find a validation lesion)" if improved and row["val_score"] < best_before else ""
     return (f"{head} | val Dice {row['val_lesion_dice']:.4f} | val IoU {row['val_lesion_iou']:.4f} | val score "
-            f"{row['val_score']:.4f}{' *' if improved else '  '} | lr {row['lr']:.2e} | {row['seconds']:.1f} s | "
-            f"{row['train_img_per_s']:.0f} img/s")
+            f"{row['val_score']:.4f}{star} | lr {row['lr']:.2e} | {row['seconds']:.1f} s | "
+            f"{row['train_img_per_s']:.0f} img/s{why}")
 
 
 def save_epoch(trainer: training.Trainer, config: dict, run_dir: Path, improved: bool) -> int:
@@ -347,9 +351,10 @@ def run(args) -> int:
                 return 130
             val_summary, val_loss = training.validate(model, val, trainer.seg_loss, args, device,
                                                       utils.inference_dtype(device, args.amp))
+            best_before = trainer.best_score
             row, improved = trainer.end_epoch(*done, val_summary, val_loss, time.perf_counter() - t0)
             if trainer.bad_epochs or improved or (epoch + 1) % log_every == 0 or epoch + 1 == args.epochs:
-                print(epoch_line(row, improved, trainer.bad_epochs, args.epochs), flush=True,
+                print(epoch_line(row, improved, trainer.bad_epochs, args.epochs, round(best_before, 5)), flush=True,
                       file=sys.stderr if trainer.bad_epochs else sys.stdout)
             saved = save_epoch(trainer, config, run_dir, improved)
             if args.stop_after is not None and epoch + 1 - (state or {}).get("epoch", 0) >= args.stop_after \
@@ -378,7 +383,7 @@ def main(argv=None) -> int:
     args.claimed = None  # the folder this invocation claims for a new run or an evaluation
     try:
         return run(args)
-    except (dataset.DataError, checkpoints.CheckpointError, ValueError, FloatingPointError) as exc:
+    except (dataset.DataError, checkpoints.CheckpointError, ValueError, FloatingPointError, ImportError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # full disk, read-only output dir, ...

