@@ -1,14 +1,18 @@
 """Batched inference, shared by evaluation, predict_busi.py and the GUI: uint8 images in, probability maps at
-each image's own size and class probabilities out."""
+each image's own size and class probabilities out; and `Predictor`, the same for one scan from Python."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import dataset
+import metrics
 from augment import to_unit_float
 from utils import autocast
 
@@ -71,3 +75,50 @@ def predict_images(model, images: list[np.ndarray], image_size: int, device: tor
             prob = probs_to_original(probs[j], h, w).cpu()
             yield prob, (None if cls is None else cls[j].float().cpu())
             i += 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Python API: a loaded model that predicts scans
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """One scan's prediction, at the scan's own size as displayed."""
+
+    probability: np.ndarray  # float32 HxW: lesion probability of each pixel
+    mask: np.ndarray  # bool HxW: probability above the threshold
+    class_probabilities: dict[str, float] | None  # benign / malignant / normal (class head), None without one
+
+    @property
+    def malignancy_probability(self) -> float | None:
+        """P(malignant) / (P(benign) + P(malignant)): the class head's malignant-vs-benign score."""
+        if self.class_probabilities is None:
+            return None
+        return float(metrics.malignancy_probability(torch.tensor([self.class_probabilities[c]
+                                                                  for c in dataset.CLASSES])))
+
+
+class Predictor:
+    """A trained model ready to predict, for notebooks and scripts (research use only):
+
+        from inference import Predictor
+        predictor = Predictor()                     # the shipped model on the CPU (or Predictor("run/best.pt"))
+        result = predictor("scan.png")              # a file, or a grey uint8 HxW array
+        result.mask, result.probability, result.malignancy_probability
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, device: str = "cpu",
+                 threshold: float | None = None, tta: bool = False):
+        self.device = torch.device(device)
+        self.model, state = checkpoints.load_model(checkpoint or checkpoints.DEFAULT_CHECKPOINT, self.device)
+        config = state.get("config") or {}
+        self.image_size = int(config.get("image_size", 256))
+        self.threshold = float(threshold if threshold is not None else config.get("threshold", 0.5))
+        self.tta = tta
+
+    def __call__(self, image: str | os.PathLike | np.ndarray) -> Prediction:
+        if not isinstance(image, np.ndarray):
+            image = dataset.load_image(Path(image))
+        prob, cls = next(predict_images(self.model, [image], self.image_size, self.device, tta=self.tta))
+        prob = prob.numpy()
+        classes = None if cls is None else dict(zip(dataset.CLASSES, map(float, cls.tolist())))
+        return Prediction(prob, prob > self.threshold, classes)
