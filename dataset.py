@@ -114,6 +114,10 @@ def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
                 images[stem] = Sample(image=f"{label}/{entry}", label=label)
         if not images:
             raise DataError(f"class folder has no images: {folder}")
+        for stem, sample in images.items():  # predict_busi.py's outputs copied in: never a scan, never a label
+            if stem.endswith(("_pred", "_overlay")) and stem.rsplit("_", 1)[0] in images:
+                raise DataError(f"a prediction in a data folder: {root / sample.image} (predict_busi.py's output for "
+                                f"{stem.rsplit('_', 1)[0]}, not a scan and not a label): move predictions out of it")
         for stem, name in masks:
             if stem not in images:
                 if stem in other_types:

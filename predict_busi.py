@@ -9,11 +9,11 @@
 is expanded by the shell); all are predicted, a file reached twice once, and a spec that matches nothing is an
 error that names it.
 
-For every input <stem>.<ext> the output folder receives <stem>_mask.png (8-bit, 0 = background, 255 = lesion,
+For every input <stem>.<ext> the output folder receives <stem>_pred.png (8-bit, 0 = background, 255 = lesion,
 the input's own width and height as displayed), <stem>_overlay.png (the scan with the predicted outline drawn on
 it), and one predictions.csv for the whole run, listing exactly the mask and overlay files written. When several
-inputs share a stem (ignoring case), each keeps its extension: a.png -> a.png_mask.png, a.jpg -> a.jpg_mask.png;
-the same name from two folders of a glob gets _2, _3, ... (a.png_2_mask.png). Files named X_mask.png or
+inputs share a stem (ignoring case), each keeps its extension: a.png -> a.png_pred.png, a.jpg -> a.jpg_pred.png;
+the same name from two folders of a glob gets _2, _3, ... (a.png_2_pred.png). Files named X_mask.png or
 X_mask_N.png (ground truth in the BUSI layout, dataset.MASK_RE), hidden files and non-image files in an input
 folder are skipped. A file that cannot be read is reported on stderr and skipped; the exit code is then 1 (0 when
 every file was written, 2 when nothing could start: bad checkpoint, no inputs, a refused output folder; 2 also
@@ -58,7 +58,9 @@ CSV_NAME = "predictions.csv"
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
               "malignancy_probability", "predicted_class", "mask", "overlay")
-MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
+# _pred, never _mask: a prediction copied beside its scan must not pass for ground truth (dataset.MASK_RE)
+MASK_SUFFIX, OVERLAY_SUFFIX = "_pred.png", "_overlay.png"
+OLD_MASK_SUFFIX = "_mask.png"  # what versions before _pred named their masks
 OUTLINE_RGB = (255, 64, 0)  # orange-red: stands out on grey ultrasound and is told apart from cyan ground truth
 # A chunk of inputs is decoded, predicted and written together. Besides --batch-size, a chunk stops growing at
 # this many original pixels (~ 64 MB of grey uint8) so that a folder of huge scans never sits in memory at once.
@@ -78,7 +80,7 @@ def _is_candidate(path: Path) -> bool:
 def find_inputs(spec: str, output_dir: Path | None = None) -> list[Path]:
     """Expand --input: one file (taken as given), a folder (its images, not recursive) or a glob pattern.
 
-    Overlays written by an earlier run into the same folder are not taken as new scans.
+    Overlays and masks written by an earlier run into the same folder are not taken as new scans.
     """
     path = Path(spec)
     if path.is_file():
@@ -89,7 +91,8 @@ def find_inputs(spec: str, output_dir: Path | None = None) -> list[Path]:
         candidates = [Path(p) for p in glob.glob(spec) if _is_candidate(Path(p))]
     if output_dir is not None:
         out = output_dir.resolve()
-        candidates = [p for p in candidates if not (p.stem.endswith("_overlay") and p.parent.resolve() == out)]
+        candidates = [p for p in candidates
+                      if not (p.stem.endswith(("_overlay", "_pred")) and p.parent.resolve() == out)]
     return sorted(candidates, key=dataset.natural_key)
 
 
@@ -112,7 +115,7 @@ def gather_inputs(specs: list[str], output_dir: Path | None = None) -> list[Path
 
 
 def output_stems(paths: list[Path]) -> list[str]:
-    """One output stem per input, unique ignoring case (A_mask.png and a_mask.png are one file on macOS and
+    """One output stem per input, unique ignoring case (A_pred.png and a_pred.png are one file on macOS and
     Windows): the input's stem; its whole name when other inputs share the stem (a.png -> a.png, a.jpg -> a.jpg);
     then _2, _3, ... for the same name twice (a glob over several folders)."""
     shared = Counter(p.stem.casefold() for p in paths)
@@ -151,7 +154,8 @@ class NonFiniteOutput(Exception):
 def earlier_outputs(table: Path) -> set[str]:
     """The files an earlier run listed in `table` (its predictions.csv), as they appear in a CSV.
 
-    A table of an older version (no mask/overlay columns) lists <stem>_mask.png and <stem>_overlay.png.
+    A table of an older version (no mask/overlay columns) lists <stem>_mask.png and <stem>_overlay.png; newer
+    ones name their files (<stem>_mask.png, then <stem>_pred.png) in the mask and overlay columns.
     Raises RefusedOutput for a file of that name that is not such a table: it is someone else's.
     """
     try:
@@ -163,7 +167,7 @@ def earlier_outputs(table: Path) -> set[str]:
             listed = set()
             for row in reader:
                 stem = Path(row["file"] or "").stem
-                listed.update((row.get("mask") or stem + MASK_SUFFIX, row.get("overlay") or stem + OVERLAY_SUFFIX))
+                listed.update((row.get("mask") or stem + OLD_MASK_SUFFIX, row.get("overlay") or stem + OVERLAY_SUFFIX))
             return listed
     except (OSError, ValueError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
         raise RefusedOutput(f"{shown(table)} exists and is not a table written by predict_busi.py; it is never "
@@ -178,12 +182,17 @@ def check_output_folder(out_dir: Path, stems: list[str], overwrite: bool) -> set
     if not out_dir.is_dir():
         return set()
     table = out_dir / CSV_NAME
+    has_table = os.path.lexists(table)
+    listed = earlier_outputs(table) if has_table else set()
+    labels = sorted(p.name for p in out_dir.iterdir() if dataset.MASK_RE.match(p.stem) and
+                    p.suffix.lower() in dataset.IMAGE_EXTENSIONS and shown(p.name) not in listed)
+    if labels:  # a data folder (an older predict's X_mask.png, listed in its table, is not ground truth)
+        raise RefusedOutput(f"{shown(out_dir)} holds ground truth ({shown(labels[0])}): predictions are never written "
+                            f"beside labels, and a label is never overwritten; choose another --output")
     names = [n for stem in stems for n in output_names(stem)]
     existing = [n for n in names if os.path.lexists(out_dir / n)]
-    has_table = os.path.lexists(table)
     if not existing and not has_table:
         return set()
-    listed = earlier_outputs(table) if has_table else set()
     foreign = [n for n in existing if shown(n) not in listed]
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
@@ -419,10 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment breast-ultrasound lesions in new images with a trained BUSI U-Net. Research use "
                     "only: not a medical device, not for clinical decisions (the shipped model's card: "
                     "checkpoints/README.md). Writes "
-                    "<stem>_mask.png (0/255, the input's displayed size), <stem>_overlay.png (predicted outline on "
+                    "<stem>_pred.png (0/255, the input's displayed size), <stem>_overlay.png (predicted outline on "
                     "the scan) and predictions.csv (lesion size, max probability, malignancy probability, and the "
                     "mask and overlay file names: exactly the files written) into --output. Inputs that share a "
-                    "stem keep their extension (a.png -> a.png_mask.png, a.jpg -> a.jpg_mask.png); the same name "
+                    "stem keep their extension (a.png -> a.png_pred.png, a.jpg -> a.jpg_pred.png); the same name "
                     "from two folders gets _2, _3, ... Every file is written under a temp name and renamed into "
                     "place. Ctrl-C / SIGTERM: the images in flight are finished, predictions.csv lists exactly the "
                     "files written, exit code 130.",

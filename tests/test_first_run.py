@@ -92,4 +92,4 @@ def test_the_printed_predict_command_works(first_run, tmp_path):
     done = subprocess.run([sys.executable, *map(str, argv), "--quiet"], cwd=clone, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    assert len(list((tmp_path / "preds").glob("*_mask.png"))) == 2
+    assert len(list((tmp_path / "preds").glob("*_pred.png"))) == 2

@@ -117,7 +117,7 @@ def test_odd_inputs_with_a_corrupt_file_via_the_command_line(tmp_path, checkpoin
     assert sorted(r["file"] for r in rows) == sorted(sizes)  # good files only: no broken, mask, hidden or txt
     for row in rows:
         stem = row["file"].rsplit(".", 1)[0]
-        mask = Image.open(out / f"{stem}_mask.png")
+        mask = Image.open(out / f"{stem}_pred.png")
         assert mask.mode == "L" and mask.size == sizes[row["file"]]
         values = np.unique(np.asarray(mask))
         assert set(values.tolist()) <= {0, 255}
@@ -129,8 +129,8 @@ def test_odd_inputs_with_a_corrupt_file_via_the_command_line(tmp_path, checkpoin
         assert float(row["lesion_fraction"]) == pytest.approx(lesion / (w * h), abs=1e-6)
         assert 0 <= float(row["max_probability"]) <= 1
         assert 0 <= float(row["malignancy_probability"]) <= 1 and row["predicted_class"] in dataset.CLASSES
-    assert not (out / "broken_mask.png").exists() and not (out / "tiny_mask_mask.png").exists()
-    assert not (out / ".hidden_mask.png").exists()
+    assert not (out / "broken_pred.png").exists() and not (out / "tiny_mask_pred.png").exists()
+    assert not (out / ".hidden_pred.png").exists()
 
 
 def test_masks_equal_an_independent_prediction_and_threshold_applies(tmp_path, checkpoint, capsys):
@@ -145,7 +145,7 @@ def test_masks_equal_an_independent_prediction_and_threshold_applies(tmp_path, c
         for name in ("alpha.png", "photo.jpg", "deep.png", "large.png"):
             image = dataset.load_image(inputs / name)
             prob, expected = independent_mask(model, image, threshold)
-            written = np.asarray(Image.open(out / f"{name.rsplit('.', 1)[0]}_mask.png")) == 255
+            written = np.asarray(Image.open(out / f"{name.rsplit('.', 1)[0]}_pred.png")) == 255
             # Equal up to float rounding: any disagreement must sit right at the threshold.
             differ = written != expected
             assert np.all(np.abs(prob[differ] - threshold) < 1e-4), name
@@ -173,7 +173,7 @@ def test_clean_run_exits_0_and_single_file_and_glob_inputs(tmp_path, checkpoint,
     out = tmp_path / "one"
     assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(inputs / "photo.jpg"),
                               "--output", str(out), "--quiet"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["photo_mask.png", "photo_overlay.png", "predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["photo_overlay.png", "photo_pred.png", "predictions.csv"]
     out = tmp_path / "glob"
     assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(inputs / "*.png"),
                               "--output", str(out), "--quiet"]) == 0
@@ -248,7 +248,7 @@ def test_bundled_sample_folder_skips_ground_truth(tmp_path, checkpoint, capsys):
     images = [p for p in folder.iterdir() if "_mask" not in p.name]
     assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(folder), "--output",
                               str(tmp_path), "--quiet"]) == 0
-    assert len(list(tmp_path.glob("*_mask.png"))) == len(images) == len(read_csv(tmp_path / "predictions.csv"))
+    assert len(list(tmp_path.glob("*_pred.png"))) == len(images) == len(read_csv(tmp_path / "predictions.csv"))
 
 
 SHIPPED = checkpoints.DEFAULT_CHECKPOINT
@@ -269,7 +269,7 @@ def test_shipped_model_on_real_scans(tmp_path, capsys):
     assert len(rows) == 10
     for row in rows:
         w, h = Image.open(REAL_DATA / "malignant" / row["file"]).size
-        assert Image.open(tmp_path / row["file"].replace(".png", "_mask.png")).size == (w, h)
+        assert Image.open(tmp_path / row["file"].replace(".png", "_pred.png")).size == (w, h)
 
 
 def test_predict_says_research_use_only_and_points_to_the_model_card(tmp_path, capsys):

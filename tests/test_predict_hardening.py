@@ -25,6 +25,7 @@ from PIL import Image
 from test_predict import checkpoint, keep_torch_threads, read_csv, scan  # noqa: F401 - fixtures shared
 
 import checkpoints
+import dataset
 import predict_busi
 
 
@@ -81,7 +82,7 @@ def test_output_into_a_busi_folder_never_overwrites_its_ground_truth(tmp_path, c
     scans = snapshot(plain)
     assert cli(checkpoint, "--input", plain, "--output", plain).returncode == 0
     assert {n: (plain / n).read_bytes() for n in scans} == scans
-    assert sorted(p.name for p in plain.iterdir()) == ["predictions.csv", "x.png", "x_mask.png", "x_overlay.png"]
+    assert sorted(p.name for p in plain.iterdir()) == ["predictions.csv", "x.png", "x_overlay.png", "x_pred.png"]
 
 
 def test_a_file_predict_did_not_write_is_never_overwritten(tmp_path, checkpoint, capsys):
@@ -133,7 +134,7 @@ def test_inputs_with_the_same_stem_get_their_own_outputs(tmp_path, checkpoint, c
     rows = {r["file"]: r for r in read_csv(out / "predictions.csv")}
     # the documented rule: a stem shared by several inputs keeps each one's extension
     assert {f: r["mask"] for f, r in rows.items()} == {
-        "a.png": "a.png_mask.png", "a.jpg": "a.jpg_mask.png", "a_2.png": "a_2_mask.png"}
+        "a.png": "a.png_pred.png", "a.jpg": "a.jpg_pred.png", "a_2.png": "a_2_pred.png"}
     for name, row in rows.items():
         assert (int(row["width"]), int(row["height"])) == sizes[d1 / name]
     check_outputs_match_the_csv(out, list(rows.values()))
@@ -169,7 +170,7 @@ def test_rerun_needs_overwrite_and_then_lists_exactly_its_own_files(tmp_path, ch
     assert predict_busi.main([*args, "--input", str(first_in)]) == 0
     first = snapshot(out)
 
-    # refused before any work: predictions.csv and a_mask.png are an earlier run's
+    # refused before any work: predictions.csv and a_pred.png are an earlier run's
     assert predict_busi.main([*args, "--input", str(second_in)]) == 2
     assert "--overwrite" in one_error_line(capsys.readouterr().err)
     assert snapshot(out) == first
@@ -181,10 +182,10 @@ def test_rerun_needs_overwrite_and_then_lists_exactly_its_own_files(tmp_path, ch
     assert predict_busi.main([*args, "--input", str(second_in), "--overwrite"]) == 0
     rows = read_csv(out / "predictions.csv")
     assert sorted(r["file"] for r in rows) == ["a.png", "c.png"]  # exactly this run's outputs
-    assert Image.open(out / "a_mask.png").size == (40, 26)  # replaced by this run's prediction
+    assert Image.open(out / "a_pred.png").size == (40, 26)  # replaced by this run's prediction
     now = snapshot(out)
-    assert now["b_mask.png"] == first["b_mask.png"] and now["b_overlay.png"] == first["b_overlay.png"]
-    assert set(now) == set(first) | {"c_mask.png", "c_overlay.png"}  # nothing else, no temp file
+    assert now["b_pred.png"] == first["b_pred.png"] and now["b_overlay.png"] == first["b_overlay.png"]
+    assert set(now) == set(first) | {"c_pred.png", "c_overlay.png"}  # nothing else, no temp file
     for row in rows:
         assert (out / row["mask"]).is_file() and (out / row["overlay"]).is_file()
 
@@ -203,7 +204,7 @@ def test_a_signal_mid_run_leaves_complete_files_listed_exactly(tmp_path, checkpo
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
-        while not any(out.glob("*_mask.png")):  # final names only (a temp file is hidden)
+        while not any(out.glob("*_pred.png")):  # final names only (a temp file is hidden)
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no mask appeared"
             time.sleep(0.002)
@@ -248,7 +249,7 @@ def test_a_file_name_that_is_not_utf8_is_predicted_and_listed_escaped(tmp_path, 
     rows = list(csv.DictReader(io.StringIO(text)))
     assert sorted(r["file"] for r in rows) == ["bad\\xff name.png", "good.png", "zz last.png"]
     on_disk = set(os.listdir(os.fsencode(out)))
-    assert {b"bad\xff name_mask.png", b"bad\xff name_overlay.png", b"zz last_mask.png"} <= on_disk
+    assert {b"bad\xff name_pred.png", b"bad\xff name_overlay.png", b"zz last_pred.png"} <= on_disk
     assert len(on_disk) == 2 * len(rows) + 1
 
 
@@ -294,7 +295,7 @@ def test_mask_of_an_exif_rotated_jpeg_has_the_displayed_size(tmp_path, checkpoin
                               str(out), "--quiet"]) == 0
     (row,) = read_csv(out / "predictions.csv")
     assert (int(row["width"]), int(row["height"])) == (24, 40)
-    assert Image.open(out / "rotated_mask.png").size == (24, 40)
+    assert Image.open(out / "rotated_pred.png").size == (24, 40)
     assert Image.open(out / "rotated_overlay.png").size == (24, 40)
 
 
@@ -322,7 +323,7 @@ def test_several_inputs_are_all_predicted_and_a_file_reached_twice_once(tmp_path
     proc = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert sorted(predicted(tmp_path / "shell")) == ["a.png", "b.png", "c.png"]
-    assert len(list((tmp_path / "shell").glob("*_mask.png"))) == 3
+    assert len(list((tmp_path / "shell").glob("*_pred.png"))) == 3
 
 
 def test_an_input_that_matches_nothing_is_named_and_nothing_is_written(tmp_path, checkpoint):
@@ -387,3 +388,36 @@ def test_a_full_disk_names_the_file_that_could_not_be_written(tmp_path, checkpoi
     names = [str(out / "predictions.csv")] if leave == 0 else [str(out / n) for n in predict_busi.output_names("noise")]
     assert any(name in line for name in names), line
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_predictions_copied_beside_their_scans_never_become_labels(fresh_busi_dir, tmp_path, checkpoint):
+    """Predicted masks are <stem>_pred.png: copied into a BUSI class folder they are named as predictions by the
+    loader, never read as the scan's ground truth (which <stem>_mask.png would have been)."""
+    root, facts = fresh_busi_dir
+    out = tmp_path / "preds"
+    assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(root / "benign" / "benign (3).png"),
+                              "--output", str(out), "--quiet"]) == 0
+    (pred,) = out.glob("*_pred.png")
+    assert pred.name == "benign (3)_pred.png" and dataset.MASK_RE.match(pred.stem) is None
+    shutil.copy(pred, root / "benign" / pred.name)
+    with pytest.raises(dataset.DataError, match=r"a prediction in a data folder: .*benign \(3\)_pred\.png"):
+        dataset.discover_samples(root)
+
+
+def test_an_earlier_runs_mask_named_outputs_are_still_its_own(tmp_path, checkpoint):
+    """A folder written before predictions were named _pred (its table lists <stem>_mask.png) is recognised
+    as predict's own: --overwrite replaces its table, and its old files stay untouched and are never read as
+    ground truth of the new run."""
+    save_scan(tmp_path / "in" / "a.png", 30, 20)
+    out = tmp_path / "out"
+    out.mkdir()
+    save_scan(out / "a_mask.png", 30, 20, seed=3)
+    save_scan(out / "a_overlay.png", 30, 20, seed=4)
+    (out / "predictions.csv").write_text(",".join(predict_busi.CSV_FIELDS) + "\n"
+                                         "a.png,30,20,5,0.008333,0.9,0.5,benign,a_mask.png,a_overlay.png\n")
+    old = (out / "a_mask.png").read_bytes()
+    args = ["--checkpoint", str(checkpoint), "--input", str(tmp_path / "in"), "--output", str(out), "--quiet"]
+    assert predict_busi.main(args) == 2  # an earlier run's folder: --overwrite asked for, not a ground-truth refusal
+    assert predict_busi.main([*args, "--overwrite"]) == 0
+    assert (out / "a_mask.png").read_bytes() == old and (out / "a_pred.png").is_file()
+    assert [r["mask"] for r in read_csv(out / "predictions.csv")] == ["a_pred.png"]
