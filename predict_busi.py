@@ -57,7 +57,9 @@ from inference import default_threads, predict_images
 CSV_NAME = "predictions.csv"
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
-              "malignancy_probability", "predicted_class", "mask", "overlay")
+              "malignancy_probability", "predicted_class", "mask", "overlay", "check")
+OLDEST_FIELDS = CSV_FIELDS[:8]  # the columns of the first predictions.csv: any table of ours starts with them
+DISAGREE = "class head says normal, mask is not empty"  # the `check` column: outputs that contradict each other
 # _pred, never _mask: a prediction copied beside its scan must not pass for ground truth (dataset.MASK_RE)
 MASK_SUFFIX, OVERLAY_SUFFIX = "_pred.png", "_overlay.png"
 OLD_MASK_SUFFIX = "_mask.png"  # what versions before _pred named their masks
@@ -162,7 +164,7 @@ def earlier_outputs(table: Path) -> set[str]:
         with open(table, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
-            if list(fields[:len(CSV_FIELDS) - 2]) != list(CSV_FIELDS[:-2]):
+            if list(fields[:len(OLDEST_FIELDS)]) != list(OLDEST_FIELDS):
                 raise ValueError
             listed = set()
             for row in reader:
@@ -255,7 +257,8 @@ class Result:
         return [shown(self.file), self.width, self.height, self.lesion_pixels, f"{fraction:.6f}",
                 f"{self.max_probability:.4f}",
                 "" if self.malignancy_probability is None else f"{self.malignancy_probability:.4f}",
-                self.predicted_class or "", shown(self.mask), shown(self.overlay)]
+                self.predicted_class or "", shown(self.mask), shown(self.overlay),
+                DISAGREE if self.predicted_class == "normal" and self.lesion_pixels else ""]
 
 
 def peek_size(path: Path) -> tuple[int, int]:
@@ -429,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "only: not a medical device, not for clinical decisions (the shipped model's card: "
                     "checkpoints/README.md). Writes "
                     "<stem>_pred.png (0/255, the input's displayed size), <stem>_overlay.png (predicted outline on "
-                    "the scan) and predictions.csv (lesion size, max probability, malignancy probability, and the "
+                    "the scan) and predictions.csv (lesion size, max probability, malignancy probability, a check column "
+                    "flagging a class head that says normal beside a non-empty mask, and the "
                     "mask and overlay file names: exactly the files written) into --output. Inputs that share a "
                     "stem keep their extension (a.png -> a.png_pred.png, a.jpg -> a.jpg_pred.png); the same name "
                     "from two folders gets _2, _3, ... Every file is written under a temp name and renamed into "

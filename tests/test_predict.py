@@ -307,3 +307,20 @@ def test_the_readme_python_api_runs_as_written(tmp_path, monkeypatch):
     (row,) = read_csv(tmp_path / "out" / "predictions.csv")
     assert int(row["lesion_pixels"]) == int(result.mask.sum())
     assert float(row["malignancy_probability"]) == pytest.approx(result.malignancy_probability, abs=1e-4)
+
+
+@pytest.mark.parametrize("normal, lesion, flagged", [(True, True, True), (True, False, False), (False, True, False)])
+def test_a_row_whose_class_says_normal_beside_a_lesion_mask_is_flagged(tmp_path, normal, lesion, flagged):
+    """The class head and the mask come from one model and can contradict each other; the CSV says so."""
+    state = checkpoints.load_checkpoint(save_tiny_checkpoint(tmp_path / "t.pt"))
+    weights = state["model"]
+    bias = next(k for k in weights if k.startswith("classifier") and k.endswith("bias"))
+    weights[bias] = torch.tensor([0.0, 0.0, 50.0 if normal else -50.0])  # benign, malignant, normal
+    weights["head.bias"] = torch.tensor([50.0 if lesion else -50.0])  # every pixel lesion, or none
+    checkpoints.save_checkpoint(state, tmp_path / "edited.pt")
+    Image.fromarray(scan(40, 30)).save(tmp_path / "s.png")
+    assert predict_busi.main(["--checkpoint", str(tmp_path / "edited.pt"), "--input", str(tmp_path / "s.png"),
+                              "--output", str(tmp_path / "out"), "--quiet", "--device", "cpu"]) == 0
+    (row,) = read_csv(tmp_path / "out" / "predictions.csv")
+    assert (row["predicted_class"] == "normal") == normal and (int(row["lesion_pixels"]) > 0) == lesion
+    assert row["check"] == (predict_busi.DISAGREE if flagged else "")
