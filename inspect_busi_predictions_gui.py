@@ -24,7 +24,7 @@ from tkinter import filedialog, messagebox, ttk
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_tkagg import FigureCanvasTkAgg
+from matplotlib.backends.backend_tkagg import FigureCanvasTkAgg, NavigationToolbar2Tk
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -173,6 +173,7 @@ class InspectorApp:
         self._shown: tuple[Item, np.ndarray, np.ndarray | None] | None = None  # what the panels show now
         self._generation = 0           # bumped per loaded model, so a running sort notices a model change
         self._contours: dict[str, object] = {}
+        self.filled = False            # masks drawn filled (translucent) instead of as outlines
 
         root.title(TITLE)
         root.geometry(WINDOW_SIZE)
@@ -205,6 +206,9 @@ class InspectorApp:
         ttk.Button(bar, text="Sort by name", command=self.sort_by_name).pack(side=tk.LEFT, padx=(4, 12))
         ttk.Button(bar, text="\u25c0 Prev", command=self.prev).pack(side=tk.LEFT)
         ttk.Button(bar, text="Next \u25b6", command=self.next).pack(side=tk.LEFT, padx=(4, 12))
+        self.filled_var = tk.BooleanVar(value=False)
+        ttk.Checkbutton(bar, text="Filled", variable=self.filled_var,
+                        command=lambda: self.set_filled(self.filled_var.get())).pack(side=tk.LEFT, padx=(0, 12))
         ttk.Label(bar, text="Threshold:").pack(side=tk.LEFT)
         self.threshold_var = tk.DoubleVar(value=self.threshold)
         self.scale = tk.Scale(bar, from_=0.01, to=0.99, resolution=0.01, orient=tk.HORIZONTAL, length=200,
@@ -233,6 +237,9 @@ class InspectorApp:
         scroll.pack(side=tk.RIGHT, fill=tk.Y)
         self.listbox.pack(side=tk.LEFT, fill=tk.BOTH, expand=True)
         self.listbox.bind("<<ListboxSelect>>", self._on_list_select)
+        self.path_var = tk.StringVar()  # the shown image's full path, under the list
+        ttk.Label(left, textvariable=self.path_var, wraplength=220, justify=tk.LEFT,
+                  font=("TkSmallCaptionFont",)).pack(side=tk.BOTTOM, anchor=tk.W, before=scroll)
         self.figure_frame = ttk.Frame(body)
         self.figure_frame.pack(side=tk.LEFT, fill=tk.BOTH, expand=True)
 
@@ -271,6 +278,10 @@ class InspectorApp:
                                              bbox_to_anchor=(0.5, -0.005), frameon=False, fontsize=11)
         self.suptitle = self.figure.suptitle("", fontsize=12, y=0.99, linespacing=1.5)
         self.canvas = FigureCanvasTkAgg(self.figure, master=self.figure_frame)
+        # Matplotlib's own toolbar: zoom and pan (a new image resets the view), home, save
+        self.toolbar = NavigationToolbar2Tk(self.canvas, self.figure_frame, pack_toolbar=False)
+        self.toolbar.update()
+        self.toolbar.pack(side=tk.BOTTOM, fill=tk.X)
         self.canvas.get_tk_widget().pack(fill=tk.BOTH, expand=True)
 
     # ------------------------------------------------------------------------------------------- readable state
@@ -374,6 +385,15 @@ class InspectorApp:
         if abs(self.threshold_var.get() - value) > 1e-9:
             self.threshold_var.set(value)
         if redraw and self._shown is not None:
+            self._update_prediction()
+            self.canvas.draw_idle()
+
+    def set_filled(self, filled: bool) -> None:
+        """Draw ground truth and prediction as translucent filled areas (True) or as outlines (False)."""
+        self.filled = bool(filled)
+        self.filled_var.set(self.filled)
+        if self._shown is not None:
+            self._set_contour("truth", self._shown[2], TRUTH_COLOUR)
             self._update_prediction()
             self.canvas.draw_idle()
 
@@ -584,6 +604,7 @@ class InspectorApp:
                 self.show_error(utils.printable(exc))
                 return
         self._shown = (item, image, truth)
+        self.path_var.set(utils.printable(item.path))
         if self.model is not None and item.key not in self.cache:
             self._predict([item], [(image, truth)])
         h, w = image.shape
@@ -592,6 +613,7 @@ class InspectorApp:
             im.set_visible(True)
             self._fit(im, ax, w, h)
         self.ax_image.set_title(f"Image ({w}\u00d7{h})", fontsize=11)
+        self.toolbar.update()  # a new image: zoom and pan start from its full view
         prediction = self.cache.get(item.key)
         prob = prediction.prob.astype(np.float32) if prediction is not None else np.zeros((h, w), np.float32)
         self.im_prob.set_data(prob)
@@ -643,8 +665,11 @@ class InspectorApp:
             return
         h, w = mask.shape
         padded = np.pad(mask, 1).astype(np.uint8)
-        self._contours[key] = self.ax_overlay.contour(np.arange(-1, w + 1), np.arange(-1, h + 1), padded,
-                                                      levels=[0.5], colors=colour, linewidths=1.6)
+        grid = (np.arange(-1, w + 1), np.arange(-1, h + 1), padded)
+        if self.filled:
+            self._contours[key] = self.ax_overlay.contourf(*grid, levels=[0.5, 1.5], colors=[colour], alpha=0.35)
+        else:
+            self._contours[key] = self.ax_overlay.contour(*grid, levels=[0.5], colors=colour, linewidths=1.6)
 
     @staticmethod
     def _fit(im, ax, w: int, h: int) -> None:
@@ -662,6 +687,7 @@ class InspectorApp:
         for key in list(self._contours):
             self._set_contour(key, None, "")
         self.dice = self.iou = None
+        self.path_var.set("")
         self.info_text = message
         self.suptitle.set_text(message)
         self.canvas.draw_idle()

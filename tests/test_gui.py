@@ -339,3 +339,28 @@ def test_a_data_bundle_or_other_file_as_data_dir_asks_for_the_image_folder(gui, 
         assert what in str(caught.value) and "not found" not in str(caught.value)
         items, note, error = gui.resolve_items(gui.build_parser().parse_args(["--data-dir", str(path)]))
         assert items == [] and what in error and str(path) in error
+
+
+def test_zoom_pan_toolbar_filled_masks_and_the_file_path(root, gui, checkpoint, errors):
+    items, note = gui.dataset_items(SAMPLE, "all")
+    app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
+    pump(root)
+    assert errors == []
+    modes = {b.cget("text") for b in app.toolbar.winfo_children() if isinstance(b, (tk.Button, tk.Checkbutton))}
+    assert {"Zoom", "Pan", "Home"} <= modes  # Matplotlib's navigation toolbar
+    assert app.path_var.get() == str(app.current.path)
+    app.toolbar.zoom()  # zoom mode on, then a zoomed view; the next image starts from its full view
+    app.ax_overlay.set_xlim(10, 20)
+    app.next()
+    pump(root)
+    h, w = app._shown[1].shape
+    assert app.ax_overlay.get_xlim() == (-0.5, w - 0.5) and app.path_var.get() == str(app.current.path)
+    while app._contours.get("truth") is None:  # an image with a lesion
+        app.next()
+        pump(root)
+    assert not app._contours["truth"].filled
+    app.set_filled(True)
+    pump(root)
+    assert app._contours["truth"].filled and app.filled_var.get() is True
+    app.set_filled(False)
+    assert not app._contours["truth"].filled
