@@ -7,7 +7,7 @@
 
 Every hyperparameter is a field below with its default and a comment: edit it here, or pass the --flag of the
 same name (`--help` lists them all, from these definitions). The run folder <output-dir>/<run-name>/ receives
-latest.pt (every epoch), best.pt (best validation score), history.csv, curves.png, and at the end metrics.json,
+latest.pt (at most once a minute, and at the end), best.pt (best validation score), history.csv, curves.png, and at the end metrics.json,
 test_predictions.csv and test_report.png from ONE evaluation of best.pt on the test split. The test split never
 chooses anything: the checkpoint is chosen on validation.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shlex
 import sys
 import time
@@ -275,35 +276,6 @@ def print_next_steps(run_dir: Path, data_dir: Path) -> None:
               f"  {DEFAULT_RECIPE_TIME}")
 
 
-def epoch_line(row: dict, improved: bool, bad: int, epochs: int, best_before: float) -> str:
-    """The log line of a finished epoch (* marks a new best.pt, with the reason when its score is lower)."""
-    head = f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f}"
-    if bad:
-        return f"{head} | validation outputs not finite: epoch not saved"
-    star = " *" if improved else "  "
-    why = " (best: the first epoch to find a validation lesion)" if improved and row["val_score"] < best_before else ""
-    return (f"{head} | val Dice {row['val_lesion_dice']:.4f} | val IoU {row['val_lesion_iou']:.4f} | val score "
-            f"{row['val_score']:.4f}{star} | lr {row['lr']:.2e} | {row['seconds']:.1f} s | "
-            f"{row['train_img_per_s']:.0f} img/s{why}")
-
-
-def save_epoch(trainer: training.Trainer, config: dict, run_dir: Path, improved: bool) -> int:
-    """best.pt (when improved), latest.pt and the history; returns the epoch latest.pt holds. An epoch whose
-    validation outputs were not finite saves no checkpoint; MAX_BAD_EPOCHS of them in a row end the run."""
-    if not trainer.bad_epochs:
-        state = trainer.state(config)
-        if improved:
-            checkpoints.save_checkpoint(state, run_dir / "best.pt")
-        checkpoints.save_checkpoint(state, run_dir / "latest.pt")
-    training.write_history(run_dir, trainer.history, trainer.best_epoch)
-    saved = trainer.epoch - trainer.bad_epochs
-    if trainer.bad_epochs >= training.MAX_BAD_EPOCHS:
-        kept = f"latest.pt holds epoch {saved}, best.pt epoch {trainer.best_epoch}" if saved else "nothing was saved"
-        raise FloatingPointError(f"training diverged: validation outputs were not finite for {trainer.bad_epochs} "
-                                 f"epochs in a row; stopping ({kept}). Try a lower --lr")
-    return saved
-
-
 def run(args) -> int:
     device = utils.pick_device(args.device)
     state, run_dir = open_run(args)
@@ -322,6 +294,8 @@ def run(args) -> int:
     print(f"model: {type(model).__name__}{model.config} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           f"parameters | device {device}, autocast: train {dtype}, eval {utils.inference_dtype(device, args.amp)} | "
           f"image {args.image_size}px", flush=True)
+    if device.type == "cpu":
+        print(utils.describe_cpu(), flush=True)
     if args.eval_only:
         report(model, parts[args.eval_split], run_dir, args.eval_split, args, device,
                {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"), "config": config,
@@ -340,6 +314,8 @@ def run(args) -> int:
             print(f"nothing to train: the run already has {trainer.epoch} of {args.epochs} epochs")
     resume_hint = f"Resume with: python train_unet_busi.py --resume {run_dir}"
     log_every = -(-10 // trainer.steps)  # one line per ~10 steps at least: short epochs share a line
+    latest = {"epoch": trainer.epoch, "time": -math.inf}  # what latest.pt holds, and since when
+    first = trainer.epoch
     with training.StopRequest() as stop:
         for epoch in range(trainer.epoch, args.epochs):
             t0 = time.perf_counter()
@@ -354,11 +330,14 @@ def run(args) -> int:
             best_before = trainer.best_score
             row, improved = trainer.end_epoch(*done, val_summary, val_loss, time.perf_counter() - t0)
             if trainer.bad_epochs or improved or (epoch + 1) % log_every == 0 or epoch + 1 == args.epochs:
-                print(epoch_line(row, improved, trainer.bad_epochs, args.epochs, round(best_before, 5)), flush=True,
+                print(training.epoch_line(row, improved, trainer.bad_epochs, args.epochs, round(best_before, 5),
+                                          args.epochs - epoch - 1 if epoch == first else 0), flush=True,
                       file=sys.stderr if trainer.bad_epochs else sys.stdout)
-            saved = save_epoch(trainer, config, run_dir, improved)
-            if args.stop_after is not None and epoch + 1 - (state or {}).get("epoch", 0) >= args.stop_after \
-                    and epoch + 1 < args.epochs:
+            pause = args.stop_after is not None and epoch + 1 - (state or {}).get("epoch", 0) >= args.stop_after \
+                and epoch + 1 < args.epochs
+            saved = training.save_epoch(trainer, config, run_dir, improved, latest,
+                               force=pause or stop.requested or epoch + 1 == args.epochs)
+            if pause:
                 print(f"stopping after {args.stop_after} epoch(s) as asked. {resume_hint}", flush=True)
                 return 0
             if stop.requested:

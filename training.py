@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import augment
+import checkpoints
 import evaluation
 import utils
 from augment import AugmentConfig
@@ -20,6 +21,9 @@ from losses import BCEDiceLoss, total_loss
 
 MAX_BAD_STEPS = 5  # stop after this many non-finite losses in a row (checked every 10 steps)
 MAX_BAD_EPOCHS = 3  # stop after this many epochs in a row whose validation loss or outputs are not finite
+# latest.pt (about 56 MB with the optimizer state) at most this often, and at the end, a pause or a stop: a run of
+# one-second epochs would otherwise write gigabytes. A killed run resumes from it and replays the epochs since.
+LATEST_EVERY_S = 60
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
@@ -331,3 +335,38 @@ def write_history(run_dir, history: list[dict], best_epoch: int | None = None) -
     for ax in (ax1, ax2):  # legends below the axes: they never cover a curve
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small", frameon=False)
     utils.save_figure(fig, run_dir / "curves.png")
+
+
+def epoch_line(row: dict, improved: bool, bad: int, epochs: int, best_before: float, left: int = 0) -> str:
+    """The log line of a finished epoch (* marks a new best.pt, with the reason when its score is lower); with
+    `left` epochs still to run, how long they will take at this epoch's pace."""
+    head = f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f}"
+    if bad:
+        return f"{head} | validation outputs not finite: epoch not saved"
+    star = " *" if improved else "  "
+    why = " (best: the first epoch to find a validation lesion)" if improved and row["val_score"] < best_before else ""
+    return (f"{head} | val Dice {row['val_lesion_dice']:.4f} | val IoU {row['val_lesion_iou']:.4f} | val score "
+            f"{row['val_score']:.4f}{star} | lr {row['lr']:.2e} | {row['seconds']:.1f} s | "
+            f"{row['train_img_per_s']:.0f} img/s{why}"
+            + (f" | about {row['seconds'] * left / 60:.0f} min for the {left} epochs left" if left else ""))
+
+
+def save_epoch(trainer: Trainer, config: dict, run_dir: Path, improved: bool, latest: dict,
+               force: bool) -> int:
+    """best.pt (when improved), latest.pt (when `force`d or LATEST_EVERY_S after the last one; `latest` keeps its
+    epoch and time) and the history; returns the epoch latest.pt holds. An epoch whose validation outputs were
+    not finite saves no checkpoint; MAX_BAD_EPOCHS of them in a row end the run."""
+    if not trainer.bad_epochs:
+        state = trainer.state(config)
+        if improved:
+            checkpoints.save_checkpoint(state, run_dir / "best.pt")
+        if force or time.monotonic() - latest["time"] >= LATEST_EVERY_S:
+            checkpoints.save_checkpoint(state, run_dir / "latest.pt")
+            latest.update(epoch=trainer.epoch, time=time.monotonic())
+    write_history(run_dir, trainer.history, trainer.best_epoch)
+    saved = latest["epoch"]
+    if trainer.bad_epochs >= MAX_BAD_EPOCHS:
+        kept = f"latest.pt holds epoch {saved}, best.pt epoch {trainer.best_epoch}" if saved else "nothing was saved"
+        raise FloatingPointError(f"training diverged: validation outputs were not finite for {trainer.bad_epochs} "
+                                 f"epochs in a row; stopping ({kept}). Try a lower --lr")
+    return saved

@@ -175,6 +175,13 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def describe_cpu() -> str:
+    """What sets a CPU run's pace: the vector units, and whether bf16 autocast has instructions behind it."""
+    bf16 = ("with bf16 instructions (bf16 autocast)" if cpu_has_native_bf16() else
+            "no bf16 instructions (fp32 training)")
+    return f"cpu: {torch.backends.cpu.get_cpu_capability()}, {bf16}"
+
+
 def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
     """The autocast dtype, or None for fp32.
 

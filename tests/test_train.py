@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -584,7 +585,27 @@ def test_the_log_says_why_a_lower_score_is_starred():
     every normal image): when its score is lower, the line says why it is starred."""
     row = {"epoch": 3, "train_loss": 1.0, "val_loss": 1.1, "val_lesion_dice": 0.2, "val_lesion_iou": 0.1,
            "val_score": 0.25, "lr": 1e-3, "seconds": 1.0, "train_img_per_s": 10.0}
-    assert "first epoch to find a validation lesion" in T.epoch_line(row, True, 0, 40, best_before=0.3333)
-    plain = T.epoch_line(row, True, 0, 40, best_before=0.2)
+    assert "first epoch to find a validation lesion" in training.epoch_line(row, True, 0, 40, best_before=0.3333)
+    plain = training.epoch_line(row, True, 0, 40, best_before=0.2)
     assert " *" in plain and "first epoch" not in plain
-    assert "first epoch" not in T.epoch_line(row, False, 0, 40, best_before=0.3333)
+    assert "first epoch" not in training.epoch_line(row, False, 0, 40, best_before=0.3333)
+
+
+def test_latest_pt_is_written_at_most_once_a_minute_and_at_the_end(busi_dir, tmp_path, monkeypatch, capsys):
+    """Six one-second epochs write latest.pt twice (the first epoch, and the last), not six times; best.pt still
+    follows every improvement. (A spy on the real save: every write goes through.)"""
+    written = []
+    real = checkpoints.save_checkpoint
+
+    def spy(state, path):
+        written.append((Path(path).name, state["epoch"]))
+        real(state, path)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", spy)
+    assert train(busi_dir[0], tmp_path, "--epochs", "6", "--run-name", "t") == 0
+    assert [e for name, e in written if name == "latest.pt"] == [1, 6]
+    best = [e for name, e in written if name == "best.pt"]
+    assert best and best[-1] == checkpoints.load_checkpoint(tmp_path / "t" / "best.pt")["epoch"]
+    assert checkpoints.load_checkpoint(tmp_path / "t" / "latest.pt")["epoch"] == 6
+    out = capsys.readouterr().out  # the CPU that sets the pace, and after the first epoch what the pace means
+    assert "cpu: " in out and "bf16 instructions" in out and "min for the 5 epochs left" in out
