@@ -348,7 +348,7 @@ def epoch_line(row: dict, improved: bool, bad: int, epochs: int, best_before: fl
     return (f"{head} | val Dice {row['val_lesion_dice']:.4f} | val IoU {row['val_lesion_iou']:.4f} | val score "
             f"{row['val_score']:.4f}{star} | lr {row['lr']:.2e} | {row['seconds']:.1f} s | "
             f"{row['train_img_per_s']:.0f} img/s{why}"
-            + (f" | about {row['seconds'] * left / 60:.0f} min for the {left} epochs left" if left else ""))
+            + (f" | about {utils.duration(row['seconds'] * left)} for the {left} epochs left" if left else ""))
 
 
 def save_epoch(trainer: Trainer, config: dict, run_dir: Path, improved: bool, latest: dict,

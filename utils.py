@@ -175,6 +175,12 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def duration(seconds: float) -> str:
+    """'45 s', '12 min' or '2.5 h'."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
+
+
 def describe_cpu() -> str:
     """What sets a CPU run's pace: the vector units, and whether bf16 autocast has instructions behind it."""
     bf16 = ("with bf16 instructions (bf16 autocast)" if cpu_has_native_bf16() else

@@ -608,4 +608,4 @@ def test_latest_pt_is_written_at_most_once_a_minute_and_at_the_end(busi_dir, tmp
     assert best and best[-1] == checkpoints.load_checkpoint(tmp_path / "t" / "best.pt")["epoch"]
     assert checkpoints.load_checkpoint(tmp_path / "t" / "latest.pt")["epoch"] == 6
     out = capsys.readouterr().out  # the CPU that sets the pace, and after the first epoch what the pace means
-    assert "cpu: " in out and "bf16 instructions" in out and "min for the 5 epochs left" in out
+    assert "cpu: " in out and "bf16 instructions" in out and "for the 5 epochs left" in out
