@@ -560,10 +560,19 @@ class InspectorApp:
     def _finish_sort(self) -> None:
         self.sorted_by_dice = True
         self.filter_class(self.class_filter)
-        scores = [d for d in (self._dice_of(i) for i in self.visible) if d is not None]
-        mean = f", mean Dice {np.mean(scores):.3f}" if scores else ""
         self.set_status(f"sorted {len(self.visible)} images by Dice at threshold {self.threshold:.2f}, worst "
-                        f"first{mean}")
+                        f"first{self._summary()}")
+
+    def _summary(self) -> str:
+        """The listed images' figures as the README reports them: lesion Dice (benign and malignant images),
+        and normal images with any predicted lesion pixel."""
+        lesion = [d for i in self.visible if self.items[i].label in ("benign", "malignant")
+                  for d in [self._dice_of(i)] if d is not None]
+        normal = [self.cache[self.items[i].key] for i in self.visible
+                  if self.items[i].label == "normal" and self.items[i].key in self.cache]
+        fp = sum(bool((p.prob > self.threshold).any()) for p in normal)
+        return ((f" | lesion Dice {np.mean(lesion):.3f} (n={len(lesion)})" if lesion else "")
+                + (f" | normal FP {fp} of {len(normal)}" if normal else ""))
 
     # ------------------------------------------------------------------------------------------------ the list
     def _refresh_list(self) -> None:

@@ -174,6 +174,12 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
     for entry, i in zip(entries, app.visible):
         assert entry.endswith(app.items[i].name)
         assert float(entry.split()[0]) == pytest.approx(expected[app.items[i].name], abs=5e-4)
+    # the summary as the README reports it: lesion Dice over benign + malignant, normal FP as a count
+    lesion = [expected[app.items[i].name] for i in app.visible if app.items[i].label != "normal"]
+    normals = [i for i in app.visible if app.items[i].label == "normal"]
+    fp = sum(bool((app.cache[app.items[i].key].prob > 0.55).any()) for i in normals)
+    assert f"lesion Dice {np.mean(lesion):.3f} (n={len(lesion)})" in app.status
+    assert f"normal FP {fp} of {len(normals)}" in app.status
 
     app.filter_class("normal")  # the sort order survives filtering
     normal = [app.items[i].name for i in app.visible]
