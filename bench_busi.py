@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="lite0", choices=("none", "lite0", "lite1", "lite2"),
                    help="none: UNet (--base-channels, --depth); liteN: LiteUNet on an EfficientNet-LiteN encoder")
     p.add_argument("--image-size", type=int, default=192)
-    p.add_argument("--full-res-decoder", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--full-res-decoder", action=argparse.BooleanOptionalAction, default=False,
                    help="LiteUNet: a last decoder stage at full resolution")
     p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)

