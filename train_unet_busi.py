@@ -105,8 +105,8 @@ FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "full_res_decoder", "b
 SAMPLE_RECIPE = {"encoder": "lite0", "pretrained": True, "image_size": 128, "epochs": 40, "batch_size": 8,
                  "lr": 1e-3, "warmup_epochs": 3}
 # How long the recipe above takes, as printed after a sample run (the measurement: RESULTS.md, "The LiteUNet recipe")
-DEFAULT_RECIPE_TIME = ("the default recipe (LiteUNet lite0, 192 px, 40 epochs) took 30 min on 2 CPU cores with bf16 "
-                       "instructions (RESULTS.md); on a CPU without them and on a GPU alone it is not measured yet")
+DEFAULT_RECIPE_TIME = ("the default recipe (LiteUNet lite0, 192 px, 40 epochs) took 28 min on 2 CPU cores with bf16 "
+                       "instructions (RESULTS.md); on a CPU without them it is not measured yet")
 
 
 def build_parser() -> argparse.ArgumentParser:
