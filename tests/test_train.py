@@ -19,7 +19,7 @@ import evaluation
 import metrics
 import train_unet_busi as T
 import training
-from unet import LiteUNet
+from unet import LiteUNet, model_from_config
 
 TINY = ["--encoder", "none", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8",
         "--device", "cpu", "--eval-batch-size", "16"]
@@ -545,7 +545,7 @@ def test_a_frozen_encoder_keeps_its_weights_and_gets_no_gradients_while_the_deco
                  "--encoder-lr", "0", "--epochs", "2", "--seed", "3", "--run-name", "frozen") == 0
     state = torch.load(tmp_path / "frozen" / "latest.pt", weights_only=True)
     torch.manual_seed(3)  # the run's seed: the same random initial weights
-    start = LiteUNet("lite0", pretrained=False, num_classes=3, deep_supervision=True).state_dict()
+    start = model_from_config(state["model_config"], pretrained=False).state_dict()  # the run's architecture
     end = state["model"]
     weights = [k for k in start if "running" not in k and "num_batches" not in k]  # not BatchNorm statistics
     encoder = [k for k in weights if k.startswith("encoder.")]
