@@ -36,6 +36,8 @@ CLASSES = ("benign", "malignant", "normal")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 # DOTALL and \Z: a name with a newline in it is still one name ($ would also match before a trailing newline)
+# the stems predict_busi.py gives its outputs (<stem>_pred.png, <stem>_overlay.png): never a scan, never a label
+PREDICTION_STEMS = ("_pred", "_overlay")
 MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?\Z", re.DOTALL)
 DEFAULT_SPLIT_FILE = Path(__file__).resolve().parent / "splits" / "busi_split.json"
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
@@ -115,7 +117,7 @@ def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
         if not images:
             raise DataError(f"class folder has no images: {folder}")
         for stem, sample in images.items():  # predict_busi.py's outputs copied in: never a scan, never a label
-            if stem.endswith(("_pred", "_overlay")) and stem.rsplit("_", 1)[0] in images:
+            if stem.endswith(PREDICTION_STEMS) and stem.rsplit("_", 1)[0] in images:
                 raise DataError(f"a prediction in a data folder: {root / sample.image} (predict_busi.py's output for "
                                 f"{stem.rsplit('_', 1)[0]}, not a scan and not a label): move predictions out of it")
         for stem, name in masks:

@@ -61,7 +61,7 @@ CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "ma
 OLDEST_FIELDS = CSV_FIELDS[:8]  # the columns of the first predictions.csv: any table of ours starts with them
 DISAGREE = "class head says normal, mask is not empty"  # the `check` column: outputs that contradict each other
 # _pred, never _mask: a prediction copied beside its scan must not pass for ground truth (dataset.MASK_RE)
-MASK_SUFFIX, OVERLAY_SUFFIX = "_pred.png", "_overlay.png"
+MASK_SUFFIX, OVERLAY_SUFFIX = (stem + ".png" for stem in dataset.PREDICTION_STEMS)
 OLD_MASK_SUFFIX = "_mask.png"  # what versions before _pred named their masks
 OUTLINE_RGB = (255, 64, 0)  # orange-red: stands out on grey ultrasound and is told apart from cyan ground truth
 # A chunk of inputs is decoded, predicted and written together. Besides --batch-size, a chunk stops growing at
@@ -94,7 +94,7 @@ def find_inputs(spec: str, output_dir: Path | None = None) -> list[Path]:
     if output_dir is not None:
         out = output_dir.resolve()
         candidates = [p for p in candidates
-                      if not (p.stem.endswith(("_overlay", "_pred")) and p.parent.resolve() == out)]
+                      if not (p.stem.endswith(dataset.PREDICTION_STEMS) and p.parent.resolve() == out)]
     return sorted(candidates, key=dataset.natural_key)
 
 

@@ -16,7 +16,6 @@ import checkpoints
 import evaluation
 import utils
 from augment import AugmentConfig
-from checkpoints import CHECKPOINT_FORMAT
 from losses import BCEDiceLoss, total_loss
 
 MAX_BAD_STEPS = 5  # stop after this many non-finite losses in a row (checked every 10 steps)
@@ -246,7 +245,8 @@ class Trainer:
             rng["noise_gen"] = self.noise_gen.get_state()
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "model_config": self.model.config,
+        return {"format": checkpoints.CHECKPOINT_FORMAT, "model": self.model.state_dict(),
+                "model_config": self.model.config,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "epoch_perm": self.perm,
                 "best_score": self.best_score, "best_epoch": self.best_epoch, "best_val": self.best_val,

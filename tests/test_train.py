@@ -19,7 +19,7 @@ import evaluation
 import metrics
 import train_unet_busi as T
 import training
-from unet import LiteUNet, model_from_config
+from unet import model_from_config
 
 TINY = ["--encoder", "none", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8",
         "--device", "cpu", "--eval-batch-size", "16"]
