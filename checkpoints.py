@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import trust
 import unet
 from utils import torch_save
 
@@ -90,6 +91,16 @@ def checkpoint_problem(state: dict) -> str | None:
     return None
 
 
+def fitted_trust(state: dict) -> tuple[dict | None, str | None]:
+    """The checkpoint's fitted trust score and calibration (its "trust" entry), or (None, why there is none)."""
+    entry = state.get("trust")
+    if entry is None:
+        return None, ("it holds no trust statistics: trust scores unavailable (add them with `python trust.py "
+                      "--checkpoint PATH --data-dir DATA --output NEW.pt`)")
+    problem = trust.trust_problem(entry)
+    return (None, f"its trust entry is unusable ({problem}): trust scores unavailable") if problem else (entry, None)
+
+
 def build_model(state: dict, path: str | os.PathLike = "checkpoint") -> torch.nn.Module:
     """Rebuild the model (UNet, LiteUNet, or an ensemble) a checkpoint describes and load its weights, naming any
     mismatch."""
@@ -163,5 +174,7 @@ def export_checkpoint(src, dst: str | os.PathLike, half: bool = True) -> dict:
             "config": first.get("config", {}), "best_epoch": best_epoch, "best_val": best_val}
     if members:
         slim["members"] = members
+    if len(states) == 1 and "trust" in first:  # fitted on this very model's outputs (an ensemble's differ)
+        slim["trust"] = first["trust"]
     save_checkpoint(slim, dst)
     return slim

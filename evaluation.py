@@ -8,23 +8,29 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe beside the Tk app
 
+import augment
 import dataset
+import inference
 import metrics
+import trust
 import utils
 from inference import predict_batches, probs_to_original
 
 
 def evaluate(model: torch.nn.Module, data: dict, device: torch.device, dtype: torch.dtype | None = None,
              threshold: float = 0.5, batch_size: int = 32, tta: bool = False,
-             class_names=dataset.CLASSES, on_logits=None, with_aux: bool = False) -> tuple[dict, list[dict]]:
+             class_names=dataset.CLASSES, on_logits=None, with_aux: bool = False, fitted_trust: dict | None = None,
+             trust_inputs: list | None = None) -> tuple[dict, list[dict]]:
     """Per-image Dice/IoU at each image's ORIGINAL resolution (prediction resized back), and their summary.
 
     `data` is a dataset.subset(...) dict: images [N,1,S,S] uint8, labels, names, full_masks, full_sizes.
     `on_logits(start, outputs)` gets the model's raw outputs for every batch (validation computes its
-    validation loss there, from the same forward pass).
+    validation loss there, from the same forward pass). `fitted_trust` (a checkpoint's "trust" entry) adds
+    trust, review, max_probability and lesion_probability to each record and calibrates the class
+    probabilities; `trust_inputs`, a list, receives each batch's `trust.image_features` inputs (on the CPU).
     """
     return evaluate_thresholds(model, data, device, dtype, [threshold], batch_size, tta, class_names,
-                               on_logits, with_aux)[threshold]
+                               on_logits, with_aux, fitted_trust, trust_inputs)[threshold]
 
 
 def ground_truth_on(data: dict, device: torch.device) -> list[torch.Tensor]:
@@ -38,19 +44,30 @@ def ground_truth_on(data: dict, device: torch.device) -> list[torch.Tensor]:
 
 def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device, dtype: torch.dtype | None,
                         thresholds, batch_size: int = 32, tta: bool = False,
-                        class_names=dataset.CLASSES, on_logits=None, with_aux: bool = False) -> dict:
-    """`evaluate` for several thresholds from one inference pass: {threshold: (summary, records)}.
+                        class_names=dataset.CLASSES, on_logits=None, with_aux: bool = False,
+                        fitted_trust: dict | None = None, trust_inputs: list | None = None) -> dict:
+    """`evaluate` for several thresholds from one inference pass: {threshold: (summary, records)} (trust scores
+    at the first threshold).
 
     The pixel counts stay on the device until one copy at the end: no host sync per image, so a GPU is not
     left idle while Python walks the split.
     """
     truths = ground_truth_on(data, device)
     cuts = torch.tensor(list(thresholds), dtype=torch.float32, device=device).view(-1, 1, 1)
-    counts, class_probs, i = [], [], 0
-    for probs, cls, outputs in predict_batches(model, data["images"], device, dtype, batch_size, tta,
-                                               with_logits=True, with_aux=with_aux):
+    counts, class_probs, trust_rows, raw_malignancy, i = [], [], [], [], 0
+    with_trust = fitted_trust is not None or trust_inputs is not None
+    for probs, cls, outputs, *extras in predict_batches(model, data["images"], device, dtype, batch_size, tta,
+                                                        with_logits=True, with_aux=with_aux, with_trust=with_trust):
         if on_logits is not None:
             on_logits(i, outputs)
+        if trust_inputs is not None:
+            trust_inputs.append({k: None if v is None else v.cpu() for k, v in extras[0].items()})
+        if fitted_trust is not None:
+            scores = inference.trust_of(extras[0], thresholds[0], fitted_trust)
+            if cls is not None:
+                raw_malignancy += metrics.malignancy_probability(cls).cpu().tolist()
+                cls = trust.calibrated(cls, fitted_trust)
+            trust_rows.append(torch.stack([scores, probs.flatten(1).amax(1)], 1))
         if cls is not None:
             class_probs.append(cls.float())
         for j in range(probs.shape[0]):
@@ -61,17 +78,89 @@ def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device
             i += 1
     counts = torch.stack(counts).cpu().tolist() if counts else []  # [N,T,3]
     cls_all = torch.cat(class_probs).cpu() if class_probs else None
+    scores = torch.cat(trust_rows).cpu().tolist() if trust_rows else None
     per_t: dict = {t: [] for t in thresholds}
     for i, per_image in enumerate(counts):
         extra = {}
         if cls_all is not None:
             extra = {"class_probs": cls_all[i].tolist(), "malignancy": float(metrics.malignancy_probability(cls_all[i],
                                                                                                    class_names))}
+        if scores is not None:
+            extra.update(trust=scores[i][0], review=scores[i][0] < fitted_trust["review_below"],
+                         max_probability=scores[i][1], malignancy_uncalibrated=raw_malignancy[i] if raw_malignancy else None)
+            if cls_all is not None:
+                extra["lesion_probability"] = 1 - extra["class_probs"][class_names.index("normal")]
         for t, (inter, pred, gt) in zip(thresholds, per_image):
             d, iou = metrics.dice_iou_from_counts(inter, pred, gt)
             per_t[t].append({"file": data["names"][i], "label": class_names[int(data["labels"][i])], "dice": d,
                              "iou": iou, "pred_pixels": pred, "gt_pixels": gt, "inter": inter, **extra})
-    return {t: (metrics.summarize(records, class_names), records) for t, records in per_t.items()}
+    results = {t: (metrics.summarize(records, class_names), records) for t, records in per_t.items()}
+    if scores is not None:
+        for summary, records in results.values():
+            summary["trust"] = trust.report(records)
+    return results
+
+
+def fit_trust(model: torch.nn.Module, train: dict, val: dict, device: torch.device, dtype: torch.dtype | None,
+              threshold: float, tta: bool, batch_size: int, source: str) -> tuple[dict, list[dict]]:
+    """Fit the trust score and the class calibration (`trust.fit`): feature statistics on the TRAINING split;
+    the regression and the review threshold on the VALIDATION split and on `trust.SHIFTED_COPIES` copies of it
+    under the scanner transforms (so that the score sees outlines fail for the reasons scans from elsewhere make
+    them fail); the temperatures on the validation split as it is. Returns the checkpoint's "trust" entry and
+    the validation records as the model gives them (uncalibrated)."""
+    train_deep = torch.cat([extras["deep"].cpu() for *_, extras in
+                            predict_batches(model, train["images"], device, dtype, batch_size, with_trust=True)])
+    inputs: list[dict] = []
+    _, records = evaluate(model, val, device, dtype, threshold, batch_size, tta, trust_inputs=inputs)
+    fit_records = list(records)
+    labels = val["labels"].tolist()
+    for copy in range(trust.SHIFTED_COPIES):
+        images, masks = shifted_copy(val, copy)
+        i = 0
+        for probs, _, extras in predict_batches(model, images, device, dtype, batch_size, tta, with_trust=True):
+            inputs.append({k: None if v is None else v.cpu() for k, v in extras.items()})
+            for pred in (probs[:, 0] > threshold).cpu():
+                truth = masks[i]
+                inter, n_pred, n_gt = int((pred & truth).sum()), int(pred.sum()), int(truth.sum())
+                fit_records.append({"label": dataset.CLASSES[labels[i]] if n_gt else "normal", "pred_pixels": n_pred,
+                                    "dice": metrics.dice_iou_from_counts(inter, n_pred, n_gt)[0]})
+                i += 1
+    joined = {k: None if inputs[0][k] is None else torch.cat([b[k] for b in inputs]) for k in inputs[0]}
+    return trust.fit(train_deep, joined, fit_records, records, threshold, source), records
+
+
+def shifted_copy(data: dict, copy: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images (uint8) and masks (bool) at the model's size under the training augmentation plus the
+    scanner transforms at strength 1 + copy / 2, drawn from a fixed seed per copy (the same every time)."""
+    cfg = augment.AugmentConfig().with_scanner(1.0 + copy / 2)
+    x, y = augment.augment_batch(data["images"].cpu(), data["masks"].cpu(), cfg,
+                                 torch.Generator().manual_seed(1000 + copy), torch.Generator().manual_seed(2000 + copy))
+    return (x * 255).round().to(torch.uint8), y[:, 0] > 0.5
+
+
+def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> None:
+    """Reliability diagrams of the malignancy and lesion probabilities on `records` (validation), before and
+    after the fitted temperatures."""
+    fig = Figure(figsize=(11, 4.8))
+    raw = torch.tensor([r["class_probs"] for r in records])
+    lesion = np.array([r["label"] != "normal" for r in records])
+    for ax, name in zip(fig.subplots(1, 2), ("malignancy", "lesion")):
+        for label, probs in (("as trained", raw), ("calibrated", trust.calibrated(raw, fitted))):
+            if name == "malignancy":
+                p = metrics.malignancy_probability(probs)[torch.from_numpy(lesion)].numpy()
+                y = np.array([r["label"] == "malignant" for r in records])[lesion]
+            else:
+                p, y = 1 - probs[:, dataset.CLASSES.index("normal")].numpy(), lesion
+            points = np.array(trust.reliability(p, y))
+            ece = trust.expected_calibration_error(p, y)
+            line, = ax.plot(points[:, 0], points[:, 1], "-", label=f"{label}: ECE {ece:.3f}")
+            ax.scatter(points[:, 0], points[:, 1], s=8 + 4 * points[:, 2], color=line.get_color())  # area: images
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+        what = "malignant, lesion scans" if name == "malignancy" else "a lesion, all scans"
+        ax.set(xlabel=f"predicted probability ({name})", ylabel=f"observed frequency ({what})", xlim=(0, 1),
+               ylim=(0, 1), title=f"{name} probability, validation split")
+        ax.legend(loc="upper left", title="10 bins; dot area: images", fontsize=8, title_fontsize=8)
+    utils.save_figure(fig, path)
 
 
 def write_report(run_dir, summary: dict, records: list[dict], extra: dict, split: str = "test") -> None:
@@ -87,20 +176,25 @@ def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: 
     fields = ["file", "class", "dice", "iou", "pred_pixels", "gt_pixels"]
     if records and "malignancy" in records[0]:
         fields += ["malignancy_probability", "predicted_class"]
+    if records and "trust" in records[0]:
+        fields += ["max_probability", "trust", "review"]
     rows = []
     for r in records:
         row = [r["file"], r["label"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", r["pred_pixels"], r["gt_pixels"]]
         if "malignancy" in r:
             row += [f"{r['malignancy']:.4f}", dataset.CLASSES[max(range(3), key=lambda k: r["class_probs"][k])]]
+        if "trust" in r:
+            row += [f"{r['max_probability']:.4f}", f"{r['trust']:.4f}", "REVIEW" if r["review"] else ""]
         rows.append(row)
     utils.write_csv(run_dir / f"{split}_predictions.csv", fields, rows)
 
 
 def write_report_figure(run_dir: Path, summary: dict, records: list[dict], split: str = "test") -> None:
     """<split>_report.png: per-image Dice by class, the malignancy ROC curve and the confusion matrix."""
-    has_cls = "malignancy_auc" in summary
-    fig = Figure(figsize=(15 if has_cls else 5.5, 4.5))
-    axes = fig.subplots(1, 3 if has_cls else 1, squeeze=False)
+    has_cls, has_trust = "malignancy_auc" in summary, bool(summary.get("trust", {}).get("risk_coverage_lesion_dice"))
+    panels = 1 + 2 * has_cls + has_trust
+    fig = Figure(figsize=(5 * panels + 0.5, 4.5))
+    axes = fig.subplots(1, panels, squeeze=False)
     ax = axes[0, 0]
     lesion_classes = [c for c in ("benign", "malignant") if c in summary["per_class"]]
     dice = [[r["dice"] for r in records if r["label"] == c] for c in lesion_classes]
@@ -131,7 +225,22 @@ def write_report_figure(run_dir: Path, summary: dict, records: list[dict], split
         ax.set_xticks(range(len(dataset.CLASSES)), dataset.CLASSES)
         ax.set_yticks(range(len(dataset.CLASSES)), dataset.CLASSES)
         ax.set(xlabel="predicted", ylabel="true", title=f"Class head: accuracy {summary['class_accuracy']:.3f}")
+    if has_trust:
+        plot_risk_coverage(axes[0, -1], summary["trust"])
     utils.save_figure(fig, run_dir / f"{split}_report.png")
+
+
+def plot_risk_coverage(ax, t: dict) -> None:
+    """Mean lesion Dice of the most-trusted fraction of lesion scans, by trust and by max probability alone."""
+    for key, label, auroc in (("risk_coverage_lesion_dice", "trust score", t["auroc_trust"]),
+                              ("risk_coverage_lesion_dice_max_probability", "max probability alone",
+                               t["auroc_max_probability"])):
+        points = np.array(t[key])
+        ax.plot(points[:, 0] * 100, points[:, 1], "o-", ms=3, label=f"{label} (failure AUROC {auroc:.2f})")
+    ax.invert_xaxis()
+    ax.set(xlabel="% of lesion scans kept (most trusted first)", ylabel="mean lesion Dice of those kept",
+           title=f"Which outlines to trust: {t['n_failures']} failures of {t['n_images']}")
+    ax.legend(loc="lower right", fontsize=8)
 
 
 def print_summary(title: str, s: dict) -> None:
@@ -145,3 +254,10 @@ def print_summary(title: str, s: dict) -> None:
         print(f"  classification: accuracy {s['class_accuracy']:.4f} | malignant-vs-benign ROC AUC "
               f"{s['malignancy_auc']:.4f} | confusion (rows true, cols pred: benign, malignant, normal) "
               f"{s['confusion_matrix']['counts']}")
+    if "trust" in s:
+        t = s["trust"]
+        print(f"  trust: failures {t['n_failures']} of {t['n_images']} | AUROC at catching them {t['auroc_trust']:.3f} "
+              f"(max probability alone {t['auroc_max_probability']:.3f}) | lowest 20 % hold "
+              f"{t['failures_in_lowest_20pct_trust']:.0%} of them | flagged for review {t['review_flagged']} "
+              f"({t['review_failures_caught']} failures) | lesion Dice of the 80 % most trusted "
+              f"{t['lesion_dice_most_trusted_80pct']:.4f} (all {t['lesion_dice_all']:.4f})")

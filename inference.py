@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import checkpoints
 import dataset
 import metrics
+import trust
 from augment import to_unit_float
 from utils import autocast
 
@@ -24,34 +25,58 @@ def default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
+def deepest_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder's first stage, whose input is the model's deepest feature map (an ensemble: its first
+    member's)."""
+    return (model.members[0] if hasattr(model, "members") else model).ups[0]
+
+
 @torch.inference_mode()
 def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
                     batch_size: int = 32, tta: bool = False, with_logits: bool = False,
-                    with_aux: bool = False):
+                    with_aux: bool = False, with_trust: bool = False):
     """Yield (probabilities float32 [b,1,S,S] on `device`, class probabilities [b,C] or None) per batch.
 
     `images` are uint8 [N,1,S,S] on any device. `tta` averages with the left-right flipped prediction.
-    `with_logits` adds a third item, the model's raw outputs for the unflipped input (mask logits, class logits
+    `with_logits` adds an item, the model's raw outputs for the unflipped input (mask logits, class logits
     or None[, deep-supervision logits when `with_aux`]), so a caller can compute a loss from the same forward
-    pass.
+    pass. `with_trust` runs the flipped twin too and adds a last item, what `trust.image_features` reads:
+    {"seg", "cls": the unflipped pass's probabilities, "flipped": the twin's, flipped back, "deep": the pooled
+    deepest features [b,C]}.
     """
     model.eval()
-    for start in range(0, images.shape[0], batch_size):
-        x = to_unit_float(images[start:start + batch_size].to(device, non_blocking=True))
-        x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            outputs = model(x, with_aux=True) if with_aux else model(x)
-            seg_logits, cls_logits = outputs[:2]
-            seg = torch.sigmoid(seg_logits.float())
-            cls = None if cls_logits is None else torch.softmax(cls_logits.float(), 1)
-            if tta:
-                seg_f, cls_f = model(torch.flip(x, dims=[3]))
-                seg = (seg + torch.sigmoid(torch.flip(seg_f, dims=[3]).float())) / 2
-                cls = None if cls is None else (cls + torch.softmax(cls_f.float(), 1)) / 2
-        if with_logits:
-            yield seg, cls, outputs
-        else:
-            yield seg, cls
+    deep: list[torch.Tensor] = []
+    hook = deepest_layer(model).register_forward_pre_hook(lambda _, args: deep.append(args[0].float().mean((2, 3)))) \
+        if with_trust else None
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = to_unit_float(images[start:start + batch_size].to(device, non_blocking=True))
+            x = x.contiguous(memory_format=torch.channels_last)
+            deep.clear()
+            extras = None
+            with autocast(device, dtype):
+                outputs = model(x, with_aux=True) if with_aux else model(x)
+                seg_logits, cls_logits = outputs[:2]
+                seg = torch.sigmoid(seg_logits.float())
+                cls = None if cls_logits is None else torch.softmax(cls_logits.float(), 1)
+                if tta or with_trust:
+                    seg_f, cls_f = model(torch.flip(x, dims=[3]))
+                    flipped = torch.sigmoid(torch.flip(seg_f, dims=[3]).float())
+                    if with_trust:
+                        extras = {"seg": seg, "cls": cls, "flipped": flipped, "deep": deep[0]}
+                    if tta:
+                        seg = (seg + flipped) / 2
+                        cls = None if cls is None else (cls + torch.softmax(cls_f.float(), 1)) / 2
+            yield (seg, cls) + ((outputs,) if with_logits else ()) + ((extras,) if with_trust else ())
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def trust_of(extras: dict, threshold: float, fitted: dict) -> torch.Tensor:
+    """[b] trust scores of one batch from `predict_batches(..., with_trust=True)`'s last item."""
+    return trust.score(trust.image_features(extras["seg"], extras["flipped"], extras["cls"], extras["deep"],
+                                            threshold, fitted["statistics"]), fitted)
 
 
 def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -60,20 +85,27 @@ def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tens
 
 
 def predict_images(model, images: list[np.ndarray], image_size: int, device: torch.device,
-                   dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False):
-    """Yield (probability map [H,W] float32 on the CPU at each image's own size, class probabilities [3] or None).
+                   dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
+                   fitted_trust: dict | None = None, threshold: float = 0.5):
+    """Yield (probability map [H,W] float32 on the CPU at each image's own size, class probabilities [3] or None,
+    trust score or None) per image.
 
     `images` are grey uint8 HxW arrays of any size; they are squashed to the model's square input as in training.
+    `fitted_trust` (a checkpoint's "trust" entry) adds the trust score at `threshold` (one more, flipped, pass)
+    and calibrates the class probabilities.
     """
     if not images:
         return
     batch = torch.from_numpy(np.stack([dataset.resize_image(img, image_size) for img in images]))[:, None]
     i = 0
-    for probs, cls in predict_batches(model, batch, device, dtype, batch_size, tta):
+    for probs, cls, *extras in predict_batches(model, batch, device, dtype, batch_size, tta,
+                                               with_trust=fitted_trust is not None):
+        scores = trust_of(extras[0], threshold, fitted_trust).cpu() if extras else None
+        cls = None if cls is None else trust.calibrated(cls, fitted_trust)
         for j in range(probs.shape[0]):
             h, w = images[i].shape
             prob = probs_to_original(probs[j], h, w).cpu()
-            yield prob, (None if cls is None else cls[j].float().cpu())
+            yield prob, (None if cls is None else cls[j].float().cpu()), (None if scores is None else float(scores[j]))
             i += 1
 
 
@@ -87,6 +119,8 @@ class Prediction:
     probability: np.ndarray  # float32 HxW: lesion probability of each pixel
     mask: np.ndarray  # bool HxW: probability above the threshold
     class_probabilities: dict[str, float] | None  # benign / malignant / normal (class head), None without one
+    trust: float | None = None  # fitted probability that the outline is right (trust.py); None: not available
+    review: bool | None = None  # trust below the checkpoint's review threshold: look at this one first
 
     @property
     def malignancy_probability(self) -> float | None:
@@ -103,7 +137,7 @@ class Predictor:
         from inference import Predictor
         predictor = Predictor()                     # the shipped model on the CPU (or Predictor("run/best.pt"))
         result = predictor("scan.png")              # a file, or a grey uint8 HxW array
-        result.mask, result.probability, result.malignancy_probability
+        result.mask, result.probability, result.malignancy_probability, result.trust, result.review
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str = "cpu",
@@ -114,11 +148,14 @@ class Predictor:
         self.image_size = int(config.get("image_size", 256))
         self.threshold = float(threshold if threshold is not None else config.get("threshold", 0.5))
         self.tta = tta
+        self.fitted_trust, self.why_no_trust = checkpoints.fitted_trust(state)
 
     def __call__(self, image: str | os.PathLike | np.ndarray) -> Prediction:
         if not isinstance(image, np.ndarray):
             image = dataset.load_image(Path(image))
-        prob, cls = next(predict_images(self.model, [image], self.image_size, self.device, tta=self.tta))
+        prob, cls, score = next(predict_images(self.model, [image], self.image_size, self.device, tta=self.tta,
+                                               fitted_trust=self.fitted_trust, threshold=self.threshold))
         prob = prob.numpy()
         classes = None if cls is None else dict(zip(dataset.CLASSES, map(float, cls.tolist())))
-        return Prediction(prob, prob > self.threshold, classes)
+        review = None if score is None else score < self.fitted_trust["review_below"]
+        return Prediction(prob, prob > self.threshold, classes, score, review)

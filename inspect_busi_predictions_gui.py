@@ -6,7 +6,9 @@
 
 Without --data-dir the BUSI data is taken from ./Dataset_BUSI_with_GT when it exists, else the bundled sample
 data/busi_sample. Per image the window shows Dice and IoU at the image's original resolution, its class and,
-for models with a class head, P(malignant | lesion). Inference runs once per image and is cached; the threshold
+for models with a class head, P(malignant | lesion), and, for checkpoints with fitted trust statistics, the trust
+score (the fitted probability that the outline is right; a flag below the review threshold). The list shows each
+predicted image's Dice and trust; sort it by either. Inference runs once per image and is cached; the threshold
 slider only re-thresholds the cached probability map. Keys: Left/Right = previous/next image.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ CLASS_FILTERS = ("all", *dataset.CLASSES)
 # colour matches the outlines that predict_busi.py draws.
 TRUTH_COLOUR = "#00d5ff"
 PRED_COLOUR = "#ff4000"
+REVIEW_MARK = "\u2691"  # a flag: trust below the review threshold
 SORT_CHUNK = 4  # images per inference step of "Sort by Dice": ~0.3 s on 2 busy CPU cores, so the window reacts
 WINDOW_SIZE = "1300x800"
 TITLE = "BUSI prediction inspector"
@@ -86,6 +89,8 @@ class Prediction:
     prob: np.ndarray                # float16 HxW: half the memory of float32, far finer than the slider's 0.01
     class_probs: np.ndarray | None  # (3,) softmax over dataset.CLASSES, None without a class head
     truth_bits: np.ndarray | None   # np.packbits of the bool ground truth (1/8 of the memory), None without truth
+    trust: float | None = None      # fitted probability that the outline is right (trust.py); None: not available
+    review: bool = False            # trust below the checkpoint's review threshold
 
     def truth(self) -> np.ndarray | None:
         if self.truth_bits is None:
@@ -166,8 +171,10 @@ class InspectorApp:
         self.iou: float | None = None
         self.info_text = ""
         self.class_filter = "all"
-        self.sorted_by_dice = False
-        self.busy = False              # a background "Sort by Dice" is running
+        self.sort_mode = "name"        # the list's order: name, dice (worst first) or trust (lowest first)
+        self.fitted_trust: dict | None = None  # the checkpoint's trust entry (None: scores unavailable)
+        self.trust_threshold = 0.5     # the mask threshold the trust score was fitted at (the checkpoint's)
+        self.busy = False              # a background sort is running
         self._after: str | None = None  # its next scheduled step
         self.last_show_seconds = 0.0   # load + inference (if not cached) + panel update of the last shown image
         self._shown: tuple[Item, np.ndarray, np.ndarray | None] | None = None  # what the panels show now
@@ -203,6 +210,8 @@ class InspectorApp:
         combo.bind("<<ComboboxSelected>>", lambda _e: self.filter_class(self.filter_var.get()))
         combo.pack(side=tk.LEFT, padx=(2, 6))
         ttk.Button(bar, text="Sort by Dice (worst first)", command=self.sort_by_dice).pack(side=tk.LEFT)
+        ttk.Button(bar, text="Sort by trust (lowest first)", command=self.sort_by_trust).pack(side=tk.LEFT,
+                                                                                              padx=(4, 0))
         ttk.Button(bar, text="Sort by name", command=self.sort_by_name).pack(side=tk.LEFT, padx=(4, 12))
         ttk.Button(bar, text="\u25c0 Prev", command=self.prev).pack(side=tk.LEFT)
         ttk.Button(bar, text="Next \u25b6", command=self.next).pack(side=tk.LEFT, padx=(4, 12))
@@ -318,13 +327,15 @@ class InspectorApp:
         config = state.get("config") or {}
         self.model, self.checkpoint = model, Path(path)
         self.image_size = int(config.get("image_size", 256))
+        self.fitted_trust, why_not = checkpoints.fitted_trust(state)
+        self.trust_threshold = float(config.get("threshold", 0.5))
         self.cache.clear()
         self._dice_memo.clear()
         self._generation += 1
         self.set_threshold(float(config.get("threshold", 0.5)), redraw=False)
         self.set_status(f"model {self.checkpoint.name}: {unet.describe(model.config)}, {self.image_size}px"
-                        + (f" | {self.source}" if self.source else ""))
-        if self.sorted_by_dice:  # the old order was this model's, not the new one's
+                        + (f" | {self.source}" if self.source else "") + (" | no trust scores" if why_not else ""))
+        if self.sort_mode != "name":  # the old order was this model's, not the new one's
             self.sort_by_name()
         elif self.current is not None:
             self._show_current()
@@ -386,6 +397,7 @@ class InspectorApp:
             self.threshold_var.set(value)
         if redraw and self._shown is not None:
             self._update_prediction()
+            self._relabel(self._shown[0])
             self.canvas.draw_idle()
 
     def set_filled(self, filled: bool) -> None:
@@ -416,7 +428,7 @@ class InspectorApp:
             self._show_current()
 
     def sort_by_name(self) -> None:
-        self.sorted_by_dice = False
+        self.sort_mode = "name"
         self.filter_class(self.class_filter)
 
     def sort_by_dice(self, background: bool = True) -> None:
@@ -425,18 +437,30 @@ class InspectorApp:
         Missing predictions are computed in chunks; in the background (the button) the window keeps reacting
         between chunks and the status bar counts up; `background=False` finishes before returning.
         """
+        self._sort("dice", background)
+
+    def sort_by_trust(self, background: bool = True) -> None:
+        """Order the list by trust, lowest first: the scans to look at first (without trust scores: an error)."""
+        if self.model is not None and self.fitted_trust is None:
+            self.show_error(f"{self.checkpoint.name} has no trust statistics: add them with trust.py (see "
+                            f"docs/prediction.md)")
+            return
+        self._sort("trust", background)
+
+    def _sort(self, mode: str, background: bool) -> None:
         if self.model is None:
             self.show_error("no model loaded: use Load checkpoint... first")
             return
         if self.busy:
             return
-        todo = [i for i in self.visible if self.items[i].key not in self.cache and self.items[i].has_truth]
+        todo = [i for i in self.visible if self.items[i].key not in self.cache
+                and (self.items[i].has_truth or mode == "trust")]
         generation = self._generation
         steps = self._predict_chunks(todo)
         if not background:
             for _ in steps:
                 pass
-            self._finish_sort()
+            self._finish_sort(mode)
             return
         self.busy = True
 
@@ -448,9 +472,9 @@ class InspectorApp:
             except StopIteration:
                 self.busy = False
                 if generation != self._generation:
-                    self.set_status("Sort by Dice stopped: another model was loaded")
+                    self.set_status("sorting stopped: another model was loaded")
                 else:
-                    self._finish_sort()
+                    self._finish_sort(mode)
                 return
             self._after = self.root.after(1, step)
 
@@ -513,12 +537,14 @@ class InspectorApp:
         """Run the model once over `items` (already decoded) and cache the results."""
         images = [image for image, _ in loaded]
         outputs = predict_images(self.model, images, self.image_size, self.device, utils.inference_dtype(self.device),
-                                 batch_size=SORT_CHUNK)
-        for item, (_, truth), (prob, cls) in zip(items, loaded, outputs):
+                                 SORT_CHUNK, fitted_trust=self.fitted_trust, threshold=self.trust_threshold)
+        for item, (_, truth), (prob, cls, score) in zip(items, loaded, outputs):
             self.cache[item.key] = Prediction(
                 prob=prob.numpy().astype(np.float16),
                 class_probs=None if cls is None else cls.numpy().astype(np.float32),
-                truth_bits=None if truth is None else np.packbits(truth))
+                truth_bits=None if truth is None else np.packbits(truth), trust=score,
+                review=score is not None and score < self.fitted_trust["review_below"])
+            self._relabel(item)
 
     def _predict_chunks(self, todo: list[int]):
         """Generator: predict `todo` (item indices) SORT_CHUNK at a time, reporting progress after each chunk."""
@@ -538,7 +564,7 @@ class InspectorApp:
                 self._predict(items, loaded)
             done = min(start + SORT_CHUNK, len(todo))
             self.progress.configure(value=done)
-            self.set_status(f"predicting {done}/{len(todo)} images for Sort by Dice...")
+            self.set_status(f"predicting {done}/{len(todo)} images to sort them...")
             self.root.update_idletasks()
             yield
         self.progress.configure(value=0)
@@ -557,11 +583,13 @@ class InspectorApp:
             self._dice_memo[memo] = None if metrics is None else metrics[0]
         return self._dice_memo[memo]
 
-    def _finish_sort(self) -> None:
-        self.sorted_by_dice = True
+    def _finish_sort(self, mode: str) -> None:
+        self.sort_mode = mode
         self.filter_class(self.class_filter)
-        self.set_status(f"sorted {len(self.visible)} images by Dice at threshold {self.threshold:.2f}, worst "
-                        f"first{self._summary()}")
+        order = f"Dice at threshold {self.threshold:.2f}, worst" if mode == "dice" else "trust, lowest"
+        flagged = sum(self.cache[self.items[i].key].review for i in self.visible if self.items[i].key in self.cache)
+        self.set_status(f"sorted {len(self.visible)} images by {order} first{self._summary()}"
+                        + (f" | {flagged} flagged for review" if self.fitted_trust is not None else ""))
 
     def _summary(self) -> str:
         """The listed images' figures as the README reports them: lesion Dice (benign and malignant images),
@@ -579,19 +607,45 @@ class InspectorApp:
         """Rebuild `visible` and the Listbox from the filter and the sort order."""
         visible = [i for i, item in enumerate(self.items)
                    if self.class_filter == "all" or item.label == self.class_filter]
-        labels = {}
-        if self.sorted_by_dice:
+        if self.sort_mode == "dice":
             dice = {i: self._dice_of(i) for i in visible}
             visible.sort(key=lambda i: (dice[i] is None, dice[i] if dice[i] is not None else 0.0))
-            labels = {i: ("  -  " if dice[i] is None else f"{dice[i]:.3f}") + "  " for i in visible}
+        elif self.sort_mode == "trust":
+            trust = {i: getattr(self.cache.get(self.items[i].key), "trust", None) for i in visible}
+            visible.sort(key=lambda i: (trust[i] is None, trust[i] if trust[i] is not None else 0.0))
         self.visible = visible
         self.listbox.delete(0, tk.END)
         for i in visible:
-            self.listbox.insert(tk.END, labels.get(i, "") + self.items[i].name)
-        order = f", Dice at threshold {self.threshold:.2f}, worst first" if self.sorted_by_dice else ""
+            self.listbox.insert(tk.END, self._entry(i))
+        order = {"dice": f", Dice at threshold {self.threshold:.2f}, worst first",
+                 "trust": ", trust, lowest first"}.get(self.sort_mode, "")
         self.list_title.set(f"{len(visible)} images ({self.class_filter}){order}")
         if self.index >= len(visible):
             self.index = len(visible) - 1
+
+    def _entry(self, i: int) -> str:
+        """One list line: once predicted, Dice at the current threshold ("-" without ground truth) and trust (a
+        flag below the review threshold), then the file name."""
+        item = self.items[i]
+        prediction = self.cache.get(item.key)
+        if prediction is None:
+            return item.name
+        dice = self._dice_of(i)
+        text = "  -  " if dice is None else f"{dice:.3f}"
+        if prediction.trust is not None:
+            text += f"  trust {prediction.trust:.2f}" + (f" {REVIEW_MARK}" if prediction.review else "  ")
+        return f"{text}  {item.name}"
+
+    def _relabel(self, item: Item) -> None:
+        """Refresh the list line of `item` (newly predicted, or a new threshold)."""
+        index = self.items.index(item)
+        if index in self.visible:
+            row = self.visible.index(index)
+            selected = row in self.listbox.curselection()
+            self.listbox.delete(row)
+            self.listbox.insert(row, self._entry(index))
+            if selected:
+                self.listbox.selection_set(row)
 
     # ------------------------------------------------------------------------------------------------ drawing
     def _show_current(self) -> None:
@@ -658,6 +712,10 @@ class InspectorApp:
         if prediction is not None and prediction.class_probs is not None:
             facts.append(f"P(malignant | lesion) {prediction.malignancy:.2f}   predicted class: "
                          f"{prediction.predicted_class}")
+        if prediction is not None and prediction.trust is not None:
+            facts.append(f"trust {prediction.trust:.2f}" + (f" {REVIEW_MARK} REVIEW (below "
+                                                              f"{self.fitted_trust['review_below']:.2f})"
+                                                              if prediction.review else ""))
         if self.model is None:
             facts.append("no model loaded: use Load checkpoint...")
         self.info_text = (f"{item.name}   \u2014   class: {item.label or 'unknown (no ground truth)'}\n"

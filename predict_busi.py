@@ -57,7 +57,7 @@ from inference import default_threads, predict_images
 CSV_NAME = "predictions.csv"
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
-              "malignancy_probability", "predicted_class", "mask", "overlay", "check")
+              "malignancy_probability", "predicted_class", "mask", "overlay", "check", "trust", "review")
 OLDEST_FIELDS = CSV_FIELDS[:8]  # the columns of the first predictions.csv: any table of ours starts with them
 DISAGREE = "class head says normal, mask is not empty"  # the `check` column: outputs that contradict each other
 # _pred, never _mask: a prediction copied beside its scan must not pass for ground truth (dataset.MASK_RE)
@@ -251,6 +251,8 @@ class Result:
     predicted_class: str | None
     mask: str = ""
     overlay: str = ""
+    trust: float | None = None  # the probability that the outline is right (trust.py); None: not available
+    review: bool = False  # trust below the checkpoint's review threshold
 
     def row(self) -> list:
         fraction = self.lesion_pixels / (self.width * self.height)
@@ -258,7 +260,8 @@ class Result:
                 f"{self.max_probability:.4f}",
                 "" if self.malignancy_probability is None else f"{self.malignancy_probability:.4f}",
                 self.predicted_class or "", shown(self.mask), shown(self.overlay),
-                DISAGREE if self.predicted_class == "normal" and self.lesion_pixels else ""]
+                DISAGREE if self.predicted_class == "normal" and self.lesion_pixels else "",
+                "" if self.trust is None else f"{self.trust:.4f}", "REVIEW" if self.review else ""]
 
 
 def peek_size(path: Path) -> tuple[int, int]:
@@ -300,15 +303,16 @@ def _chunks(paths: list[Path], stems: list[str], batch_size: int):
 def _check_finite(good: list, predictions: list, written: int) -> None:
     """Raise NonFiniteOutput, naming the first image whose probability map or class probabilities hold NaN or
     inf: its empty mask and `nan` row would pass for a prediction."""
-    for (_, path, _, _), (prob, cls) in zip(good, predictions):
+    for (_, path, _, _), (prob, cls, _) in zip(good, predictions):
         if not (bool(torch.isfinite(prob).all()) and (cls is None or bool(torch.isfinite(cls).all()))):
             raise NonFiniteOutput(f"the model's outputs are not finite (NaN or inf) for {shown(path)} (damaged "
                                   f"weights?); " + (f"{CSV_NAME} lists the {written} images written before it"
                                                     if written else "nothing was written"))
 
 
-def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, threshold: float, stem: str, out_dir: Path,
-                   display_name: str, replaceable: set[str] = frozenset()) -> Result:
+def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, trust_score: float | None, threshold: float, stem: str,
+                   out_dir: Path, display_name: str, replaceable: set[str] = frozenset(),
+                   review_below: float = 0.0) -> Result:
     """Threshold one probability map, write its mask and overlay PNGs (atomically, both or neither); runs in an
     I/O thread (numpy only)."""
     mask = prob > threshold
@@ -324,14 +328,15 @@ def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, threshold: float, s
         malignancy = float(metrics.malignancy_probability(cls))
         predicted = dataset.CLASSES[int(cls.argmax())]
     return Result(display_name, image.shape[1], image.shape[0], int(mask.sum()), float(prob.max()),
-                  malignancy, predicted, mask_name, overlay_name)
+                  malignancy, predicted, mask_name, overlay_name, trust_score,
+                  trust_score is not None and trust_score < review_below)
 
 
 def run(paths: list[Path], model, image_size: int, device: torch.device, threshold: float, out_dir: Path,
         batch_size: int = 16, tta: bool = False, progress: bool = True, replaceable: set[str] = frozenset(),
-        stop: threading.Event | None = None) -> tuple[list[Result], list[str]]:
+        stop: threading.Event | None = None, fitted_trust: dict | None = None) -> tuple[list[Result], list[str]]:
     """Predict every path, write its mask and overlay, and predictions.csv. Returns the results (in input order)
-    and one message per unreadable file.
+    and one message per unreadable file. `fitted_trust` (the checkpoint's) adds the trust and review columns.
 
     predictions.csv is rewritten (atomically) after every chunk and on the way out, whatever the reason: it always
     lists exactly the files written. Once `stop` is set, no new chunk is started; the one in flight is finished.
@@ -341,7 +346,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
     """
     from tqdm import tqdm
 
-    dtype = utils.inference_dtype(device)
+    dtype, review_below = utils.inference_dtype(device), (fitted_trust or {}).get("review_below", 0.0)
     stop = stop or threading.Event()
     stems = output_stems(paths)
     done: dict[int, Result] = {}  # input index -> written; filled by the I/O threads once both files are in place
@@ -357,7 +362,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
             return None, shown(exc)
 
     def write(index: int, *args) -> None:
-        result = _write_outputs(*args, replaceable)
+        result = _write_outputs(*args, replaceable, review_below)
         rows[index] = result.row()
         done[index] = result
 
@@ -387,10 +392,10 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                 if stop.is_set():
                     break  # drop the decoded images: nothing of theirs was written
                 predictions = list(predict_images(model, [g[3] for g in good], image_size, device, dtype,
-                                                  batch_size, tta))
+                                                  batch_size, tta, fitted_trust, threshold))
                 _check_finite(good, predictions, len(done))
-                jobs = [pool.submit(write, index, image, prob.numpy(), cls, threshold, stem, out_dir, path.name)
-                        for (index, path, stem, image), (prob, cls) in zip(good, predictions)]
+                jobs = [pool.submit(write, index, image, prob.numpy(), cls, score, threshold, stem, out_dir, path.name)
+                        for (index, path, stem, image), (prob, cls, score) in zip(good, predictions)]
                 del loaded, good, predictions  # the chunk's images now live only until their files are written
                 for job in jobs:
                     job.result()
@@ -512,11 +517,15 @@ def main(argv=None) -> int:
     config = state.get("config") or {}
     image_size = int(config.get("image_size", 256))
     threshold = args.threshold if args.threshold is not None else float(config.get("threshold", 0.5))
+    fitted, why_not = checkpoints.fitted_trust(state)
+    if why_not:
+        print(f"warning: {shown(args.checkpoint)}: {why_not}", file=sys.stderr)
     stop = threading.Event()
     try:
         with stop_on_signals(stop):
             results, failures = run(paths, model, image_size, device, threshold, out_dir, args.batch_size,
-                                    args.tta, progress=not args.quiet, replaceable=replaceable, stop=stop)
+                                    args.tta, progress=not args.quiet, replaceable=replaceable, stop=stop,
+                                    fitted_trust=fitted)
     except OSError as exc:  # full disk, read-only folder: nothing later would succeed either
         where = f" ({shown(exc.filename)})" if exc.filename else ""
         print(f"error: cannot write to {shown(out_dir)}: {exc.strerror or exc}{where}", file=sys.stderr)
@@ -533,6 +542,10 @@ def main(argv=None) -> int:
         return 130
     print(f"{len(results)} of {len(paths)} images -> {shown(out_dir)}/ (masks, overlays, {CSV_NAME}; threshold "
           f"{threshold:g})" + (f"; {len(failures)} could not be read" if failures else ""))
+    if fitted:
+        flagged = sum(r.review for r in results)
+        print(f"{flagged} of {len(results)} flagged for review (trust below {fitted['review_below']:.2f}: the "
+              f"`review` column; the lowest trust first: sort by `trust`)")
     print(f"research use only, not for clinical decisions: what the shipped model is and where it fails: {MODEL_CARD}")
     return 1 if failures else 0
 

@@ -7,8 +7,9 @@
 
 Every hyperparameter is a field below with its default and a comment: edit it here, or pass the --flag of the
 same name (`--help` lists them all, from these definitions). The run folder <output-dir>/<run-name>/ receives
-latest.pt (at most once a minute, and at the end), best.pt (best validation score), history.csv, curves.png, and at the end metrics.json,
-test_predictions.csv and test_report.png from ONE evaluation of best.pt on the test split. The test split never
+latest.pt (at most once a minute, and at the end), best.pt (best validation score), history.csv, curves.png, and at
+the end the trust score and calibration fitted on train and validation (stored in best.pt; calibration.png), then
+metrics.json, test_predictions.csv and test_report.png from ONE evaluation of best.pt on the test split. The test split never
 chooses anything: the checkpoint is chosen on validation.
 """
 from __future__ import annotations
@@ -237,10 +238,11 @@ def load_data(args, run_dir: Path) -> tuple[dict, Path, str]:
     return {k: dataset.subset(cache, split[k]) for k in counts}, data_dir, source
 
 
-def report(model, data, run_dir, split, args, device, extra) -> dict:
-    """One evaluation of `model` on a split, written and printed."""
+def report(model, data, run_dir, split, args, device, extra, fitted_trust=None) -> dict:
+    """One evaluation of `model` on a split (with trust scores where the checkpoint has them), written and
+    printed."""
     summary, records = evaluation.evaluate(model, data, device, utils.inference_dtype(device, args.amp),
-                                           args.threshold, args.eval_batch_size, args.tta)
+                                           args.threshold, args.eval_batch_size, args.tta, fitted_trust=fitted_trust)
     evaluation.write_report(run_dir, summary, records, extra, split)
     evaluation.print_summary(f"{split} ({extra['checkpoint']}{', flip TTA' if args.tta else ''}, threshold "
                              f"{args.threshold})", summary)
@@ -261,6 +263,23 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
         return UNet(1, 1, args.base_channels, args.depth, **heads)
     return LiteUNet(args.encoder, pretrained=args.pretrained, **heads,
                     decoder_channels=unet.LITE_DECODER[:5 if args.full_res_decoder else 4])
+
+
+def trust_then_test(args, trainer, parts, run_dir: Path, device, config: dict) -> None:
+    """Fit the trust score and calibration of best.pt on train and validation (stored in it), then evaluate it
+    ONCE on the test split."""
+    best, best_state = checkpoints.load_model(run_dir / "best.pt", device)
+    best = best.to(memory_format=torch.channels_last)
+    print(f"best epoch {trainer.best_epoch} (validation all-image Dice {trainer.best_score:.4f}); fitting the trust "
+          f"score and calibration on train and validation (trust.py)", flush=True)
+    fitted, val_records = evaluation.fit_trust(best, parts["train"], parts["val"], device,
+                                               utils.inference_dtype(device, args.amp), args.threshold, args.tta,
+                                               args.eval_batch_size, "the validation split and shifted copies of it")
+    checkpoints.save_checkpoint({**best_state, "trust": fitted}, run_dir / "best.pt")
+    evaluation.write_calibration_figure(run_dir / "calibration.png", val_records, fitted)
+    report(best, parts["test"], run_dir, "test", args, device,
+           {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "config": config,
+            "checkpoint": str(run_dir / "best.pt")}, fitted)
 
 
 def print_next_steps(run_dir: Path, data_dir: Path) -> None:
@@ -298,9 +317,12 @@ def run(args) -> int:
     if device.type == "cpu":
         print(utils.describe_cpu(), flush=True)
     if args.eval_only:
+        fitted, why_not = checkpoints.fitted_trust(state)
+        if why_not:
+            print(f"warning: {args.checkpoint}: {why_not}", file=sys.stderr)
         report(model, parts[args.eval_split], run_dir, args.eval_split, args, device,
                {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"), "config": config,
-                "val_at_best": state.get("best_val")})
+                "val_at_best": state.get("best_val")}, fitted)
         return 0
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----
@@ -349,11 +371,7 @@ def run(args) -> int:
     # ---- one evaluation of best.pt on the test split ----
     if trainer.best_epoch is None:
         raise ValueError("no epoch made a best.pt to evaluate (none finished with finite validation outputs)")
-    best = checkpoints.load_model(run_dir / "best.pt", device)[0].to(memory_format=torch.channels_last)
-    print(f"best epoch {trainer.best_epoch} (validation all-image Dice {trainer.best_score:.4f})")
-    report(best, parts["test"], run_dir, "test", args, device,
-           {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "config": config,
-            "checkpoint": str(run_dir / "best.pt")})
+    trust_then_test(args, trainer, parts, run_dir, device, config)
     print_next_steps(run_dir, data_dir)
     return 0
 

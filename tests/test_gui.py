@@ -63,6 +63,11 @@ def errors(monkeypatch, gui):
     return seen
 
 
+def listed(app) -> list[str]:
+    """The file names the list shows, without the Dice / trust figures before them."""
+    return [entry.rsplit("  ", 1)[-1] for entry in app.listbox_entries()]
+
+
 def pump(root, seconds: float = 0.0) -> None:
     """Let Tk process pending events (and idle redraws) for a while."""
     end = time.monotonic() + seconds
@@ -100,7 +105,7 @@ def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeyp
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     pump(root)
     assert errors == []
-    assert app.listbox_entries() == [it.name for it in items] and len(items) == 30
+    assert listed(app) == [it.name for it in items] and len(items) == 30
     assert app.index == 0 and app.listbox.curselection() == (0,)
     assert app.threshold == 0.5 and app.threshold_var.get() == 0.5  # the checkpoint's threshold
 
@@ -149,7 +154,7 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
     items, note = gui.dataset_items(SAMPLE, "all")
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     app.filter_class("malignant")
-    assert app.listbox_entries() == [it.name for it in items if it.label == "malignant"]
+    assert listed(app) == [it.name for it in items if it.label == "malignant"]
     assert all(app.items[i].label == "malignant" for i in app.visible) and app.current.label == "malignant"
 
     app.filter_class("all")
@@ -187,10 +192,36 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
     app.select(len(normal) - 1)
     assert app.index == len(normal) - 1 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.55))
     app.sort_by_name()
-    assert app.listbox_entries() == [it.name for it in items if it.label == "normal"]
+    assert listed(app) == [it.name for it in items if it.label == "normal"]
     with pytest.raises(ValueError):
         app.filter_class("cysts")
     assert errors == []
+
+
+def test_trust_beside_each_image_sort_by_trust_and_flags(root, gui, checkpoint, errors, tmp_path):
+    """The shown image's trust in the text, every predicted image's Dice and trust in the list, "Sort by trust"
+    lowest first, flagged images marked; a checkpoint without trust statistics says so instead."""
+    items, note = gui.dataset_items(SAMPLE, "all")
+    app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
+    first = app.cache[app.current.key]
+    assert first.trust is not None and f"trust {first.trust:.2f}" in app.info_text
+    assert app.listbox_entries()[0].startswith(f"{app.dice:.3f}  trust {first.trust:.2f}")  # before any sort
+    app.fitted_trust["review_below"] = 0.5  # this tiny model's scores fall on both sides of it
+    app.cache.clear()
+    app.sort_by_trust(background=False)
+    scores = [app.cache[app.items[i].key].trust for i in app.visible]
+    assert scores == sorted(scores) and len(scores) == len(items)
+    assert "sorted 30 images by trust, lowest first" in app.status
+    flagged = [e for e in app.listbox_entries() if gui.REVIEW_MARK in e]
+    assert len(flagged) == sum(s < 0.5 for s in scores) and f"{len(flagged)} flagged for review" in app.status
+    app.select(0)
+    assert ("REVIEW" in app.info_text) == (scores[0] < 0.5)
+
+    plain = save_tiny_checkpoint(tmp_path / "plain.pt", with_trust=False)
+    assert app.load_checkpoint(plain) and "no trust scores" in app.status
+    app.sort_by_trust(background=False)
+    assert len(errors) == 1 and "no trust statistics" in errors[0]
+    assert "trust" not in app.info_text and errors.pop()
 
 
 def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors, tmp_path):
@@ -204,7 +235,7 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     assert app.open_images([good, broken]) == 1
     assert len(errors) == 1 and "broken.png" in errors[0]
     pump(root)
-    assert app.current.name == "new scan.jpg" and app.listbox_entries()[app.index] == "new scan.jpg"
+    assert app.current.name == "new scan.jpg" and listed(app)[app.index] == "new scan.jpg"
     assert app.dice is None and app.iou is None and "no ground truth" in app.info_text
     assert app.cache[app.current.key].prob.shape == (77, 123)
     np.testing.assert_allclose(app.cache[app.current.key].prob.astype(np.float32),

@@ -40,15 +40,22 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
     assert train(root, tmp_path, "--epochs", "2", "--run-name", "r") == 0
     run = tmp_path / "r"
     for name in ("best.pt", "latest.pt", "history.csv", "curves.png", "metrics.json", "test_predictions.csv",
-                 "test_report.png", "split.json"):
+                 "test_report.png", "split.json", "calibration.png"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"lesion_dice", "lesion_iou", "normal_fp_rate", "per_class", "malignancy_auc"} <= set(metrics["test"])
+    # the trust score is fitted at the end (train and validation) and stored in best.pt; the test report uses it
+    fitted, why_not = checkpoints.fitted_trust(checkpoints.load_checkpoint(run / "best.pt"))
+    assert why_not is None and fitted["n_fit"] == 4 * len(json.loads((run / "split.json").read_text())["val"])
+    assert {"auroc_trust", "auroc_max_probability", "risk_coverage_lesion_dice", "malignancy_ece"} <= \
+        set(metrics["test"]["trust"])
     assert metrics["best_epoch"] in (1, 2) and metrics["config"]["image_size"] == 32
     test_names = json.loads((run / "split.json").read_text())["test"]
     with open(run / "test_predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["file"] for r in rows) == sorted(test_names)
+    assert all(0 <= float(r["trust"]) <= 1 and r["review"] == ("REVIEW" if float(r["trust"]) < fitted["review_below"]
+                                                                else "") for r in rows)
     assert [int(h["epoch"]) for h in history(run)] == [1, 2]
     out = capsys.readouterr().out
     assert "epoch   1/2 | train loss" in out and "img/s" in out
@@ -80,8 +87,9 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
     # an ensemble of two checkpoints of the run evaluates like one model; an exported model cannot be resumed
     checkpoints.export_checkpoint([run / "best.pt", run / "latest.pt"], tmp_path / "ens.pt")
     assert train(root, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "ens.pt"), "--run-name", "ev-ens") == 0
-    assert "UNetEnsemble" in capsys.readouterr().out
-    assert set(json.loads((tmp_path / "ev-ens" / "metrics.json").read_text())["test"]) == set(metrics["test"])
+    captured = capsys.readouterr()
+    assert "UNetEnsemble" in captured.out and "trust scores unavailable" in captured.err  # fitted per model
+    assert set(json.loads((tmp_path / "ev-ens" / "metrics.json").read_text())["test"]) == set(metrics["test"]) - {"trust"}
     assert train(root, tmp_path, "--resume", str(tmp_path / "ens.pt")) == 2
     assert "holds weights only" in capsys.readouterr().err
 

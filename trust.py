@@ -1,0 +1,353 @@
+"""How far to trust each prediction, and calibrated class probabilities: tensor maths only (no I/O, no model).
+
+A trust score is "the probability that this image's outline is right" (lesion Dice >= 0.5, or an empty mask on a
+normal scan), predicted from what one forward pass and its left-right flipped twin already give: how sure and
+how stable the mask is, how sure the class head is that there is a lesion, and how far the scan's deepest
+features sit from the training split's. A logistic regression, fitted on the VALIDATION split only, turns those
+into one number in [0, 1]; scans below a threshold chosen there are flagged for review. The statistics and the
+regression are stored in the checkpoint under "trust", so one file carries everything.
+
+Calibration: two temperatures, fitted on validation, rescale the class head's lesion-vs-normal and
+malignant-vs-benign logits (temperature scaling: Guo et al., On Calibration of Modern Neural Networks, ICML 2017).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+import metrics
+
+TRUST_FORMAT = 1
+# An empty mask is right exactly when the scan has no lesion, an outline when it fits one: two questions, so the
+# outline's features count only where there is an outline, and the empty mask has features of its own.
+OUTLINE_FEATURES = ("max_probability", "flip_agreement", "flip_change", "mean_inside", "uncertain_band",
+                    "lesion_probability", "feature_distance", "log_area")
+EMPTY_FEATURES = ("empty_mask", "empty_mask_x_max_probability", "empty_mask_x_lesion_probability",
+                  "empty_mask_x_feature_distance")
+FEATURES = OUTLINE_FEATURES + EMPTY_FEATURES
+FAILURE_DICE = 0.5  # a lesion outline below this Dice counts as a failure (as does any outline on a normal scan)
+PCA_COMPONENTS = 16  # directions of the training features that the distance is measured along
+RIDGE = 1.0  # L2 penalty of the regression on standardised features
+SHIFTED_COPIES = 3  # copies of the validation split under the scanner transforms that the regression also sees
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-image features and the score
+# --------------------------------------------------------------------------------------------------------------
+def image_features(seg: torch.Tensor, flipped: torch.Tensor, cls: torch.Tensor | None, deep: torch.Tensor,
+                   threshold: float, stats: dict | None) -> torch.Tensor:
+    """[B, len(FEATURES)] float32 (`FEATURES`) from one batch: `seg` and `flipped` are the probability maps [B,1,S,S] of the
+    image and of its flipped twin (flipped back), `cls` the raw class probabilities [B,3] (benign, malignant,
+    normal) or None, `deep` the pooled deepest features [B,C], `stats` the training features' statistics (None:
+    distance 0)."""
+    p, q = seg[:, 0].float(), flipped[:, 0].float()
+    m, mq = p > threshold, q > threshold
+    area, area_q = m.sum((1, 2)).float(), mq.sum((1, 2)).float()
+    inter = (m & mq).sum((1, 2)).float()
+    both = area + area_q
+    agreement = torch.where(both > 0, 2 * inter / both.clamp_min(1), torch.ones_like(both))
+    change = (p - q).abs().sum((1, 2)) / (p.sum((1, 2)) + q.sum((1, 2)) + 1.0)
+    mean_inside = torch.where(area > 0, (p * m).sum((1, 2)) / area.clamp_min(1), torch.zeros_like(area))
+    band = ((p > 0.1) & (p < 0.9)).sum((1, 2)).float()
+    pixels = p.shape[-1] * p.shape[-2]
+    lesion = 1 - cls[:, 2].float() if cls is not None else torch.full_like(area, 0.5)
+    distance = feature_distance(deep, stats) if stats is not None else torch.zeros_like(area)
+    max_prob = p.flatten(1).amax(1)
+    outline = torch.stack([max_prob, agreement, change, mean_inside, torch.log((band + 1) / (area + 1)), lesion,
+                           distance, torch.log(area / pixels + 1e-4)], 1)
+    empty = (area == 0).float()
+    return torch.cat([outline * (1 - empty)[:, None],
+                      torch.stack([empty, empty * max_prob, empty * lesion, empty * distance], 1)], 1)
+
+
+def feature_statistics(deep: torch.Tensor, k: int = PCA_COMPONENTS) -> dict:
+    """The training split's pooled deepest features [N,C] summarised for `feature_distance`: their mean, the k
+    leading principal directions with their variances, and the mean squared residual outside them."""
+    deep = deep.double()
+    mean = deep.mean(0)
+    centred = deep - mean
+    k = max(1, min(k, deep.shape[0] - 1, deep.shape[1]))
+    _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+    components = vt[:k]
+    variances = (s[:k] ** 2 / max(1, deep.shape[0] - 1)).clamp_min(1e-8)
+    residual = centred - (centred @ components.T) @ components
+    return {"mean": mean.float(), "components": components.float(), "variances": variances.float(),
+            "residual": float((residual ** 2).sum(1).mean().clamp_min(1e-8))}
+
+
+def feature_distance(deep: torch.Tensor, stats: dict) -> torch.Tensor:
+    """log of (the squared Mahalanobis distance along the leading directions per direction + the squared residual
+    relative to training's): about 0 for a typical training scan, larger the less the scan looks like them."""
+    mean, components = stats["mean"].to(deep), stats["components"].to(deep)
+    centred = deep.float() - mean
+    z = centred @ components.T
+    residual = ((centred - z @ components) ** 2).sum(1) / stats["residual"]
+    return torch.log((z ** 2 / stats["variances"].to(deep)).mean(1) + residual + 1e-6)
+
+
+def score(features: torch.Tensor, trust: dict) -> torch.Tensor:
+    """[B] trust in [0, 1]: the fitted probability that each outline is right."""
+    z = (features.float() - trust["feature_mean"].to(features)) / trust["feature_std"].to(features)
+    return torch.sigmoid(z @ trust["weights"].to(features) + trust["bias"])
+
+
+def calibrated(cls: torch.Tensor, trust: dict | None) -> torch.Tensor:
+    """Class probabilities [B,3] (benign, malignant, normal) with the fitted temperatures applied: P(lesion) =
+    sigmoid(lesion logit / T_lesion), P(malignant | lesion) = sigmoid(malignancy logit / T_malignancy), where the
+    logits are log((pb+pm)/pn) and log(pm/pb). Unchanged without a fit."""
+    if trust is None or "temperatures" not in trust:
+        return cls
+    lesion_logit, malignancy_logit = class_logits(cls)
+    t_lesion, t_malignancy = trust["temperatures"]
+    p_lesion = torch.sigmoid(lesion_logit / t_lesion)
+    p_malignant = torch.sigmoid(malignancy_logit / t_malignancy)
+    return torch.stack([p_lesion * (1 - p_malignant), p_lesion * p_malignant, 1 - p_lesion], -1)
+
+
+def class_logits(cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lesion-vs-normal, malignant-vs-benign) logits from 3-way probabilities (benign, malignant, normal)."""
+    p = cls.double().clamp_min(1e-12)
+    return torch.log((p[..., 0] + p[..., 1]) / p[..., 2]).float(), torch.log(p[..., 1] / p[..., 0]).float()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fitting on the validation split
+# --------------------------------------------------------------------------------------------------------------
+def failures(records: list[dict]) -> np.ndarray:
+    """Per image: was the outline wrong? Lesion scans: Dice below FAILURE_DICE (a missed lesion included);
+    normal scans: any outline."""
+    return np.array([(r["pred_pixels"] > 0) if r["label"] == "normal" else (r["dice"] < FAILURE_DICE)
+                     for r in records], dtype=bool)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = RIDGE, steps: int = 100) -> tuple[np.ndarray, float]:
+    """L2-penalised logistic regression by Newton's method (the bias unpenalised): (weights, bias)."""
+    n, d = x.shape
+    a = np.c_[x, np.ones(n)]
+    w = np.zeros(d + 1)
+    penalty = np.r_[np.full(d, ridge), 0.0]
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-np.clip(a @ w, -30, 30)))
+        grad = a.T @ (p - y) + penalty * w
+        hess = (a * (p * (1 - p))[:, None]).T @ a + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w[:-1], float(w[-1])
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the binary log-loss of sigmoid(logit / T) (a grid, then a finer one: robust
+    with few images); 1 when there is nothing to fit."""
+    logits, labels = np.asarray(logits, float), np.asarray(labels, float)
+    if len(logits) == 0 or labels.min() == labels.max():
+        return 1.0
+
+    def loss(t):
+        z = logits / t
+        return float(np.mean(np.logaddexp(0, z) - labels * z))
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 200))
+    best = grid[int(np.argmin([loss(t) for t in grid]))]
+    fine = np.linspace(best / 1.05, best * 1.05, 41)
+    return float(fine[int(np.argmin([loss(t) for t in fine]))])
+
+
+def fit(train_deep: torch.Tensor, inputs: dict, fit_records: list[dict], val_records: list[dict],
+        threshold: float, source: str) -> dict:
+    """The "trust" entry of a checkpoint. `train_deep`: the training split's pooled deepest features; `inputs`:
+    the tensors `image_features` takes (seg, flipped, cls, deep), one row per record of `fit_records` (dice,
+    pred_pixels, label), whose first rows are `val_records` (the validation split as it is, with class_probs):
+    the temperatures are fitted on those."""
+    stats = feature_statistics(train_deep)
+    x = image_features(inputs["seg"], inputs["flipped"], inputs["cls"], inputs["deep"], threshold, stats)
+    x = x.double().numpy()
+    mean, std = x.mean(0), x.std(0)
+    std[std < 1e-6] = 1.0  # a constant feature (no class head, no empty mask) gets no weight
+    right = ~failures(fit_records)
+    weights, bias = fit_logistic((x - mean) / std, right.astype(float))
+    trust = {"format": TRUST_FORMAT, "features": list(FEATURES), "statistics": stats,
+             "feature_mean": torch.tensor(mean, dtype=torch.float32), "feature_std": torch.tensor(std, dtype=torch.float32),
+             "weights": torch.tensor(weights, dtype=torch.float32), "bias": bias, "fitted_on": source,
+             "n_fit": int(len(right)), "n_failures": int((~right).sum())}
+    scores = score(torch.tensor(x, dtype=torch.float32), trust).numpy()
+    trust["review_below"] = review_threshold(scores, ~right)
+    if inputs["cls"] is not None:
+        n = len(val_records)
+        lesion_logit, malignancy_logit = (v[:n].numpy() for v in class_logits(inputs["cls"]))
+        has_lesion = np.array([r["label"] != "normal" for r in val_records])
+        malignant = np.array([r["label"] == "malignant" for r in val_records])
+        trust["temperatures"] = [fit_temperature(lesion_logit, has_lesion),
+                                 fit_temperature(malignancy_logit[has_lesion], malignant[has_lesion])]
+    return trust
+
+
+def review_threshold(scores: np.ndarray, failed: np.ndarray) -> float:
+    """The score below which a scan is flagged: the cut with the largest (failures caught - others flagged), as
+    fractions (Youden's J), on the scores it is fitted on; 0 (flag none) without both kinds of image."""
+    if failed.all() or not failed.any():
+        return 0.0
+    cuts = np.unique(scores)
+    j = [(scores[failed] < c).mean() - (scores[~failed] < c).mean() for c in cuts]
+    k = int(np.argmax(j))
+    return float((cuts[k] + cuts[k - 1]) / 2 if k > 0 else cuts[0])
+
+
+def trust_problem(trust) -> str | None:
+    """What is wrong with a checkpoint's "trust" entry (None: usable)."""
+    if not isinstance(trust, dict) or trust.get("format") != TRUST_FORMAT:
+        return "not a trust entry of this version"
+    if list(trust.get("features", [])) != list(FEATURES):
+        return f"fitted on other features ({trust.get('features')})"
+    for key in ("feature_mean", "feature_std", "weights"):
+        if not isinstance(trust.get(key), torch.Tensor) or trust[key].shape != (len(FEATURES),):
+            return f"{key} should be {len(FEATURES)} numbers"
+    stats = trust.get("statistics")
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), torch.Tensor)
+                                              for k in ("mean", "components", "variances")):
+        return "its feature statistics are incomplete"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# How good a score is: for reports
+# --------------------------------------------------------------------------------------------------------------
+def auroc(risk, positives) -> float:
+    """AUROC of `risk` at picking out `positives` (nan without both)."""
+    return metrics.roc_auc(risk, positives)
+
+
+def caught_in_flagged(risk, failed, fraction: float = 0.2) -> float:
+    """Share of all failures among the `fraction` of images with the highest risk (nan without failures)."""
+    risk, failed = np.asarray(risk, float), np.asarray(failed, bool)
+    if not failed.any():
+        return float("nan")
+    k = int(math.ceil(fraction * len(risk)))
+    order = np.argsort(-risk, kind="stable")[:k]
+    return float(failed[order].sum() / failed.sum())
+
+
+def risk_coverage(trust, dice, coverages=tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))) -> list[list[float]]:
+    """[[coverage, mean Dice of the most-trusted `coverage` of images], ...] (lesion images: the caller's)."""
+    trust, dice = np.asarray(trust, float), np.asarray(dice, float)
+    order = np.argsort(-trust, kind="stable")
+    out = []
+    for c in coverages:
+        k = max(1, int(round(c * len(trust))))
+        out.append([float(c), float(dice[order[:k]].mean()) if len(trust) else float("nan")])
+    return out
+
+
+def expected_calibration_error(probs, labels, bins: int = 10) -> float:
+    """ECE: the mean |accuracy - confidence| over equal-width probability bins, weighted by their counts (the
+    positive class's probability against its frequency)."""
+    probs, labels = np.asarray(probs, float), np.asarray(labels, float)
+    if len(probs) == 0:
+        return float("nan")
+    edges = np.minimum((probs * bins).astype(int), bins - 1)
+    return float(sum(abs(labels[edges == b].mean() - probs[edges == b].mean()) * (edges == b).sum()
+                     for b in range(bins) if (edges == b).any()) / len(probs))
+
+
+def reliability(probs, labels, bins: int = 10) -> list[list[float]]:
+    """[[mean probability, observed frequency, count], ...] per non-empty bin: a reliability diagram's points."""
+    probs, labels = np.asarray(probs, float), np.asarray(labels, float)
+    edges = np.minimum((probs * bins).astype(int), bins - 1)
+    return [[float(probs[edges == b].mean()), float(labels[edges == b].mean()), int((edges == b).sum())]
+            for b in range(bins) if (edges == b).any()]
+
+
+def report(records: list[dict]) -> dict:
+    """The trust figures of a scored split (records with dice, label, pred_pixels, trust, max_probability[,
+    malignancy, lesion_probability]): for metrics.json."""
+    failed = failures(records)
+    trust = np.array([r["trust"] for r in records])
+    max_prob = np.array([r["max_probability"] for r in records])
+    lesion = np.array([r["label"] != "normal" for r in records])
+    dice = np.array([r["dice"] for r in records])
+    review = np.array([r["review"] for r in records])
+    top80 = risk_coverage(trust[lesion], dice[lesion], (1.0, 0.8)) if lesion.any() else [[1.0, math.nan]] * 2
+    out = {"failure_definition": f"lesion Dice < {FAILURE_DICE} (a missed lesion included), or any outline on a "
+                                 f"normal scan",
+           "n_images": int(len(records)), "n_failures": int(failed.sum()),
+           "auroc_trust": auroc(-trust, failed), "auroc_max_probability": auroc(-max_prob, failed),
+           "failures_in_lowest_20pct_trust": caught_in_flagged(-trust, failed),
+           "failures_in_lowest_20pct_max_probability": caught_in_flagged(-max_prob, failed),
+           "lesion_dice_all": top80[0][1], "lesion_dice_most_trusted_80pct": top80[1][1],
+           "risk_coverage_lesion_dice": risk_coverage(trust[lesion], dice[lesion]) if lesion.any() else [],
+           "risk_coverage_lesion_dice_max_probability": (risk_coverage(max_prob[lesion], dice[lesion])
+                                                         if lesion.any() else []),
+           "review_flagged": int(review.sum()), "review_failures_caught": int((review & failed).sum())}
+    if "malignancy" in records[0]:
+        mal = [(r["malignancy"], r["label"] == "malignant") for r in records if r["label"] != "normal"]
+        if mal:
+            out["malignancy_ece"] = expected_calibration_error(*zip(*mal))
+            out["malignancy_reliability"] = reliability(*zip(*mal))
+            out["malignancy_ece_uncalibrated"] = expected_calibration_error(
+                [r["malignancy_uncalibrated"] for r in records if r["label"] != "normal"], [m for _, m in mal])
+        out["lesion_probability_ece"] = expected_calibration_error([r["lesion_probability"] for r in records],
+                                                                   lesion)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line: add the trust entry to a checkpoint trained without one
+# --------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    """python trust.py --checkpoint IN.pt --data-dir BUSI --output OUT.pt"""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="Fit the per-image trust score and the calibration of the class "
+                                     "probabilities of a trained checkpoint on its own split (feature statistics on "
+                                     "train, the rest on validation; the test split is not read) and write the "
+                                     "checkpoint with them as a NEW file. Training does this itself at its end.")
+    parser.add_argument("--checkpoint", required=True, help="a run's best.pt or an exported model")
+    parser.add_argument("--data-dir", required=True, help="the data the checkpoint was trained on (image folder)")
+    parser.add_argument("--split-file", default=None,
+                        help="its split (default: the one the checkpoint records, else splits/busi_split.json)")
+    parser.add_argument("--output", required=True, help="the new checkpoint (an existing file is never replaced); "
+                        "a reliability diagram of the validation split is written beside it")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    import checkpoints
+    import dataset
+    import evaluation
+    import utils
+    try:
+        out = Path(args.output)
+        if out.exists():
+            raise ValueError(f"{out} exists: give a new file name (nothing is overwritten)")
+        device = utils.pick_device(args.device)
+        model, state = checkpoints.load_model(args.checkpoint, device)
+        config = state.get("config") or {}
+        size, threshold = int(config.get("image_size", 256)), float(config.get("threshold", 0.5))
+        split_file = args.split_file or (config.get("split_file") if config.get("split_file") and
+                                         Path(config["split_file"]).is_file() else dataset.DEFAULT_SPLIT_FILE)
+        data_dir = Path(args.data_dir)
+        samples = dataset.discover_samples(data_dir)
+        split, _ = dataset.choose_split(data_dir, samples, split_file, explicit=True)
+        cache = dataset.build_cache(data_dir, samples, size, ".cache")
+        parts = {k: dataset.subset(cache, split[k]) for k in ("train", "val")}
+        fitted, records = evaluation.fit_trust(model, parts["train"], parts["val"], device,
+                                               utils.inference_dtype(device), threshold, bool(config.get("tta")), 32,
+                                               f"validation split of {split_file} ({len(split['val'])} images) and "
+                                               f"{SHIFTED_COPIES} shifted copies; statistics of its train split")
+        checkpoints.save_checkpoint({**state, "trust": fitted}, out)
+        figure = out.with_name(out.stem + "_calibration.png")
+        evaluation.write_calibration_figure(figure, records, fitted)
+    except (dataset.DataError, checkpoints.CheckpointError, ValueError, OSError) as exc:
+        print(f"error: {utils.printable(exc)}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (trust fitted on {fitted['n_fit']} images, {fitted['n_failures']} failures; review below "
+          f"{fitted['review_below']:.3f}; temperatures {fitted.get('temperatures')}) and {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
