@@ -26,20 +26,58 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+import utils  # (torch-free: --help is answered before torch loads, below)
 
-import dataset
-import inference
-import utils
-from augment import AugmentConfig
-from losses import BCEDiceLoss, total_loss
-from training import TrainStep, make_grad_scaler, make_optimizer
-import unet
-from unet import LiteUNet, UNet
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--data-dir", default=None,
+                   help="BUSI layout dir (default: ./Dataset_BUSI_with_GT, else the bundled sample)")
+    # model defaults: train_unet_busi.py's default recipe (LiteUNet lite0 at 192 px)
+    p.add_argument("--encoder", default="lite0", choices=("none", "lite0", "lite1", "lite2"),
+                   help="none: UNet (--base-channels, --depth); liteN: LiteUNet on an EfficientNet-LiteN encoder")
+    p.add_argument("--image-size", type=int, default=192)
+    p.add_argument("--full-res-decoder", action=argparse.BooleanOptionalAction, default=False,
+                   help="LiteUNet: a last decoder stage at full resolution")
+    p.add_argument("--base-channels", type=int, default=16)
+    p.add_argument("--depth", type=int, default=4)
+    # the loss as train_unet_busi.py's defaults set it when the README's figures were measured
+    p.add_argument("--deep-supervision", type=float, default=0.5,
+                   help="weight of the aux losses, as in training; 0 = no aux heads (default: %(default)s)")
+    p.add_argument("--dice-per-image", action=argparse.BooleanOptionalAction, default=True,
+                   help="soft-Dice loss per image, as in training (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per pipeline")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, workers start)")
+    p.add_argument("--naive-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes of the naive pipeline")
+    p.add_argument("--no-amp", action="store_true", help="project pipeline in fp32 too")
+    p.add_argument("--compile", action="store_true", help="torch.compile the project model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the project's step: time per op type, forward/backward, decoder, roofline")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    return p
+
+
+if __name__ == "__main__":
+    utils.answer_help_early(build_parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import dataset  # noqa: E402
+import inference  # noqa: E402
+import unet  # noqa: E402
+from augment import AugmentConfig  # noqa: E402
+from losses import BCEDiceLoss, total_loss  # noqa: E402
+from training import TrainStep, make_grad_scaler, make_optimizer  # noqa: E402
+from unet import LiteUNet, UNet  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' datasheets, matched by device name.
 BF16_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -428,39 +466,6 @@ def bench_naive(args, device, data_dir, samples):
     return {"train_img_s": args.batch_size / step_time, "step_s": step_time, "data_share": data_wait / step_time / 1,
             "peak_mem_mb": peak_memory_mb(device), "flops_per_img": None, "infer_img_s": infer, "dtype": "float32",
             "layout": "NCHW"}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--data-dir", default=None,
-                   help="BUSI layout dir (default: ./Dataset_BUSI_with_GT, else the bundled sample)")
-    # model defaults: train_unet_busi.py's default recipe (LiteUNet lite0 at 192 px)
-    p.add_argument("--encoder", default="lite0", choices=("none", "lite0", "lite1", "lite2"),
-                   help="none: UNet (--base-channels, --depth); liteN: LiteUNet on an EfficientNet-LiteN encoder")
-    p.add_argument("--image-size", type=int, default=192)
-    p.add_argument("--full-res-decoder", action=argparse.BooleanOptionalAction, default=False,
-                   help="LiteUNet: a last decoder stage at full resolution")
-    p.add_argument("--base-channels", type=int, default=16)
-    p.add_argument("--depth", type=int, default=4)
-    # the loss as train_unet_busi.py's defaults set it when the README's figures were measured
-    p.add_argument("--deep-supervision", type=float, default=0.5,
-                   help="weight of the aux losses, as in training; 0 = no aux heads (default: %(default)s)")
-    p.add_argument("--dice-per-image", action=argparse.BooleanOptionalAction, default=True,
-                   help="soft-Dice loss per image, as in training (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per pipeline")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, workers start)")
-    p.add_argument("--naive-workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader worker processes of the naive pipeline")
-    p.add_argument("--no-amp", action="store_true", help="project pipeline in fp32 too")
-    p.add_argument("--compile", action="store_true", help="torch.compile the project model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", action="store_true",
-                   help="also profile the project's step: time per op type, forward/backward, decoder, roofline")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
-    return p
 
 
 def print_table(project: dict, naive: dict, device) -> tuple[float, float, float | None, dict | None]:

@@ -11,10 +11,9 @@ import torch
 
 import trust
 import unet
-from utils import torch_save
+from utils import DEFAULT_CHECKPOINT, torch_save  # noqa: F401 (the shipped model: every tool's default)
 
 CHECKPOINT_FORMAT = "busi-unet-v1"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "busi_lite0_192.pt"
 
 
 class CheckpointError(Exception):

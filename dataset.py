@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import utils
-from utils import atomic_write
+from utils import DEFAULT_SPLIT_FILE, atomic_write
 
 CLASSES = ("benign", "malignant", "normal")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -39,7 +39,6 @@ IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 # the stems predict_busi.py gives its outputs (<stem>_pred.png, <stem>_overlay.png): never a scan, never a label
 PREDICTION_STEMS = ("_pred", "_overlay")
 MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?\Z", re.DOTALL)
-DEFAULT_SPLIT_FILE = Path(__file__).resolve().parent / "splits" / "busi_split.json"
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 SPLIT_SEED = 0
 # Two images are near-duplicates when their 64-bit perceptual hashes differ in at most this many bits.

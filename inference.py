@@ -18,13 +18,6 @@ from augment import to_unit_float
 from utils import autocast
 
 
-def default_threads() -> int:
-    """PyTorch CPU threads: half the cores (at least 1, at most 8). The rest decode and write images; and when
-    another job (a training run) keeps the cores busy, PyTorch's full-size thread pool slows down several times
-    over (measured: 1.0 s instead of 0.03 s for one 128-px image on 2 busy cores)."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
 def deepest_layer(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder's first stage, whose input is the model's deepest feature map (an ensemble: its first
     member's)."""

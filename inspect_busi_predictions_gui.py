@@ -18,27 +18,56 @@ import functools
 import os
 import sys
 import time
-import tkinter as tk
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from tkinter import filedialog, messagebox, ttk
 
-import numpy as np
-import torch
-from matplotlib.backends.backend_tkagg import FigureCanvasTkAgg, NavigationToolbar2Tk
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-
-import checkpoints
-import dataset
-import metrics
-import unet
-import utils
-from checkpoints import DEFAULT_CHECKPOINT
-from inference import default_threads, predict_images
+import utils  # (torch-free: --help is answered from it before torch, Tk and Matplotlib load, below)
+from utils import DEFAULT_CHECKPOINT, default_threads
 
 SPLITS = ("train", "val", "test", "all")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line (first, so that --help needs nothing heavier than argparse)
+# --------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Tk window to inspect a BUSI U-Net's predictions: image, ground truth vs predicted outline, "
+                    "probability map, per-image Dice/IoU at the original resolution, trust score (the scans to check "
+                    "first), live threshold slider. Research use only: not for clinical decisions.",
+        epilog="Without --data-dir: ./Dataset_BUSI_with_GT if present, else the bundled sample data/busi_sample. "
+               "Keys: Left/Right = previous/next image.")
+    p.add_argument("images", nargs="*", help="image files to open without ground truth (instead of a data set)")
+    p.add_argument("--checkpoint", default=str(utils.shown_path(DEFAULT_CHECKPOINT)), help="model or ensemble (.pt); default: %(default)s")
+    p.add_argument("--data-dir", default=None, help="BUSI-layout folder with benign/, malignant/, normal/")
+    p.add_argument("--split", default="test", choices=SPLITS, help="which images to list; default: %(default)s")
+    p.add_argument("--split-file", default=str(utils.DEFAULT_SPLIT_FILE),
+                   help="split JSON, used when it lists exactly the data dir's images (else one is computed)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=utils.positive_int, default=default_threads(), help="CPU threads for inference; "
+                   "default: %(default)s")
+    return p
+
+
+if __name__ == "__main__":
+    utils.answer_help_early(build_parser)
+
+import tkinter as tk  # noqa: E402
+from tkinter import filedialog, messagebox, ttk  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.backends.backend_tkagg import FigureCanvasTkAgg, NavigationToolbar2Tk  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+import checkpoints  # noqa: E402
+import dataset  # noqa: E402
+import metrics  # noqa: E402
+import unet  # noqa: E402
+from inference import predict_images  # noqa: E402
+
 CLASS_FILTERS = ("all", *dataset.CLASSES)
 # Cyan and orange stay distinguishable on grey ultrasound and for red-green colour-blind viewers; the prediction
 # colour matches the outlines that predict_busi.py draws.
@@ -761,26 +790,8 @@ class InspectorApp:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Command line
+# The command (its parser is at the top)
 # --------------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Tk window to inspect a BUSI U-Net's predictions: image, ground truth vs predicted outline, "
-                    "probability map, per-image Dice/IoU at the original resolution, live threshold slider.",
-        epilog="Without --data-dir: ./Dataset_BUSI_with_GT if present, else the bundled sample data/busi_sample. "
-               "Keys: Left/Right = previous/next image.")
-    p.add_argument("images", nargs="*", help="image files to open without ground truth (instead of a data set)")
-    p.add_argument("--checkpoint", default=str(utils.shown_path(DEFAULT_CHECKPOINT)), help="model or ensemble (.pt); default: %(default)s")
-    p.add_argument("--data-dir", default=None, help="BUSI-layout folder with benign/, malignant/, normal/")
-    p.add_argument("--split", default="test", choices=SPLITS, help="which images to list; default: %(default)s")
-    p.add_argument("--split-file", default=str(dataset.DEFAULT_SPLIT_FILE),
-                   help="split JSON, used when it lists exactly the data dir's images (else one is computed)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=utils.positive_int, default=default_threads(), help="CPU threads for inference; "
-                   "default: %(default)s")
-    return p
-
-
 def resolve_items(args) -> tuple[list[Item], str, str | None]:
     """(items, a note on their source, an error message or None) from the command line."""
     if args.images:

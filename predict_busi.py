@@ -43,16 +43,72 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+import utils  # (torch-free: --help is answered from it before torch loads, below)
+from utils import DEFAULT_CHECKPOINT, default_threads
 
-import checkpoints
-import dataset
-import metrics
-import utils
-from checkpoints import DEFAULT_CHECKPOINT
-from inference import default_threads, predict_images
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line (first, so that --help needs nothing heavier than argparse)
+# --------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Segment breast-ultrasound lesions in new images with a trained BUSI U-Net. Research use "
+                    "only: not a medical device, not for clinical decisions (the shipped model's card: "
+                    "checkpoints/README.md). Writes "
+                    "<stem>_pred.png (0/255, the input's displayed size), <stem>_overlay.png (predicted outline on "
+                    "the scan) and predictions.csv (lesion size, max probability, malignancy probability, a check column "
+                    "flagging a class head that says normal beside a non-empty mask, and the "
+                    "mask and overlay file names: exactly the files written) into --output. Inputs that share a "
+                    "stem keep their extension (a.png -> a.png_pred.png, a.jpg -> a.jpg_pred.png); the same name "
+                    "from two folders gets _2, _3, ... Every file is written under a temp name and renamed into "
+                    "place. Ctrl-C / SIGTERM: the images in flight are finished, predictions.csv lists exactly the "
+                    "files written, exit code 130.",
+        epilog="Exit codes: 0 all written; 1 some input files could not be read (named on stderr, the rest are "
+               "written); 2 bad checkpoint, bad option, an --input that matches nothing, a refused --output folder, "
+               "or a model whose outputs are not finite (NaN or inf); "
+               "130 interrupted.",
+    )
+    p.add_argument("--checkpoint", default=str(utils.shown_path(DEFAULT_CHECKPOINT)), help="trained model or ensemble (.pt); default: %(default)s")
+    p.add_argument("--input", required=True, action="extend", nargs="+", metavar="INPUT",
+                   help="one or more image files, folders (their images; ground-truth files X_mask.png, "
+                        "X_mask_N.png are skipped) or glob patterns such as 'scans/*.png' (quoted: expanded here; "
+                        "unquoted: by the shell); repeat it (--input a --input b) or list several (--input a b). "
+                        "All are predicted, a file reached twice once; one that matches nothing is an error")
+    p.add_argument("--output", required=True,
+                   help="folder for the masks, overlays and predictions.csv; a file this run did not create is "
+                        "never overwritten, and a folder holding an earlier run's outputs (predictions.csv, or "
+                        "files with this run's output names) is refused unless --overwrite is given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier run that are listed in the output folder's "
+                        "predictions.csv and that this run writes again; predictions.csv then lists exactly this "
+                        "run's files (the earlier run's other files stay, unlisted). A file no predictions.csv "
+                        "lists, e.g. ground truth X_mask.png when --output is the input folder, is never replaced: "
+                        "such a folder is refused")
+    p.add_argument("--threshold", type=utils.probability, default=None,
+                   help="lesion probability threshold (default: the checkpoint's, else 0.5)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps; default: %(default)s")
+    p.add_argument("--batch-size", type=utils.positive_int, default=16,
+                   help="images per forward pass and per chunk held in memory; default: %(default)s")
+    p.add_argument("--threads", type=utils.positive_int, default=default_threads(),
+                   help="CPU threads for inference; default: %(default)s (half the cores: an oversubscribed CPU "
+                        "runs PyTorch many times slower)")
+    p.add_argument("--tta", action="store_true", help="average with the left-right flipped prediction")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+if __name__ == "__main__":
+    utils.answer_help_early(build_parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import checkpoints  # noqa: E402
+import dataset  # noqa: E402
+import metrics  # noqa: E402
+from inference import predict_images  # noqa: E402
 
 CSV_NAME = "predictions.csv"
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
@@ -429,56 +485,8 @@ def stop_on_signals(stop: threading.Event):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Command line
+# The command (its parser is at the top)
 # --------------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Segment breast-ultrasound lesions in new images with a trained BUSI U-Net. Research use "
-                    "only: not a medical device, not for clinical decisions (the shipped model's card: "
-                    "checkpoints/README.md). Writes "
-                    "<stem>_pred.png (0/255, the input's displayed size), <stem>_overlay.png (predicted outline on "
-                    "the scan) and predictions.csv (lesion size, max probability, malignancy probability, a check column "
-                    "flagging a class head that says normal beside a non-empty mask, and the "
-                    "mask and overlay file names: exactly the files written) into --output. Inputs that share a "
-                    "stem keep their extension (a.png -> a.png_pred.png, a.jpg -> a.jpg_pred.png); the same name "
-                    "from two folders gets _2, _3, ... Every file is written under a temp name and renamed into "
-                    "place. Ctrl-C / SIGTERM: the images in flight are finished, predictions.csv lists exactly the "
-                    "files written, exit code 130.",
-        epilog="Exit codes: 0 all written; 1 some input files could not be read (named on stderr, the rest are "
-               "written); 2 bad checkpoint, bad option, an --input that matches nothing, a refused --output folder, "
-               "or a model whose outputs are not finite (NaN or inf); "
-               "130 interrupted.",
-    )
-    p.add_argument("--checkpoint", default=str(utils.shown_path(DEFAULT_CHECKPOINT)), help="trained model or ensemble (.pt); default: %(default)s")
-    p.add_argument("--input", required=True, action="extend", nargs="+", metavar="INPUT",
-                   help="one or more image files, folders (their images; ground-truth files X_mask.png, "
-                        "X_mask_N.png are skipped) or glob patterns such as 'scans/*.png' (quoted: expanded here; "
-                        "unquoted: by the shell); repeat it (--input a --input b) or list several (--input a b). "
-                        "All are predicted, a file reached twice once; one that matches nothing is an error")
-    p.add_argument("--output", required=True,
-                   help="folder for the masks, overlays and predictions.csv; a file this run did not create is "
-                        "never overwritten, and a folder holding an earlier run's outputs (predictions.csv, or "
-                        "files with this run's output names) is refused unless --overwrite is given")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the files of an earlier run that are listed in the output folder's "
-                        "predictions.csv and that this run writes again; predictions.csv then lists exactly this "
-                        "run's files (the earlier run's other files stay, unlisted). A file no predictions.csv "
-                        "lists, e.g. ground truth X_mask.png when --output is the input folder, is never replaced: "
-                        "such a folder is refused")
-    p.add_argument("--threshold", type=utils.probability, default=None,
-                   help="lesion probability threshold (default: the checkpoint's, else 0.5)")
-    p.add_argument("--device", default="auto",
-                   help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps; default: %(default)s")
-    p.add_argument("--batch-size", type=utils.positive_int, default=16,
-                   help="images per forward pass and per chunk held in memory; default: %(default)s")
-    p.add_argument("--threads", type=utils.positive_int, default=default_threads(),
-                   help="CPU threads for inference; default: %(default)s (half the cores: an oversubscribed CPU "
-                        "runs PyTorch many times slower)")
-    p.add_argument("--tta", action="store_true", help="average with the left-right flipped prediction")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.output)

@@ -7,10 +7,9 @@
 
 Every hyperparameter is a field below with its default and a comment: edit it here, or pass the --flag of the
 same name (`--help` lists them all, from these definitions). The run folder <output-dir>/<run-name>/ receives
-latest.pt (at most once a minute, and at the end), best.pt (best validation score), history.csv, curves.png, and at
-the end the trust score and calibration fitted on train and validation (stored in best.pt; calibration.png), then
-metrics.json, test_predictions.csv and test_report.png from ONE evaluation of best.pt on the test split. The test split never
-chooses anything: the checkpoint is chosen on validation.
+latest.pt (at most once a minute, and at the end), best.pt (best validation score), history.csv, curves.png; at the
+end, the trust score and calibration fitted on train and validation (in best.pt; calibration.png), then metrics.json,
+test_predictions.csv and test_report.png from ONE evaluation of best.pt on the test split, which chooses nothing.
 """
 from __future__ import annotations
 
@@ -24,15 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-import checkpoints
-import dataset
-import evaluation
-import training
-import utils
-import unet
-from unet import LiteUNet, UNet
+import utils  # (torch-free: the flags and --help come from here before torch loads, below)
 from utils import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 
 
@@ -128,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "--threshold on val, so the test split chooses nothing; 'all' scores every image of "
                         "--data-dir without a split: an external test set such as BrEaST")
     return p
+
+
+if __name__ == "__main__":
+    utils.answer_help_early(build_parser)  # before the imports below: torch takes seconds to load
+
+import torch  # noqa: E402
+import checkpoints  # noqa: E402
+import dataset  # noqa: E402
+import evaluation  # noqa: E402
+import training  # noqa: E402
+import unet  # noqa: E402
+from unet import LiteUNet, UNet  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -266,12 +269,11 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
 
 
 def trust_then_test(args, trainer, parts, run_dir: Path, device, config: dict) -> None:
-    """Fit the trust score and calibration of best.pt on train and validation (stored in it), then evaluate it
-    ONCE on the test split."""
+    """Fit best.pt's trust score and calibration on train and validation, store them in it, then test it ONCE."""
     best, best_state = checkpoints.load_model(run_dir / "best.pt", device)
     best = best.to(memory_format=torch.channels_last)
-    print(f"best epoch {trainer.best_epoch} (validation all-image Dice {trainer.best_score:.4f}); fitting the trust "
-          f"score and calibration on train and validation (trust.py)", flush=True)
+    print(f"best epoch {trainer.best_epoch} (validation all-image Dice {trainer.best_score:.4f}); fitting trust.py's "
+          f"score and calibration on train and validation", flush=True)
     fitted, val_records = evaluation.fit_trust(best, parts["train"], parts["val"], device,
                                                utils.inference_dtype(device, args.amp), args.threshold, args.tta,
                                                args.eval_batch_size, "the validation split and shifted copies of it")
@@ -315,7 +317,7 @@ def run(args) -> int:
           f"parameters | device {device}, autocast: train {dtype}, eval {utils.inference_dtype(device, args.amp)} | "
           f"image {args.image_size}px", flush=True)
     if device.type == "cpu":
-        print(utils.describe_cpu(), flush=True)
+        print(utils.describe_cpu(dtype), flush=True)
     if args.eval_only:
         fitted, why_not = checkpoints.fitted_trust(state)
         if why_not:
