@@ -97,6 +97,11 @@ def fitted_trust(state: dict) -> tuple[dict | None, str | None]:
         return None, ("it holds no trust statistics: trust scores unavailable (add them with `python trust.py "
                       "--checkpoint PATH --data-dir DATA --output NEW.pt`)")
     problem = trust.trust_problem(entry)
+    if problem is None:  # the statistics must be of this model's deepest features (the decoder's first input)
+        width = [w.shape[0] for k, w in state["model"].items() if k.endswith("ups.0.up.weight")]
+        if width and width[0] != entry["statistics"]["mean"].shape[0]:
+            problem = (f"its feature statistics are {entry['statistics']['mean'].shape[0]} wide, the model's deepest "
+                       f"features {width[0]}")
     return (None, f"its trust entry is unusable ({problem}): trust scores unavailable") if problem else (entry, None)
 
 

@@ -46,8 +46,7 @@ def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device
                         thresholds, batch_size: int = 32, tta: bool = False,
                         class_names=dataset.CLASSES, on_logits=None, with_aux: bool = False,
                         fitted_trust: dict | None = None, trust_inputs: list | None = None) -> dict:
-    """`evaluate` for several thresholds from one inference pass: {threshold: (summary, records)} (trust scores
-    at the first threshold).
+    """`evaluate` for several thresholds from one inference pass: {threshold: (summary, records)}.
 
     The pixel counts stay on the device until one copy at the end: no host sync per image, so a GPU is not
     left idle while Python walks the split.
@@ -63,7 +62,7 @@ def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device
         if trust_inputs is not None:
             trust_inputs.append({k: None if v is None else v.cpu() for k, v in extras[0].items()})
         if fitted_trust is not None:
-            scores = inference.trust_of(extras[0], thresholds[0], fitted_trust)
+            scores = inference.trust_of(extras[0], fitted_trust)
             if cls is not None:
                 raw_malignancy += metrics.malignancy_probability(cls).cpu().tolist()
                 cls = trust.calibrated(cls, fitted_trust)
@@ -108,6 +107,8 @@ def fit_trust(model: torch.nn.Module, train: dict, val: dict, device: torch.devi
     under the scanner transforms (so that the score sees outlines fail for the reasons scans from elsewhere make
     them fail); the temperatures on the validation split as it is. Returns the checkpoint's "trust" entry and
     the validation records as the model gives them (uncalibrated)."""
+    if len(val["names"]) == 0 or len(train["names"]) == 0:
+        raise ValueError("the trust score needs training and validation images to be fitted on")
     train_deep = torch.cat([extras["deep"].cpu() for *_, extras in
                             predict_batches(model, train["images"], device, dtype, batch_size, with_trust=True)])
     inputs: list[dict] = []
@@ -138,9 +139,11 @@ def shifted_copy(data: dict, copy: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (x * 255).round().to(torch.uint8), y[:, 0] > 0.5
 
 
-def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> None:
+def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> bool:
     """Reliability diagrams of the malignancy and lesion probabilities on `records` (validation), before and
-    after the fitted temperatures."""
+    after the fitted temperatures; False (nothing written) for a model without a class head."""
+    if not records or "class_probs" not in records[0]:
+        return False
     fig = Figure(figsize=(11, 4.8))
     raw = torch.tensor([r["class_probs"] for r in records])
     lesion = np.array([r["label"] != "normal" for r in records])
@@ -151,7 +154,7 @@ def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> N
                 y = np.array([r["label"] == "malignant" for r in records])[lesion]
             else:
                 p, y = 1 - probs[:, dataset.CLASSES.index("normal")].numpy(), lesion
-            points = np.array(trust.reliability(p, y))
+            points = np.array(trust.reliability(p, y)).reshape(-1, 3)  # (no lesion scans: no points)
             ece = trust.expected_calibration_error(p, y)
             line, = ax.plot(points[:, 0], points[:, 1], "-", label=f"{label}: ECE {ece:.3f}")
             ax.scatter(points[:, 0], points[:, 1], s=8 + 4 * points[:, 2], color=line.get_color())  # area: images
@@ -161,6 +164,7 @@ def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> N
                ylim=(0, 1), title=f"{name} probability, validation split")
         ax.legend(loc="upper left", title="10 bins; dot area: images", fontsize=8, title_fontsize=8)
     utils.save_figure(fig, path)
+    return True
 
 
 def write_report(run_dir, summary: dict, records: list[dict], extra: dict, split: str = "test") -> None:

@@ -66,10 +66,11 @@ def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.
             hook.remove()
 
 
-def trust_of(extras: dict, threshold: float, fitted: dict) -> torch.Tensor:
-    """[b] trust scores of one batch from `predict_batches(..., with_trust=True)`'s last item."""
+def trust_of(extras: dict, fitted: dict) -> torch.Tensor:
+    """[b] trust scores of one batch from `predict_batches(..., with_trust=True)`'s last item, at the mask
+    threshold the score was fitted at (the outline it describes)."""
     return trust.score(trust.image_features(extras["seg"], extras["flipped"], extras["cls"], extras["deep"],
-                                            threshold, fitted["statistics"]), fitted)
+                                            fitted["threshold"], fitted["statistics"]), fitted)
 
 
 def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -79,13 +80,13 @@ def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tens
 
 def predict_images(model, images: list[np.ndarray], image_size: int, device: torch.device,
                    dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
-                   fitted_trust: dict | None = None, threshold: float = 0.5):
+                   fitted_trust: dict | None = None):
     """Yield (probability map [H,W] float32 on the CPU at each image's own size, class probabilities [3] or None,
     trust score or None) per image.
 
     `images` are grey uint8 HxW arrays of any size; they are squashed to the model's square input as in training.
-    `fitted_trust` (a checkpoint's "trust" entry) adds the trust score at `threshold` (one more, flipped, pass)
-    and calibrates the class probabilities.
+    `fitted_trust` (a checkpoint's "trust" entry) adds the trust score (one more, flipped, pass) and calibrates
+    the class probabilities.
     """
     if not images:
         return
@@ -93,7 +94,7 @@ def predict_images(model, images: list[np.ndarray], image_size: int, device: tor
     i = 0
     for probs, cls, *extras in predict_batches(model, batch, device, dtype, batch_size, tta,
                                                with_trust=fitted_trust is not None):
-        scores = trust_of(extras[0], threshold, fitted_trust).cpu() if extras else None
+        scores = trust_of(extras[0], fitted_trust).cpu() if extras else None
         cls = None if cls is None else trust.calibrated(cls, fitted_trust)
         for j in range(probs.shape[0]):
             h, w = images[i].shape
@@ -147,7 +148,7 @@ class Predictor:
         if not isinstance(image, np.ndarray):
             image = dataset.load_image(Path(image))
         prob, cls, score = next(predict_images(self.model, [image], self.image_size, self.device, tta=self.tta,
-                                               fitted_trust=self.fitted_trust, threshold=self.threshold))
+                                               fitted_trust=self.fitted_trust))
         prob = prob.numpy()
         classes = None if cls is None else dict(zip(dataset.CLASSES, map(float, cls.tolist())))
         review = None if score is None else score < self.fitted_trust["review_below"]

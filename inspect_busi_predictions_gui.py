@@ -202,7 +202,6 @@ class InspectorApp:
         self.class_filter = "all"
         self.sort_mode = "name"        # the list's order: name, dice (worst first) or trust (lowest first)
         self.fitted_trust: dict | None = None  # the checkpoint's trust entry (None: scores unavailable)
-        self.trust_threshold = 0.5     # the mask threshold the trust score was fitted at (the checkpoint's)
         self.busy = False              # a background sort is running
         self._after: str | None = None  # its next scheduled step
         self.last_show_seconds = 0.0   # load + inference (if not cached) + panel update of the last shown image
@@ -357,7 +356,6 @@ class InspectorApp:
         self.model, self.checkpoint = model, Path(path)
         self.image_size = int(config.get("image_size", 256))
         self.fitted_trust, why_not = checkpoints.fitted_trust(state)
-        self.trust_threshold = float(config.get("threshold", 0.5))
         self.cache.clear()
         self._dice_memo.clear()
         self._generation += 1
@@ -566,7 +564,7 @@ class InspectorApp:
         """Run the model once over `items` (already decoded) and cache the results."""
         images = [image for image, _ in loaded]
         outputs = predict_images(self.model, images, self.image_size, self.device, utils.inference_dtype(self.device),
-                                 SORT_CHUNK, fitted_trust=self.fitted_trust, threshold=self.trust_threshold)
+                                 SORT_CHUNK, fitted_trust=self.fitted_trust)
         for item, (_, truth), (prob, cls, score) in zip(items, loaded, outputs):
             self.cache[item.key] = Prediction(
                 prob=prob.numpy().astype(np.float16),

@@ -448,7 +448,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                 if stop.is_set():
                     break  # drop the decoded images: nothing of theirs was written
                 predictions = list(predict_images(model, [g[3] for g in good], image_size, device, dtype,
-                                                  batch_size, tta, fitted_trust, threshold))
+                                                  batch_size, tta, fitted_trust))
                 _check_finite(good, predictions, len(done))
                 jobs = [pool.submit(write, index, image, prob.numpy(), cls, score, threshold, stem, out_dir, path.name)
                         for (index, path, stem, image), (prob, cls, score) in zip(good, predictions)]

@@ -79,7 +79,8 @@ def feature_statistics(deep: torch.Tensor, k: int = PCA_COMPONENTS) -> dict:
 
 def feature_distance(deep: torch.Tensor, stats: dict) -> torch.Tensor:
     """log of (the squared Mahalanobis distance along the leading directions per direction + the squared residual
-    relative to training's): about 0 for a typical training scan, larger the less the scan looks like them."""
+    relative to training's): about log 2 for a typical training scan (each term averages 1 there), larger the less
+    the scan looks like them."""
     mean, components = stats["mean"].to(deep), stats["components"].to(deep)
     centred = deep.float() - mean
     z = centred @ components.T
@@ -108,8 +109,8 @@ def calibrated(cls: torch.Tensor, trust: dict | None) -> torch.Tensor:
 
 def class_logits(cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(lesion-vs-normal, malignant-vs-benign) logits from 3-way probabilities (benign, malignant, normal)."""
-    p = cls.double().clamp_min(1e-12)
-    return torch.log((p[..., 0] + p[..., 1]) / p[..., 2]).float(), torch.log(p[..., 1] / p[..., 0]).float()
+    p = cls.float().clamp_min(1e-12)  # float32: MPS has no float64
+    return torch.log((p[..., 0] + p[..., 1]) / p[..., 2]), torch.log(p[..., 1] / p[..., 0])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -161,7 +162,8 @@ def fit(train_deep: torch.Tensor, inputs: dict, fit_records: list[dict], val_rec
     """The "trust" entry of a checkpoint. `train_deep`: the training split's pooled deepest features; `inputs`:
     the tensors `image_features` takes (seg, flipped, cls, deep), one row per record of `fit_records` (dice,
     pred_pixels, label), whose first rows are `val_records` (the validation split as it is, with class_probs):
-    the temperatures are fitted on those."""
+    the temperatures are fitted on those. The features are computed at `threshold`, the mask threshold the
+    score describes (stored: the tools score at it whatever threshold they cut their masks at)."""
     stats = feature_statistics(train_deep)
     x = image_features(inputs["seg"], inputs["flipped"], inputs["cls"], inputs["deep"], threshold, stats)
     x = x.double().numpy()
@@ -169,15 +171,15 @@ def fit(train_deep: torch.Tensor, inputs: dict, fit_records: list[dict], val_rec
     std[std < 1e-6] = 1.0  # a constant feature (no class head, no empty mask) gets no weight
     right = ~failures(fit_records)
     weights, bias = fit_logistic((x - mean) / std, right.astype(float))
-    trust = {"format": TRUST_FORMAT, "features": list(FEATURES), "statistics": stats,
+    trust = {"format": TRUST_FORMAT, "features": list(FEATURES), "statistics": stats, "threshold": float(threshold),
              "feature_mean": torch.tensor(mean, dtype=torch.float32), "feature_std": torch.tensor(std, dtype=torch.float32),
              "weights": torch.tensor(weights, dtype=torch.float32), "bias": bias, "fitted_on": source,
              "n_fit": int(len(right)), "n_failures": int((~right).sum())}
     scores = score(torch.tensor(x, dtype=torch.float32), trust).numpy()
     trust["review_below"] = review_threshold(scores, ~right)
-    if inputs["cls"] is not None:
-        n = len(val_records)
-        lesion_logit, malignancy_logit = (v[:n].numpy() for v in class_logits(inputs["cls"]))
+    if "class_probs" in val_records[0]:  # as the tools report them (flip-averaged under --tta)
+        lesion_logit, malignancy_logit = (v.numpy() for v in class_logits(
+            torch.tensor([r["class_probs"] for r in val_records])))
         has_lesion = np.array([r["label"] != "normal" for r in val_records])
         malignant = np.array([r["label"] == "malignant" for r in val_records])
         trust["temperatures"] = [fit_temperature(lesion_logit, has_lesion),
@@ -205,10 +207,22 @@ def trust_problem(trust) -> str | None:
     for key in ("feature_mean", "feature_std", "weights"):
         if not isinstance(trust.get(key), torch.Tensor) or trust[key].shape != (len(FEATURES),):
             return f"{key} should be {len(FEATURES)} numbers"
+    for key in ("bias", "review_below", "threshold"):
+        if not isinstance(trust.get(key), (int, float)) or isinstance(trust.get(key), bool) or \
+                not math.isfinite(trust[key]):
+            return f"{key} should be a finite number"
     stats = trust.get("statistics")
     if not isinstance(stats, dict) or not all(isinstance(stats.get(k), torch.Tensor)
-                                              for k in ("mean", "components", "variances")):
+                                              for k in ("mean", "components", "variances")) \
+            or not isinstance(stats.get("residual"), float):
         return "its feature statistics are incomplete"
+    width = stats["mean"].shape
+    if len(width) != 1 or stats["components"].shape[1:] != width or stats["variances"].shape != stats["components"].shape[:1]:
+        return "its feature statistics do not fit together"
+    temperatures = trust.get("temperatures", [1.0, 1.0])
+    if not (isinstance(temperatures, list) and len(temperatures) == 2 and all(isinstance(v, float) and v > 0
+                                                                              for v in temperatures)):
+        return "temperatures should be two positive numbers"
     return None
 
 
@@ -340,7 +354,8 @@ def main(argv=None) -> int:
                                                f"{SHIFTED_COPIES} shifted copies; statistics of its train split")
         checkpoints.save_checkpoint({**state, "trust": fitted}, out)
         figure = out.with_name(out.stem + "_calibration.png")
-        evaluation.write_calibration_figure(figure, records, fitted)
+        if not evaluation.write_calibration_figure(figure, records, fitted):
+            figure = "no calibration figure (no class head)"
     except (dataset.DataError, checkpoints.CheckpointError, ValueError, OSError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2

@@ -185,3 +185,29 @@ def test_trust_command_adds_the_entry_to_an_older_checkpoint_and_never_overwrite
     before = (tmp_path / "new.pt").read_bytes()
     assert trust.main(args) == 2  # a repeated command changes nothing
     assert "exists" in capsys.readouterr().err and (tmp_path / "new.pt").read_bytes() == before
+
+
+def test_no_class_head_no_validation_lesions_and_a_foreign_entry(tmp_path):
+    """A model without a class head gets a trust score but no temperatures and no calibration figure; a split
+    without lesion scans still draws its figure; statistics of another model's width are refused by name."""
+    import evaluation
+    from test_predict import IMAGE_SIZE
+    from unet import UNet
+
+    torch.manual_seed(0)
+    model = UNet(1, 1, base_channels=4, depth=2, num_classes=0).eval()
+    images = torch.from_numpy(np.stack([scan(IMAGE_SIZE, IMAGE_SIZE, seed=s) for s in range(6)]))[:, None]
+    masks = torch.zeros(6, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    masks[:3, :, 8:20, 8:20] = 1
+    split = {"images": images, "masks": masks, "labels": torch.tensor([0, 1, 0, 2, 2, 2]),
+             "names": [f"s{i}.png" for i in range(6)], "full_sizes": torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * 6),
+             "full_masks": [torch.from_numpy(np.packbits(m[0].numpy().astype(bool))) for m in masks]}  # as the cache
+    fitted, records = evaluation.fit_trust(model, split, split, torch.device("cpu"), None, 0.5, False, 4, "test")
+    assert "temperatures" not in fitted and trust.trust_problem(fitted) is None
+    assert evaluation.write_calibration_figure(tmp_path / "c.png", records, fitted) is False
+    assert not (tmp_path / "c.png").exists()
+    normal_only = [dict(r, label="normal", class_probs=[0.1, 0.1, 0.8]) for r in records]
+    assert evaluation.write_calibration_figure(tmp_path / "n.png", normal_only, {"temperatures": [1.0, 1.0]})
+    state = {"model": {"ups.0.up.weight": torch.zeros(7, 3, 2, 2)}, "trust": fitted}
+    entry, why_not = checkpoints.fitted_trust(state)
+    assert entry is None and "the model's deepest features 7" in why_not
