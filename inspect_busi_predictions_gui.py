@@ -75,7 +75,7 @@ TRUTH_COLOUR = "#00d5ff"
 PRED_COLOUR = "#ff4000"
 REVIEW_MARK = "\u2691"  # a flag: trust below the review threshold
 SORT_CHUNK = 4  # images per inference step of "Sort by Dice": ~0.3 s on 2 busy CPU cores, so the window reacts
-WINDOW_SIZE = "1300x800"
+WINDOW_SIZE = "1400x800"
 TITLE = "BUSI prediction inspector"
 
 
@@ -237,8 +237,8 @@ class InspectorApp:
         combo = ttk.Combobox(bar, textvariable=self.filter_var, values=CLASS_FILTERS, state="readonly", width=10)
         combo.bind("<<ComboboxSelected>>", lambda _e: self.filter_class(self.filter_var.get()))
         combo.pack(side=tk.LEFT, padx=(2, 6))
-        ttk.Button(bar, text="Sort by Dice (worst first)", command=self.sort_by_dice).pack(side=tk.LEFT)
-        ttk.Button(bar, text="Sort by trust (lowest first)", command=self.sort_by_trust).pack(side=tk.LEFT,
+        ttk.Button(bar, text="Sort by Dice", command=self.sort_by_dice).pack(side=tk.LEFT)
+        ttk.Button(bar, text="Sort by trust", command=self.sort_by_trust).pack(side=tk.LEFT,
                                                                                               padx=(4, 0))
         ttk.Button(bar, text="Sort by name", command=self.sort_by_name).pack(side=tk.LEFT, padx=(4, 12))
         ttk.Button(bar, text="\u25c0 Prev", command=self.prev).pack(side=tk.LEFT)
@@ -261,11 +261,11 @@ class InspectorApp:
 
         body = ttk.Frame(self.root)
         body.pack(side=tk.TOP, fill=tk.BOTH, expand=True)
-        left = ttk.Frame(body, padding=(6, 0, 0, 6), width=230)
+        left = ttk.Frame(body, padding=(6, 0, 0, 6), width=330)  # Dice, trust, flag, name
         left.pack(side=tk.LEFT, fill=tk.Y)
         left.pack_propagate(False)  # a fixed width: a long title or file name must not squeeze the figure
         self.list_title = tk.StringVar(value="Images")
-        ttk.Label(left, textvariable=self.list_title, wraplength=220, justify=tk.LEFT).pack(side=tk.TOP,
+        ttk.Label(left, textvariable=self.list_title, wraplength=320, justify=tk.LEFT).pack(side=tk.TOP,
                                                                                           anchor=tk.W)
         scroll = ttk.Scrollbar(left, orient=tk.VERTICAL)
         self.listbox = tk.Listbox(left, width=26, exportselection=False, activestyle="none",
@@ -275,7 +275,7 @@ class InspectorApp:
         self.listbox.pack(side=tk.LEFT, fill=tk.BOTH, expand=True)
         self.listbox.bind("<<ListboxSelect>>", self._on_list_select)
         self.path_var = tk.StringVar()  # the shown image's full path, under the list
-        ttk.Label(left, textvariable=self.path_var, wraplength=220, justify=tk.LEFT,
+        ttk.Label(left, textvariable=self.path_var, wraplength=320, justify=tk.LEFT,
                   font=("TkSmallCaptionFont",)).pack(side=tk.BOTTOM, anchor=tk.W, before=scroll)
         self.figure_frame = ttk.Frame(body)
         self.figure_frame.pack(side=tk.LEFT, fill=tk.BOTH, expand=True)
