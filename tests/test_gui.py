@@ -303,10 +303,10 @@ def test_save_figure_and_screenshot_are_not_blank(root, gui, checkpoint, errors,
 
     root.update_idletasks()
     x, y, w, h = root.winfo_rootx(), root.winfo_rooty(), root.winfo_width(), root.winfo_height()
-    assert (w, h) == (1300, 800)
+    assert (w, h) == tuple(map(int, gui.WINDOW_SIZE.split("x")))
     shot = ImageGrab.grab(bbox=(x, y, x + w, y + h), xdisplay=display)
     shot.save(tmp_path / "window.png")
-    assert shot.size == (1300, 800) and non_blank(shot) > 20
+    assert shot.size == (w, h) and non_blank(shot) > 20
     app.close()
 
 
