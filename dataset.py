@@ -25,10 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 import utils
 from utils import DEFAULT_SPLIT_FILE, atomic_write
 
@@ -49,6 +45,35 @@ DUPLICATE_MAX_BITS = 12
 CACHE_VERSION = 2  # 2: EXIF orientation applied, 0/1 masks read as lesion (older caches hold other pixels)
 BUNDLE_FORMAT = "busi-bundle-v1"
 BUNDLE_SIZE_MULTIPLE = 16  # 2**4: a bundle's size must suit the U-Net's default depth
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python dataset.py` (here, before numpy, torch and PIL load: --help needs none)."""
+    parser = argparse.ArgumentParser(
+        description="Discover a BUSI-layout data dir, group near-duplicate images by perceptual hash and write a "
+                    "leakage-safe, class-stratified train/val/test split (JSON).")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with benign/, malignant/, normal/ (default: ./Dataset_BUSI_with_GT, as for "
+                             "train_unet_busi.py; never the bundled sample, whose split would replace BUSI's)")
+    parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE),
+                        help="where to write the split (default: the repo's splits/busi_split.json)")
+    parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="shuffle seed (default: %(default)s)")
+    parser.add_argument("--bundle", default=None, metavar="FILE",
+                        help="instead of a split, write the data decoded at --image-size into one compressed file "
+                             "that train_unet_busi.py --data-dir FILE trains from (for a machine without the PNGs)")
+    parser.add_argument("--image-size", type=utils.positive_int, default=256,
+                        help=f"image size of --bundle, a multiple of {BUNDLE_SIZE_MULTIPLE} as training at the "
+                             f"default depth needs (default: %(default)s)")
+    return parser
+
+
+if __name__ == "__main__":
+    utils.answer_help_early(build_parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
+
 # PIL refuses images above 2x this as "decompression bombs"; raise the limit so that a legitimately huge scan
 # loads (it is reduced before anything else is done with it), while a corrupt header claiming gigapixels
 # still fails.
@@ -687,21 +712,7 @@ def _check_writable(path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Discover a BUSI-layout data dir, group near-duplicate images by perceptual hash and write a "
-                    "leakage-safe, class-stratified train/val/test split (JSON).")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with benign/, malignant/, normal/ (default: ./Dataset_BUSI_with_GT, as for "
-                             "train_unet_busi.py; never the bundled sample, whose split would replace BUSI's)")
-    parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE),
-                        help="where to write the split (default: the repo's splits/busi_split.json)")
-    parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="shuffle seed (default: %(default)s)")
-    parser.add_argument("--bundle", default=None, metavar="FILE",
-                        help="instead of a split, write the data decoded at --image-size into one compressed file "
-                             "that train_unet_busi.py --data-dir FILE trains from (for a machine without the PNGs)")
-    parser.add_argument("--image-size", type=utils.positive_int, default=256,
-                        help=f"image size of --bundle, a multiple of {BUNDLE_SIZE_MULTIPLE} as training at the "
-                             f"default depth needs (default: %(default)s)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     problem = utils.not_a_multiple(args.image_size, BUNDLE_SIZE_MULTIPLE)
     if problem:

@@ -12,12 +12,10 @@ malignant-vs-benign logits (temperature scaling: Guo et al., On Calibration of M
 """
 from __future__ import annotations
 
+import argparse
 import math
 
-import numpy as np
-import torch
-
-import metrics
+import utils
 
 TRUST_FORMAT = 1
 # An empty mask is right exactly when the scan has no lesion, an outline when it fits one: two questions, so the
@@ -31,6 +29,31 @@ FAILURE_DICE = 0.5  # a lesion outline below this Dice counts as a failure (as d
 PCA_COMPONENTS = 16  # directions of the training features that the distance is measured along
 RIDGE = 1.0  # L2 penalty of the regression on standardised features
 SHIFTED_COPIES = 3  # copies of the validation split under the scanner transforms that the regression also sees
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python trust.py` (here, before numpy and torch load: --help needs neither)."""
+    parser = argparse.ArgumentParser(description="Fit the per-image trust score and the calibration of the class "
+                                     "probabilities of a trained checkpoint on its own split (feature statistics on "
+                                     "train, the rest on validation; the test split is not read) and write the "
+                                     "checkpoint with them as a NEW file. Training does this itself at its end.")
+    parser.add_argument("--checkpoint", required=True, help="a run's best.pt or an exported model")
+    parser.add_argument("--data-dir", required=True, help="the data the checkpoint was trained on (image folder)")
+    parser.add_argument("--split-file", default=None,
+                        help="its split (default: the one the checkpoint records, else splits/busi_split.json)")
+    parser.add_argument("--output", required=True, help="the new checkpoint (an existing file is never replaced); "
+                        "a reliability diagram of the validation split is written beside it")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    return parser
+
+
+if __name__ == "__main__":
+    utils.answer_help_early(build_parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import metrics  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -312,27 +335,15 @@ def report(records: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     """python trust.py --checkpoint IN.pt --data-dir BUSI --output OUT.pt"""
-    import argparse
     import sys
     from pathlib import Path
 
-    parser = argparse.ArgumentParser(description="Fit the per-image trust score and the calibration of the class "
-                                     "probabilities of a trained checkpoint on its own split (feature statistics on "
-                                     "train, the rest on validation; the test split is not read) and write the "
-                                     "checkpoint with them as a NEW file. Training does this itself at its end.")
-    parser.add_argument("--checkpoint", required=True, help="a run's best.pt or an exported model")
-    parser.add_argument("--data-dir", required=True, help="the data the checkpoint was trained on (image folder)")
-    parser.add_argument("--split-file", default=None,
-                        help="its split (default: the one the checkpoint records, else splits/busi_split.json)")
-    parser.add_argument("--output", required=True, help="the new checkpoint (an existing file is never replaced); "
-                        "a reliability diagram of the validation split is written beside it")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     import checkpoints
     import dataset
     import evaluation
-    import utils
     try:
         out = Path(args.output)
         if out.exists():
