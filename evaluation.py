@@ -86,7 +86,8 @@ def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device
                                                                                                    class_names))}
         if scores is not None:
             extra.update(trust=scores[i][0], review=scores[i][0] < fitted_trust["review_below"],
-                         max_probability=scores[i][1], malignancy_uncalibrated=raw_malignancy[i] if raw_malignancy else None)
+                         max_probability=scores[i][1],
+                         malignancy_uncalibrated=raw_malignancy[i] if raw_malignancy else None)
             if cls_all is not None:
                 extra["lesion_probability"] = 1 - extra["class_probs"][class_names.index("normal")]
         for t, (inter, pred, gt) in zip(thresholds, per_image):

@@ -74,7 +74,7 @@ CLASS_FILTERS = ("all", *dataset.CLASSES)
 TRUTH_COLOUR = "#00d5ff"
 PRED_COLOUR = "#ff4000"
 REVIEW_MARK = "\u2691"  # a flag: trust below the review threshold
-SORT_CHUNK = 4  # images per inference step of "Sort by Dice": ~0.3 s on 2 busy CPU cores, so the window reacts
+SORT_CHUNK = 4  # images per inference step of a sort: few, so that the window keeps reacting between steps
 WINDOW_SIZE = "1400x800"
 TITLE = "BUSI prediction inspector"
 

@@ -61,8 +61,8 @@ import metrics  # noqa: E402
 # --------------------------------------------------------------------------------------------------------------
 def image_features(seg: torch.Tensor, flipped: torch.Tensor, cls: torch.Tensor | None, deep: torch.Tensor,
                    threshold: float, stats: dict | None) -> torch.Tensor:
-    """[B, len(FEATURES)] float32 (`FEATURES`) from one batch: `seg` and `flipped` are the probability maps [B,1,S,S] of the
-    image and of its flipped twin (flipped back), `cls` the raw class probabilities [B,3] (benign, malignant,
+    """[B, len(FEATURES)] float32 (`FEATURES`) from one batch: `seg` and `flipped` are the probability maps
+    [B,1,S,S] of the image and of its flipped twin (flipped back), `cls` the raw class probabilities [B,3] (benign, malignant,
     normal) or None, `deep` the pooled deepest features [B,C], `stats` the training features' statistics (None:
     distance 0)."""
     p, q = seg[:, 0].float(), flipped[:, 0].float()
@@ -195,7 +195,8 @@ def fit(train_deep: torch.Tensor, inputs: dict, fit_records: list[dict], val_rec
     right = ~failures(fit_records)
     weights, bias = fit_logistic((x - mean) / std, right.astype(float))
     trust = {"format": TRUST_FORMAT, "features": list(FEATURES), "statistics": stats, "threshold": float(threshold),
-             "feature_mean": torch.tensor(mean, dtype=torch.float32), "feature_std": torch.tensor(std, dtype=torch.float32),
+             "feature_mean": torch.tensor(mean, dtype=torch.float32),
+             "feature_std": torch.tensor(std, dtype=torch.float32),
              "weights": torch.tensor(weights, dtype=torch.float32), "bias": bias, "fitted_on": source,
              "n_fit": int(len(right)), "n_failures": int((~right).sum())}
     scores = score(torch.tensor(x, dtype=torch.float32), trust).numpy()
@@ -240,7 +241,8 @@ def trust_problem(trust) -> str | None:
             or not isinstance(stats.get("residual"), float):
         return "its feature statistics are incomplete"
     width = stats["mean"].shape
-    if len(width) != 1 or stats["components"].shape[1:] != width or stats["variances"].shape != stats["components"].shape[:1]:
+    components = stats["components"]
+    if len(width) != 1 or components.shape[1:] != width or stats["variances"].shape != components.shape[:1]:
         return "its feature statistics do not fit together"
     temperatures = trust.get("temperatures", [1.0, 1.0])
     if not (isinstance(temperatures, list) and len(temperatures) == 2 and all(isinstance(v, float) and v > 0

@@ -36,7 +36,8 @@ def test_logistic_fit_separates_and_the_temperature_is_recovered():
 
 def test_calibration_error_risk_coverage_and_flagged_share_by_hand():
     # bins [0.1, 0.2): p 0.1, 0.1 -> 1 of 2 positive (|0.5 - 0.1| = 0.4); [0.9, 1]: 0.9, 1.0 -> 2 of 2 (|1 - 0.95|)
-    assert trust.expected_calibration_error([0.1, 0.1, 0.9, 1.0], [1, 0, 1, 1]) == pytest.approx((0.4 * 2 + 0.05 * 2) / 4)
+    assert trust.expected_calibration_error([0.1, 0.1, 0.9, 1.0], [1, 0, 1, 1]) == \
+        pytest.approx((0.4 * 2 + 0.05 * 2) / 4)
     # most trusted first: trust 0.9 (Dice 1.0), 0.5 (0.0), 0.1 (0.5), 0.7 (0.8)
     curve = dict((c, d) for c, d in trust.risk_coverage([0.9, 0.5, 0.1, 0.7], [1.0, 0.0, 0.5, 0.8], (1.0, 0.5, 0.25)))
     assert curve == pytest.approx({1.0: 0.575, 0.5: 0.9, 0.25: 1.0})
@@ -62,7 +63,8 @@ def test_calibrated_probabilities_keep_their_order_and_sum_to_one():
 
 def test_failures_are_poor_outlines_missed_lesions_and_outlines_on_normal_scans():
     records = [{"label": "benign", "dice": 0.7, "pred_pixels": 5}, {"label": "benign", "dice": 0.3, "pred_pixels": 5},
-               {"label": "malignant", "dice": 0.0, "pred_pixels": 0}, {"label": "normal", "dice": 0.0, "pred_pixels": 3},
+               {"label": "malignant", "dice": 0.0, "pred_pixels": 0},
+               {"label": "normal", "dice": 0.0, "pred_pixels": 3},
                {"label": "normal", "dice": 1.0, "pred_pixels": 0}]
     assert trust.failures(records).tolist() == [False, True, True, True, False]
 
