@@ -62,9 +62,9 @@ import metrics  # noqa: E402
 def image_features(seg: torch.Tensor, flipped: torch.Tensor, cls: torch.Tensor | None, deep: torch.Tensor,
                    threshold: float, stats: dict | None) -> torch.Tensor:
     """[B, len(FEATURES)] float32 (`FEATURES`) from one batch: `seg` and `flipped` are the probability maps
-    [B,1,S,S] of the image and of its flipped twin (flipped back), `cls` the raw class probabilities [B,3] (benign, malignant,
-    normal) or None, `deep` the pooled deepest features [B,C], `stats` the training features' statistics (None:
-    distance 0)."""
+    [B,1,S,S] of the image and of its flipped twin (flipped back), `cls` the raw class probabilities [B,3]
+    (benign, malignant, normal) or None, `deep` the pooled deepest features [B,C], `stats` the training
+    features' statistics (None: distance 0)."""
     p, q = seg[:, 0].float(), flipped[:, 0].float()
     m, mq = p > threshold, q > threshold
     area, area_q = m.sum((1, 2)).float(), mq.sum((1, 2)).float()
@@ -254,11 +254,6 @@ def trust_problem(trust) -> str | None:
 # --------------------------------------------------------------------------------------------------------------
 # How good a score is: for reports
 # --------------------------------------------------------------------------------------------------------------
-def auroc(risk, positives) -> float:
-    """AUROC of `risk` at picking out `positives` (nan without both)."""
-    return metrics.roc_auc(risk, positives)
-
-
 def caught_in_flagged(risk, failed, fraction: float = 0.2) -> float:
     """Share of all failures among the `fraction` of images with the highest risk (nan without failures)."""
     risk, failed = np.asarray(risk, float), np.asarray(failed, bool)
@@ -312,7 +307,8 @@ def report(records: list[dict]) -> dict:
     out = {"failure_definition": f"lesion Dice < {FAILURE_DICE} (a missed lesion included), or any outline on a "
                                  f"normal scan",
            "n_images": int(len(records)), "n_failures": int(failed.sum()),
-           "auroc_trust": auroc(-trust, failed), "auroc_max_probability": auroc(-max_prob, failed),
+           "auroc_trust": metrics.roc_auc(-trust, failed),
+           "auroc_max_probability": metrics.roc_auc(-max_prob, failed),
            "failures_in_lowest_20pct_trust": caught_in_flagged(-trust, failed),
            "failures_in_lowest_20pct_max_probability": caught_in_flagged(-max_prob, failed),
            "lesion_dice_all": top80[0][1], "lesion_dice_most_trusted_80pct": top80[1][1],
