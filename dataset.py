@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE),
                         help="where to write the split (default: the repo's splits/busi_split.json)")
     parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="shuffle seed (default: %(default)s)")
+    parser.add_argument("--fractions", type=float, nargs=3, default=SPLIT_FRACTIONS, metavar=("TRAIN", "VAL", "TEST"),
+                        help="shares of each class for train, val and test; a test share of 0 writes no test part "
+                             "(a source whose test sets are held elsewhere) (default: %(default)s)")
+    parser.add_argument("--patient-pattern", default=None, metavar="REGEX",
+                        help="keep the images of one patient together: a regular expression whose first (group) "
+                             "captures the patient from the file name, e.g. '^(bus_[0-9]+)-' for BUS-BRA")
+    parser.add_argument("--groups-csv", default=None, metavar="CSV",
+                        help="keep together the images that share a 'group' in this CSV (columns image, group)")
     parser.add_argument("--bundle", default=None, metavar="FILE",
                         help="instead of a split, write the data decoded at --image-size into one compressed file "
                              "that train_unet_busi.py --data-dir FILE trains from (for a machine without the PNGs)")
@@ -110,10 +118,11 @@ def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
     if not root.is_dir():
         raise DataError(f"data dir not found: {root} (expected the Kaggle layout {root}/{{benign,malignant,normal}}/)")
     samples: list[Sample] = []
-    for label in CLASSES:
+    present = [label for label in CLASSES if (root / label).is_dir()]
+    if not present:  # a source may lack a class (BUS-BRA has no normal scans), but not all of them
+        raise DataError(f"no class folder in {root} (expected one or more of {', '.join(CLASSES)})")
+    for label in present:
         folder = root / label
-        if not folder.is_dir():
-            raise DataError(f"class folder missing: {folder}")
         images: dict[str, Sample] = {}
         masks: list[tuple[str, str]] = []  # (stem, file name)
         try:
@@ -372,18 +381,77 @@ def make_split(samples: list[Sample], groups: list[list[str]], fractions=SPLIT_F
     return {k: sorted(v) for k, v in result.items()}
 
 
+def patient_groups(samples: list[Sample], pattern: str | None = None, groups_csv: str | os.PathLike | None = None
+                   ) -> list[list[str]]:
+    r"""Images of one patient (size >= 2 groups of paths), which must stay on one side of a split: those whose
+    file names give the same value for the first group of the regular expression `pattern` (searched in the
+    file name, e.g. r"^(bus_\d+)-" for BUS-BRA's bus_NNNN-x.png), and/or those with the same `group` in a CSV
+    with columns `image` (a file name or a path relative to the data folder) and `group`."""
+    keys: dict[str, list[str]] = {}
+    if pattern:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise DataError(f"patient pattern {pattern!r} is not a regular expression ({exc})") from None
+        if regex.groups < 1:
+            raise DataError(f"patient pattern {pattern!r} needs a (group) that captures the patient")
+        for s in samples:
+            match = regex.search(Path(s.image).name)
+            if match and match.group(1):
+                keys.setdefault(f"pattern:{match.group(1)}", []).append(s.image)
+    if groups_csv:
+        import csv
+        by_name = {Path(s.image).name: s.image for s in samples} | {s.image: s.image for s in samples}
+        try:
+            with open(groups_csv, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"cannot read the patient groups CSV {groups_csv}: {exc}") from None
+        if rows and not {"image", "group"} <= set(rows[0]):
+            raise DataError(f"the patient groups CSV {groups_csv} needs columns 'image' and 'group'")
+        for row in rows:
+            if row["image"] in by_name:
+                keys.setdefault(f"csv:{row['group']}", []).append(by_name[row["image"]])
+    return merge_groups([g for g in keys.values() if len(g) > 1])
+
+
+def merge_groups(groups: list[list[str]]) -> list[list[str]]:
+    """Groups that share an image joined into one (transitively); sorted lists, sorted by first member."""
+    parent: dict[str, str] = {}
+
+    def find(n: str) -> str:
+        parent.setdefault(n, n)
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for group in groups:
+        for name in group:
+            parent[find(name)] = find(group[0])
+    joined: dict[str, set[str]] = {}
+    for name in list(parent):
+        joined.setdefault(find(name), set()).add(name)
+    return sorted((sorted(g) for g in joined.values() if len(g) > 1), key=lambda g: g[0])
+
+
 def compute_split(data_dir: str | os.PathLike, samples: list[Sample] | None = None, seed: int = SPLIT_SEED,
-                  progress: bool = True) -> dict:
-    """Hash every image, group near-duplicates and split; the dict is what `splits/busi_split.json` holds."""
+                  progress: bool = True, fractions=SPLIT_FRACTIONS, patient_pattern: str | None = None,
+                  groups_csv: str | os.PathLike | None = None) -> dict:
+    """Hash every image, group near-duplicates (and one patient's images, see `patient_groups`) and split; the
+    dict is what `splits/busi_split.json` holds."""
     samples = samples if samples is not None else discover_samples(data_dir)
     root = Path(data_dir)
     hashes = dict(zip([s.image for s in samples],
                       _map(lambda s: perceptual_hash(load_image(root / s.image)), samples, progress, "hashing")))
-    groups = duplicate_groups(hashes)
-    split = make_split(samples, groups, seed=seed)
+    duplicates = duplicate_groups(hashes)
+    patients = patient_groups(samples, patient_pattern, groups_csv)
+    groups = merge_groups(duplicates + patients)
+    split = make_split(samples, groups, fractions=tuple(fractions), seed=seed)
     split["duplicate_groups"] = groups
+    by = f"; one patient's images kept together ({len(patients)} patients with several)" if patients else ""
     split["method"] = (f"64-bit pHash, near-duplicate = at most {DUPLICATE_MAX_BITS} bits apart, grouped "
-                       f"transitively; stratified by class {SPLIT_FRACTIONS} with seed {seed}")
+                       f"transitively{by}; stratified by class {tuple(fractions)} with seed {seed}")
     return split
 
 
@@ -394,7 +462,8 @@ def write_split(split: dict, path: str | os.PathLike) -> None:
 
 
 def read_split(path: str | os.PathLike, samples: list[Sample] | None = None) -> dict:
-    """Load a split file and check it against the discovered samples (when given)."""
+    """Load a split file and check it against the discovered samples (when given). A split without a 'test'
+    list (a training source whose test sets are held elsewhere) has an empty one."""
     path = Path(path)
     try:
         split = json.loads(path.read_text())
@@ -402,8 +471,10 @@ def read_split(path: str | os.PathLike, samples: list[Sample] | None = None) -> 
         raise DataError(f"split file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"split file is not valid JSON: {path} ({exc})") from None
+    if isinstance(split, dict) and "test" not in split:
+        split["test"] = []
     if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "val", "test")):
-        raise DataError(f"split file needs lists 'train', 'val' and 'test': {path}")
+        raise DataError(f"split file needs lists 'train' and 'val' (and 'test', or none): {path}")
     seen: set[str] = set()
     for key in ("train", "val", "test"):
         for i, name in enumerate(split[key]):
@@ -664,6 +735,124 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, announce: bool = True) 
     return SAMPLE_DIR
 
 
+SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")
+
+
+def resolve_sources(specs, announce: bool = True) -> list[tuple[str, Path]]:
+    """The data sources of --data-dir values: [(name, folder or bundle)]. A value is PATH or NAME=PATH; the name
+    (the folder's own name by default) labels the source's images in every report. No value: one source,
+    `resolve_data_dir`'s default."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    if not specs:
+        path = resolve_data_dir(None, announce)
+        return [(path.name, path)]
+    sources: list[tuple[str, Path]] = []
+    for spec in map(str, specs):
+        name, _, rest = spec.partition("=")
+        if rest and SOURCE_NAME_RE.match(name) and not Path(spec).exists():
+            path = Path(rest)
+        else:
+            path = Path(spec)
+            name = path.stem if path.is_file() else (path.resolve().name or "data")
+        if any(name == n for n, _ in sources):
+            raise DataError(f"two data sources named {name!r}: name them, e.g. --data-dir A={spec} (NAME=PATH)")
+        sources.append((name, path))
+    return sources
+
+
+def source_spec(name: str, path: Path) -> str:
+    """NAME=ABSOLUTE_PATH: how a run records a source, so that a resume from any folder finds it."""
+    return f"{name}={Path(path).resolve()}"
+
+
+def concat(parts: list[dict]) -> dict:
+    """One split dict from several sources' (`subset` dicts with 'sources'), in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return {"images": torch.cat([p["images"] for p in parts]), "masks": torch.cat([p["masks"] for p in parts]),
+            "labels": torch.cat([p["labels"] for p in parts]), "names": [n for p in parts for n in p["names"]],
+            "full_masks": [m for p in parts for m in p["full_masks"]],
+            "full_sizes": torch.cat([p["full_sizes"] for p in parts]),
+            "sources": [s for p in parts for s in p["sources"]]}
+
+
+def split_files_by_source(specs, sources: list[tuple[str, Path]]) -> dict:
+    """{source name: split file} from --split-file values (NAME=PATH, or a PATH: the only source's)."""
+    out = {}
+    for spec in [specs] if isinstance(specs, (str, os.PathLike)) else specs or []:
+        name, _, path = str(spec).partition("=")
+        if path and any(name == n for n, _ in sources):
+            out[name] = path
+        elif len(sources) == 1:
+            out[sources[0][0]] = str(spec)
+        else:
+            raise DataError(f"--split-file {spec}: with several sources name the source (NAME=PATH; sources: "
+                            f"{', '.join(n for n, _ in sources)})")
+    return out
+
+
+def load_parts(sources: list[tuple[str, Path]], split_specs, image_size: int, cache_dir: str | None,
+               split_dir: Path | None, every_image: bool = False) -> tuple[dict, dict]:
+    """Every source's train/val/test parts (or "all" its images with `every_image`), decoded once at `image_size`,
+    joined: each image keeps its source (the part's "sources"), and with several sources its name is
+    SOURCE/class/file. A source's split is the one `split_specs` names for it, else `choose_split`'s; a split
+    computed now is written into `split_dir` (split.json, or split_<source>.json with several; None: not
+    written). Returns the parts and {source: where its split came from (an absolute path)}."""
+    chosen = split_files_by_source(split_specs, sources)
+    several, joined, split_sources = len(sources) > 1, {}, {}
+    for name, data_dir in sources:
+        if is_bundle(data_dir):  # one file from `python dataset.py --bundle`: already decoded
+            cache = read_bundle(data_dir, image_size)
+            samples = bundle_samples(cache)
+        else:
+            samples, cache = discover_samples(data_dir), None
+        if every_image:
+            split, source = {"all": sorted(s.image for s in samples)}, "every image"
+        else:
+            written = None if split_dir is None else split_dir / (f"split_{name}.json" if several else "split.json")
+            split, source = choose_split(data_dir, samples, chosen.get(name, DEFAULT_SPLIT_FILE), name in chosen,
+                                         write_to=written)
+            source = str(Path(source).resolve()) if source.endswith(".json") else source
+        if cache is None:
+            cache = build_cache(data_dir, samples, image_size, cache_dir)
+        counts = {k: len(split[k]) for k in ("train", "val", "test", "all") if k in split}
+        print(f"data: {name}: {data_dir} | {len(samples)} images "
+              f"({', '.join(sorted({s.label for s in samples}))}) | split {counts} from {source}", flush=True)
+        for k in counts:
+            part = subset(cache, split[k])
+            part["sources"] = [name] * len(part["names"])
+            if several:
+                part["names"] = [f"{name}/{n}" for n in part["names"]]
+            joined.setdefault(k, []).append(part)
+        split_sources[name] = source
+    return {k: concat(v) for k, v in joined.items()}, split_sources
+
+
+SCANNER_TABLE = "bus_data.csv"  # BUS-BRA's per-image table: ID (the file's stem) and Device (the scanner)
+
+
+def scanners(sources: list[tuple[str, Path]]) -> dict[str, str]:
+    """{image name as the joined parts give it: scanner} for the sources whose folder holds a SCANNER_TABLE
+    (columns ID, Device); empty for others."""
+    import csv
+    several, out = len(sources) > 1, {}
+    for name, folder in sources:
+        table = Path(folder) / SCANNER_TABLE
+        if not table.is_file():
+            continue
+        try:
+            with open(table, newline="") as f:
+                device = {row["ID"]: row["Device"] for row in csv.DictReader(f) if row.get("ID") and row.get("Device")}
+        except (OSError, KeyError, UnicodeDecodeError, csv.Error):
+            continue  # a table it cannot read only costs the per-scanner breakdown
+        for label in CLASSES:
+            for path in (Path(folder) / label).glob("*"):
+                if path.stem in device:
+                    out[f"{name}/{label}/{path.name}" if several else f"{label}/{path.name}"] = device[path.stem]
+    return out
+
+
 def natural_key(path: Path) -> list:
     """Sort 'x (2).png' before 'x (10).png'."""
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)] + [str(path)]
@@ -672,16 +861,19 @@ def natural_key(path: Path) -> list:
 def choose_split(data_dir: Path, samples: list[Sample], split_file: str | os.PathLike = DEFAULT_SPLIT_FILE,
                  explicit: bool = False, write_to: Path | None = None) -> tuple[dict, str]:
     """(split, where it came from): the split file when it lists exactly these images (an `explicit` one must),
-    else a leakage-safe split computed now (and written to `write_to`). A damaged split file is an error."""
+    else the committed split in splits/ that does (BUSI's, BUS-BRA's), else a leakage-safe split computed now
+    (and written to `write_to`). A damaged split file is an error."""
     split_path = Path(split_file)
     if not split_path.is_absolute() and not split_path.exists():
         split_path = Path(__file__).resolve().parent / split_path  # the repo's own splits/ from any folder
     if explicit:
-        return read_split(split_path, samples), str(split_path)
-    if split_path.is_file():
-        split = read_split(split_path)
-        if split_matches(split, samples):
-            return split, str(split_path)
+        return read_split(split_path, samples), str(split_path.resolve())
+    committed = sorted(DEFAULT_SPLIT_FILE.parent.glob("*.json"))
+    for candidate in [split_path] + [c for c in committed if c.resolve() != split_path.resolve()]:
+        if candidate.is_file():
+            split = read_split(candidate)
+            if split_matches(split, samples):
+                return split, str(candidate.resolve())
     if is_bundle(data_dir):
         raise DataError(f"{split_path} does not list the images of the bundle {data_dir}, and a bundle has no "
                         f"full-size images to group duplicates: pass --split-file with a split of its images")
@@ -733,7 +925,13 @@ def main(argv=None) -> int:
                 raise DataError(f"cannot write {out}: {exc.strerror or exc}") from None
             print(f"{len(samples)} images at {args.image_size} px -> {out} ({size / 2**20:.1f} MiB)")
             return 0
-        split = compute_split(data_dir, samples, seed=args.seed)
+        if not (all(f >= 0 for f in args.fractions) and abs(sum(args.fractions) - 1) < 1e-6
+                and min(args.fractions[:2]) > 0):
+            raise DataError(f"--fractions {args.fractions}: train and val shares must be > 0, test >= 0, summing to 1")
+        split = compute_split(data_dir, samples, seed=args.seed, fractions=args.fractions,
+                              patient_pattern=args.patient_pattern, groups_csv=args.groups_csv)
+        if args.fractions[2] == 0:
+            del split["test"]
         try:
             write_split(split, out)
         except OSError as exc:
@@ -741,8 +939,8 @@ def main(argv=None) -> int:
     except DataError as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
-    counts = {k: len(split[k]) for k in ("train", "val", "test")}
-    print(f"{len(samples)} images, {len(split['duplicate_groups'])} near-duplicate groups "
+    counts = {k: len(split[k]) for k in ("train", "val", "test") if k in split}
+    print(f"{len(samples)} images, {len(split['duplicate_groups'])} groups kept together "
           f"({sum(len(g) for g in split['duplicate_groups'])} images); split {counts} -> {out}")
     return 0
 

@@ -61,17 +61,21 @@ def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device
             on_logits(i, outputs)
         if trust_inputs is not None:
             trust_inputs.append({k: None if v is None else v.cpu() for k, v in extras[0].items()})
+        gate = None
         if fitted_trust is not None:
-            scores = inference.trust_of(extras[0], fitted_trust)
+            scores, present, gate = inference.trust_of(extras[0], fitted_trust)
             if cls is not None:
                 raw_malignancy += metrics.malignancy_probability(cls).cpu().tolist()
                 cls = trust.calibrated(cls, fitted_trust)
-            trust_rows.append(torch.stack([scores, probs.flatten(1).amax(1)], 1))
+            present = torch.full_like(scores, float("nan")) if present is None else present
+            trust_rows.append(torch.stack([scores, probs.flatten(1).amax(1), present, gate.float()], 1))
         if cls is not None:
             class_probs.append(cls.float())
         for j in range(probs.shape[0]):
             gt = truths[i]
             preds = probs_to_original(probs[j], *gt.shape) > cuts  # [T,H,W], one per threshold
+            if gate is not None:
+                preds &= ~gate[j]  # the "no lesion" gate empties the mask
             counts.append(torch.stack([torch.logical_and(preds, gt).sum((1, 2)), preds.sum((1, 2)),
                                        gt.sum().expand(len(thresholds))], 1))  # [T,3]
             i += 1
@@ -86,35 +90,51 @@ def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device
                                                                                                    class_names))}
         if scores is not None:
             extra.update(trust=scores[i][0], review=scores[i][0] < fitted_trust["review_below"],
-                         max_probability=scores[i][1],
+                         max_probability=scores[i][1], gated=bool(scores[i][3]),
+                         **({"presence": scores[i][2]} if scores[i][2] == scores[i][2] else {}),
                          malignancy_uncalibrated=raw_malignancy[i] if raw_malignancy else None)
             if cls_all is not None:
                 extra["lesion_probability"] = 1 - extra["class_probs"][class_names.index("normal")]
         for t, (inter, pred, gt) in zip(thresholds, per_image):
             d, iou = metrics.dice_iou_from_counts(inter, pred, gt)
             per_t[t].append({"file": data["names"][i], "label": class_names[int(data["labels"][i])], "dice": d,
-                             "iou": iou, "pred_pixels": pred, "gt_pixels": gt, "inter": inter, **extra})
-    results = {t: (metrics.summarize(records, class_names), records) for t, records in per_t.items()}
-    if scores is not None:
-        for summary, records in results.values():
-            summary["trust"] = trust.report(records)
-    return results
+                             "iou": iou, "pred_pixels": pred, "gt_pixels": gt, "inter": inter, **extra,
+                             **({"source": data["sources"][i]} if "sources" in data else {})})
+    return {t: (summarize(records, class_names, scores is not None), records) for t, records in per_t.items()}
+
+
+def summarize(records: list[dict], class_names=dataset.CLASSES, with_trust: bool = False) -> dict:
+    """`metrics.summarize` (+ the trust report), and with several sources the same per source under
+    "per_source". "score" ranks checkpoints: the all-image Dice, with several sources the mean of theirs, so
+    that a change that helps one hospital and hurts the other does not win."""
+    summary = metrics.summarize(records, class_names)
+    if with_trust:
+        summary["trust"] = trust.report(records)
+    sources = sorted({r["source"] for r in records if "source" in r})
+    summary["score"] = summary["all_dice"]
+    if len(sources) > 1:
+        summary["per_source"] = {s: summarize([r for r in records if r["source"] == s], class_names, with_trust)
+                                 for s in sources}
+        summary["score"] = float(np.mean([v["all_dice"] for v in summary["per_source"].values()]))
+    return summary
 
 
 def fit_trust(model: torch.nn.Module, train: dict, val: dict, device: torch.device, dtype: torch.dtype | None,
-              threshold: float, tta: bool, batch_size: int, source: str) -> tuple[dict, list[dict]]:
+              threshold: float, tta: bool, batch_size: int, source: str, presence_keep: float = 0.0
+              ) -> tuple[dict, list[dict]]:
     """Fit the trust score and the class calibration (`trust.fit`): feature statistics on the TRAINING split;
     the regression and the review threshold on the VALIDATION split and on `trust.SHIFTED_COPIES` copies of it
     under the scanner transforms (so that the score sees outlines fail for the reasons scans from elsewhere make
     them fail); the temperatures on the validation split as it is. Returns the checkpoint's "trust" entry and
-    the validation records as the model gives them (uncalibrated)."""
+    the validation records as the model gives them (uncalibrated). With `presence_keep` > 0, first the "no lesion"
+    gate (`trust.fit_presence`) on the validation split as it is, keeping that share of its lesion scans."""
     if len(val["names"]) == 0 or len(train["names"]) == 0:
         raise ValueError("the trust score needs training and validation images to be fitted on")
     train_deep = torch.cat([extras["deep"].cpu() for *_, extras in
                             predict_batches(model, train["images"], device, dtype, batch_size, with_trust=True)])
     inputs: list[dict] = []
     _, records = evaluate(model, val, device, dtype, threshold, batch_size, tta, trust_inputs=inputs)
-    fit_records = list(records)
+    fit_records = [dict(r) for r in records]
     labels = val["labels"].tolist()
     for copy in range(trust.SHIFTED_COPIES):
         images, masks = shifted_copy(val, copy)
@@ -128,7 +148,62 @@ def fit_trust(model: torch.nn.Module, train: dict, val: dict, device: torch.devi
                                     "dice": metrics.dice_iou_from_counts(inter, n_pred, n_gt)[0]})
                 i += 1
     joined = {k: None if inputs[0][k] is None else torch.cat([b[k] for b in inputs]) for k in inputs[0]}
-    return trust.fit(train_deep, joined, fit_records, records, threshold, source), records
+    # the "no lesion" gate, on the validation split as it is; the trust score then describes the gated outlines
+    x = trust.presence_inputs(joined["seg"], joined["cls"])
+    n = len(records)
+    presence = trust.fit_presence(x[:n].double().numpy(), np.array([r["label"] != "normal" for r in records]),
+                                  np.array([r["pred_pixels"] > 0 for r in records]), presence_keep,
+                                  f"the validation split ({n} images)")
+    gate = trust.gated(trust.presence_probability(x, presence), presence) if presence else None
+    if gate is not None:
+        for r, g in zip(fit_records, gate.tolist()):
+            if g:
+                r["pred_pixels"], r["dice"] = 0, 1.0 if r["label"] == "normal" else 0.0
+    return trust.fit(train_deep, joined, fit_records, records, threshold, source, gate, presence), records
+
+
+def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, dtype: torch.dtype | None,
+                     threshold: float, tta: bool, batch_size: int, presence_keep: float, out_dir: Path,
+                     scanner_of: dict[str, str] | None = None, prefix: str = "") -> tuple[dict, dict]:
+    """`fit_trust` on the parts' train and val, its figures (<prefix>calibration.png, <prefix>presence.png) and
+    the validation split scored with the fitted entry (the gate applied; per source; per scanner where
+    `scanner_of` names them): (the "trust" entry, that validation summary). The validation figures of the gate
+    and the trust score are fitted on these very images: in-sample, so optimistic."""
+    fitted, val_records = fit_trust(model, parts["train"], parts["val"], device, dtype, threshold, tta, batch_size,
+                                    "the validation split and shifted copies of it", presence_keep)
+    write_calibration_figure(out_dir / f"{prefix}calibration.png", val_records, fitted)
+    if fitted.get("presence"):
+        write_presence_figure(out_dir / f"{prefix}presence.png", fitted["presence"])
+    summary, records = evaluate(model, parts["val"], device, dtype, threshold, batch_size, tta, fitted_trust=fitted)
+    by_scanner = sorted({scanner_of[r["file"]] for r in records if r["file"] in (scanner_of or {})})
+    if by_scanner:
+        summary["per_scanner"] = {d: summarize([r for r in records if scanner_of.get(r["file"]) == d])
+                                  for d in by_scanner}
+    return fitted, summary
+
+
+def write_presence_figure(path: Path, presence: dict) -> None:
+    """Normal scans left outlined against lesion scans missed, on validation, for each candidate "no lesion"
+    score over all its cuts; the chosen cut of each marked, and the outcome without any gate."""
+    fig = Figure(figsize=(6.4, 5.2))
+    ax = fig.subplots()
+    for name, c in presence["candidates"].items():
+        curve = np.array(c["curve"])
+        line, = ax.plot(curve[:, 1] * 100, curve[:, 2] * 100, "-", lw=1.2,
+                        label=f"{name}{' (chosen)' if name == presence['candidate'] else ''}: at the cut "
+                              f"{c['missed_rate']:.1%} missed, {c['normal_fp_rate']:.0%} FP")
+        ax.plot(c["missed_rate"] * 100, c["normal_fp_rate"] * 100, "o", color=line.get_color())
+    none = presence["no_gate"]
+    ax.plot(none["missed_rate"] * 100, none["normal_fp_rate"] * 100, "k*", ms=10,
+            label=f"no gate: {none['missed_rate']:.1%} missed, {none['normal_fp_rate']:.0%} FP")
+    ax.axvline((1 - presence["keep"]) * 100, color="grey", ls="--", lw=0.8)
+    lo, hi = presence["normal_fp_rate_interval"]
+    ax.set(xlabel="lesion scans missed (%)", ylabel="normal scans outlined (%)", xlim=(0, 20), ylim=(-2, 102),
+           title=f"'No lesion' gate on validation ({presence['n_lesion']} lesion, {presence['n_normal']} normal scans)"
+                 f"\nchosen FP {presence['normal_fp_rate']:.0%}, bootstrap 95 % interval {lo:.0%}-{hi:.0%}")
+    ax.title.set_fontsize(9)
+    ax.legend(loc="upper right", fontsize=7)
+    utils.save_figure(fig, path)
 
 
 def shifted_copy(data: dict, copy: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,9 +324,19 @@ def plot_risk_coverage(ax, t: dict) -> None:
 
 
 def print_summary(title: str, s: dict) -> None:
+    fp = "no normal scans" if s["normal_fp_rate"] != s["normal_fp_rate"] else f"normal FP rate {s['normal_fp_rate']:.3f}"
     print(f"{title}: lesion Dice {s['lesion_dice']:.4f} | lesion IoU {s['lesion_iou']:.4f} | "
-          f"pooled Dice {s['lesion_pooled_dice']:.4f} | normal FP rate {s['normal_fp_rate']:.3f} "
+          f"pooled Dice {s['lesion_pooled_dice']:.4f} | {fp} "
           f"| missed lesions {s['missed_lesions']} of {s['n_lesion']} | n={s['n_images']}")
+    for group in ("per_source", "per_scanner"):
+        for name, p in s.get(group, {}).items():
+            fp = "" if p["normal_fp_rate"] != p["normal_fp_rate"] else f" | normal FP rate {p['normal_fp_rate']:.3f}"
+            auc = f" | malignancy AUC {p['malignancy_auc']:.3f}" if p.get("malignancy_auc") == p.get("malignancy_auc") \
+                and "malignancy_auc" in p else ""
+            trust_auc = (f" | failure AUROC trust {p['trust']['auroc_trust']:.3f} / max probability "
+                         f"{p['trust']['auroc_max_probability']:.3f}") if "trust" in p else ""
+            print(f"  {group[4:]} {name}: lesion Dice {p['lesion_dice']:.4f}{fp} | missed {p['missed_lesions']} of "
+                  f"{p['n_lesion']}{auc}{trust_auc} | n={p['n_images']}")
     for name, c in s["per_class"].items():
         extra = f" | FP rate {c['fp_rate']:.3f}" if "fp_rate" in c else ""
         print(f"  {name:<9} n={c['n']:<4} Dice {c['dice']:.4f} | IoU {c['iou']:.4f}{extra}")

@@ -66,11 +66,18 @@ def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.
             hook.remove()
 
 
-def trust_of(extras: dict, fitted: dict) -> torch.Tensor:
-    """[b] trust scores of one batch from `predict_batches(..., with_trust=True)`'s last item, at the mask
-    threshold the score was fitted at (the outline it describes)."""
-    return trust.score(trust.image_features(extras["seg"], extras["flipped"], extras["cls"], extras["deep"],
-                                            fitted["threshold"], fitted["statistics"]), fitted)
+def trust_of(extras: dict, fitted: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(trust [b], presence probability [b] or None, gate [b] bool) of one batch from `predict_batches(...,
+    with_trust=True)`'s last item: the trust score at the mask threshold it was fitted at (the outline it
+    describes, emptied where the "no lesion" gate says so), the probability that a lesion is present and which
+    masks the gate empties (none without a fitted gate)."""
+    presence = fitted.get("presence")
+    present = None if presence is None else trust.presence_probability(
+        trust.presence_inputs(extras["seg"], extras["cls"]), presence)
+    gate = trust.gated(extras["seg"].new_zeros(extras["seg"].shape[0]) if present is None else present, presence)
+    scores = trust.score(trust.image_features(extras["seg"], extras["flipped"], extras["cls"], extras["deep"],
+                                              fitted["threshold"], fitted["statistics"], gate), fitted)
+    return scores, present, gate
 
 
 def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -82,7 +89,8 @@ def predict_images(model, images: list[np.ndarray], image_size: int, device: tor
                    dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
                    fitted_trust: dict | None = None):
     """Yield (probability map [H,W] float32 on the CPU at each image's own size, class probabilities [3] or None,
-    trust score or None) per image.
+    trust score or None, presence probability or None, gated) per image; `gated`: the "no lesion" gate empties
+    this scan's mask (its probability map is left as the model gave it).
 
     `images` are grey uint8 HxW arrays of any size; they are squashed to the model's square input as in training.
     `fitted_trust` (a checkpoint's "trust" entry) adds the trust score (one more, flipped, pass) and calibrates
@@ -94,12 +102,13 @@ def predict_images(model, images: list[np.ndarray], image_size: int, device: tor
     i = 0
     for probs, cls, *extras in predict_batches(model, batch, device, dtype, batch_size, tta,
                                                with_trust=fitted_trust is not None):
-        scores = trust_of(extras[0], fitted_trust).cpu() if extras else None
+        scores, present, gate = trust_of(extras[0], fitted_trust) if extras else (None, None, None)
         cls = None if cls is None else trust.calibrated(cls, fitted_trust)
         for j in range(probs.shape[0]):
             h, w = images[i].shape
             prob = probs_to_original(probs[j], h, w).cpu()
-            yield prob, (None if cls is None else cls[j].float().cpu()), (None if scores is None else float(scores[j]))
+            yield (prob, (None if cls is None else cls[j].float().cpu()), (None if scores is None else float(scores[j])),
+                   None if present is None else float(present[j]), bool(gate is not None and gate[j]))
             i += 1
 
 
@@ -115,6 +124,8 @@ class Prediction:
     class_probabilities: dict[str, float] | None  # benign / malignant / normal (class head), None without one
     trust: float | None = None  # fitted probability that the outline is right (trust.py); None: not available
     review: bool | None = None  # trust below the checkpoint's review threshold: look at this one first
+    presence_probability: float | None = None  # fitted probability that a lesion is present; None: no gate
+    gated: bool = False  # the "no lesion" gate judged the scan lesion-free and emptied its mask
 
     @property
     def malignancy_probability(self) -> float | None:
@@ -147,9 +158,9 @@ class Predictor:
     def __call__(self, image: str | os.PathLike | np.ndarray) -> Prediction:
         if not isinstance(image, np.ndarray):
             image = dataset.load_image(Path(image))
-        prob, cls, score = next(predict_images(self.model, [image], self.image_size, self.device, tta=self.tta,
-                                               fitted_trust=self.fitted_trust))
+        prob, cls, score, present, gate = next(predict_images(self.model, [image], self.image_size, self.device,
+                                                              tta=self.tta, fitted_trust=self.fitted_trust))
         prob = prob.numpy()
         classes = None if cls is None else dict(zip(dataset.CLASSES, map(float, cls.tolist())))
         review = None if score is None else score < self.fitted_trust["review_below"]
-        return Prediction(prob, prob > self.threshold, classes, score, review)
+        return Prediction(prob, (prob > self.threshold) & (not gate), classes, score, review, present, gate)

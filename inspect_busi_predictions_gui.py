@@ -120,6 +120,12 @@ class Prediction:
     truth_bits: np.ndarray | None   # np.packbits of the bool ground truth (1/8 of the memory), None without truth
     trust: float | None = None      # fitted probability that the outline is right (trust.py); None: not available
     review: bool = False            # trust below the checkpoint's review threshold
+    presence: float | None = None   # fitted probability that a lesion is present (None: no "no lesion" gate)
+    gated: bool = False             # the "no lesion" gate judged the scan lesion-free: its mask is empty
+
+    def mask(self, threshold: float) -> np.ndarray:
+        """The predicted mask at `threshold`: empty where the "no lesion" gate says so."""
+        return (self.prob > threshold) & (not self.gated)
 
     def truth(self) -> np.ndarray | None:
         if self.truth_bits is None:
@@ -128,11 +134,11 @@ class Prediction:
         return np.unpackbits(self.truth_bits, count=h * w).reshape(h, w).astype(bool)
 
     def metrics(self, threshold: float) -> tuple[float, float] | None:
-        """(Dice, IoU) of prob > threshold against the ground truth, or None without ground truth."""
+        """(Dice, IoU) of the mask at `threshold` against the ground truth, or None without ground truth."""
         truth = self.truth()
         if truth is None:
             return None
-        return metrics.dice_iou(torch.from_numpy(self.prob > threshold), torch.from_numpy(truth))
+        return metrics.dice_iou(torch.from_numpy(self.mask(threshold)), torch.from_numpy(truth))
 
     @property
     def malignancy(self) -> float | None:
@@ -565,12 +571,13 @@ class InspectorApp:
         images = [image for image, _ in loaded]
         outputs = predict_images(self.model, images, self.image_size, self.device, utils.inference_dtype(self.device),
                                  SORT_CHUNK, fitted_trust=self.fitted_trust)
-        for item, (_, truth), (prob, cls, score) in zip(items, loaded, outputs):
+        for item, (_, truth), (prob, cls, score, present, gate) in zip(items, loaded, outputs):
             self.cache[item.key] = Prediction(
                 prob=prob.numpy().astype(np.float16),
                 class_probs=None if cls is None else cls.numpy().astype(np.float32),
                 truth_bits=None if truth is None else np.packbits(truth), trust=score,
-                review=score is not None and score < self.fitted_trust["review_below"])
+                review=score is not None and score < self.fitted_trust["review_below"], presence=present,
+                gated=gate)
             self._relabel(item)
 
     def _predict_chunks(self, todo: list[int]):
@@ -625,7 +632,7 @@ class InspectorApp:
                   for d in [self._dice_of(i)] if d is not None]
         normal = [self.cache[self.items[i].key] for i in self.visible
                   if self.items[i].label == "normal" and self.items[i].key in self.cache]
-        fp = sum(bool((p.prob > self.threshold).any()) for p in normal)
+        fp = sum(bool(p.mask(self.threshold).any()) for p in normal)
         return ((f" | lesion Dice {np.mean(lesion):.3f} (n={len(lesion)})" if lesion else "")
                 + (f" | normal FP {fp} of {len(normal)}" if normal else ""))
 
@@ -721,7 +728,7 @@ class InspectorApp:
         """Outline, metrics and texts for the shown image at the current threshold."""
         item, image, truth = self._shown
         prediction = self.cache.get(item.key)
-        mask = prediction.prob > self.threshold if prediction is not None else None
+        mask = prediction.mask(self.threshold) if prediction is not None else None
         self._set_contour("pred", mask, PRED_COLOUR)
         if prediction is not None and truth is not None:
             self.dice, self.iou = metrics.dice_iou(torch.from_numpy(mask), torch.from_numpy(truth))
@@ -743,6 +750,9 @@ class InspectorApp:
             facts.append(f"trust {prediction.trust:.2f}" + (f" {REVIEW_MARK} REVIEW (below "
                                                               f"{self.fitted_trust['review_below']:.2f})"
                                                               if prediction.review else ""))
+        if prediction is not None and prediction.presence is not None:
+            facts.append(f"lesion present {prediction.presence:.2f}"
+                         + (" — judged lesion-free: mask emptied" if prediction.gated else ""))
         if self.model is None:
             facts.append("no model loaded: use Load checkpoint...")
         self.info_text = (f"{item.name}   \u2014   class: {item.label or 'unknown (no ground truth)'}\n"

@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoints/README.md). Writes "
                     "<stem>_pred.png (0/255, the input's displayed size), <stem>_overlay.png (predicted outline on "
                     "the scan) and predictions.csv (lesion size, max probability, malignancy probability, a check column "
-                    "flagging a class head that says normal beside a non-empty mask, and the "
-                    "mask and overlay file names: exactly the files written) into --output. Inputs that share a "
+                    "flagging a class head that says normal beside a non-empty mask, `trust` (the fitted "
+                    "probability that the outline is right) and `review` (trust below the cut chosen on "
+                    "validation: look at these first), `presence_probability` and `no_lesion` (the 'no lesion' gate "
+                    "emptied the mask of a scan it judged lesion-free), and the "
+                    "mask and overlay file names: exactly the files written) into --output. A checkpoint without "
+                    "these fitted parts gets them from `python trust.py`. Inputs that share a "
                     "stem keep their extension (a.png -> a.png_pred.png, a.jpg -> a.jpg_pred.png); the same name "
                     "from two folders gets _2, _3, ... Every file is written under a temp name and renamed into "
                     "place. Ctrl-C / SIGTERM: the images in flight are finished, predictions.csv lists exactly the "
@@ -113,7 +117,9 @@ from inference import predict_images  # noqa: E402
 CSV_NAME = "predictions.csv"
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
-              "malignancy_probability", "predicted_class", "mask", "overlay", "check", "trust", "review")
+              "malignancy_probability", "predicted_class", "mask", "overlay", "check", "trust", "review",
+              "presence_probability", "no_lesion")
+NO_LESION = "mask emptied"  # the `no_lesion` column: the "no lesion" gate judged the scan lesion-free
 OLDEST_FIELDS = CSV_FIELDS[:8]  # the columns of the first predictions.csv: any table of ours starts with them
 DISAGREE = "class head says normal, mask is not empty"  # the `check` column: outputs that contradict each other
 # _pred, never _mask: a prediction copied beside its scan must not pass for ground truth (dataset.MASK_RE)
@@ -309,6 +315,8 @@ class Result:
     overlay: str = ""
     trust: float | None = None  # the probability that the outline is right (trust.py); None: not available
     review: bool = False  # trust below the checkpoint's review threshold
+    presence_probability: float | None = None  # the fitted probability that a lesion is present; None: no gate
+    gated: bool = False  # the "no lesion" gate emptied the mask
 
     def row(self) -> list:
         fraction = self.lesion_pixels / (self.width * self.height)
@@ -317,7 +325,9 @@ class Result:
                 "" if self.malignancy_probability is None else f"{self.malignancy_probability:.4f}",
                 self.predicted_class or "", shown(self.mask), shown(self.overlay),
                 DISAGREE if self.predicted_class == "normal" and self.lesion_pixels else "",
-                "" if self.trust is None else f"{self.trust:.4f}", "REVIEW" if self.review else ""]
+                "" if self.trust is None else f"{self.trust:.4f}", "REVIEW" if self.review else "",
+                "" if self.presence_probability is None else f"{self.presence_probability:.4f}",
+                NO_LESION if self.gated else ""]
 
 
 def peek_size(path: Path) -> tuple[int, int]:
@@ -359,19 +369,19 @@ def _chunks(paths: list[Path], stems: list[str], batch_size: int):
 def _check_finite(good: list, predictions: list, written: int) -> None:
     """Raise NonFiniteOutput, naming the first image whose probability map or class probabilities hold NaN or
     inf: its empty mask and `nan` row would pass for a prediction."""
-    for (_, path, _, _), (prob, cls, _) in zip(good, predictions):
+    for (_, path, _, _), (prob, cls, *_) in zip(good, predictions):
         if not (bool(torch.isfinite(prob).all()) and (cls is None or bool(torch.isfinite(cls).all()))):
             raise NonFiniteOutput(f"the model's outputs are not finite (NaN or inf) for {shown(path)} (damaged "
                                   f"weights?); " + (f"{CSV_NAME} lists the {written} images written before it"
                                                     if written else "nothing was written"))
 
 
-def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, trust_score: float | None, threshold: float, stem: str,
-                   out_dir: Path, display_name: str, replaceable: set[str] = frozenset(),
-                   review_below: float = 0.0) -> Result:
-    """Threshold one probability map, write its mask and overlay PNGs (atomically, both or neither); runs in an
-    I/O thread (numpy only)."""
-    mask = prob > threshold
+def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, trust_score: float | None, presence: float | None,
+                   gated: bool, threshold: float, stem: str, out_dir: Path, display_name: str,
+                   replaceable: set[str] = frozenset(), review_below: float = 0.0) -> Result:
+    """Threshold one probability map (an empty mask where the "no lesion" gate says so), write its mask and
+    overlay PNGs (atomically, both or neither); runs in an I/O thread (numpy only)."""
+    mask = (prob > threshold) & (not gated)
     mask_name, overlay_name = output_names(stem)
     mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
     overlay_png = Image.fromarray(overlay_image(image, mask))
@@ -385,7 +395,7 @@ def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, trust_score: float 
         predicted = dataset.CLASSES[int(cls.argmax())]
     return Result(display_name, image.shape[1], image.shape[0], int(mask.sum()), float(prob.max()),
                   malignancy, predicted, mask_name, overlay_name, trust_score,
-                  trust_score is not None and trust_score < review_below)
+                  trust_score is not None and trust_score < review_below, presence, gated)
 
 
 def run(paths: list[Path], model, image_size: int, device: torch.device, threshold: float, out_dir: Path,
@@ -450,8 +460,9 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                 predictions = list(predict_images(model, [g[3] for g in good], image_size, device, dtype,
                                                   batch_size, tta, fitted_trust))
                 _check_finite(good, predictions, len(done))
-                jobs = [pool.submit(write, index, image, prob.numpy(), cls, score, threshold, stem, out_dir, path.name)
-                        for (index, path, stem, image), (prob, cls, score) in zip(good, predictions)]
+                jobs = [pool.submit(write, index, image, prob.numpy(), cls, score, present, gate, threshold, stem,
+                                    out_dir, path.name)
+                        for (index, path, stem, image), (prob, cls, score, present, gate) in zip(good, predictions)]
                 del loaded, good, predictions  # the chunk's images now live only until their files are written
                 for job in jobs:
                     job.result()
@@ -554,6 +565,9 @@ def main(argv=None) -> int:
         flagged = sum(r.review for r in results)
         print(f"{flagged} of {len(results)} flagged for review (trust below {fitted['review_below']:.2f}: the "
               f"`review` column; the lowest trust first: sort by `trust`)")
+        if fitted.get("presence"):
+            print(f"{sum(r.gated for r in results)} of {len(results)} judged lesion-free by the 'no lesion' gate "
+                  f"(presence probability below {fitted['presence']['cut']:.2f}): masks emptied, `no_lesion` column")
     print(f"research use only, not for clinical decisions: what the shipped model is and where it fails: {MODEL_CARD}")
     return 1 if failures else 0
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import utils  # (torch-free: the flags and --help come from here before torch loads, below)
-from utils import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
+from utils import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, RepeatSpec, UnitFraction
 
 
 @dataclass
@@ -60,22 +60,29 @@ class Hyperparameters:
                                               # (0 = no aux heads; inference ignores them)
     presence_weight: NonNegativeFloat = 0.0  # weight of BCE between each mask's largest logit and "has a lesion"
                                              # (against normal-scan false positives and missed lesions)
+    repeat: RepeatSpec = ""             # sampling: how often each training image of a class or source is seen per
+                                        # epoch, e.g. "normal=4" or "normal=4,BUS-BRA=0.5" (fractions subsample;
+                                        # factors multiply: a BUSI normal scan with "normal=4,BUSI=2" counts 8)
     augment: NonNegativeFloat = 1.0     # strength of the on-device augmentation (0 = none; augment.AugmentConfig)
     scanner_augment: NonNegativeFloat = 0.0  # strength of the transforms that mimic other scanners (aspect,
                                              # speckle, blur, gain ramp; AugmentConfig.with_scanner); 0 = none
     # evaluation
     threshold: Probability = 0.5        # lesion probability threshold
     tta: bool = False                   # average with the left-right flipped image's prediction at evaluation
+    presence_keep: UnitFraction = 0.98  # the "no lesion" gate empties the mask of a scan it judges lesion-free, at
+                                        # the cut that keeps this share of validation lesion scans (0 = no gate)
 
 
 @dataclass
 class Settings:
     """Where and how a run executes: never taken from a checkpoint."""
     # data and output
-    data_dir: str | None = None         # benign/, malignant/, normal/ folder or a `dataset.py --bundle` file;
-                                        # None: ./Dataset_BUSI_with_GT if present, else the bundled sample
-    split_file: str = "splits/busi_split.json"  # used when it lists exactly the data's images; other data gets
-                                                # a leakage-safe split computed into the run folder
+    data_dir: list[str] | None = None   # one or more sources, each PATH or NAME=PATH: a folder with benign/,
+                                        # malignant/ and/or normal/, or a `dataset.py --bundle` file; None:
+                                        # ./Dataset_BUSI_with_GT if present, else the bundled sample
+    split_file: list[str] | None = None  # a source's split (PATH or NAME=PATH); None: the committed split in
+                                         # splits/ that lists exactly its images (BUSI's, BUS-BRA's), else a
+                                         # leakage-safe split computed into the run folder
     output_dir: str = "checkpoints"     # parent of the run folders
     run_name: str | None = None         # run folder name (None: a timestamp)
     cache_dir: str = ".cache"           # decoded-tensor cache, keyed by data and size ('' = none)
@@ -168,7 +175,7 @@ def open_run(args) -> tuple[dict | None, Path]:
         path = Path(args.resume) if args.resume else output_dir / args.run_name
         path = path / "latest.pt" if path.is_dir() or not args.resume else path
         if not path.exists() and path.parent.is_dir() and \
-                {p.name for p in path.parent.iterdir()} <= set(utils.MADE_BEFORE_TRAINING):
+                utils.made_before_training({p.name for p in path.parent.iterdir()}):
             raise ValueError(f"nothing to resume: {path.parent} has no checkpoint (its run stopped before its first "
                              f"epoch ended); start the run again without --resume (the folder is taken over)")
         state, run_dir = checkpoints.load_checkpoint(path), path.parent
@@ -182,12 +189,12 @@ def open_run(args) -> tuple[dict | None, Path]:
         state = checkpoints.load_checkpoint(args.checkpoint)
         name = Path(args.checkpoint)
         name = f"{name.parent.name}-{name.stem}" if name.stem in ("best", "latest") and name.parent.name else name.stem
-        split = {"test": "", "all": f"-{dataset.resolve_data_dir(args.data_dir, announce=False).name}"}.get(
-            args.eval_split, f"-{args.eval_split}")
+        names = "+".join(n for n, _ in dataset.resolve_sources(args.data_dir, announce=False))
+        split = {"test": "", "all": f"-{names}"}.get(args.eval_split, f"-{args.eval_split}")
         run_dir = args.claimed = utils.claim_run_dir(output_dir, args.run_name, f"eval-{name}{split}")
     else:
         run_dir = args.claimed = utils.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
-        if dataset.resolve_data_dir(args.data_dir, announce=False) == dataset.SAMPLE_DIR:
+        if [p for _, p in dataset.resolve_sources(args.data_dir, announce=False)] == [dataset.SAMPLE_DIR]:
             given = {k: v for k, v in SAMPLE_RECIPE.items() if "--" + k.replace("_", "-") not in args.explicit}
             for key, value in given.items():
                 setattr(args, key, value)
@@ -206,39 +213,50 @@ def open_run(args) -> tuple[dict | None, Path]:
         for key in HYPERPARAMETERS:
             if key in saved and "--" + key.replace("_", "-") not in args.explicit:
                 setattr(args, key, saved[key])
-        if args.resume is not None:  # the data and split the run started with, where they still exist
-            if not args.data_dir and saved.get("data_dir") and Path(saved["data_dir"]).exists():
-                args.data_dir = saved["data_dir"]
-            if "--split-file" not in args.explicit and saved.get("split_file") and Path(saved["split_file"]).is_file():
-                args.split_file = saved["split_file"]
-                args.explicit.add("--split-file")
+        if args.resume is not None:  # the data and split the run started with: never another one silently
+            recorded_data_and_splits(args, saved)
     return state, run_dir
 
 
-def load_data(args, run_dir: Path) -> tuple[dict, Path, str]:
-    """The train/val/test parts, decoded once at the training size, and where data and split came from."""
-    data_dir = dataset.resolve_data_dir(args.data_dir)
-    if dataset.is_bundle(data_dir):  # one file from `python dataset.py --bundle`: already decoded
-        cache = dataset.read_bundle(data_dir, args.image_size)
-        samples = dataset.bundle_samples(cache)
-    else:
-        samples, cache = dataset.discover_samples(data_dir), None
-    if args.eval_only and args.eval_split == "all":  # an external set: every image, no split
-        split, source = {"all": sorted(s.image for s in samples)}, "every image"
-    else:
-        split, source = dataset.choose_split(data_dir, samples, args.split_file, "--split-file" in args.explicit,
-                                             write_to=run_dir / "split.json")
-    if cache is None:
-        cache = dataset.build_cache(data_dir, samples, args.image_size, args.cache_dir or None)
-    counts = {k: len(split[k]) for k in ("train", "val", "test", "all") if k in split}
-    print(f"data: {data_dir} | {len(samples)} images | split {counts} from {source}", flush=True)
+def recorded_data_and_splits(args, saved: dict) -> None:
+    """On resume, the run's own sources and splits (recorded as absolute paths; runs from before that, as given),
+    unless flags name others; one that cannot be found stops the run with a line naming it."""
+    if not args.data_dir and saved.get("data_dir"):
+        recorded = saved["data_dir"] if isinstance(saved["data_dir"], list) else [saved["data_dir"]]
+        for name, path in dataset.resolve_sources(recorded, announce=False):
+            if not path.exists():
+                raise ValueError(f"the run's data source {name} ({path}) is not found from {Path.cwd()}: pass "
+                                 f"--data-dir with its folder")
+        args.data_dir = recorded
+    splits = saved.get("split_file")
+    if "--split-file" not in args.explicit and splits:
+        splits = splits if isinstance(splits, dict) else {None: splits}
+        given = []
+        for name, path in splits.items():
+            if path == "every image":
+                continue
+            if not Path(path).is_file():
+                raise ValueError(f"the run's split {path} is not found from {Path.cwd()}: pass --split-file with it")
+            given.append(path if name is None else f"{name}={path}")
+        args.split_file = given
+        args.explicit.add("--split-file")
+
+
+def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
+    """The train/val/test parts of every source, decoded once at the training size and joined (dataset.load_parts),
+    the sources and each one's split."""
+    sources = dataset.resolve_sources(args.data_dir)
+    every = args.eval_only and args.eval_split == "all"  # an external set: every image, no split
+    parts, split_sources = dataset.load_parts(sources, args.split_file, args.image_size, args.cache_dir or None,
+                                              None if args.resume is not None else run_dir, every)
+    counts = {k: len(v["names"]) for k, v in parts.items()}
     needed = (args.eval_split,) if args.eval_only else ("train", "val", "test")
-    if any(counts[k] == 0 for k in needed):
-        empty = ", ".join(k for k in needed if counts[k] == 0)
+    if any(counts.get(k, 0) == 0 for k in needed):
+        empty = ", ".join(k for k in needed if counts.get(k, 0) == 0)
         raise ValueError(f"the split leaves no {empty} images ({counts}); add data or pass a --split-file")
     if not args.eval_only and counts["train"] < 2:
         raise ValueError(f"training needs at least 2 images (BatchNorm), the split has {counts['train']}")
-    return {k: dataset.subset(cache, split[k]) for k in counts}, data_dir, source
+    return parts, sources, split_sources
 
 
 def report(model, data, run_dir, split, args, device, extra, fitted_trust=None) -> dict:
@@ -268,24 +286,26 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
                     decoder_channels=unet.LITE_DECODER[:5 if args.full_res_decoder else 4])
 
 
-def trust_then_test(args, trainer, parts, run_dir: Path, device, config: dict) -> None:
-    """Fit best.pt's trust score and calibration on train and validation, store them in it, then test it ONCE."""
+def trust_then_test(args, trainer, parts, sources, run_dir: Path, device, config: dict) -> None:
+    """Fit best.pt's trust score, "no lesion" gate and calibration on train and validation, store them in it, then
+    test it ONCE (the sources that have a test part)."""
     best, best_state = checkpoints.load_model(run_dir / "best.pt", device)
     best = best.to(memory_format=torch.channels_last)
-    print(f"best epoch {trainer.best_epoch} (validation all-image Dice {trainer.best_score:.4f}); fitting trust.py's "
-          f"score and calibration on train and validation", flush=True)
-    fitted, val_records = evaluation.fit_trust(best, parts["train"], parts["val"], device,
-                                               utils.inference_dtype(device, args.amp), args.threshold, args.tta,
-                                               args.eval_batch_size, "the validation split and shifted copies of it")
+    print(f"best epoch {trainer.best_epoch} (validation score {trainer.best_score:.4f}); fitting the trust score, "
+          f"the 'no lesion' gate and the calibration on train and validation", flush=True)
+    fitted, val_summary = evaluation.fit_and_describe(best, parts, device, utils.inference_dtype(device, args.amp),
+                                                      args.threshold, args.tta, args.eval_batch_size,
+                                                      args.presence_keep, run_dir, dataset.scanners(sources))
     checkpoints.save_checkpoint({**best_state, "trust": fitted}, run_dir / "best.pt")
-    evaluation.write_calibration_figure(run_dir / "calibration.png", val_records, fitted)
+    evaluation.print_summary("validation with the fitted gate (in-sample for the gate and trust)", val_summary)
     report(best, parts["test"], run_dir, "test", args, device,
-           {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "config": config,
-            "checkpoint": str(run_dir / "best.pt")}, fitted)
+           {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "val_fitted": val_summary,
+            "config": config, "checkpoint": str(run_dir / "best.pt")}, fitted)
 
 
-def print_next_steps(run_dir: Path, data_dir: Path) -> None:
+def print_next_steps(run_dir: Path, sources: list) -> None:
     """What to do with the trained model, as commands to copy."""
+    data_dir = sources[0][1]
     best, data = (shlex.quote(str(utils.shown_path(p.resolve()))) for p in (run_dir / "best.pt", data_dir))
     print(f"\nNext steps:\n"
           f"  look at its test predictions:  python inspect_busi_predictions_gui.py --checkpoint {best} "
@@ -301,7 +321,7 @@ def print_next_steps(run_dir: Path, data_dir: Path) -> None:
 def run(args) -> int:
     device = utils.pick_device(args.device)
     state, run_dir = open_run(args)
-    parts, data_dir, split_source = load_data(args, run_dir)
+    parts, sources, split_sources = load_data(args, run_dir)
     dtype = utils.amp_dtype(device, args.amp)  # training; evaluation on a CPU stays fp32 (utils.inference_dtype)
 
     # ---- model ----
@@ -311,8 +331,8 @@ def run(args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = build_model(args, state).to(device, memory_format=torch.channels_last)
     config = {k: getattr(args, k) for k in HYPERPARAMETERS}
-    config.update(data_dir=str(data_dir), split_file=split_source, device=str(device), amp=args.amp,
-                  model=model.config)
+    config.update(data_dir=[dataset.source_spec(n, p) for n, p in sources], split_file=split_sources,
+                  device=str(device), amp=args.amp, model=model.config)
     print(f"model: {type(model).__name__}{model.config} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           f"parameters | device {device}, autocast: train {dtype}, eval {utils.inference_dtype(device, args.amp)} | "
           f"image {args.image_size}px", flush=True)
@@ -328,9 +348,14 @@ def run(args) -> int:
         return 0
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----
-    train = {k: parts["train"][k].to(device) for k in ("images", "masks", "labels")}
+    drawn = training.repeat_index([dataset.CLASSES[k] for k in parts["train"]["labels"].tolist()],
+                                  parts["train"]["sources"], args.repeat, args.seed)
+    train = {k: parts["train"][k][drawn].to(device) for k in ("images", "masks", "labels")}
+    if args.repeat:
+        print(f"sampling {args.repeat!r}: {len(drawn)} training images per epoch "
+              f"({len(parts['train']['names'])} distinct)", flush=True)
     val = {**parts["val"], "images": parts["val"]["images"].to(device), "masks": parts["val"]["masks"].to(device)}
-    trainer = training.Trainer(model, args, device, dtype, len(parts["train"]["names"]), args.compile)
+    trainer = training.Trainer(model, args, device, dtype, len(drawn), args.compile)
     if state is not None:
         trainer.restore(state)
         print(f"resuming {run_dir} at epoch {trainer.epoch + 1}" + (f", step {trainer.step}" if trainer.step else ""),
@@ -373,8 +398,8 @@ def run(args) -> int:
     # ---- one evaluation of best.pt on the test split ----
     if trainer.best_epoch is None:
         raise ValueError("no epoch made a best.pt to evaluate (none finished with finite validation outputs)")
-    trust_then_test(args, trainer, parts, run_dir, device, config)
-    print_next_steps(run_dir, data_dir)
+    trust_then_test(args, trainer, parts, sources, run_dir, device, config)
+    print_next_steps(run_dir, sources)
     return 0
 
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 import augment
 import checkpoints
+import dataset
 import evaluation
 import utils
 from augment import AugmentConfig
@@ -63,6 +64,21 @@ def steps_per_epoch(n_images: int, batch_size: int) -> int:
     outright), so a lone last image of a shuffled epoch sits that epoch out."""
     steps = math.ceil(n_images / batch_size)
     return steps - 1 if n_images % batch_size == 1 and steps > 1 else steps
+
+
+def repeat_index(labels: list[str], sources: list[str], spec: str, seed: int) -> torch.Tensor:
+    """The training images' indices as each epoch draws them under the `repeat` hyperparameter (utils.parse_repeat):
+    an image whose class and source factors multiply to f appears floor(f) times, plus once more for a fixed share
+    frac(f) of such images (drawn once per run from `seed`, so a resumed run sees the same epochs)."""
+    factors = utils.parse_repeat(spec)
+    unknown = set(factors) - set(labels) - set(sources) - set(dataset.CLASSES)
+    if unknown:
+        raise ValueError(f"--repeat names {', '.join(sorted(unknown))}: neither a class nor a source of this run "
+                         f"(sources: {', '.join(sorted(set(sources)))})")
+    f = torch.tensor([factors.get(c, 1.0) * factors.get(s, 1.0) for c, s in zip(labels, sources)], dtype=torch.float64)
+    extra = torch.rand(len(f), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < f - f.floor()
+    counts = f.floor().long() + extra.long()
+    return torch.repeat_interleave(torch.arange(len(f)), counts)
 
 
 class TrainStep:
@@ -297,18 +313,25 @@ class Trainer:
                "val_lesion_dice": round(val_summary["lesion_dice"], 5),
                "val_lesion_iou": round(val_summary["lesion_iou"], 5),
                "val_normal_fp_rate": round(fp, 5) if not math.isnan(fp) else "",
-               "val_score": round(val_summary["all_dice"], 5), "lr": self.optimizer.param_groups[0]["lr"],
+               "val_score": round(val_summary["score"], 5), "lr": self.optimizer.param_groups[0]["lr"],
                "seconds": round(seconds, 2), "train_img_per_s": round(seen / max(train_seconds, 1e-9), 1)}
         if "malignancy_auc" in val_summary:
             row["val_malignancy_auc"] = round(val_summary["malignancy_auc"], 5)
+        for source, s in val_summary.get("per_source", {}).items():  # each hospital's own figures
+            fp_s = s["normal_fp_rate"]
+            row.update({f"{source}:val_lesion_dice": round(s["lesion_dice"], 5),
+                        f"{source}:val_normal_fp_rate": round(fp_s, 5) if not math.isnan(fp_s) else "",
+                        f"{source}:val_missed": s["missed_lesions"], f"{source}:val_score": round(s["all_dice"], 5)})
+            if "malignancy_auc" in s:
+                row[f"{source}:val_malignancy_auc"] = round(s["malignancy_auc"], 5)
         self.history.append(row)
         # An epoch that predicts nothing on every validation lesion scores 1 on each normal image: on a small
         # validation split that alone can win. Such an epoch is best only until one that finds a lesion comes.
         found = val_summary["n_lesion"] == 0 or val_summary["missed_lesions"] < val_summary["n_lesion"]
         self.bad_epochs = 0 if math.isfinite(val_loss) else self.bad_epochs + 1
-        improved = not self.bad_epochs and (found, val_summary["all_dice"]) > (self.best_found, self.best_score)
+        improved = not self.bad_epochs and (found, val_summary["score"]) > (self.best_found, self.best_score)
         if improved:
-            self.best_score, self.best_epoch, self.best_val = val_summary["all_dice"], self.epoch, val_summary
+            self.best_score, self.best_epoch, self.best_val = val_summary["score"], self.epoch, val_summary
             self.best_found = found
         return row, improved
 
@@ -328,7 +351,11 @@ def write_history(run_dir, history: list[dict], best_epoch: int | None = None) -
     ax1.set(xlabel="epoch", ylabel="training objective (seg + deep supervision + class)", title="Loss")
     ax2.plot(epochs, [h["val_lesion_dice"] for h in history], label="lesion Dice")
     ax2.plot(epochs, [h["val_lesion_iou"] for h in history], label="lesion IoU")
-    ax2.plot(epochs, [h["val_score"] for h in history], label="all-image Dice (selects best.pt)")
+    sources = [k.split(":")[0] for k in history[0] if k.endswith(":val_score")]
+    ax2.plot(epochs, [h["val_score"] for h in history], label="all-image Dice" + (", mean of the sources" if sources
+                                                                               else "") + " (selects best.pt)")
+    for source in sources:
+        ax2.plot(epochs, [h[f"{source}:val_score"] for h in history], ls=":", label=f"{source}: all-image Dice")
     if best_epoch is not None:
         ax2.axvline(best_epoch, color="grey", linestyle="--", linewidth=0.8, label=f"best.pt (epoch {best_epoch})")
     ax2.set(xlabel="epoch", ylabel="validation split, original resolution", title="Validation", ylim=(0, 1))
@@ -345,8 +372,9 @@ def epoch_line(row: dict, improved: bool, bad: int, epochs: int, best_before: fl
         return f"{head} | validation outputs not finite: epoch not saved"
     star = " *" if improved else "  "
     why = " (best: the first epoch to find a validation lesion)" if improved and row["val_score"] < best_before else ""
+    sources = "".join(f" | {k.split(':')[0]} {row[k]:.4f}" for k in row if k.endswith(":val_score"))
     return (f"{head} | val Dice {row['val_lesion_dice']:.4f} | val IoU {row['val_lesion_iou']:.4f} | val score "
-            f"{row['val_score']:.4f}{star} | lr {row['lr']:.2e} | {row['seconds']:.1f} s | "
+            f"{row['val_score']:.4f}{star}{sources} | lr {row['lr']:.2e} | {row['seconds']:.1f} s | "
             f"{row['train_img_per_s']:.0f} img/s{why}"
             + (f" | about {utils.duration(row['seconds'] * left)} for the {left} epochs left" if left else ""))
 

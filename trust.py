@@ -38,9 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "train, the rest on validation; the test split is not read) and write the "
                                      "checkpoint with them as a NEW file. Training does this itself at its end.")
     parser.add_argument("--checkpoint", required=True, help="a run's best.pt or an exported model")
-    parser.add_argument("--data-dir", required=True, help="the data the checkpoint was trained on (image folder)")
-    parser.add_argument("--split-file", default=None,
-                        help="its split (default: the one the checkpoint records, else splits/busi_split.json)")
+    parser.add_argument("--data-dir", nargs="+", default=None,
+                        help="the sources the checkpoint was trained on (folders or bundles, PATH or NAME=PATH; "
+                             "default: those it records)")
+    parser.add_argument("--split-file", nargs="+", default=None,
+                        help="their splits (PATH or NAME=PATH; default: those the checkpoint records, else the "
+                             "committed split that lists a source's images)")
+    parser.add_argument("--presence-keep", type=float, default=None,
+                        help="the 'no lesion' gate keeps this share of validation lesion scans (0: no gate; "
+                             "default: the checkpoint's presence_keep, else 0.98)")
     parser.add_argument("--output", required=True, help="the new checkpoint (an existing file is never replaced); "
                         "a reliability diagram of the validation split is written beside it")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
@@ -60,11 +66,12 @@ import metrics  # noqa: E402
 # Per-image features and the score
 # --------------------------------------------------------------------------------------------------------------
 def image_features(seg: torch.Tensor, flipped: torch.Tensor, cls: torch.Tensor | None, deep: torch.Tensor,
-                   threshold: float, stats: dict | None) -> torch.Tensor:
+                   threshold: float, stats: dict | None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """[B, len(FEATURES)] float32 (`FEATURES`) from one batch: `seg` and `flipped` are the probability maps
     [B,1,S,S] of the image and of its flipped twin (flipped back), `cls` the raw class probabilities [B,3]
     (benign, malignant, normal) or None, `deep` the pooled deepest features [B,C], `stats` the training
-    features' statistics (None: distance 0)."""
+    features' statistics (None: distance 0), `gate` [B] bool the scans whose mask the "no lesion" gate empties
+    (their features are an empty mask's)."""
     p, q = seg[:, 0].float(), flipped[:, 0].float()
     m, mq = p > threshold, q > threshold
     area, area_q = m.sum((1, 2)).float(), mq.sum((1, 2)).float()
@@ -80,9 +87,112 @@ def image_features(seg: torch.Tensor, flipped: torch.Tensor, cls: torch.Tensor |
     max_prob = p.flatten(1).amax(1)
     outline = torch.stack([max_prob, agreement, change, mean_inside, torch.log((band + 1) / (area + 1)), lesion,
                            distance, torch.log(area / pixels + 1e-4)], 1)
-    empty = (area == 0).float()
+    empty = (area == 0) if gate is None else (area == 0) | gate.to(area.device)
+    empty = empty.float()
     return torch.cat([outline * (1 - empty)[:, None],
                       torch.stack([empty, empty * max_prob, empty * lesion, empty * distance], 1)], 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# "No lesion": an image-level decision that empties the mask of a scan judged free of lesions
+# --------------------------------------------------------------------------------------------------------------
+PRESENCE_CANDIDATES = ("max_probability", "class_head", "combined")
+PRESENCE_BOOTSTRAP = 1000  # resamples of the validation split for the interval of the normal FP rate
+
+
+def presence_inputs(seg: torch.Tensor, cls: torch.Tensor | None) -> torch.Tensor:
+    """[B,2]: the logit of the mask's maximum probability and the class head's lesion-vs-normal logit (0 without a
+    head), from the unflipped pass's probabilities `seg` [B,1,S,S] and raw class probabilities `cls` [B,3]."""
+    p = seg.flatten(1).amax(1).float().clamp(1e-6, 1 - 1e-6)
+    lesion = class_logits(cls)[0] if cls is not None else torch.zeros_like(p)
+    return torch.stack([torch.log(p / (1 - p)), lesion.float().clamp(-30, 30)], 1)
+
+
+def presence_probability(inputs: torch.Tensor, presence: dict) -> torch.Tensor:
+    """[B] the fitted probability that a lesion is present (the chosen candidate's score)."""
+    x = inputs.float()
+    return torch.sigmoid(x @ presence["weights"].to(x) + presence["bias"])
+
+
+def gated(probability: torch.Tensor, presence: dict | None) -> torch.Tensor:
+    """[B] bool: the scans whose mask the "no lesion" gate empties."""
+    if presence is None:
+        return torch.zeros(probability.shape, dtype=torch.bool, device=probability.device)
+    return probability < presence["cut"]
+
+
+def presence_curve(scores: np.ndarray, lesion: np.ndarray, outlined: np.ndarray) -> list[list[float]]:
+    """[[cut, missed lesion rate, normal FP rate], ...] for every cut of `scores`: a lesion scan is missed when its
+    mask is empty or the gate empties it, a normal scan is a false positive when it keeps an outline."""
+    out = []
+    for cut in np.r_[-np.inf, np.unique(scores)]:
+        keep = scores >= cut
+        out.append([float(cut), float((~(keep & outlined))[lesion].mean()) if lesion.any() else math.nan,
+                    float((keep & outlined)[~lesion].mean()) if (~lesion).any() else math.nan])
+    return out
+
+
+def presence_cut(scores: np.ndarray, lesion: np.ndarray, keep: float) -> float:
+    """The highest cut that keeps at least `keep` of the lesion scans (scores >= cut); -inf for keep 0."""
+    if keep <= 0 or not lesion.any():
+        return -math.inf
+    ranked = np.sort(scores[lesion])
+    return float(ranked[int(math.floor((1 - keep) * len(ranked) + 1e-9))])
+
+
+def fit_presence(inputs: np.ndarray, lesion: np.ndarray, outlined: np.ndarray, keep: float, source: str,
+                 seed: int = 0) -> dict | None:
+    """The "no lesion" gate, fitted on the VALIDATION split: three candidate scores (the mask's maximum
+    probability, the class head's lesion probability, and a logistic regression on both), each cut where it keeps
+    `keep` of the lesion scans; the one with the fewest normal scans left outlined wins (ties: the simpler). With
+    the validation curves of all three, and a bootstrap interval of the winner's normal FP rate (cut refitted in
+    every resample). None when `keep` is 0 or the split lacks lesion or normal scans."""
+    if keep <= 0 or not lesion.any() or lesion.all():
+        return None
+    mean, std = inputs.mean(0), inputs.std(0) + 1e-6
+    w_comb, b_comb = fit_logistic((inputs - mean) / std, lesion.astype(float))
+    params = {"max_probability": (np.array([1.0, 0.0]), 0.0), "class_head": (np.array([0.0, 1.0]), 0.0),
+              "combined": (w_comb / std, float(b_comb - (w_comb / std) @ mean))}
+    found = {}
+    for name, (w, b) in params.items():
+        scores = 1 / (1 + np.exp(-np.clip(inputs @ w + b, -30, 30)))
+        cut = presence_cut(scores, lesion, keep)
+        keep_mask = scores >= cut
+        found[name] = {"weights": w, "bias": b, "cut": cut, "scores": scores,
+                       "normal_fp_rate": float((keep_mask & outlined)[~lesion].mean()),
+                       "missed_rate": float((~(keep_mask & outlined))[lesion].mean()),
+                       "curve": presence_curve(scores, lesion, outlined)}
+    best = min(PRESENCE_CANDIDATES, key=lambda n: (found[n]["normal_fp_rate"], PRESENCE_CANDIDATES.index(n)))
+    rng, chosen, fps = np.random.default_rng(seed), found[best], []
+    for _ in range(PRESENCE_BOOTSTRAP):
+        i = rng.integers(0, len(lesion), len(lesion))
+        if lesion[i].any() and not lesion[i].all():
+            cut = presence_cut(chosen["scores"][i], lesion[i], keep)
+            fps.append(((chosen["scores"][i] >= cut) & outlined[i])[~lesion[i]].mean())
+    return {"candidate": best, "weights": torch.tensor(chosen["weights"], dtype=torch.float32),
+            "bias": float(chosen["bias"]), "cut": float(chosen["cut"]), "keep": float(keep), "fitted_on": source,
+            "n_lesion": int(lesion.sum()), "n_normal": int((~lesion).sum()),
+            "normal_fp_rate": chosen["normal_fp_rate"], "missed_rate": chosen["missed_rate"],
+            "normal_fp_rate_interval": [float(np.percentile(fps, 2.5)), float(np.percentile(fps, 97.5))],
+            "no_gate": {"normal_fp_rate": float(outlined[~lesion].mean()),
+                        "missed_rate": float((~outlined)[lesion].mean())},
+            "candidates": {n: {k: found[n][k] for k in ("cut", "normal_fp_rate", "missed_rate", "curve")}
+                           for n in PRESENCE_CANDIDATES}}
+
+
+def presence_problem(presence) -> str | None:
+    """What is wrong with a trust entry's "presence" part (None: usable)."""
+    if not isinstance(presence, dict):
+        return "its presence gate is not a dict"
+    w = presence.get("weights")
+    if not isinstance(w, torch.Tensor) or w.shape != (2,) or not bool(torch.isfinite(w).all()):
+        return "its presence gate's weights should be 2 finite numbers"
+    for key in ("bias", "cut"):
+        value = presence.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or \
+                (key == "bias" and not math.isfinite(value)):
+            return f"its presence gate's {key} should be a number"
+    return None
 
 
 def feature_statistics(deep: torch.Tensor, k: int = PCA_COMPONENTS) -> dict:
@@ -181,14 +291,16 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit(train_deep: torch.Tensor, inputs: dict, fit_records: list[dict], val_records: list[dict],
-        threshold: float, source: str) -> dict:
+        threshold: float, source: str, gate: torch.Tensor | None = None, presence: dict | None = None) -> dict:
     """The "trust" entry of a checkpoint. `train_deep`: the training split's pooled deepest features; `inputs`:
     the tensors `image_features` takes (seg, flipped, cls, deep), one row per record of `fit_records` (dice,
     pred_pixels, label), whose first rows are `val_records` (the validation split as it is, with class_probs):
     the temperatures are fitted on those. The features are computed at `threshold`, the mask threshold the
-    score describes (stored: the tools score at it whatever threshold they cut their masks at)."""
+    score describes (stored: the tools score at it whatever threshold they cut their masks at). `presence`, the
+    "no lesion" gate (`fit_presence`), is stored with it; `gate` marks the rows whose mask it empties (the records
+    already say so)."""
     stats = feature_statistics(train_deep)
-    x = image_features(inputs["seg"], inputs["flipped"], inputs["cls"], inputs["deep"], threshold, stats)
+    x = image_features(inputs["seg"], inputs["flipped"], inputs["cls"], inputs["deep"], threshold, stats, gate)
     x = x.double().numpy()
     mean, std = x.mean(0), x.std(0)
     std[std < 1e-6] = 1.0  # a constant feature (no class head, no empty mask) gets no weight
@@ -198,7 +310,7 @@ def fit(train_deep: torch.Tensor, inputs: dict, fit_records: list[dict], val_rec
              "feature_mean": torch.tensor(mean, dtype=torch.float32),
              "feature_std": torch.tensor(std, dtype=torch.float32),
              "weights": torch.tensor(weights, dtype=torch.float32), "bias": bias, "fitted_on": source,
-             "n_fit": int(len(right)), "n_failures": int((~right).sum())}
+             "n_fit": int(len(right)), "n_failures": int((~right).sum()), "presence": presence}
     scores = score(torch.tensor(x, dtype=torch.float32), trust).numpy()
     trust["review_below"] = review_threshold(scores, ~right)
     if "class_probs" in val_records[0]:  # as the tools report them (flip-averaged under --tta)
@@ -244,6 +356,8 @@ def trust_problem(trust) -> str | None:
     components = stats["components"]
     if len(width) != 1 or components.shape[1:] != width or stats["variances"].shape != components.shape[:1]:
         return "its feature statistics do not fit together"
+    if trust.get("presence") is not None and presence_problem(trust["presence"]):
+        return presence_problem(trust["presence"])
     temperatures = trust.get("temperatures", [1.0, 1.0])
     if not (isinstance(temperatures, list) and len(temperatures) == 2 and all(isinstance(v, float) and v > 0
                                                                               for v in temperatures)):
@@ -350,26 +464,44 @@ def main(argv=None) -> int:
         model, state = checkpoints.load_model(args.checkpoint, device)
         config = state.get("config") or {}
         size, threshold = int(config.get("image_size", 256)), float(config.get("threshold", 0.5))
-        split_file = args.split_file or (config.get("split_file") if config.get("split_file") and
-                                         Path(config["split_file"]).is_file() else dataset.DEFAULT_SPLIT_FILE)
-        data_dir = Path(args.data_dir)
-        samples = dataset.discover_samples(data_dir)
-        split, _ = dataset.choose_split(data_dir, samples, split_file, explicit=True)
-        cache = dataset.build_cache(data_dir, samples, size, ".cache")
-        parts = {k: dataset.subset(cache, split[k]) for k in ("train", "val")}
-        fitted, records = evaluation.fit_trust(model, parts["train"], parts["val"], device,
-                                               utils.inference_dtype(device), threshold, bool(config.get("tta")), 32,
-                                               f"validation split of {split_file} ({len(split['val'])} images) and "
-                                               f"{SHIFTED_COPIES} shifted copies; statistics of its train split")
+        recorded = config.get("data_dir")
+        specs = args.data_dir or (recorded if isinstance(recorded, list) else [recorded] if recorded else None)
+        if not specs:
+            raise ValueError(f"{args.checkpoint} records no data folder: pass --data-dir")
+        sources = dataset.resolve_sources(specs, announce=False)
+        for name, path in sources:
+            if not path.exists():
+                raise ValueError(f"data source {name} ({path}) not found: pass --data-dir with its folder")
+        splits = args.split_file
+        if splits is None and config.get("split_file"):  # the splits the model was trained with
+            recorded = config["split_file"] if isinstance(config["split_file"], dict) else {None: config["split_file"]}
+            splits = [p if n is None else f"{n}={p}" for n, p in recorded.items()
+                      if str(p).endswith(".json") and (n is None or any(n == m for m, _ in sources))]
+            missing = [p.partition("=")[2] or p for p in splits if not Path(p.partition("=")[2] or p).is_file()]
+            if missing:
+                raise ValueError(f"the checkpoint's split {missing[0]} is not found from {Path.cwd()}: pass "
+                                 f"--split-file")
+        parts, _ = dataset.load_parts(sources, splits, size, ".cache", None)
+        keep = args.presence_keep if args.presence_keep is not None else float(config.get("presence_keep", 0.98))
+        figure = out.with_name(out.stem + "_")
+        if any(Path(f"{figure}{n}.png").exists() for n in ("calibration", "presence")):
+            raise ValueError(f"{figure}calibration.png or {figure}presence.png exists: give a new --output name "
+                             f"(nothing is overwritten)")
+        fitted, summary = evaluation.fit_and_describe(model, parts, device, utils.inference_dtype(device), threshold,
+                                                      bool(config.get("tta")), 32, keep, out.parent,
+                                                      dataset.scanners(sources), prefix=out.stem + "_")
         checkpoints.save_checkpoint({**state, "trust": fitted}, out)
-        figure = out.with_name(out.stem + "_calibration.png")
-        if not evaluation.write_calibration_figure(figure, records, fitted):
-            figure = "no calibration figure (no class head)"
+        evaluation.print_summary("validation with the fitted entry (in-sample for the gate and trust)", summary)
+        figure = f"{figure}calibration.png" + (f" and {figure}presence.png" if fitted.get("presence") else "")
     except (dataset.DataError, checkpoints.CheckpointError, ValueError, OSError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
+    gate = fitted.get("presence")
+    gate = (f"'no lesion' gate: {gate['candidate']}, cut {gate['cut']:.3f}, validation normal FP "
+            f"{gate['normal_fp_rate']:.0%} (95 % interval {gate['normal_fp_rate_interval'][0]:.0%}-"
+            f"{gate['normal_fp_rate_interval'][1]:.0%}), lesion scans missed {gate['missed_rate']:.1%}; ") if gate else ""
     print(f"wrote {out} (trust fitted on {fitted['n_fit']} images, {fitted['n_failures']} failures; review below "
-          f"{fitted['review_below']:.3f}; temperatures {fitted.get('temperatures')}) and {figure}")
+          f"{fitted['review_below']:.3f}; {gate}temperatures {fitted.get('temperatures')}) and {figure}")
     return 0
 
 

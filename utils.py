@@ -88,7 +88,37 @@ def not_a_multiple(size: int, multiple: int) -> str | None:
             f"{max(multiple, round(size / multiple) * multiple)})")
 
 
+def unit_fraction(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def repeat_spec(text: str) -> str:
+    """'' or 'KEY=FACTOR,...' (KEY a class or source name, FACTOR > 0): checked, returned as given."""
+    parse_repeat(text)
+    return text
+
+
+def parse_repeat(text: str) -> dict[str, float]:
+    """{'normal': 4.0, ...} from 'normal=4,...' (argparse.ArgumentTypeError for anything else)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in str(text).split(","))):
+        key, _, value = item.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = math.nan
+        if not key or not (math.isfinite(factor) and factor > 0):
+            raise argparse.ArgumentTypeError(f"{item!r} should be NAME=FACTOR with a factor > 0 (e.g. normal=4)")
+        out[key.strip()] = factor
+    return out
+
+
 PositiveInt = Annotated[int, positive_int]
+UnitFraction = Annotated[float, unit_fraction]
+RepeatSpec = Annotated[str, repeat_spec]
 NonNegativeFloat = Annotated[float, non_negative_float]
 PositiveFloat = Annotated[float, positive_float]
 Probability = Annotated[float, probability]
@@ -142,6 +172,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         helptext = comments.get(f.name, "").replace("%", "%%")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"{helptext} (default: %(default)s)")
+        elif typing.get_origin(kind) is list:  # several values after one flag
+            group.add_argument(flag, type=check or typing.get_args(kind)[0], nargs="+", default=f.default,
                                help=f"{helptext} (default: %(default)s)")
         else:
             group.add_argument(flag, type=check or kind, default=f.default, choices=choices,
@@ -368,7 +401,13 @@ def shown_path(path: Path) -> Path:
         return path
 
 
-MADE_BEFORE_TRAINING = (".claimed", "split.json")  # what a run folder holds until its first checkpoint
+MADE_BEFORE_TRAINING = (".claimed", "split.json")  # what a run folder holds until its first checkpoint (and
+# split_<source>.json with several sources)
+
+
+def made_before_training(names) -> bool:
+    """Whether a run folder's file names are all of those a run writes before its first checkpoint."""
+    return all(n in MADE_BEFORE_TRAINING or (n.startswith("split_") and n.endswith(".json")) for n in names)
 _claims: dict[Path, int] = {}  # run folder -> the open, locked file descriptor of its claim marker
 
 
@@ -411,7 +450,7 @@ def _take_abandoned(run_dir: Path) -> bool:
     and no live process holds its marker's lock (the kernel drops it when its owner dies, even by SIGKILL)."""
     try:
         names = {p.name for p in run_dir.iterdir()}
-        if ".claimed" not in names or not names <= set(MADE_BEFORE_TRAINING):
+        if ".claimed" not in names or not made_before_training(names):
             return False
         fd = os.open(run_dir / ".claimed", os.O_RDWR)
     except OSError:
@@ -419,8 +458,9 @@ def _take_abandoned(run_dir: Path) -> bool:
     if fcntl is None or not _lock(fd):
         os.close(fd)
         return False
-    with contextlib.suppress(OSError):
-        (run_dir / "split.json").unlink()  # the dead run's: this one writes its own
+    for split in run_dir.glob("split*.json"):  # the dead run's: this one writes its own
+        with contextlib.suppress(OSError):
+            split.unlink()
     _claims[run_dir] = fd
     return True
 
@@ -446,7 +486,7 @@ def claim_run_dir(parent: str | os.PathLike, name: str | None, default_name: str
             if not run_dir.is_dir() or any(run_dir.iterdir()):
                 if not name:
                     continue
-                if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= set(MADE_BEFORE_TRAINING):
+                if run_dir.is_dir() and made_before_training({p.name for p in run_dir.iterdir()}):
                     raise ValueError(f"{run_dir} is being used by another run that has not saved a checkpoint "
                                      f"yet: choose another --run-name") from None
                 raise ValueError(f"{run_dir} already holds a run (or other files): choose another --run-name, "
@@ -466,7 +506,7 @@ def release_run_dir(run_dir: Path) -> None:
         names = {p.name for p in Path(run_dir).iterdir()}
     except OSError:
         names = None
-    if names is not None and names <= set(MADE_BEFORE_TRAINING):
+    if names is not None and made_before_training(names):
         with contextlib.suppress(OSError):
             for name in names:
                 (Path(run_dir) / name).unlink()

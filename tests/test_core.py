@@ -76,8 +76,11 @@ def _error(fn, *args):
 def test_missing_data_dir_and_class_folder(tmp_path, fresh_busi_dir):
     assert "data dir not found" in _error(dataset.discover_samples, tmp_path / "nope")
     root, _ = fresh_busi_dir
-    shutil.rmtree(root / "normal")
-    assert "class folder missing" in _error(dataset.discover_samples, root)
+    shutil.rmtree(root / "normal")  # a source without normal scans (BUS-BRA's layout) is a data folder
+    assert {s.label for s in dataset.discover_samples(root)} == {"benign", "malignant"}
+    empty = tmp_path / "empty"
+    (empty / "unrelated").mkdir(parents=True)
+    assert "no class folder" in _error(dataset.discover_samples, empty)
     (root / "normal").mkdir()
     (root / "normal" / ".DS_Store").write_bytes(b"x")
     assert "no images" in _error(dataset.discover_samples, root)

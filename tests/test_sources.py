@@ -1,0 +1,246 @@
+"""Several data sources in one run (BUSI + BUS-BRA's layout): per-source splits and validation, the mean of the
+sources choosing best.pt, patient groups, sampling, resume from another folder, and the "no lesion" gate in the
+evaluation, predict_busi.py and the Python API."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, synthetic_scan
+from PIL import Image
+from test_predict import save_tiny_checkpoint, scan
+
+import checkpoints
+import dataset
+import evaluation
+import inference
+import predict_busi
+import train_unet_busi as T
+import training
+import trust
+
+TINY = ["--encoder", "none", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8",
+        "--device", "cpu", "--eval-batch-size", "16"]
+PATIENT = r"^(bus_\d+)-"
+
+
+def make_bra_dir(root, patients: int = 9, seed: int = 1):
+    """BUS-BRA's layout: benign/ and malignant/ only (no normal scans); bus_NNNN-l.png and bus_NNNN-r.png are two
+    views of one patient, different enough that no pixel hash pairs them."""
+    rng = np.random.default_rng(seed)
+    for p in range(1, patients + 1):
+        label = "malignant" if p % 3 == 0 else "benign"
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for view in "lr":
+            image, lesion = synthetic_scan(rng, 88, 72)
+            name = root / label / f"bus_{p:04d}-{view}"
+            Image.fromarray(image).save(f"{name}.png")
+            Image.fromarray(lesion).convert("1").save(f"{name}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_sources(busi_dir, tmp_path_factory):
+    """A BUS-BRA-like folder and its patient-grouped train/val split made with dataset.py's command."""
+    tmp = tmp_path_factory.mktemp("sources")
+    bra = make_bra_dir(tmp / "BRA")
+    split = tmp / "bra_split.json"
+    assert dataset.main(["--data-dir", str(bra), "--patient-pattern", PATIENT, "--fractions", "0.6", "0.4", "0",
+                         "--out", str(split)]) == 0
+    return busi_dir[0], bra, split
+
+
+def patients_on_both_sides(split: dict) -> set:
+    side = {}
+    for part in ("train", "val", "test"):
+        for name in split.get(part, []):
+            side.setdefault(re.search(r"(bus_\d+)-", name).group(1), set()).add(part)
+    return {p for p, parts in side.items() if len(parts) > 1}
+
+
+def test_patient_pattern_and_groups_csv_keep_a_patients_views_on_one_side(two_sources, tmp_path):
+    _, bra, split_file = two_sources
+    split = json.loads(split_file.read_text())
+    assert "test" not in split and split["train"] and split["val"]  # a test share of 0: no test part
+    assert patients_on_both_sides(split) == set() and "one patient's images kept together" in split["method"]
+    samples = dataset.discover_samples(bra)
+    assert {s.label for s in samples} == {"benign", "malignant"}  # a source without normal scans is valid
+    by_pattern = dataset.patient_groups(samples, PATIENT)
+    assert len(by_pattern) == 9 and all(len(g) == 2 for g in by_pattern)
+    table = tmp_path / "groups.csv"  # the same groups from a table (file names, or paths in the data folder)
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "group"])
+        for s in samples:
+            writer.writerow([s.image if s.label == "benign" else s.image.split("/")[1], s.image[-10:-6]])
+    assert dataset.patient_groups(samples, groups_csv=table) == by_pattern
+    # the near-duplicate rule alone cannot see that two views are one patient's: the split puts some apart
+    assert patients_on_both_sides(dataset.compute_split(bra, samples, fractions=(0.6, 0.4, 0), progress=False))
+    with pytest.raises(dataset.DataError, match="needs a"):  # a pattern that captures nothing is refused
+        dataset.patient_groups(samples, "bus_")
+
+
+def history(run_dir):
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_sources_validate_each_choose_on_their_mean_and_resume_from_another_folder(two_sources, tmp_path,
+                                                                                       monkeypatch, capsys):
+    busi, bra, split_file = two_sources
+    out = tmp_path / "runs"
+    args = ["--data-dir", str(busi), f"BRA={bra}", "--split-file", f"BRA={split_file}", "--output-dir", str(out),
+            "--cache-dir", str(tmp_path / "cache"), *TINY, "--repeat", "normal=2,BRA=2", "--run-name", "two"]
+    assert T.main([*args, "--epochs", "2"]) == 0
+    run = out / "two"
+    log = capsys.readouterr().out
+    assert "data: BRA:" in log and "(benign, malignant)" in log and "sampling 'normal=2,BRA=2'" in log
+    rows = history(run)
+    for row in rows:  # each source's own figures, and the score that picks best.pt is their mean
+        mean = (float(row["BRA:val_score"]) + float(row["Dataset_BUSI_with_GT:val_score"])) / 2
+        assert float(row["val_score"]) == pytest.approx(mean, abs=1e-4)
+        assert row["BRA:val_normal_fp_rate"] == ""  # no normal scans there
+    state = checkpoints.load_checkpoint(run / "best.pt")
+    busi_split = json.loads((run / "split_Dataset_BUSI_with_GT.json").read_text())
+    n_lesion = len(json.loads(split_file.read_text())["val"]) + sum("normal" not in n for n in busi_split["val"])
+    found = {r["epoch"]: int(r["BRA:val_missed"]) + int(r["Dataset_BUSI_with_GT:val_missed"]) < n_lesion for r in rows}
+    # an epoch that finds no lesion at all is best only until one that does (Trainer.end_epoch)
+    assert state["best_epoch"] == int(max(rows, key=lambda r: (found[r["epoch"]], float(r["val_score"])))["epoch"])
+    assert state["config"]["split_file"]["BRA"] == str(split_file.resolve())
+    assert all(spec.split("=", 1)[1].startswith("/") for spec in state["config"]["data_dir"])  # absolute
+    assert (run / "split_Dataset_BUSI_with_GT.json").is_file() and not (run / "split_BRA.json").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["val_fitted"]["per_source"]) == {"BRA", "Dataset_BUSI_with_GT"}
+    assert "per_source" not in metrics["test"]  # only BUSI has a test part
+    with open(run / "test_predictions.csv") as f:
+        assert all(r["file"].startswith("Dataset_BUSI_with_GT/") for r in csv.DictReader(f))
+    # a resume from another working folder finds the run's own sources and splits (recorded as absolute paths)
+    monkeypatch.chdir(tmp_path)
+    assert T.main(["--resume", str(run), "--epochs", "3", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3]
+    assert "data: BRA:" in capsys.readouterr().out
+    # ... and stops, naming it, when a recorded source has gone
+    (tmp_path / "gone").mkdir()
+    moved = bra.rename(tmp_path / "gone" / "BRA")
+    try:
+        assert T.main(["--resume", str(run), "--epochs", "4"]) == 2
+        assert "data source BRA" in capsys.readouterr().err
+    finally:
+        moved.rename(bra)
+
+
+def test_the_mean_of_the_sources_ranks_epochs_not_the_pooled_images():
+    """Source A (8 images) gains 0.1 where source B (2 images) loses 0.3: pooled, the epoch wins; on the mean it
+    does not."""
+    def records(a: float, b: float):
+        return [{"label": "benign", "dice": a, "iou": a, "pred_pixels": 1, "gt_pixels": 1, "inter": 1, "source": "A"}
+                for _ in range(8)] + [{"label": "benign", "dice": b, "iou": b, "pred_pixels": 1, "gt_pixels": 1,
+                                       "inter": 1, "source": "B"} for _ in range(2)]
+    first, second = evaluation.summarize(records(0.5, 0.8)), evaluation.summarize(records(0.6, 0.5))
+    assert second["all_dice"] > first["all_dice"] and second["score"] < first["score"]
+    assert first["score"] == pytest.approx((0.5 + 0.8) / 2) and set(first["per_source"]) == {"A", "B"}
+
+
+def test_repeat_draws_each_class_and_source_as_often_as_asked():
+    labels, sources = ["normal", "benign", "benign", "malignant"], ["A", "A", "B", "B"]
+    drawn = training.repeat_index(labels, sources, "normal=3,B=2", seed=0).tolist()
+    assert sorted(drawn) == [0, 0, 0, 1, 2, 2, 3, 3]
+    assert training.repeat_index(labels, sources, "", seed=0).tolist() == [0, 1, 2, 3]
+    half = training.repeat_index(["benign"] * 1000, ["A"] * 1000, "A=0.5", seed=3)
+    assert 430 < len(half) < 570 and half.equal(training.repeat_index(["benign"] * 1000, ["A"] * 1000, "A=0.5",
+                                                                      seed=3))
+    with pytest.raises(ValueError, match="neither a class nor a source"):
+        training.repeat_index(labels, sources, "BUSI=2", seed=0)
+    with pytest.raises(SystemExit):
+        T.parse_args(["--repeat", "normal=-1"])
+
+
+# ------------------------------------------------------------------------------------------------ the gate
+def test_presence_gate_keeps_the_asked_share_of_lesion_scans_and_picks_the_fewest_false_outlines():
+    rng = np.random.default_rng(0)
+    lesion = np.r_[np.ones(200, bool), np.zeros(40, bool)]
+    outlined = np.r_[rng.random(200) > 0.02, rng.random(40) > 0.5]
+    # the class head separates lesion from normal scans; the mask's maximum probability does not
+    inputs = np.c_[rng.normal(2, 1, 240), np.where(lesion, rng.normal(3, 1, 240), rng.normal(-1, 1, 240))]
+    gate = trust.fit_presence(inputs, lesion, outlined, 0.98, "synthetic")
+    assert gate["candidate"] in ("class_head", "combined")
+    p = trust.presence_probability(torch.tensor(inputs), gate).numpy()
+    assert (p >= gate["cut"])[lesion].mean() >= 0.98  # the asked share of lesion scans keeps its mask
+    assert gate["normal_fp_rate"] < gate["no_gate"]["normal_fp_rate"]
+    lo, hi = gate["normal_fp_rate_interval"]
+    assert lo <= gate["normal_fp_rate"] <= hi
+    assert trust.fit_presence(inputs, lesion, outlined, 0.0, "off") is None  # keep 0: no gate
+    assert trust.fit_presence(inputs[:200], lesion[:200], outlined[:200], 0.98, "no normals") is None
+
+
+@pytest.fixture(scope="module")
+def gated_checkpoints(tmp_path_factory):
+    """The tiny model with a gate that empties every mask, and one that empties none."""
+    folder = tmp_path_factory.mktemp("gate")
+    base = checkpoints.load_checkpoint(save_tiny_checkpoint(folder / "base.pt"))
+    paths = {}
+    for name, cut in (("all", 2.0), ("none", -1.0)):  # a probability is never >= 2, always >= -1
+        gate = {"weights": torch.tensor([1.0, 0.0]), "bias": 0.0, "cut": cut, "candidate": "max_probability"}
+        paths[name] = folder / f"{name}.pt"
+        checkpoints.save_checkpoint({**base, "trust": {**base["trust"], "presence": gate}}, paths[name])
+    return paths
+
+
+def test_the_gate_empties_the_mask_in_the_api_and_leaves_a_kept_scan_alone(gated_checkpoints):
+    image = scan(40, 36, seed=5)
+    emptied = inference.Predictor(gated_checkpoints["all"])(image)
+    kept = inference.Predictor(gated_checkpoints["none"])(image)
+    assert kept.mask.any() and not kept.gated and 0 < kept.presence_probability < 1
+    assert emptied.gated and not emptied.mask.any() and emptied.presence_probability == kept.presence_probability
+    np.testing.assert_array_equal(kept.mask, kept.probability > 0.5)  # a kept scan's mask is untouched
+    np.testing.assert_array_equal(emptied.probability, kept.probability)  # the map is shown as the model gave it
+
+
+def test_predict_writes_the_presence_probability_and_the_emptied_masks(gated_checkpoints, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(2):
+        Image.fromarray(scan(40, 36, seed=i)).save(scans / f"s{i}.png")
+    rows = {}
+    for name, path in gated_checkpoints.items():
+        assert predict_busi.main(["--checkpoint", str(path), "--input", str(scans), "--output",
+                                  str(tmp_path / name), "--quiet"]) == 0
+        with open(tmp_path / name / "predictions.csv") as f:
+            rows[name] = list(csv.DictReader(f))
+        masks = [np.asarray(Image.open(tmp_path / name / f"s{i}_pred.png")) for i in range(2)]
+        assert all(m.any() for m in masks) == (name == "none") and not any(m.any() for m in masks) == (name == "all")
+    assert "2 of 2 judged lesion-free" in capsys.readouterr().out
+    assert [r["no_lesion"] for r in rows["all"]] == [predict_busi.NO_LESION] * 2
+    assert all(r["lesion_pixels"] == "0" for r in rows["all"]) and all(r["no_lesion"] == "" for r in rows["none"])
+    assert [r["presence_probability"] for r in rows["all"]] == [r["presence_probability"] for r in rows["none"]]
+    assert all(0 < float(r["presence_probability"]) < 1 for r in rows["all"])
+
+
+def test_evaluation_scores_the_gated_masks(gated_checkpoints, busi_dir):
+    root, _ = busi_dir
+    samples = dataset.discover_samples(root)
+    data = dataset.build_cache(root, samples, 32, None, progress=False)
+    for name, path in gated_checkpoints.items():
+        model, state = checkpoints.load_model(path)
+        summary, records = evaluation.evaluate(model, data, torch.device("cpu"), fitted_trust=state["trust"])
+        assert all(r["gated"] == (name == "all") for r in records)
+        if name == "all":  # every mask emptied: no normal scan outlined, every lesion missed
+            assert summary["normal_fp_rate"] == 0 and summary["missed_lesions"] == summary["n_lesion"]
+        else:
+            assert summary["missed_lesions"] < summary["n_lesion"]
+
+
+def test_a_damaged_gate_is_named_and_the_entry_ignored(gated_checkpoints, tmp_path):
+    state = checkpoints.load_checkpoint(gated_checkpoints["all"])
+    state["trust"]["presence"]["weights"] = torch.tensor([float("nan"), 0.0])
+    fitted, why = checkpoints.fitted_trust(state)
+    assert fitted is None and "presence gate's weights" in why
+
+
+def test_the_committed_busbra_split_has_no_test_part_and_no_patient_on_both_sides():
+    busbra = json.loads((ROOT / "splits" / "busbra_split.json").read_text())
+    assert "test" not in busbra and patients_on_both_sides(busbra) == set()
