@@ -290,6 +290,45 @@ def _load_mask(paths, size, image_orientation: int) -> np.ndarray:
     return merged
 
 
+def grey_from_array(array) -> np.ndarray:
+    """A scan given as an array (or a PIL image) as the grey uint8 HxW image `load_image` would make of the same
+    pixels in a file: bool and 0-1 float scaled to 0-255, 16-bit by its full scale, RGB/RGBA to grey by luma.
+    ValueError, naming what was given and what is accepted, for anything else (empty, not 2-D or HxWx3/4,
+    negative, not finite, not numbers)."""
+    accepted = ("accepted: a grey HxW or an RGB/RGBA HxWx3/4 array of bool, uint8, uint16 or other non-negative "
+                "integers up to 65535, or floats (0-1, or 0-255), or a PIL image")
+    if isinstance(array, Image.Image):
+        grey, full_scale, _ = _grey_and_alpha(array)
+        array = grey if full_scale == 255 and grey.dtype == np.uint8 else \
+            np.round(np.clip(grey, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
+        return np.array(array, dtype=np.uint8)
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"a {type(array).__name__} is not an image ({accepted})")
+    shape = "x".join(map(str, array.shape))
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"an array of {array.dtype} is not an image ({accepted})")
+    if array.size == 0 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(f"an array of shape {shape or '()'} is not an image ({accepted})")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"the {shape} {array.dtype} array holds NaN or infinite values ({accepted})")
+    if array.dtype.kind == "b":
+        scaled = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint8:
+        scaled = array
+    else:
+        low, peak = float(array.min()), float(array.max())
+        if low < 0 or (array.dtype.kind in "iu" and peak > 65535):
+            raise ValueError(f"the {shape} {array.dtype} array holds values from {low:g} to {peak:g} ({accepted})")
+        # as the file loader reads them: a float image that never exceeds 1 is on a 0-1 scale, 16-bit on 0-65535
+        scale = 1 if array.dtype.kind == "f" and peak <= 1 else 65535 if array.dtype == np.uint16 or peak > 255 else 255
+        if array.dtype.kind == "f" and peak > 65535:
+            raise ValueError(f"the {shape} {array.dtype} array holds values up to {peak:g} ({accepted})")
+        scaled = np.round(array.astype(np.float64) * (255.0 / scale)).astype(np.uint8)
+    if scaled.ndim == 3:
+        scaled = np.asarray(Image.fromarray(np.ascontiguousarray(scaled[..., :3])).convert("L"), dtype=np.uint8)
+    return np.ascontiguousarray(scaled)
+
+
 def load_sample(data_dir: str | os.PathLike, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     """Grey uint8 image and merged bool mask at the original resolution, both upright as displayed."""
     root = Path(data_dir)
@@ -775,6 +814,29 @@ def concat(parts: list[dict]) -> dict:
             "full_masks": [m for p in parts for m in p["full_masks"]],
             "full_sizes": torch.cat([p["full_sizes"] for p in parts]),
             "sources": [s for p in parts for s in p["sources"]]}
+
+
+def recorded_sources(config: dict, check_data: bool = True) -> tuple[list[str] | None, list[str] | None]:
+    """The sources and splits a run or checkpoint records (absolute paths; runs from before that, as they were
+    given), as --data-dir and --split-file values, or None where it records none. One that cannot be found is a
+    DataError naming it and the flag that replaces it: never another folder or split, silently."""
+    data = config.get("data_dir")
+    data = data if isinstance(data, list) else [data] if data else None
+    for name, path in resolve_sources(data, announce=False) if data and check_data else []:
+        if not path.exists():
+            raise DataError(f"the recorded data source {name} ({path}) is not found from {Path.cwd()}: pass "
+                            f"--data-dir with its folder")
+    splits = config.get("split_file")
+    if not splits:
+        return data, None
+    given = []
+    for name, path in (splits if isinstance(splits, dict) else {None: splits}).items():
+        if not str(path).endswith(".json"):  # "every image", or a split computed and not written
+            continue
+        if not Path(path).is_file():
+            raise DataError(f"the recorded split {path} is not found from {Path.cwd()}: pass --split-file with it")
+        given.append(str(path) if name is None else f"{name}={path}")
+    return data, given
 
 
 def split_files_by_source(specs, sources: list[tuple[str, Path]]) -> dict:

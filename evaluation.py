@@ -2,6 +2,7 @@
 --eval-only and the end of training share (metrics.json, the per-image CSV, the report figure, the summary)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,8 @@ def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, 
     and the trust score are fitted on these very images: in-sample, so optimistic."""
     fitted, val_records = fit_trust(model, parts["train"], parts["val"], device, dtype, threshold, tta, batch_size,
                                     "the validation split and shifted copies of it", presence_keep)
+    if fitted.get("no_right_outline"):
+        print(f"warning: {trust.NO_RIGHT_OUTLINE}", file=sys.stderr, flush=True)
     write_calibration_figure(out_dir / f"{prefix}calibration.png", val_records, fitted)
     if fitted.get("presence"):
         write_presence_figure(out_dir / f"{prefix}presence.png", fitted["presence"])
@@ -241,6 +244,18 @@ def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> b
         ax.legend(loc="upper left", title="10 bins; dot area: images", fontsize=8, title_fontsize=8)
     utils.save_figure(fig, path)
     return True
+
+
+def report(model, data, run_dir, split, hp, device, extra, fitted_trust=None) -> dict:
+    """One evaluation of `model` on a split at the run's threshold and TTA (`hp`), with trust scores and the "no
+    lesion" gate where the checkpoint has them: written (`write_report`), printed, returned."""
+    summary, records = evaluate(model, data, device, utils.inference_dtype(device, hp.amp), hp.threshold,
+                                hp.eval_batch_size, hp.tta, fitted_trust=fitted_trust)
+    write_report(run_dir, summary, records, extra, split)
+    print_summary(f"{split} ({extra['checkpoint']}{', flip TTA' if hp.tta else ''}, threshold {hp.threshold})",
+                  summary)
+    print(f"wrote {run_dir}/: metrics.json {split}_predictions.csv {split}_report.png")
+    return summary
 
 
 def write_report(run_dir, summary: dict, records: list[dict], extra: dict, split: str = "test") -> None:

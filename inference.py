@@ -14,6 +14,7 @@ import checkpoints
 import dataset
 import metrics
 import trust
+import utils
 from augment import to_unit_float
 from utils import autocast
 
@@ -141,13 +142,16 @@ class Predictor:
 
         from inference import Predictor
         predictor = Predictor()                     # the shipped model on the CPU (or Predictor("run/best.pt"))
-        result = predictor("scan.png")              # a file, or a grey uint8 HxW array
-        result.mask, result.probability, result.malignancy_probability, result.trust, result.review
+        result = predictor("scan.png")              # a file, or an image array (grey or RGB; as a file reads)
+        result.mask, result.probability, result.malignancy_probability, result.trust, result.review,
+        result.presence_probability, result.gated   # the "no lesion" gate: the mask emptied
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str = "cpu",
                  threshold: float | None = None, tta: bool = False):
-        self.device = torch.device(device)
+        if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
+            raise ValueError(f"threshold must be strictly between 0 and 1, got {threshold!r}")
+        self.device = utils.pick_device(device)  # the tools' check: an unknown or missing device is one line
         self.model, state = checkpoints.load_model(checkpoint or checkpoints.DEFAULT_CHECKPOINT, self.device)
         config = state.get("config") or {}
         self.image_size = int(config.get("image_size", 256))
@@ -156,8 +160,10 @@ class Predictor:
         self.fitted_trust, self.why_no_trust = checkpoints.fitted_trust(state)
 
     def __call__(self, image: str | os.PathLike | np.ndarray) -> Prediction:
-        if not isinstance(image, np.ndarray):
+        if isinstance(image, (str, os.PathLike)):
             image = dataset.load_image(Path(image))
+        else:  # converted as the file loader converts the same pixels, or refused (ValueError)
+            image = dataset.grey_from_array(image)
         prob, cls, score, present, gate = next(predict_images(self.model, [image], self.image_size, self.device,
                                                               tta=self.tta, fitted_trust=self.fitted_trust))
         prob = prob.numpy()

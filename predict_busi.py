@@ -112,6 +112,7 @@ from PIL import Image  # noqa: E402
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import metrics  # noqa: E402
+import trust  # noqa: E402
 from inference import predict_images  # noqa: E402
 
 CSV_NAME = "predictions.csv"
@@ -539,6 +540,8 @@ def main(argv=None) -> int:
     fitted, why_not = checkpoints.fitted_trust(state)
     if why_not:
         print(f"warning: {shown(args.checkpoint)}: {why_not}", file=sys.stderr)
+    elif fitted.get("no_right_outline"):
+        print(f"warning: {shown(args.checkpoint)}: {trust.NO_RIGHT_OUTLINE}", file=sys.stderr)
     stop = threading.Event()
     try:
         with stop_on_signals(stop):

@@ -103,6 +103,9 @@ FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "full_res_decoder", "b
 # these values instead (flags given still win), so that a first run learns visibly in about 2 CPU minutes.
 SAMPLE_RECIPE = {"encoder": "lite0", "pretrained": True, "image_size": 128, "epochs": 40, "batch_size": 8,
                  "lr": 1e-3, "warmup_epochs": 3}
+# The recipe before a second hospital's scans came in, kept so that its figures and the literature rows still
+# compare: --recipe busi-only (with --data-dir PATH/Dataset_BUSI_with_GT alone).
+RECIPES = {"busi-only": {"repeat": "", "scanner_augment": 0.0, "epochs": 40}}
 # How long the recipe above takes, as printed after a sample run (the measurement: RESULTS.md, "The LiteUNet recipe")
 DEFAULT_RECIPE_TIME = ("the default recipe (LiteUNet lite0, 192 px, 40 epochs) took 28 min on 2 CPU cores with bf16 "
                        "instructions (RESULTS.md); on a CPU without them it is not measured yet")
@@ -113,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Defaults are the fields at the top of train_unet_busi.py: edit them there.")
     utils.add_dataclass_flags(p, Hyperparameters)
     utils.add_dataclass_flags(p, Settings)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="a named earlier recipe instead of the "
+                   "fields above (flags given still win): busi-only is the recipe of the BUSI-only models")
     g = p.add_argument_group("resume and evaluation only")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run from its latest.pt: the run of --run-name, or the given run folder or file")
@@ -194,12 +199,14 @@ def open_run(args) -> tuple[dict | None, Path]:
         run_dir = args.claimed = utils.claim_run_dir(output_dir, args.run_name, f"eval-{name}{split}")
     else:
         run_dir = args.claimed = utils.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
-        if [p for _, p in dataset.resolve_sources(args.data_dir, announce=False)] == [dataset.SAMPLE_DIR]:
-            given = {k: v for k, v in SAMPLE_RECIPE.items() if "--" + k.replace("_", "-") not in args.explicit}
+        sample = [p for _, p in dataset.resolve_sources(args.data_dir, announce=False)] == [dataset.SAMPLE_DIR]
+        for name, recipe in (("sample recipe (SAMPLE_RECIPE, for the bundled sample only)", SAMPLE_RECIPE if sample
+                              else {}), (f"recipe {args.recipe}", RECIPES.get(args.recipe, {}))):
+            given = {k: v for k, v in recipe.items() if "--" + k.replace("_", "-") not in args.explicit}
             for key, value in given.items():
                 setattr(args, key, value)
-            print("sample recipe (train_unet_busi.SAMPLE_RECIPE, for the bundled sample only): "
-                  + ", ".join(f"{k}={v}" for k, v in given.items()), flush=True)
+            if given:
+                print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in given.items()), flush=True)
     if state is not None:
         # runs from before these options pooled the Dice, were plain UNets, and had a full-resolution stage
         saved = {"dice_per_image": False, "encoder": "none", "full_res_decoder": True, **state.get("config", {})}
@@ -214,32 +221,12 @@ def open_run(args) -> tuple[dict | None, Path]:
             if key in saved and "--" + key.replace("_", "-") not in args.explicit:
                 setattr(args, key, saved[key])
         if args.resume is not None:  # the data and split the run started with: never another one silently
-            recorded_data_and_splits(args, saved)
+            data, splits = dataset.recorded_sources(saved, check_data=not args.data_dir)
+            args.data_dir = args.data_dir or data
+            if "--split-file" not in args.explicit and splits is not None:
+                args.split_file = splits
+                args.explicit.add("--split-file")
     return state, run_dir
-
-
-def recorded_data_and_splits(args, saved: dict) -> None:
-    """On resume, the run's own sources and splits (recorded as absolute paths; runs from before that, as given),
-    unless flags name others; one that cannot be found stops the run with a line naming it."""
-    if not args.data_dir and saved.get("data_dir"):
-        recorded = saved["data_dir"] if isinstance(saved["data_dir"], list) else [saved["data_dir"]]
-        for name, path in dataset.resolve_sources(recorded, announce=False):
-            if not path.exists():
-                raise ValueError(f"the run's data source {name} ({path}) is not found from {Path.cwd()}: pass "
-                                 f"--data-dir with its folder")
-        args.data_dir = recorded
-    splits = saved.get("split_file")
-    if "--split-file" not in args.explicit and splits:
-        splits = splits if isinstance(splits, dict) else {None: splits}
-        given = []
-        for name, path in splits.items():
-            if path == "every image":
-                continue
-            if not Path(path).is_file():
-                raise ValueError(f"the run's split {path} is not found from {Path.cwd()}: pass --split-file with it")
-            given.append(path if name is None else f"{name}={path}")
-        args.split_file = given
-        args.explicit.add("--split-file")
 
 
 def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
@@ -257,18 +244,6 @@ def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
     if not args.eval_only and counts["train"] < 2:
         raise ValueError(f"training needs at least 2 images (BatchNorm), the split has {counts['train']}")
     return parts, sources, split_sources
-
-
-def report(model, data, run_dir, split, args, device, extra, fitted_trust=None) -> dict:
-    """One evaluation of `model` on a split (with trust scores where the checkpoint has them), written and
-    printed."""
-    summary, records = evaluation.evaluate(model, data, device, utils.inference_dtype(device, args.amp),
-                                           args.threshold, args.eval_batch_size, args.tta, fitted_trust=fitted_trust)
-    evaluation.write_report(run_dir, summary, records, extra, split)
-    evaluation.print_summary(f"{split} ({extra['checkpoint']}{', flip TTA' if args.tta else ''}, threshold "
-                             f"{args.threshold})", summary)
-    print(f"wrote {run_dir}/: metrics.json {split}_predictions.csv {split}_report.png")
-    return summary
 
 
 def build_model(args, state: dict | None) -> torch.nn.Module:
@@ -298,9 +273,9 @@ def trust_then_test(args, trainer, parts, sources, run_dir: Path, device, config
                                                       args.presence_keep, run_dir, dataset.scanners(sources))
     checkpoints.save_checkpoint({**best_state, "trust": fitted}, run_dir / "best.pt")
     evaluation.print_summary("validation with the fitted gate (in-sample for the gate and trust)", val_summary)
-    report(best, parts["test"], run_dir, "test", args, device,
-           {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "val_fitted": val_summary,
-            "config": config, "checkpoint": str(run_dir / "best.pt")}, fitted)
+    evaluation.report(best, parts["test"], run_dir, "test", args, device,
+                      {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "val_fitted": val_summary,
+                       "config": config, "checkpoint": str(run_dir / "best.pt")}, fitted)
 
 
 def print_next_steps(run_dir: Path, sources: list) -> None:
@@ -342,9 +317,9 @@ def run(args) -> int:
         fitted, why_not = checkpoints.fitted_trust(state)
         if why_not:
             print(f"warning: {args.checkpoint}: {why_not}", file=sys.stderr)
-        report(model, parts[args.eval_split], run_dir, args.eval_split, args, device,
-               {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"), "config": config,
-                "val_at_best": state.get("best_val")}, fitted)
+        evaluation.report(model, parts[args.eval_split], run_dir, args.eval_split, args, device,
+                          {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"),
+                           "config": config, "val_at_best": state.get("best_val")}, fitted)
         return 0
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----

@@ -313,7 +313,8 @@ class Trainer:
                "val_lesion_dice": round(val_summary["lesion_dice"], 5),
                "val_lesion_iou": round(val_summary["lesion_iou"], 5),
                "val_normal_fp_rate": round(fp, 5) if not math.isnan(fp) else "",
-               "val_score": round(val_summary["score"], 5), "lr": self.optimizer.param_groups[0]["lr"],
+               "val_score": round(val_summary.get("score", val_summary["all_dice"]), 5),
+               "lr": self.optimizer.param_groups[0]["lr"],
                "seconds": round(seconds, 2), "train_img_per_s": round(seen / max(train_seconds, 1e-9), 1)}
         if "malignancy_auc" in val_summary:
             row["val_malignancy_auc"] = round(val_summary["malignancy_auc"], 5)
@@ -329,9 +330,10 @@ class Trainer:
         # validation split that alone can win. Such an epoch is best only until one that finds a lesion comes.
         found = val_summary["n_lesion"] == 0 or val_summary["missed_lesions"] < val_summary["n_lesion"]
         self.bad_epochs = 0 if math.isfinite(val_loss) else self.bad_epochs + 1
-        improved = not self.bad_epochs and (found, val_summary["score"]) > (self.best_found, self.best_score)
+        score = val_summary.get("score", val_summary["all_dice"])  # the mean of the sources' (evaluation.summarize)
+        improved = not self.bad_epochs and (found, score) > (self.best_found, self.best_score)
         if improved:
-            self.best_score, self.best_epoch, self.best_val = val_summary["score"], self.epoch, val_summary
+            self.best_score, self.best_epoch, self.best_val = score, self.epoch, val_summary
             self.best_found = found
         return row, improved
 

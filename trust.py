@@ -29,6 +29,9 @@ FAILURE_DICE = 0.5  # a lesion outline below this Dice counts as a failure (as d
 PCA_COMPONENTS = 16  # directions of the training features that the distance is measured along
 RIDGE = 1.0  # L2 penalty of the regression on standardised features
 SHIFTED_COPIES = 3  # copies of the validation split under the scanner transforms that the regression also sees
+ALL_FLAGGED = 2.0  # the review cut that flags every scan (scores lie in [0, 1])
+NO_RIGHT_OUTLINE = ("the trust score was fitted on validation outlines that were all wrong (an undertrained "
+                    "model?): every scan is flagged for review")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +316,7 @@ def fit(train_deep: torch.Tensor, inputs: dict, fit_records: list[dict], val_rec
              "n_fit": int(len(right)), "n_failures": int((~right).sum()), "presence": presence}
     scores = score(torch.tensor(x, dtype=torch.float32), trust).numpy()
     trust["review_below"] = review_threshold(scores, ~right)
+    trust["no_right_outline"] = bool(not right.any())
     if "class_probs" in val_records[0]:  # as the tools report them (flip-averaged under --tta)
         lesion_logit, malignancy_logit = (v.numpy() for v in class_logits(
             torch.tensor([r["class_probs"] for r in val_records])))
@@ -325,8 +329,11 @@ def fit(train_deep: torch.Tensor, inputs: dict, fit_records: list[dict], val_rec
 
 def review_threshold(scores: np.ndarray, failed: np.ndarray) -> float:
     """The score below which a scan is flagged: the cut with the largest (failures caught - others flagged), as
-    fractions (Youden's J), on the scores it is fitted on; 0 (flag none) without both kinds of image."""
-    if failed.all() or not failed.any():
+    fractions (Youden's J), on the scores it is fitted on; 0 (flag none) when nothing failed, and ALL_FLAGGED
+    (flag every scan) when every outline failed: a score fitted without one right outline vouches for none."""
+    if failed.all():
+        return ALL_FLAGGED
+    if not failed.any():
         return 0.0
     cuts = np.unique(scores)
     j = [(scores[failed] < c).mean() - (scores[~failed] < c).mean() for c in cuts]
@@ -343,6 +350,10 @@ def trust_problem(trust) -> str | None:
     for key in ("feature_mean", "feature_std", "weights"):
         if not isinstance(trust.get(key), torch.Tensor) or trust[key].shape != (len(FEATURES),):
             return f"{key} should be {len(FEATURES)} numbers"
+        if not bool(torch.isfinite(trust[key]).all()):
+            return f"{key} holds NaN or infinite values"
+    if not bool((trust["feature_std"] > 0).all()):
+        return "feature_std should be > 0 (a spread of 0 divides by zero)"
     for key in ("bias", "review_below", "threshold"):
         if not isinstance(trust.get(key), (int, float)) or isinstance(trust.get(key), bool) or \
                 not math.isfinite(trust[key]):
@@ -352,6 +363,11 @@ def trust_problem(trust) -> str | None:
                                               for k in ("mean", "components", "variances")) \
             or not isinstance(stats.get("residual"), float):
         return "its feature statistics are incomplete"
+    if not all(bool(torch.isfinite(stats[k]).all()) for k in ("mean", "components", "variances")) or \
+            not math.isfinite(stats["residual"]):
+        return "its feature statistics hold NaN or infinite values"
+    if not bool((stats["variances"] > 0).all()) or not stats["residual"] > 0:
+        return "its feature statistics' variances should be > 0"
     width = stats["mean"].shape
     components = stats["components"]
     if len(width) != 1 or components.shape[1:] != width or stats["variances"].shape != components.shape[:1]:
@@ -359,9 +375,9 @@ def trust_problem(trust) -> str | None:
     if trust.get("presence") is not None and presence_problem(trust["presence"]):
         return presence_problem(trust["presence"])
     temperatures = trust.get("temperatures", [1.0, 1.0])
-    if not (isinstance(temperatures, list) and len(temperatures) == 2 and all(isinstance(v, float) and v > 0
-                                                                              for v in temperatures)):
-        return "temperatures should be two positive numbers"
+    if not (isinstance(temperatures, list) and len(temperatures) == 2 and
+            all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in temperatures)):
+        return "temperatures should be two finite positive numbers"
     return None
 
 
@@ -464,23 +480,13 @@ def main(argv=None) -> int:
         model, state = checkpoints.load_model(args.checkpoint, device)
         config = state.get("config") or {}
         size, threshold = int(config.get("image_size", 256)), float(config.get("threshold", 0.5))
-        recorded = config.get("data_dir")
-        specs = args.data_dir or (recorded if isinstance(recorded, list) else [recorded] if recorded else None)
-        if not specs:
+        recorded, splits = dataset.recorded_sources(config, check_data=not args.data_dir)
+        sources = dataset.resolve_sources(args.data_dir or recorded, announce=False) if args.data_dir or recorded \
+            else None
+        if not sources:
             raise ValueError(f"{args.checkpoint} records no data folder: pass --data-dir")
-        sources = dataset.resolve_sources(specs, announce=False)
-        for name, path in sources:
-            if not path.exists():
-                raise ValueError(f"data source {name} ({path}) not found: pass --data-dir with its folder")
-        splits = args.split_file
-        if splits is None and config.get("split_file"):  # the splits the model was trained with
-            recorded = config["split_file"] if isinstance(config["split_file"], dict) else {None: config["split_file"]}
-            splits = [p if n is None else f"{n}={p}" for n, p in recorded.items()
-                      if str(p).endswith(".json") and (n is None or any(n == m for m, _ in sources))]
-            missing = [p.partition("=")[2] or p for p in splits if not Path(p.partition("=")[2] or p).is_file()]
-            if missing:
-                raise ValueError(f"the checkpoint's split {missing[0]} is not found from {Path.cwd()}: pass "
-                                 f"--split-file")
+        names = {n for n, _ in sources}
+        splits = args.split_file or [s for s in splits or [] if "=" not in s or s.split("=", 1)[0] in names]
         parts, _ = dataset.load_parts(sources, splits, size, ".cache", None)
         keep = args.presence_keep if args.presence_keep is not None else float(config.get("presence_keep", 0.98))
         figure = out.with_name(out.stem + "_")

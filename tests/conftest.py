@@ -19,6 +19,9 @@ sys.path.insert(0, str(ROOT))
 # the real BUSI folder: $BUSI_DATA_DIR, else ../shared/data/Dataset_BUSI_with_GT beside the repository
 REAL_DATA = Path(os.environ.get("BUSI_DATA_DIR") or ROOT.parent / "shared" / "data" / "Dataset_BUSI_with_GT")
 requires_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real BUSI data not found at {REAL_DATA}")
+# BUS-BRA (the second training source): $BUSBRA_DATA_DIR, else BUS-BRA beside the BUSI folder
+REAL_BUSBRA = Path(os.environ.get("BUSBRA_DATA_DIR") or REAL_DATA.parent / "BUS-BRA")
+requires_busbra = pytest.mark.skipif(not REAL_BUSBRA.is_dir(), reason=f"real BUS-BRA data not found at {REAL_BUSBRA}")
 
 # (class, number of images) and the sizes cycled through; several classes share a near-duplicate scan.
 SYNTHETIC_COUNTS = {"benign": 12, "malignant": 8, "normal": 6}

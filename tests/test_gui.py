@@ -401,3 +401,21 @@ def test_zoom_pan_toolbar_filled_masks_and_the_file_path(root, gui, checkpoint, 
     assert app._contours["truth"].filled and app.filled_var.get() is True
     app.set_filled(False)
     assert not app._contours["truth"].filled
+
+
+def test_presence_probability_and_the_no_lesion_gate_in_the_window(root, gui, checkpoint, errors, tmp_path):
+    """The text gives the presence probability; a scan the gate judges lesion-free shows no outline and says so,
+    and its Dice is that of an empty mask."""
+    state = checkpoints.load_checkpoint(checkpoint)
+    gate = {"weights": torch.tensor([1.0, 0.0]), "bias": 0.0, "cut": 2.0, "candidate": "max_probability"}
+    checkpoints.save_checkpoint({**state, "trust": {**state["trust"], "presence": gate}}, tmp_path / "gated.pt")
+    items, note = gui.dataset_items(SAMPLE, "all")
+    lesion = [it for it in items if it.label != "normal"][:2]
+    app = gui.InspectorApp(root, tmp_path / "gated.pt", lesion, "cpu", source=note)
+    shown = app.cache[app.current.key]
+    assert shown.gated and "judged lesion-free: mask emptied" in app.info_text
+    assert f"lesion present {shown.presence:.2f}" in app.info_text and app.dice == 0.0
+    assert "pred" not in app._contours  # no outline drawn
+    assert app.load_checkpoint(checkpoint)  # without a gate: the outline is back, no presence line
+    assert not app.cache[app.current.key].gated and "lesion present" not in app.info_text and app.dice > 0
+    assert errors == []
