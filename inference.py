@@ -132,12 +132,17 @@ class Predictor:
         predictor = Predictor()                     # the shipped model on the CPU (or Predictor("run/best.pt"))
         result = predictor("scan.png")              # a file, or a grey uint8 HxW array
         result.mask, result.probability, result.malignancy_probability, result.trust, result.review
+
+    `backend`: "auto" (onnxruntime on the CPU where it is installed, else torch), "torch" or "onnx"
+    (onnx_backend.load); `checkpoint` may also be an ONNX export (.onnx).
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str = "cpu",
-                 threshold: float | None = None, tta: bool = False):
+                 threshold: float | None = None, tta: bool = False, backend: str = "auto"):
+        import onnx_backend  # (it imports this module)
+
         self.device = torch.device(device)
-        self.model, state = checkpoints.load_model(checkpoint or checkpoints.DEFAULT_CHECKPOINT, self.device)
+        self.model, state = onnx_backend.load(checkpoint or checkpoints.DEFAULT_CHECKPOINT, self.device, backend)
         config = state.get("config") or {}
         self.image_size = int(config.get("image_size", 256))
         self.threshold = float(threshold if threshold is not None else config.get("threshold", 0.5))
