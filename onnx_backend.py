@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import io
 import json
 import os
@@ -59,7 +58,12 @@ class BackendError(checkpoints.CheckpointError):
 
 
 def installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+    """Can `package` be imported (a broken install counts as absent)?"""
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        return False
+    return True
 
 
 def require(package: str, why: str):
@@ -86,7 +90,7 @@ class _Graph(torch.nn.Module):
         deep: list[torch.Tensor] = []
         hook = deepest_layer(self.model).register_forward_pre_hook(lambda _, a: deep.append(a[0].mean((2, 3))))
         try:
-            seg, cls = self.model(x)
+            seg, cls = self.model(x)[:2]  # (as predict_batches reads them)
         finally:
             hook.remove()
         return (seg, deep[0]) if cls is None else (seg, cls, deep[0])
@@ -164,11 +168,10 @@ def cache_path(checkpoint: Path, sha256: str) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.{sha256[:16]}.onnx{EXPORT_FORMAT}.onnx")
 
 
-def cached_model(checkpoint: Path, state: dict, threads: int | None = None) -> OnnxModel:
+def cached_model(checkpoint: Path, state: dict, sha: str, threads: int | None = None) -> OnnxModel:
     """The checkpoint (loaded as `state`) run by onnxruntime: its cached export, or one made now and cached (written
     atomically). Where it cannot be cached (a folder that cannot be written, or a file of that name that is not
-    this export, which is never replaced) the export is used from memory."""
-    sha = file_sha256(checkpoint)
+    this export, which is never replaced) the export is used from memory. `sha`: the checkpoint file's SHA-256."""
     path = cache_path(checkpoint, sha)
     if path.exists():
         try:
@@ -257,7 +260,8 @@ def load(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", back
          threads: int | None = None):
     """(model, checkpoint dict) for a tool to run: the torch model, or an `OnnxModel`.
 
-    `backend` "auto": onnxruntime on the CPU where it and onnx are installed, else torch, silently; "onnx": onnxruntime or a BackendError; "torch": the torch model. `checkpoint` may be an
+    `backend` "auto": onnxruntime on the CPU where it is installed (and onnx, unless the export is cached), else
+    torch, silently; "onnx": onnxruntime or a BackendError; "torch": the torch model. `checkpoint` may be an
     ONNX export itself (.onnx). Raises CheckpointError (BackendError included) with a one-line reason.
     """
     device, path = torch.device(device), Path(checkpoint)
@@ -271,27 +275,28 @@ def load(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", back
             raise checkpoints.CheckpointError(f"checkpoint not found: {path}")
         try:
             model = OnnxModel(str(path), threads)
+            state = model.state()
         except BackendError as exc:
             raise BackendError(f"{utils.printable(path)}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors for a damaged or foreign file
-            raise BackendError(f"cannot read {utils.printable(path)} as an ONNX model: "
-                               f"{str(exc).splitlines()[0][:200]}") from None
-        state = model.state()
+            raise BackendError(f"cannot read {utils.printable(path)} as an ONNX model of this project: "
+                               f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
         problem = checkpoints.checkpoint_problem(state)
         if problem:
             raise BackendError(f"{utils.printable(path)}: its metadata is damaged or not this project's: {problem}")
         return model, state
     if backend == "onnx" and device.type != "cpu":
         raise BackendError(f"the onnx backend runs on the CPU; on {device} use the torch backend")
-    if backend == "auto" and (device.type != "cpu" or not installed("onnxruntime") or not installed("onnx")):
-        backend = "torch"
-    if backend == "onnx":
-        require("onnxruntime", "the onnx backend")
-        require("onnx", "the onnx backend (to export the checkpoint on first use)")
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and (device.type != "cpu" or not installed("onnxruntime"))):
         return checkpoints.load_model(path, device)
+    require("onnxruntime", "the onnx backend")
     state = checkpoints.load_checkpoint(path)  # the torch model is built only to export it
-    return cached_model(path, state, threads), state
+    sha = file_sha256(path)
+    if not cache_path(path, sha).exists() and not installed("onnx"):  # onnx is needed only to export
+        if backend == "auto":
+            return checkpoints.build_model(state, path).to(device).eval(), state
+        require("onnx", "the onnx backend (to export the checkpoint on first use)")
+    return cached_model(path, state, sha, threads), state
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -155,13 +155,19 @@ def test_without_onnxruntime_the_torch_path_runs_silently_and_asking_names_the_p
     assert code == 2 and err.count("\n") == 1 and "onnxruntime" in err and not (tmp_path / "out").exists()
 
 
-def test_backend_choices_that_cannot_run_are_one_line_errors(shipped):
+def test_backend_choices_that_cannot_run_are_one_line_errors(shipped, tmp_path):
     with pytest.raises(onnx_backend.BackendError, match="runs on the CPU"):
         onnx_backend.load(shipped["checkpoint"], "cuda", "onnx")
     with pytest.raises(onnx_backend.BackendError, match="ONNX model"):
         onnx_backend.load(shipped["cached"], "cpu", "torch")
     model, _ = onnx_backend.load(shipped["checkpoint"], "meta", "auto")  # not the CPU: torch, as on a GPU
     assert isinstance(model, torch.nn.Module)
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(shipped["cached"].read_bytes()[:100_000])
+    for path in (damaged, tmp_path / "missing.onnx"):
+        with pytest.raises(checkpoints.CheckpointError) as caught:
+            onnx_backend.load(path, "cpu", "auto")
+        assert "\n" not in str(caught.value) and str(path.name) in str(caught.value)
 
 
 def test_export_command_checks_parity_and_never_overwrites(shipped, tmp_path, capsys):
