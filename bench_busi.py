@@ -549,10 +549,10 @@ def bench_backends(args, data_dir: Path) -> dict:
         start, outputs = time.perf_counter(), []
         for i in range(0, len(paths), args.batch_size):
             images = [dataset.load_image(p) for p in paths[i:i + args.batch_size]]
-            for prob, cls, trust in inference.predict_images(engine, images, size, cpu, None, args.batch_size,
-                                                             fitted_trust=fitted):
-                outputs.append((prob, cls, trust))
-                _ = prob.numpy() > threshold
+            for output in inference.predict_images(engine, images, size, cpu, None, args.batch_size,
+                                                   fitted_trust=fitted):
+                outputs.append(output)
+                _ = output[0].numpy() > threshold  # the mask
         return time.perf_counter() - start, outputs
 
     figures = {"images": len(paths), "checkpoint": str(args.checkpoint), "batch_size": args.batch_size, "runs": []}

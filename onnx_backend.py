@@ -314,14 +314,15 @@ def parity(torch_model, onnx_model, images: list[np.ndarray], image_size: int, t
 
 
 def compare(first: list, second: list, threshold: float) -> dict:
-    """Two runs of inference.predict_images on the same scans, (probability map, class probabilities, trust) per
-    scan: pixels whose masks differ, per-image Dice of the two masks, the largest probability difference, the
+    """Two runs of inference.predict_images on the same scans, (probability map, class probabilities, trust, ...)
+    per scan: pixels whose masks differ, per-image Dice of the two masks, the largest probability difference, the
     predicted classes, the largest malignancy and trust differences."""
     import metrics
 
     differing = pixels = classes_agree = compared = 0
     dice, prob_diff, malignancy_diff, trust_diff = [], 0.0, 0.0, 0.0
-    for (p, c, s), (q, d, t) in zip(first, second):
+    for one, other in zip(first, second):
+        (p, c, s), (q, d, t) = one[:3], other[:3]
         a, b = p.numpy() > threshold, q.numpy() > threshold
         differing += int((a != b).sum())
         pixels += a.size
