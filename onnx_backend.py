@@ -115,7 +115,10 @@ def from_json(text: str):
     def restore(v):
         if isinstance(v, dict):
             if set(v) == {"tensor", "dtype"}:
-                return torch.tensor(v["tensor"], dtype=getattr(torch, v["dtype"]))
+                dtype = getattr(torch, str(v["dtype"]), None)
+                if not isinstance(dtype, torch.dtype):  # a file's text names a dtype, never anything else of torch
+                    raise ValueError(f"unknown tensor dtype {v['dtype']!r} in the metadata")
+                return torch.tensor(v["tensor"], dtype=dtype)
             return {k: restore(x) for k, x in v.items()}
         return [restore(x) for x in v] if isinstance(v, list) else v
     return restore(json.loads(text))

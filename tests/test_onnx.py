@@ -228,3 +228,9 @@ def test_export_matches_pytorch_on_busi_test_scans(shipped):
     figures = onnx_backend.parity(shipped["torch"], shipped["onnx"], images, config["image_size"],
                                   config["threshold"], fitted)
     assert figures["images"] == 8 and onnx_backend.parity_failures(figures) == [], figures
+
+
+def test_the_install_hint_names_the_pinned_versions():
+    pins = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if line.startswith(("onnx==", "onnxruntime=="))]
+    assert sorted(pins) == sorted(onnx_backend.PINS.values())
