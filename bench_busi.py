@@ -59,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="also profile the project's step: time per op type, forward/backward, decoder, roofline")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    backends = p.add_argument_group("inference backends (instead of the training benchmark)")
+    backends.add_argument("--backends", action="store_true",
+                          help="inference images/s of a checkpoint as torch and as its onnxruntime export, through "
+                               "predict's pipeline (decode, resize, the model and its flipped pass for the trust "
+                               "score, the map back at each scan's size, the mask) on the same scans, in rounds "
+                               "that alternate between them, at each of --threads; and how far their outputs differ")
+    backends.add_argument("--checkpoint", default=str(utils.shown_path(utils.DEFAULT_CHECKPOINT)),
+                          help="with --backends: the model")
+    backends.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                          help="with --backends: the scans (the committed split's, else a computed one)")
+    backends.add_argument("--threads", default="1,2", help="with --backends: inference threads, comma-separated")
+    backends.add_argument("--rounds", type=int, default=3, help="with --backends: timed passes per backend")
     return p
 
 
@@ -115,6 +127,15 @@ def naive_train_step(model, optimizer, loss_fn, cls_weight, x, y, labels, ds_wei
     loss.backward()
     optimizer.step()
     return loss
+
+
+def cpu_name() -> str:
+    """The CPU's model name as lscpu shows it (/proc/cpuinfo), for the benchmark's record."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def sync(device):
@@ -504,9 +525,84 @@ def print_table(project: dict, naive: dict, device) -> tuple[float, float, float
     return gflops, achieved, peak, ceiling
 
 
+def bench_backends(args, data_dir: Path) -> dict:
+    """torch against onnxruntime on one CPU, interleaved: per thread count, `args.rounds` rounds, each timing one
+    pass of each backend over the same scans (the order alternating), as predict runs them; the median images/s
+    of each and their ratio; then the two paths' outputs compared (onnx_backend.compare)."""
+    import checkpoints
+    import onnx_backend
+
+    samples = dataset.discover_samples(data_dir)
+    if args.split != "all":
+        chosen, _ = dataset.choose_split(data_dir, samples)
+        samples = [s for s in samples if s.image in set(chosen[args.split])]
+    paths = [data_dir / s.image for s in samples]
+    model, state = checkpoints.load_model(args.checkpoint)
+    data = onnx_backend.export(model, state)
+    fitted, _ = checkpoints.fitted_trust(state)
+    config = state.get("config") or {}
+    size, threshold = int(config.get("image_size", 256)), float(config.get("threshold", 0.5))
+    cpu = torch.device("cpu")
+
+    def one_pass(engine):
+        """Decode, predict and threshold every scan, `args.batch_size` at a time: (seconds, the outputs)."""
+        start, outputs = time.perf_counter(), []
+        for i in range(0, len(paths), args.batch_size):
+            images = [dataset.load_image(p) for p in paths[i:i + args.batch_size]]
+            for output in inference.predict_images(engine, images, size, cpu, None, args.batch_size,
+                                                   fitted_trust=fitted):
+                outputs.append(output)
+                _ = output[0].numpy() > threshold  # the mask
+        return time.perf_counter() - start, outputs
+
+    figures = {"images": len(paths), "checkpoint": str(args.checkpoint), "batch_size": args.batch_size, "runs": []}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        engines = {"torch": model, "onnx": onnx_backend.OnnxModel(data, threads)}
+        one_pass(engines["onnx"])  # warm-up (onnxruntime plans its kernels on the first run)
+        rates, last = {name: [] for name in engines}, {}
+        for r in range(args.rounds):
+            for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+                seconds, last[name] = one_pass(engines[name])
+                rates[name].append(len(paths) / seconds)
+        run = {"threads": threads, **{f"{n}_img_s": float(np.median(v)) for n, v in rates.items()},
+               **{f"{n}_rounds": v for n, v in rates.items()}}
+        run["speedup"] = run["onnx_img_s"] / run["torch_img_s"]
+        run["parity"] = onnx_backend.compare(last["torch"], last["onnx"], threshold)
+        figures["runs"].append(run)
+        print(f"threads {threads}: torch {run['torch_img_s']:.1f} img/s, onnxruntime {run['onnx_img_s']:.1f} img/s "
+              f"(rounds {', '.join(f'{a:.1f}/{b:.1f}' for a, b in zip(rates['torch'], rates['onnx']))}): "
+              f"{run['speedup']:.2f}x", flush=True)
+    parity = figures["runs"][-1]["parity"]
+    print(f"parity over {parity['images']} scans: masks identical on {parity['pixel_agreement']:.6%} of pixels "
+          f"({parity['differing_pixels']} of {parity['pixels']} differ), min Dice {parity['min_dice']:.6f}, class "
+          f"agreement {parity['class_agreement']:.0%}, max malignancy difference "
+          f"{parity['max_malignancy_difference']:.2e}, max probability difference "
+          f"{parity['max_probability_difference']:.2e}, max trust difference {parity['max_trust_difference']:.2e}")
+    figures["parity_failures"] = onnx_backend.parity_failures(parity)
+    return figures
+
+
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.backends:
+        import onnx_backend
+        try:
+            data_dir = dataset.resolve_data_dir(args.data_dir)
+            print(f"bench: {data_dir}, {args.split} split | {utils.printable(args.checkpoint)} | torch "
+                  f"{torch.__version__} against onnxruntime | cpu: {cpu_name()}", flush=True)
+            figures = bench_backends(args, data_dir)
+        except (dataset.DataError, onnx_backend.checkpoints.CheckpointError, ValueError) as exc:
+            print(f"error: {utils.printable(exc)}", file=sys.stderr)
+            return 2
+        figures.update(cpu=cpu_name(), torch=torch.__version__, onnxruntime=__import__("onnxruntime").__version__)
+        if args.json:
+            utils.write_json(args.json, figures)
+        if figures["parity_failures"]:
+            print(f"error: the two paths differ: {'; '.join(figures['parity_failures'])}", file=sys.stderr)
+            return 1
+        return 0
     multiple = unet.size_multiple({"encoder": args.encoder, "depth": args.depth})
     if args.image_size % multiple:
         p.error(f"--image-size must be a multiple of {multiple}")

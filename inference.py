@@ -145,14 +145,19 @@ class Predictor:
         result = predictor("scan.png")              # a file, or an image array (grey or RGB; as a file reads)
         result.mask, result.probability, result.malignancy_probability, result.trust, result.review,
         result.presence_probability, result.gated   # the "no lesion" gate: the mask emptied
+
+    `backend`: "auto" (onnxruntime on the CPU where it is installed, else torch), "torch" or "onnx"
+    (onnx_backend.load); `checkpoint` may also be an ONNX export (.onnx).
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str = "cpu",
-                 threshold: float | None = None, tta: bool = False):
+                 threshold: float | None = None, tta: bool = False, backend: str = "auto"):
+        import onnx_backend  # (it imports this module)
+
         if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
             raise ValueError(f"threshold must be strictly between 0 and 1, got {threshold!r}")
         self.device = utils.pick_device(device)  # the tools' check: an unknown or missing device is one line
-        self.model, state = checkpoints.load_model(checkpoint or checkpoints.DEFAULT_CHECKPOINT, self.device)
+        self.model, state = onnx_backend.load(checkpoint or checkpoints.DEFAULT_CHECKPOINT, self.device, backend)
         config = state.get("config") or {}
         self.image_size = int(config.get("image_size", 256))
         self.threshold = float(threshold if threshold is not None else config.get("threshold", 0.5))

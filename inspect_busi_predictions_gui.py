@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=utils.positive_int, default=default_threads(), help="CPU threads for inference; "
                    "default: %(default)s")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="what runs the model: onnx = onnxruntime on the CPU (exported on first use, cached beside the "
+                        "checkpoint), torch = PyTorch, auto = onnx where onnxruntime and onnx are installed and the "
+                        "device is the CPU; default: %(default)s")
     return p
 
 
@@ -65,6 +69,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import metrics  # noqa: E402
+import onnx_backend  # noqa: E402
 import unet  # noqa: E402
 from inference import predict_images  # noqa: E402
 
@@ -189,9 +194,10 @@ class InspectorApp:
     """
 
     def __init__(self, root: tk.Tk, checkpoint: str | os.PathLike | None = None, items: list[Item] = (),
-                 device: torch.device | str = "cpu", source: str = ""):
+                 device: torch.device | str = "cpu", source: str = "", backend: str = "auto"):
         self.root = root
         self.device = torch.device(device)
+        self.backend = backend  # onnx_backend.load's: what runs the model
         self.source = source
         self.model = None
         self.checkpoint: Path | None = None
@@ -351,7 +357,7 @@ class InspectorApp:
     def load_checkpoint(self, path: str | os.PathLike) -> bool:
         """Use another model; a bad file leaves the current one (or none) in place and shows why."""
         try:
-            model, state = checkpoints.load_model(path, self.device)
+            model, state = onnx_backend.load(path, self.device, self.backend)
         except checkpoints.CheckpointError as exc:
             self.show_error(utils.printable(exc))
             return False
@@ -546,7 +552,8 @@ class InspectorApp:
 
     def _ask_checkpoint(self) -> None:
         path = filedialog.askopenfilename(parent=self.root, title="Load checkpoint",
-                                          filetypes=[("PyTorch checkpoint", "*.pt *.pth"), ("All files", "*")])
+                                          filetypes=[("PyTorch checkpoint", "*.pt *.pth"), ("ONNX export", "*.onnx"),
+                                                     ("All files", "*")])
         if path:
             self.load_checkpoint(path)
 
@@ -829,7 +836,7 @@ def main(argv=None) -> int:
     except tk.TclError as exc:
         print(f"error: cannot open a window ({exc}); a display (X server) is needed", file=sys.stderr)
         return 2
-    app = InspectorApp(root, args.checkpoint, items, device, source=note)
+    app = InspectorApp(root, args.checkpoint, items, device, source=note, backend=args.backend)
     if error:
         app.show_error(error)
     root.mainloop()

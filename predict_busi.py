@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for inference; default: %(default)s (half the cores: an oversubscribed CPU "
                         "runs PyTorch many times slower)")
     p.add_argument("--tta", action="store_true", help="average with the left-right flipped prediction")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="what runs the model: onnx = onnxruntime on the CPU (the checkpoint exported to ONNX on first "
+                        "use and cached beside it; --checkpoint may also be such an .onnx file), torch = PyTorch; "
+                        "auto = onnx on the CPU where onnxruntime and onnx are installed (faster: "
+                        "docs/performance.md), else torch; default: %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -112,6 +117,7 @@ from PIL import Image  # noqa: E402
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import metrics  # noqa: E402
+import onnx_backend  # noqa: E402
 import trust  # noqa: E402
 from inference import predict_images  # noqa: E402
 
@@ -520,7 +526,7 @@ def main(argv=None) -> int:
         return 2
     made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # removed again if nothing is written
     try:
-        model, state = checkpoints.load_model(args.checkpoint, device)
+        model, state = onnx_backend.load(args.checkpoint, device, args.backend)
         out_dir.mkdir(parents=True, exist_ok=True)
     except checkpoints.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)

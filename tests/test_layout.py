@@ -16,7 +16,8 @@ def _tree(path):
     return ast.parse(path.read_text(encoding="utf-8"))
 
 
-SCRIPTS = {"train_unet_busi", "predict_busi", "inspect_busi_predictions_gui", "bench_busi"}  # the commands
+# the commands
+SCRIPTS = {"train_unet_busi", "predict_busi", "inspect_busi_predictions_gui", "bench_busi", "export_onnx"}
 
 
 def test_no_module_imports_a_script():
