@@ -94,7 +94,7 @@ def fitted_trust(state: dict) -> tuple[dict | None, str | None]:
     """The checkpoint's fitted trust score and calibration (its "trust" entry), or (None, why there is none)."""
     entry = state.get("trust")
     if entry is None:
-        return None, ("it holds no trust statistics: trust scores unavailable (add them with `python trust.py "
+        return None, ("it holds no trust statistics: trust scores unavailable (add them with `python fit_trust.py "
                       "--checkpoint PATH --data-dir DATA --output NEW.pt`)")
     problem = trust.trust_problem(entry)
     if problem is None:  # the statistics must be of this model's deepest features (the decoder's first input)

@@ -366,3 +366,51 @@ def print_summary(title: str, s: dict) -> None:
               f"{t['failures_in_lowest_20pct_trust']:.0%} of them | flagged for review {t['review_flagged']} "
               f"({t['review_failures_caught']} failures) | lesion Dice of the 80 % most trusted "
               f"{t['lesion_dice_most_trusted_80pct']:.4f} (all {t['lesion_dice_all']:.4f})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parity: the torch and onnxruntime paths on the same scans (export_onnx.py, bench_busi.py)
+# --------------------------------------------------------------------------------------------------------------
+def parity(torch_model, onnx_model, images: list[np.ndarray], image_size: int, threshold: float,
+           fitted_trust: dict | None = None, batch_size: int = 16) -> dict:
+    """How far apart the two models' predictions are on `images` (grey uint8 arrays), each at the scan's own size
+    through predict_images, as predict writes them (`compare`)."""
+    runs = [list(predict_images(m, images, image_size, torch.device("cpu"), None, batch_size,
+                                fitted_trust=fitted_trust)) for m in (torch_model, onnx_model)]
+    return compare(*runs, threshold)
+
+
+def compare(first: list, second: list, threshold: float) -> dict:
+    """Two runs of predict_images on the same scans, (probability map, class probabilities, trust, ...)
+    per scan: pixels whose masks differ, per-image Dice of the two masks, the largest probability difference, the
+    predicted classes, the largest malignancy and trust differences."""
+    differing = pixels = classes_agree = compared = 0
+    dice, prob_diff, malignancy_diff, trust_diff = [], 0.0, 0.0, 0.0
+    for one, other in zip(first, second):
+        (p, c, s), (q, d, t) = one[:3], other[:3]
+        a, b = p.numpy() > threshold, q.numpy() > threshold
+        differing += int((a != b).sum())
+        pixels += a.size
+        both = int(a.sum() + b.sum())
+        dice.append(1.0 if both == 0 else 2 * int((a & b).sum()) / both)
+        prob_diff = max(prob_diff, float((p - q).abs().max()))
+        if c is not None:
+            classes_agree, compared = classes_agree + int(c.argmax() == d.argmax()), compared + 1
+            malignancy_diff = max(malignancy_diff, abs(float(metrics.malignancy_probability(c))
+                                                       - float(metrics.malignancy_probability(d))))
+        if s is not None:
+            trust_diff = max(trust_diff, abs(s - t))
+    return {"images": len(first), "pixels": pixels, "differing_pixels": differing,
+            "pixel_agreement": 1 - differing / max(1, pixels), "min_dice": min(dice, default=1.0),
+            "max_probability_difference": prob_diff, "class_agreement": classes_agree / compared if compared else 1.0,
+            "max_malignancy_difference": malignancy_diff, "max_trust_difference": trust_diff}
+
+
+PARITY_TARGETS = {"pixel_agreement": 0.999, "min_dice": 0.999, "class_agreement": 1.0}
+PARITY_LIMITS = {"max_probability_difference": 1e-3, "max_malignancy_difference": 1e-3}
+
+
+def parity_failures(figures: dict) -> list[str]:
+    """The parity targets `figures` (from `parity`) misses, worded; empty when it meets them all."""
+    low = [f"{k} {figures[k]:.6f} < {v}" for k, v in PARITY_TARGETS.items() if figures[k] < v]
+    return low + [f"{k} {figures[k]:.2e} >= {v:g}" for k, v in PARITY_LIMITS.items() if figures[k] >= v]

@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
+import evaluation  # noqa: E402
 import onnx_backend  # noqa: E402
 
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         images = [dataset.load_image(p) for p in scans]
         fitted, _ = checkpoints.fitted_trust(state)
         engine = onnx_backend.OnnxModel(data, args.threads)
-        figures = onnx_backend.parity(model, engine, images, size, threshold, fitted)
+        figures = evaluation.parity(model, engine, images, size, threshold, fitted)
     except (checkpoints.CheckpointError, dataset.DataError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
           f"agree on {figures['class_agreement']:.0%}, max difference: probability "
           f"{figures['max_probability_difference']:.1e}, malignancy {figures['max_malignancy_difference']:.1e}, "
           f"trust {figures['max_trust_difference']:.1e}")
-    failed = onnx_backend.parity_failures(figures)
+    failed = evaluation.parity_failures(figures)
     if failed:
         print(f"error: the export does not match PyTorch ({'; '.join(failed)}): nothing written", file=sys.stderr)
         return 1

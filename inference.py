@@ -13,16 +13,12 @@ import torch.nn.functional as F
 import checkpoints
 import dataset
 import metrics
+import onnx_backend
 import trust
 import utils
 from augment import to_unit_float
+from unet import deepest_layer
 from utils import autocast
-
-
-def deepest_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder's first stage, whose input is the model's deepest feature map (an ensemble: its first
-    member's)."""
-    return (model.members[0] if hasattr(model, "members") else model).ups[0]
 
 
 @torch.inference_mode()
@@ -152,8 +148,6 @@ class Predictor:
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str = "cpu",
                  threshold: float | None = None, tta: bool = False, backend: str = "auto"):
-        import onnx_backend  # (it imports this module)
-
         if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
             raise ValueError(f"threshold must be strictly between 0 and 1, got {threshold!r}")
         self.device = utils.pick_device(device)  # the tools' check: an unknown or missing device is one line

@@ -481,7 +481,7 @@ class InspectorApp:
     def sort_by_trust(self, background: bool = True) -> None:
         """Order the list by trust, lowest first: the scans to look at first (without trust scores: an error)."""
         if self.model is not None and self.fitted_trust is None:
-            self.show_error(f"{self.checkpoint.name} has no trust statistics: add them with trust.py (see "
+            self.show_error(f"{self.checkpoint.name} has no trust statistics: add them with fit_trust.py (see "
                             f"docs/prediction.md)")
             return
         self._sort("trust", background)

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "validation: look at these first), `presence_probability` and `no_lesion` (the 'no lesion' gate "
                     "emptied the mask of a scan it judged lesion-free), and the "
                     "mask and overlay file names: exactly the files written) into --output. A checkpoint without "
-                    "these fitted parts gets them from `python trust.py`. Inputs that share a "
+                    "these fitted parts gets them from `python fit_trust.py`. Inputs that share a "
                     "stem keep their extension (a.png -> a.png_pred.png, a.jpg -> a.jpg_pred.png); the same name "
                     "from two folders gets _2, _3, ... Every file is written under a temp name and renamed into "
                     "place. Ctrl-C / SIGTERM: the images in flight are finished, predictions.csv lists exactly the "
@@ -405,6 +405,14 @@ def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, trust_score: float 
                   trust_score is not None and trust_score < review_below, presence, gated)
 
 
+def _load(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(the grey scan, None), or (None, why it cannot be read)."""
+    try:
+        return dataset.load_image(path), None
+    except dataset.DataError as exc:
+        return None, shown(exc)
+
+
 def run(paths: list[Path], model, image_size: int, device: torch.device, threshold: float, out_dir: Path,
         batch_size: int = 16, tta: bool = False, progress: bool = True, replaceable: set[str] = frozenset(),
         stop: threading.Event | None = None, fitted_trust: dict | None = None) -> tuple[list[Result], list[str]]:
@@ -428,12 +436,6 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
     table = out_dir / CSV_NAME
     bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress, dynamic_ncols=True)
 
-    def load(path: Path):
-        try:
-            return dataset.load_image(path), None
-        except dataset.DataError as exc:
-            return None, shown(exc)
-
     def write(index: int, *args) -> None:
         result = _write_outputs(*args, replaceable, review_below)
         rows[index] = result.row()
@@ -454,7 +456,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
             for chunk in _chunks(paths, stems, batch_size):
                 if stop.is_set():
                     break
-                loaded = list(pool.map(lambda item: load(item[1]), chunk))
+                loaded = list(pool.map(lambda item: _load(item[1]), chunk))
                 good = []
                 for (index, path, stem), (image, error) in zip(chunk, loaded):
                     if error is not None:
@@ -511,13 +513,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         device = utils.pick_device(args.device)
-    except (ValueError, RuntimeError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    try:
         paths = gather_inputs(args.input, out_dir)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     try:  # before any work: a refused folder costs nothing and changes nothing
         replaceable = check_output_folder(out_dir, output_stems(paths), args.overwrite)
@@ -568,7 +566,14 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: {len(results)} of {len(paths)} images written to {shown(out_dir)}/; {CSV_NAME} "
               f"lists exactly them", file=sys.stderr)
         return 130
-    print(f"{len(results)} of {len(paths)} images -> {shown(out_dir)}/ (masks, overlays, {CSV_NAME}; threshold "
+    print_summary(results, len(paths), failures, out_dir, threshold, fitted)
+    return 1 if failures else 0
+
+
+def print_summary(results: list[Result], n_inputs: int, failures: list[str], out_dir: Path, threshold: float,
+                  fitted: dict | None) -> None:
+    """What was written, how many scans to look at first, what the gate emptied, and what this is not."""
+    print(f"{len(results)} of {n_inputs} images -> {shown(out_dir)}/ (masks, overlays, {CSV_NAME}; threshold "
           f"{threshold:g})" + (f"; {len(failures)} could not be read" if failures else ""))
     if fitted:
         flagged = sum(r.review for r in results)
@@ -578,7 +583,6 @@ def main(argv=None) -> int:
             print(f"{sum(r.gated for r in results)} of {len(results)} judged lesion-free by the 'no lesion' gate "
                   f"(presence probability below {fitted['presence']['cut']:.2f}): masks emptied, `no_lesion` column")
     print(f"research use only, not for clinical decisions: what the shipped model is and where it fails: {MODEL_CARD}")
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":

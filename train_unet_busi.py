@@ -323,14 +323,9 @@ def run(args) -> int:
         return 0
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----
-    drawn = training.repeat_index([dataset.CLASSES[k] for k in parts["train"]["labels"].tolist()],
-                                  parts["train"]["sources"], args.repeat, args.seed)
-    train = {k: parts["train"][k][drawn].to(device) for k in ("images", "masks", "labels")}
-    if args.repeat:
-        print(f"sampling {args.repeat!r}: {len(drawn)} training images per epoch "
-              f"({len(parts['train']['names'])} distinct)", flush=True)
+    train = training.epoch_set(parts["train"], args.repeat, args.seed, device)
     val = {**parts["val"], "images": parts["val"]["images"].to(device), "masks": parts["val"]["masks"].to(device)}
-    trainer = training.Trainer(model, args, device, dtype, len(drawn), args.compile)
+    trainer = training.Trainer(model, args, device, dtype, len(train["labels"]), args.compile)
     if state is not None:
         trainer.restore(state)
         print(f"resuming {run_dir} at epoch {trainer.epoch + 1}" + (f", step {trainer.step}" if trainer.step else ""),

@@ -81,6 +81,15 @@ def repeat_index(labels: list[str], sources: list[str], spec: str, seed: int) ->
     return torch.repeat_interleave(torch.arange(len(f)), counts)
 
 
+def epoch_set(train: dict, repeat: str, seed: int, device: torch.device) -> dict:
+    """The training split as each epoch draws it (`repeat_index`): images, masks and labels on `device`."""
+    drawn = repeat_index([dataset.CLASSES[k] for k in train["labels"].tolist()], train["sources"], repeat, seed)
+    if repeat:
+        print(f"sampling {repeat!r}: {len(drawn)} training images per epoch ({len(train['names'])} distinct)",
+              flush=True)
+    return {k: train[k][drawn].to(device) for k in ("images", "masks", "labels")}
+
+
 class TrainStep:
     """One optimisation step of the project's pipeline, shared by the training loop and bench_busi.py.
 

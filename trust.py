@@ -12,10 +12,7 @@ malignant-vs-benign logits (temperature scaling: Guo et al., On Calibration of M
 """
 from __future__ import annotations
 
-import argparse
 import math
-
-import utils
 
 TRUST_FORMAT = 1
 # An empty mask is right exactly when the scan has no lesion, an outline when it fits one: two questions, so the
@@ -34,35 +31,11 @@ NO_RIGHT_OUTLINE = ("the trust score was fitted on validation outlines that were
                     "model?): every scan is flagged for review")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python trust.py` (here, before numpy and torch load: --help needs neither)."""
-    parser = argparse.ArgumentParser(description="Fit the per-image trust score and the calibration of the class "
-                                     "probabilities of a trained checkpoint on its own split (feature statistics on "
-                                     "train, the rest on validation; the test split is not read) and write the "
-                                     "checkpoint with them as a NEW file. Training does this itself at its end.")
-    parser.add_argument("--checkpoint", required=True, help="a run's best.pt or an exported model")
-    parser.add_argument("--data-dir", nargs="+", default=None,
-                        help="the sources the checkpoint was trained on (folders or bundles, PATH or NAME=PATH; "
-                             "default: those it records)")
-    parser.add_argument("--split-file", nargs="+", default=None,
-                        help="their splits (PATH or NAME=PATH; default: those the checkpoint records, else the "
-                             "committed split that lists a source's images)")
-    parser.add_argument("--presence-keep", type=float, default=None,
-                        help="the 'no lesion' gate keeps this share of validation lesion scans (0: no gate; "
-                             "default: the checkpoint's presence_keep, else 0.98)")
-    parser.add_argument("--output", required=True, help="the new checkpoint (an existing file is never replaced); "
-                        "a reliability diagram of the validation split is written beside it")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    return parser
 
+import numpy as np
+import torch
 
-if __name__ == "__main__":
-    utils.answer_help_early(build_parser)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import metrics  # noqa: E402
+import metrics
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -456,60 +429,3 @@ def report(records: list[dict]) -> dict:
         out["lesion_probability_ece"] = expected_calibration_error([r["lesion_probability"] for r in records],
                                                                    lesion)
     return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command line: add the trust entry to a checkpoint trained without one
-# --------------------------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
-    """python trust.py --checkpoint IN.pt --data-dir BUSI --output OUT.pt"""
-    import sys
-    from pathlib import Path
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-
-    import checkpoints
-    import dataset
-    import evaluation
-    try:
-        out = Path(args.output)
-        if out.exists():
-            raise ValueError(f"{out} exists: give a new file name (nothing is overwritten)")
-        device = utils.pick_device(args.device)
-        model, state = checkpoints.load_model(args.checkpoint, device)
-        config = state.get("config") or {}
-        size, threshold = int(config.get("image_size", 256)), float(config.get("threshold", 0.5))
-        recorded, splits = dataset.recorded_sources(config, check_data=not args.data_dir)
-        sources = dataset.resolve_sources(args.data_dir or recorded, announce=False) if args.data_dir or recorded \
-            else None
-        if not sources:
-            raise ValueError(f"{args.checkpoint} records no data folder: pass --data-dir")
-        names = {n for n, _ in sources}
-        splits = args.split_file or [s for s in splits or [] if "=" not in s or s.split("=", 1)[0] in names]
-        parts, _ = dataset.load_parts(sources, splits, size, ".cache", None)
-        keep = args.presence_keep if args.presence_keep is not None else float(config.get("presence_keep", 0.98))
-        figure = out.with_name(out.stem + "_")
-        if any(Path(f"{figure}{n}.png").exists() for n in ("calibration", "presence")):
-            raise ValueError(f"{figure}calibration.png or {figure}presence.png exists: give a new --output name "
-                             f"(nothing is overwritten)")
-        fitted, summary = evaluation.fit_and_describe(model, parts, device, utils.inference_dtype(device), threshold,
-                                                      bool(config.get("tta")), 32, keep, out.parent,
-                                                      dataset.scanners(sources), prefix=out.stem + "_")
-        checkpoints.save_checkpoint({**state, "trust": fitted}, out)
-        evaluation.print_summary("validation with the fitted entry (in-sample for the gate and trust)", summary)
-        figure = f"{figure}calibration.png" + (f" and {figure}presence.png" if fitted.get("presence") else "")
-    except (dataset.DataError, checkpoints.CheckpointError, ValueError, OSError) as exc:
-        print(f"error: {utils.printable(exc)}", file=sys.stderr)
-        return 2
-    gate = fitted.get("presence")
-    gate = (f"'no lesion' gate: {gate['candidate']}, cut {gate['cut']:.3f}, validation normal FP "
-            f"{gate['normal_fp_rate']:.0%} (95 % interval {gate['normal_fp_rate_interval'][0]:.0%}-"
-            f"{gate['normal_fp_rate_interval'][1]:.0%}), lesion scans missed {gate['missed_rate']:.1%}; ") if gate else ""
-    print(f"wrote {out} (trust fitted on {fitted['n_fit']} images, {fitted['n_failures']} failures; review below "
-          f"{fitted['review_below']:.3f}; {gate}temperatures {fitted.get('temperatures')}) and {figure}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -474,6 +474,12 @@ def model_from_config(config: dict, pretrained: bool | None = None) -> nn.Module
     return UNetEnsemble([build() for _ in range(members)])
 
 
+def deepest_layer(model: nn.Module) -> nn.Module:
+    """The decoder's first stage, whose input is the model's deepest feature map (an ensemble: its first
+    member's): where the trust score reads the pooled deepest features."""
+    return (model.members[0] if hasattr(model, "members") else model).ups[0]
+
+
 def size_multiple(config: dict) -> int:
     """Input sizes a model of this `.config` takes are multiples of this (without building it)."""
     if config.get("encoder", "none") in (None, "none"):

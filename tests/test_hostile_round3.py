@@ -1,5 +1,5 @@
 """What a hostile user tried, round three: arrays of every kind into the Python API, bad thresholds and devices,
-trust entries with impossible numbers, a fit that saw no right outline, and trust.py's command at its edges."""
+trust entries with impossible numbers, a fit that saw no right outline, and fit_trust.py at its edges."""
 from __future__ import annotations
 
 import subprocess
@@ -99,7 +99,7 @@ def test_trust_command_takes_a_bundle_refuses_a_bad_device_and_never_replaces_a_
     assert dataset.main(["--data-dir", str(root), "--out", str(split)]) == 0
 
     def run(*args):
-        return subprocess.run([sys.executable, "trust.py", "--checkpoint", str(ckpt), *args], cwd=ROOT,
+        return subprocess.run([sys.executable, "fit_trust.py", "--checkpoint", str(ckpt), *args], cwd=ROOT,
                               capture_output=True, text=True)
 
     done = run("--data-dir", str(bundle), "--split-file", str(split), "--output", str(tmp_path / "new.pt"))

@@ -19,6 +19,7 @@ from PIL import Image
 
 import checkpoints
 import dataset
+import evaluation
 import export_onnx
 import inference
 import onnx_backend
@@ -56,9 +57,9 @@ def test_export_matches_pytorch_on_sample_scans(shipped):
     """At each scan's own size, through predict's pipeline (trust score and calibration included)."""
     config = shipped["state"]["config"]
     fitted, _ = checkpoints.fitted_trust(shipped["state"])
-    figures = onnx_backend.parity(shipped["torch"], shipped["onnx"], [dataset.load_image(p) for p in SCANS],
+    figures = evaluation.parity(shipped["torch"], shipped["onnx"], [dataset.load_image(p) for p in SCANS],
                                   config["image_size"], config["threshold"], fitted)
-    assert onnx_backend.parity_failures(figures) == [], figures
+    assert evaluation.parity_failures(figures) == [], figures
     assert figures["max_probability_difference"] < 1e-4 and figures["max_trust_difference"] < 1e-4, figures
     assert figures["differing_pixels"] <= 10, figures
 
@@ -225,9 +226,9 @@ def test_export_matches_pytorch_on_busi_test_scans(shipped):
     images = [dataset.load_image(REAL_DATA / name) for name in split[::15]]
     config = shipped["state"]["config"]
     fitted, _ = checkpoints.fitted_trust(shipped["state"])
-    figures = onnx_backend.parity(shipped["torch"], shipped["onnx"], images, config["image_size"],
+    figures = evaluation.parity(shipped["torch"], shipped["onnx"], images, config["image_size"],
                                   config["threshold"], fitted)
-    assert figures["images"] == 8 and onnx_backend.parity_failures(figures) == [], figures
+    assert figures["images"] == 8 and evaluation.parity_failures(figures) == [], figures
 
 
 def test_the_install_hint_names_the_pinned_versions():

@@ -163,8 +163,9 @@ def test_a_damaged_trust_entry_is_named_and_ignored(tmp_path, capsys):
     assert read_rows(tmp_path / "out")[0]["trust"] == ""
 
 
-# ---------------------------------------------------------------------------------------------- trust.py's command
+# --------------------------------------------------------------------------------------------- fit_trust.py
 def test_trust_command_adds_the_entry_to_an_older_checkpoint_and_never_overwrites(busi_dir, tmp_path, capsys):
+    import fit_trust
     import train_unet_busi
 
     root, _ = busi_dir
@@ -178,14 +179,14 @@ def test_trust_command_adds_the_entry_to_an_older_checkpoint_and_never_overwrite
     args = ["--checkpoint", str(tmp_path / "old.pt"), "--data-dir", str(root), "--split-file",
             str(tmp_path / "r" / "split.json"), "--output", str(tmp_path / "new.pt"), "--device", "cpu"]
     capsys.readouterr()
-    assert trust.main(args) == 0
+    assert fit_trust.main(args) == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "new_calibration.png").is_file()
     new = checkpoints.load_checkpoint(tmp_path / "new.pt")
     fitted, why_not = checkpoints.fitted_trust(new)
     assert why_not is None and fitted["n_fit"] > 0
     assert all(torch.equal(new["model"][k], state["model"][k]) for k in state["model"])  # the weights untouched
     before = (tmp_path / "new.pt").read_bytes()
-    assert trust.main(args) == 2  # a repeated command changes nothing
+    assert fit_trust.main(args) == 2  # a repeated command changes nothing
     assert "exists" in capsys.readouterr().err and (tmp_path / "new.pt").read_bytes() == before
 
 
