@@ -169,6 +169,27 @@ def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
     return samples
 
 
+def earlier_prediction(path: Path) -> str | None:
+    """Why an image file is an earlier run's output of predict_busi.py and not a scan, or None. One rule for
+    every tool: a predictions.csv beside it lists it (its mask or overlay column), or it is X_pred.png /
+    X_overlay.png beside an image X.* (the training loader refuses such a file in a data folder)."""
+    import csv
+    import glob
+
+    stem = path.stem
+    if stem.endswith(PREDICTION_STEMS):
+        base = stem.rsplit("_", 1)[0]
+        if any(p != path and p.suffix.lower() in IMAGE_EXTENSIONS for p in path.parent.glob(glob.escape(base) + ".*")):
+            return f"predict_busi.py's output for {base}"
+    table = path.parent / "predictions.csv"
+    try:
+        with open(table, newline="", encoding="utf-8") as f:
+            listed = {row.get(k) for row in csv.DictReader(f) for k in ("mask", "overlay")}
+    except (OSError, ValueError, csv.Error):  # none there, or not a table: nothing is listed
+        return None
+    return f"listed as an output in {table.name}" if path.name in listed else None
+
+
 def _mask_order(path: str) -> int:
     index = MASK_RE.match(Path(path).stem).group("index")
     return 0 if index is None else int(index)
@@ -548,7 +569,8 @@ def _map(fn, items, progress: bool, desc: str):
 
     # PIL releases the GIL while decoding and resizing, so threads give a real speed-up here.
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
-        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not progress, leave=False))
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, leave=False,
+                         disable=not progress or not utils.interactive()))
 
 
 def _cache_key(data_dir: Path, samples: list[Sample], image_size: int) -> str:
@@ -855,12 +877,13 @@ def split_files_by_source(specs, sources: list[tuple[str, Path]]) -> dict:
 
 
 def load_parts(sources: list[tuple[str, Path]], split_specs, image_size: int, cache_dir: str | None,
-               split_dir: Path | None, every_image: bool = False) -> tuple[dict, dict]:
+               split_dir: Path | None, every_image: bool = False, only: str | None = None) -> tuple[dict, dict]:
     """Every source's train/val/test parts (or "all" its images with `every_image`), decoded once at `image_size`,
     joined: each image keeps its source (the part's "sources"), and with several sources its name is
     SOURCE/class/file. A source's split is the one `split_specs` names for it, else `choose_split`'s; a split
     computed now is written into `split_dir` (split.json, or split_<source>.json with several; None: not
-    written). Returns the parts and {source: where its split came from (an absolute path)}."""
+    written; `only`: decode just that part, e.g. the split an evaluation scores). Returns the parts and {source:
+    where its split came from (an absolute path)}."""
     chosen = split_files_by_source(split_specs, sources)
     several, joined, split_sources = len(sources) > 1, {}, {}
     for name, data_dir in sources:
@@ -876,9 +899,10 @@ def load_parts(sources: list[tuple[str, Path]], split_specs, image_size: int, ca
             split, source = choose_split(data_dir, samples, chosen.get(name, DEFAULT_SPLIT_FILE), name in chosen,
                                          write_to=written)
             source = str(Path(source).resolve()) if source.endswith(".json") else source
+        counts = {k: len(split[k]) for k in ("train", "val", "test", "all") if k in split and only in (None, k)}
         if cache is None:
-            cache = build_cache(data_dir, samples, image_size, cache_dir)
-        counts = {k: len(split[k]) for k in ("train", "val", "test", "all") if k in split}
+            wanted = {n for k in counts for n in split[k]}
+            cache = build_cache(data_dir, [s for s in samples if s.image in wanted], image_size, cache_dir)
         print(f"data: {name}: {data_dir} | {len(samples)} images "
               f"({', '.join(sorted({s.label for s in samples}))}) | split {counts} from {source}", flush=True)
         for k in counts:
@@ -931,11 +955,12 @@ def choose_split(data_dir: Path, samples: list[Sample], split_file: str | os.Pat
     if explicit:
         return read_split(split_path, samples), str(split_path.resolve())
     committed = sorted(DEFAULT_SPLIT_FILE.parent.glob("*.json"))
-    for candidate in [split_path] + [c for c in committed if c.resolve() != split_path.resolve()]:
-        if candidate.is_file():
-            split = read_split(candidate)
-            if split_matches(split, samples):
-                return split, str(candidate.resolve())
+    candidates = [c for c in [split_path] + [c for c in committed if c.resolve() != split_path.resolve()]
+                  if c.is_file()]
+    for candidate in candidates:
+        split = read_split(candidate)
+        if split_matches(split, samples):
+            return split, str(candidate.resolve())
     if is_bundle(data_dir):
         raise DataError(f"{split_path} does not list the images of the bundle {data_dir}, and a bundle has no "
                         f"full-size images to group duplicates: pass --split-file with a split of its images")

@@ -15,7 +15,7 @@ import inference
 import metrics
 import trust
 import utils
-from inference import predict_batches, probs_to_original
+from inference import predict_batches, predict_images, probs_to_original
 
 
 def evaluate(model: torch.nn.Module, data: dict, device: torch.device, dtype: torch.dtype | None = None,
@@ -178,6 +178,11 @@ def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, 
     if fitted.get("presence"):
         write_presence_figure(out_dir / f"{prefix}presence.png", fitted["presence"])
     summary, records = evaluate(model, parts["val"], device, dtype, threshold, batch_size, tta, fitted_trust=fitted)
+    before, after = (summary["trust"].get(k, float("nan")) for k in ("malignancy_ece_uncalibrated", "malignancy_ece"))
+    if after > before:  # a temperature fitted on a handful of scans can make it worse: say so, keep the record
+        print(f"note: the malignancy calibration did not help on validation (calibration error {before:.3f} -> "
+              f"{after:.3f}): too few lesion scans of each class to fit it on ({summary['n_lesion']} here)",
+              file=sys.stderr, flush=True)
     by_scanner = sorted({scanner_of[r["file"]] for r in records if r["file"] in (scanner_of or {})})
     if by_scanner:
         summary["per_scanner"] = {d: summarize([r for r in records if scanner_of.get(r["file"]) == d])
@@ -338,34 +343,55 @@ def plot_risk_coverage(ax, t: dict) -> None:
     ax.legend(loc="lower right", fontsize=8)
 
 
+MIN_PER_CLASS = 5  # fewer benign or malignant scans than this: an AUC says nothing, and is not printed
+
+
+def figure(value: float, fmt: str, why: str) -> str:
+    """`value` formatted, or "n/a (`why`)" where it is not a number (too few images of a kind)."""
+    return format(value, fmt) if value == value else f"n/a ({why})"
+
+
 def print_summary(title: str, s: dict) -> None:
-    fp = "no normal scans" if s["normal_fp_rate"] != s["normal_fp_rate"] else f"normal FP rate {s['normal_fp_rate']:.3f}"
-    print(f"{title}: lesion Dice {s['lesion_dice']:.4f} | lesion IoU {s['lesion_iou']:.4f} | "
-          f"pooled Dice {s['lesion_pooled_dice']:.4f} | {fp} "
+    """The printed summary of a split: lesion and normal figures, per source and scanner, per class, the class
+    head and the trust score; a figure that too few images cannot give says so instead of printing nan."""
+    fp = figure(s["normal_fp_rate"], ".3f", "no normal scans")
+    print(f"{title}: lesion Dice {figure(s['lesion_dice'], '.4f', 'no lesion scans')} | lesion IoU "
+          f"{figure(s['lesion_iou'], '.4f', 'no lesion scans')} | normal FP rate {fp} "
           f"| missed lesions {s['missed_lesions']} of {s['n_lesion']} | n={s['n_images']}")
     for group in ("per_source", "per_scanner"):
         for name, p in s.get(group, {}).items():
             fp = "" if p["normal_fp_rate"] != p["normal_fp_rate"] else f" | normal FP rate {p['normal_fp_rate']:.3f}"
-            auc = f" | malignancy AUC {p['malignancy_auc']:.3f}" if p.get("malignancy_auc") == p.get("malignancy_auc") \
-                and "malignancy_auc" in p else ""
-            trust_auc = (f" | failure AUROC trust {p['trust']['auroc_trust']:.3f} / max probability "
-                         f"{p['trust']['auroc_max_probability']:.3f}") if "trust" in p else ""
-            print(f"  {group[4:]} {name}: lesion Dice {p['lesion_dice']:.4f}{fp} | missed {p['missed_lesions']} of "
-                  f"{p['n_lesion']}{auc}{trust_auc} | n={p['n_images']}")
+            auc = f" | malignancy AUC {auc_text(p)}" if "malignancy_auc" in p else ""
+            trust_auc = (f" | failure AUROC trust {figure(p['trust']['auroc_trust'], '.3f', 'no failures')} / max "
+                         f"probability {figure(p['trust']['auroc_max_probability'], '.3f', 'no failures')}"
+                         if "trust" in p else "")
+            print(f"  {group[4:]} {name}: lesion Dice {figure(p['lesion_dice'], '.4f', 'none')}{fp} | missed "
+                  f"{p['missed_lesions']} of {p['n_lesion']}{auc}{trust_auc} | n={p['n_images']}")
     for name, c in s["per_class"].items():
         extra = f" | FP rate {c['fp_rate']:.3f}" if "fp_rate" in c else ""
         print(f"  {name:<9} n={c['n']:<4} Dice {c['dice']:.4f} | IoU {c['iou']:.4f}{extra}")
     if "malignancy_auc" in s:
-        print(f"  classification: accuracy {s['class_accuracy']:.4f} | malignant-vs-benign ROC AUC "
-              f"{s['malignancy_auc']:.4f} | confusion (rows true, cols pred: benign, malignant, normal) "
-              f"{s['confusion_matrix']['counts']}")
+        print(f"  classification: accuracy {s['class_accuracy']:.4f} | malignant-vs-benign ROC AUC {auc_text(s)} "
+              f"| confusion (rows true, cols pred: benign, malignant, normal) {s['confusion_matrix']['counts']}")
     if "trust" in s:
         t = s["trust"]
-        print(f"  trust: failures {t['n_failures']} of {t['n_images']} | AUROC at catching them {t['auroc_trust']:.3f} "
-              f"(max probability alone {t['auroc_max_probability']:.3f}) | lowest 20 % hold "
-              f"{t['failures_in_lowest_20pct_trust']:.0%} of them | flagged for review {t['review_flagged']} "
-              f"({t['review_failures_caught']} failures) | lesion Dice of the 80 % most trusted "
-              f"{t['lesion_dice_most_trusted_80pct']:.4f} (all {t['lesion_dice_all']:.4f})")
+        why = "no failures or no right outlines"
+        print(f"  trust: failures {t['n_failures']} of {t['n_images']} | AUROC at catching them "
+              f"{figure(t['auroc_trust'], '.3f', why)} (max probability alone "
+              f"{figure(t['auroc_max_probability'], '.3f', why)}) | lowest 20 % hold "
+              f"{figure(t['failures_in_lowest_20pct_trust'], '.0%', 'no failures')} of them | flagged for review "
+              f"{t['review_flagged']} ({t['review_failures_caught']} failures) | lesion Dice of the 80 % most "
+              f"trusted {figure(t['lesion_dice_most_trusted_80pct'], '.4f', 'no lesion scans')} (all "
+              f"{figure(t['lesion_dice_all'], '.4f', 'no lesion scans')})")
+
+
+def auc_text(s: dict) -> str:
+    """The malignancy AUC of a summary, or why it is not given: fewer than MIN_PER_CLASS scans of a class."""
+    counts = {c: s["per_class"].get(c, {}).get("n", 0) for c in ("benign", "malignant")}
+    if min(counts.values()) < MIN_PER_CLASS:
+        return (f"n/a (not enough images for an AUC: {counts['benign']} benign, {counts['malignant']} malignant; "
+                f"{MIN_PER_CLASS} of each needed)")
+    return figure(s["malignancy_auc"], ".4f", "not enough images")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -436,7 +436,10 @@ class InspectorApp:
             self.threshold_var.set(value)
         if redraw and self._shown is not None:
             self._update_prediction()
-            self._relabel(self._shown[0])
+            for i in self.visible:  # every listed Dice is at the new threshold (the order stays until a new sort)
+                self._relabel(self.items[i])
+            if self.status.startswith(("sorted ", "threshold ")):  # its figures were at the old threshold
+                self.set_status(f"threshold {value:.2f}{self._summary()} (list order: the last sort's)")
             self.canvas.draw_idle()
 
     def set_filled(self, filled: bool) -> None:
@@ -626,7 +629,8 @@ class InspectorApp:
 
     def _finish_sort(self, mode: str) -> None:
         self.sort_mode = mode
-        self.filter_class(self.class_filter)
+        self.filter_class(self.class_filter, show=False)
+        self.select(0)  # the top of the new order: the worst Dice, or the lowest trust
         order = f"Dice at threshold {self.threshold:.2f}, worst" if mode == "dice" else "trust, lowest"
         flagged = sum(self.cache[self.items[i].key].review for i in self.visible if self.items[i].key in self.cache)
         self.set_status(f"sorted {len(self.visible)} images by {order} first{self._summary()}"
@@ -814,8 +818,9 @@ def resolve_items(args) -> tuple[list[Item], str, str | None]:
     data_dir = dataset.resolve_data_dir(args.data_dir, announce=False)
     try:
         items, note = dataset_items(data_dir, args.split, args.split_file)
-    except (dataset.DataError, ValueError) as exc:
-        return [], "no data", utils.printable(exc)
+    except (dataset.DataError, ValueError) as exc:  # the window still opens: images can be opened from it
+        return [], "no data", (f"{utils.printable(exc)}\n\nScans without ground truth are opened as images: "
+                               f"'Open images...', or list them after the command")
     if data_dir == dataset.SAMPLE_DIR:
         note += " (bundled sample: a handful of images, pass --data-dir for BUSI)"
     return items, note, None

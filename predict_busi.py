@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import csv
 import glob
+import hashlib
 import os
 import signal
 import sys
@@ -148,33 +149,44 @@ def _is_candidate(path: Path) -> bool:
             and path.is_file())
 
 
-def find_inputs(spec: str, output_dir: Path | None = None) -> list[Path]:
+def find_inputs(spec: str, skipped: dict | None = None) -> list[Path]:
     """Expand --input: one file (taken as given), a folder (its images, not recursive) or a glob pattern.
 
-    Overlays and masks written by an earlier run into the same folder are not taken as new scans.
+    An earlier run's outputs in a folder (dataset.earlier_prediction: listed by a predictions.csv there, or
+    X_pred.png / X_overlay.png beside a scan X) are not taken as new scans: named in `skipped["earlier"]`; a
+    dangling symbolic link, which cannot be read, in `skipped["broken"]`.
     """
     path = Path(spec)
     if path.is_file():
         return [path]
     if path.is_dir():
-        candidates = [p for p in path.iterdir() if _is_candidate(p)]
+        entries = list(path.iterdir())
     else:
-        candidates = [Path(p) for p in glob.glob(spec) if _is_candidate(Path(p))]
-    if output_dir is not None:
-        out = output_dir.resolve()
-        candidates = [p for p in candidates
-                      if not (p.stem.endswith(dataset.PREDICTION_STEMS) and p.parent.resolve() == out)]
-    return sorted(candidates, key=dataset.natural_key)
+        entries = [Path(p) for p in glob.glob(spec)]
+    found = []
+    for p in sorted(entries, key=dataset.natural_key):
+        if p.is_symlink() and not p.exists() and not p.name.startswith("."):
+            if skipped is not None:
+                skipped["broken"].append(f"broken symbolic link: {shown(p)} -> {shown(os.readlink(p))}")
+        elif _is_candidate(p):
+            why = dataset.earlier_prediction(p)
+            if why is None:
+                found.append(p)
+            elif skipped is not None:
+                skipped["earlier"].append(f"{shown(p.name)} ({why})")
+    return found
 
 
-def gather_inputs(specs: list[str], output_dir: Path | None = None) -> list[Path]:
+def gather_inputs(specs: list[str], skipped: dict | None = None) -> list[Path]:
     """Every spec's inputs (find_inputs), in order, each file once (the first time its resolved path is reached).
 
-    Raises ValueError naming a spec that matches nothing.
+    Raises ValueError naming a spec that matches nothing (a broken link given directly: naming its target).
     """
     paths, seen = [], set()
     for spec in specs:
-        found = find_inputs(spec, output_dir)
+        found = find_inputs(spec, skipped)
+        if not found and Path(spec).is_symlink() and not Path(spec).exists():
+            raise ValueError(f"broken symbolic link: {shown(spec)} -> {os.readlink(spec)}")
         if not found:
             what = "folder has no images" if Path(spec).is_dir() else "no file matches"
             raise ValueError(f"{what}: {shown(spec)}")
@@ -200,8 +212,30 @@ def output_stems(paths: list[Path]) -> list[str]:
             n += 1
             stem = f"{base}_{n}"
         taken.add(stem.casefold())
-        stems.append(stem)
+        stems.append(fitting(stem))
     return stems
+
+
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
+def fitting(stem: str) -> str:
+    """`stem`, or where its longest output name (<stem>_overlay.png) would pass NAME_MAX bytes, its start with a
+    hash of the whole (~1a2b3c4d): a long but legal scan name still gets its files, and two such names stay two."""
+    if len(os.fsencode(stem + OVERLAY_SUFFIX)) <= NAME_MAX:
+        return stem
+    digest = "~" + hashlib.sha1(os.fsencode(stem)).hexdigest()[:8]
+    room = NAME_MAX - len(os.fsencode(OVERLAY_SUFFIX + digest))
+    short = os.fsencode(stem)[:room].decode(errors="ignore")  # whole characters only
+    return short + digest
+
+
+def display_names(paths: list[Path]) -> list[str]:
+    """The `file` column: each input's path relative to the folder that holds them all (its name when they share
+    one folder), so that a.png from two folders gives two rows one can tell apart."""
+    parents = [p.resolve().parent for p in paths]
+    common = Path(os.path.commonpath(parents)) if parents else Path()
+    return [str(p.resolve().relative_to(common)) for p in paths]
 
 
 def output_names(stem: str) -> tuple[str, str]:
@@ -429,12 +463,13 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
 
     dtype, review_below = utils.inference_dtype(device), (fitted_trust or {}).get("review_below", 0.0)
     stop = stop or threading.Event()
-    stems = output_stems(paths)
+    stems, names = output_stems(paths), display_names(paths)
     done: dict[int, Result] = {}  # input index -> written; filled by the I/O threads once both files are in place
     rows: dict[int, list] = {}  # input index -> its row of the table
     failures: list[str] = []
     table = out_dir / CSV_NAME
-    bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress or not utils.interactive(),
+               dynamic_ncols=True)
 
     def write(index: int, *args) -> None:
         result = _write_outputs(*args, replaceable, review_below)
@@ -470,7 +505,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                                                   batch_size, tta, fitted_trust))
                 _check_finite(good, predictions, len(done))
                 jobs = [pool.submit(write, index, image, prob.numpy(), cls, score, present, gate, threshold, stem,
-                                    out_dir, path.name)
+                                    out_dir, names[index])
                         for (index, path, stem, image), (prob, cls, score, present, gate) in zip(good, predictions)]
                 del loaded, good, predictions  # the chunk's images now live only until their files are written
                 for job in jobs:
@@ -511,12 +546,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.output)
     torch.set_num_threads(args.threads)
+    skipped = {"earlier": [], "broken": []}
     try:
         device = utils.pick_device(args.device)
-        paths = gather_inputs(args.input, out_dir)
+        paths = gather_inputs(args.input, skipped)
     except ValueError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
+    if skipped["earlier"]:
+        print(f"note: {len(skipped['earlier'])} file(s) skipped as an earlier run's outputs, not scans: "
+              + ", ".join(skipped["earlier"][:5]) + (", ..." if len(skipped["earlier"]) > 5 else ""), file=sys.stderr)
     try:  # before any work: a refused folder costs nothing and changes nothing
         replaceable = check_output_folder(out_dir, output_stems(paths), args.overwrite)
     except RefusedOutput as exc:
@@ -552,6 +591,9 @@ def main(argv=None) -> int:
             results, failures = run(paths, model, image_size, device, threshold, out_dir, args.batch_size,
                                     args.tta, progress=not args.quiet, replaceable=replaceable, stop=stop,
                                     fitted_trust=fitted)
+        for message in skipped["broken"]:  # a lost scan: named, and the exit code says not all were done
+            print(f"error: {message}", file=sys.stderr)
+        failures += skipped["broken"]
     except OSError as exc:  # full disk, read-only folder: nothing later would succeed either
         where = f" ({shown(exc.filename)})" if exc.filename else ""
         print(f"error: cannot write to {shown(out_dir)}: {exc.strerror or exc}{where}", file=sys.stderr)

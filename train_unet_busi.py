@@ -157,13 +157,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.eval_only and args.resume is not None:  # an evaluation never writes into a training run's folder
         parser.error("--eval-only and --resume cannot be combined: evaluate with --eval-only --checkpoint PATH "
                      "(a new folder), or continue training with --resume")
+    if args.resume is None and not args.eval_only and args.encoder != "none" and args.pretrained and \
+            unet.weights_package_missing(args.encoder):  # now, not after the data is decoded
+        parser.error(unet.weights_package_missing(args.encoder))
     if args.bce_weight == 0 and args.dice_weight == 0:
         parser.error("--bce-weight and --dice-weight are both 0: the masks would learn nothing")
-    if args.device != "auto":
-        try:
-            torch.device(args.device)
-        except (RuntimeError, ValueError):
-            parser.error(f"argument --device: unknown device {args.device!r} (auto, cpu, cuda, cuda:N or mps)")
+    if args.device != "auto" and utils.unknown_device(args.device):
+        parser.error(f"argument --device: {utils.unknown_device(args.device)}")
     return args
 
 
@@ -184,6 +184,7 @@ def open_run(args) -> tuple[dict | None, Path]:
             raise ValueError(f"nothing to resume: {path.parent} has no checkpoint (its run stopped before its first "
                              f"epoch ended); start the run again without --resume (the folder is taken over)")
         state, run_dir = checkpoints.load_checkpoint(path), path.parent
+        args.claimed = utils.claim_for_resume(run_dir)  # one process at a time trains into a run folder
         if "optimizer" not in state:  # an exported model (or ensemble): weights only
             raise ValueError(f"{path} holds weights only (an exported model), not a training run to resume: "
                              f"evaluate it with --eval-only --checkpoint {path}")
@@ -233,9 +234,9 @@ def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
     """The train/val/test parts of every source, decoded once at the training size and joined (dataset.load_parts),
     the sources and each one's split."""
     sources = dataset.resolve_sources(args.data_dir)
-    every = args.eval_only and args.eval_split == "all"  # an external set: every image, no split
+    only = args.eval_split if args.eval_only else None  # an evaluation decodes the split it scores ("all": no split)
     parts, split_sources = dataset.load_parts(sources, args.split_file, args.image_size, args.cache_dir or None,
-                                              None if args.resume is not None else run_dir, every)
+                                              None if args.resume is not None else run_dir, only == "all", only)
     counts = {k: len(v["names"]) for k, v in parts.items()}
     needed = (args.eval_split,) if args.eval_only else ("train", "val", "test")
     if any(counts.get(k, 0) == 0 for k in needed):
@@ -377,7 +378,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.claimed = None  # the folder this invocation claims for a new run or an evaluation
     try:
-        return run(args)
+        with utils.sigterm_as_interrupt():  # (the training loop turns both into a stop request of its own)
+            return run(args)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM while the data is prepared, or in the trust fit and test
+        print(utils.interrupted(args.claimed), file=sys.stderr)
+        return 130
     except (dataset.DataError, checkpoints.CheckpointError, ValueError, FloatingPointError, ImportError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2

@@ -245,6 +245,8 @@ class Trainer:
         self.best_score, self.best_epoch, self.best_val = -1.0, None, None
         self.best_found = False  # whether the best epoch found any validation lesion (see end_epoch)
         self.bad_epochs = 0  # epochs in a row with a non-finite validation loss (not saved, see end_epoch)
+        self.partial = {"loss_sum": 0.0, "good_seen": 0, "seen": 0, "seconds": 0.0}  # of an epoch stopped mid-way
+        self.carried_seconds = 0.0  # the current epoch's seconds before a resume
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's training state."""
@@ -252,6 +254,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.perm = state["epoch"], state.get("step", 0), state.get("epoch_perm")
+        self.partial = state.get("epoch_partial", self.partial)
         self.history = list(state.get("history", []))
         self.best_score, self.best_epoch, self.best_val = state["best_score"], state["best_epoch"], state.get("best_val")
         self.best_found = state.get("best_found_lesion", True)  # runs saved before the rule ranked by score alone
@@ -274,6 +277,7 @@ class Trainer:
                 "model_config": self.model.config,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "epoch_perm": self.perm,
+                "epoch_partial": self.partial,
                 "best_score": self.best_score, "best_epoch": self.best_epoch, "best_val": self.best_val,
                 "best_found_lesion": self.best_found,
                 "config": config, "history": self.history, "rng": rng}
@@ -285,10 +289,15 @@ class Trainer:
         self.model.train()
         if self.perm is None:
             self.perm = torch.randperm(self.n_train, generator=self.param_gen)
-        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
-        good_seen = torch.zeros((), dtype=torch.long, device=self.device)
+        # an epoch resumed mid-way goes on from the sums saved with its position: its row covers all of it
+        carried = self.partial if self.step else {"loss_sum": 0.0, "good_seen": 0, "seen": 0, "seconds": 0.0}
+        self.carried_seconds = carried["seconds"]
+        t0, seen = time.perf_counter() - carried["seconds"], carried["seen"]
+        loss_sum = torch.tensor(float(carried["loss_sum"]), device=self.device)
+        good_seen = torch.tensor(int(carried["good_seen"]), dtype=torch.long, device=self.device)
         bs = self.hp.batch_size
         bar = tqdm(range(self.step, self.steps), desc=f"epoch {self.epoch + 1}/{self.hp.epochs}", leave=False,
+                   disable=not utils.interactive(),
                    dynamic_ncols=True, initial=self.step, total=self.steps)
         for step in bar:
             idx = self.perm[step * bs:(step + 1) * bs].to(self.device)
@@ -305,6 +314,8 @@ class Trainer:
             if stop.requested and step + 1 < self.steps:  # (a complete epoch is finished normally)
                 bar.close()
                 self.step = step + 1
+                self.partial = {"loss_sum": float(loss_sum), "good_seen": int(good_seen), "seen": seen,
+                                "seconds": time.perf_counter() - t0}
                 return None
         bar.close()
         self.step, self.perm = 0, None
@@ -317,6 +328,7 @@ class Trainer:
         An epoch whose validation loss is not finite (its outputs overflowed) is never the best; MAX_BAD_EPOCHS
         of them in a row stop the run (FloatingPointError) before anything of theirs is saved."""
         self.epoch += 1
+        seconds += self.carried_seconds  # the part of the epoch run before a resume
         fp = val_summary["normal_fp_rate"]
         row = {"epoch": self.epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
                "val_lesion_dice": round(val_summary["lesion_dice"], 5),

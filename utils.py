@@ -42,6 +42,12 @@ def answer_help_early(build_parser, argv: list[str] | None = None) -> None:
         build_parser().parse_args(["--help"])
 
 
+def interactive() -> bool:
+    """Whether progress bars are drawn: on a terminal, not in a redirected log, where their carriage returns
+    would leave hundreds of fragments (the log keeps its plain lines: one per epoch, one per run)."""
+    return sys.stderr.isatty()
+
+
 def default_threads() -> int:
     """PyTorch CPU threads for inference: half the cores (at least 1, at most 8). The rest decode and write
     images; and when another job (a training run) keeps the cores busy, PyTorch's full-size thread pool slows
@@ -207,6 +213,42 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def unknown_device(name: str) -> str | None:
+    """Why `name` names no device of PyTorch's (None: it does; whether it is present is `pick_device`'s check)."""
+    import torch
+
+    try:
+        torch.device(name)
+        return None
+    except (RuntimeError, ValueError, TypeError):
+        return f"unknown device {name!r} (auto, cpu, cuda, cuda:N or mps)"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside, SIGTERM (a scheduler's time limit) interrupts like Ctrl-C, so that it ends in the same one-line
+    message and exit code 130 instead of a silent kill."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def interrupted(run_dir: Path | None) -> str:
+    """The line printed when a run is interrupted outside its training loop: what is kept, and how to go on."""
+    latest = run_dir is not None and (Path(run_dir) / "latest.pt").is_file()
+    if not latest:
+        return "\ninterrupted before the first checkpoint: nothing was saved, nothing was lost"
+    return (f"\ninterrupted: the checkpoints in {run_dir} are intact; `python train_unet_busi.py --resume {run_dir}` "
+            f"finishes the run (the trust fit and the test evaluation, or the epochs left)")
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda > mps > cpu; otherwise the named device, checked to exist."""
     import torch
@@ -217,10 +259,9 @@ def pick_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):  # one rule for every tool: a bad name is one clear line
-        raise ValueError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N or mps)") from None
+    if unknown_device(name):  # one rule for every tool: a bad name is one clear line
+        raise ValueError(unknown_device(name))
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -431,6 +472,7 @@ def _take_marker(run_dir: Path) -> bool:
     fd, tmp = tempfile.mkstemp(prefix=".claimed.", dir=run_dir)
     try:
         _lock(fd)
+        os.write(fd, str(os.getpid()).encode())  # who holds it, for the message that refuses another
         os.link(tmp, run_dir / ".claimed")
     except FileExistsError:
         os.close(fd)
@@ -461,11 +503,31 @@ def _take_abandoned(run_dir: Path) -> bool:
     if fcntl is None or not _lock(fd):
         os.close(fd)
         return False
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
     for split in run_dir.glob("split*.json"):  # the dead run's: this one writes its own
         with contextlib.suppress(OSError):
             split.unlink()
     _claims[run_dir] = fd
     return True
+
+
+def claim_for_resume(run_dir: Path) -> Path:
+    """Take the claim of an existing run folder to continue its run: refused (ValueError, naming its pid) while
+    another live process holds it (the run itself, still training, or another resume)."""
+    try:
+        fd = os.open(run_dir / ".claimed", os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        raise ValueError(f"cannot claim {run_dir} to resume its run: {exc.strerror or exc}") from None
+    if not _lock(fd):
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ValueError(f"{run_dir} is in use by another live process (pid {holder}): its run is still training "
+                         f"or being resumed; wait for it to end, or stop it (its latest.pt is then resumed)")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _claims[run_dir] = fd
+    return run_dir
 
 
 def claim_run_dir(parent: str | os.PathLike, name: str | None, default_name: str) -> Path:

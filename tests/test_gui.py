@@ -5,6 +5,7 @@ Every number the window shows is checked against values computed here independen
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -225,7 +226,7 @@ def test_trust_beside_each_image_sort_by_trust_and_flags(root, gui, checkpoint, 
 
 
 def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors, tmp_path):
-    items, note = gui.dataset_items(SAMPLE, "test")  # the sample gets a split computed for it
+    items, note = gui.dataset_items(SAMPLE, "test")  # the sample's committed split
     assert 0 < len(items) < 30
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     good = tmp_path / "new scan.jpg"
@@ -343,10 +344,14 @@ def test_shipped_model_on_the_real_test_split(root, gui, errors):
 
 def test_command_line_picks_the_data(gui, busi_dir, monkeypatch, tmp_path):
     """No display needed: which images the window would list for a given command line."""
-    monkeypatch.chdir(tmp_path)  # no ./Dataset_BUSI_with_GT here: the bundled sample, test split computed for it
+    monkeypatch.chdir(tmp_path)  # no ./Dataset_BUSI_with_GT here: the bundled sample's test split
     items, note, error = gui.resolve_items(gui.build_parser().parse_args([]))
     assert error is None and "bundled sample" in note and 0 < len(items) < 30
     assert all(it.has_truth and it.data_dir == SAMPLE for it in items)
+    # the sample's images are BUSI images: its "test" images are BUSI test images, never the shipped model's
+    # training or validation images
+    busi = json.loads(dataset.DEFAULT_SPLIT_FILE.read_text())
+    assert {it.sample.image for it in items} <= set(busi["test"])
 
     data_dir, _ = busi_dir
     monkeypatch.chdir(data_dir.parent)  # ./Dataset_BUSI_with_GT is used when present
@@ -419,3 +424,43 @@ def test_presence_probability_and_the_no_lesion_gate_in_the_window(root, gui, ch
     assert app.load_checkpoint(checkpoint)  # without a gate: the outline is back, no presence line
     assert not app.cache[app.current.key].gated and "lesion present" not in app.info_text and app.dice > 0
     assert errors == []
+
+
+def test_a_sort_shows_the_top_and_the_slider_refreshes_every_listed_dice_and_the_status(root, gui, checkpoint,
+                                                                                        errors):
+    items, note = gui.dataset_items(SAMPLE, "all")
+    app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
+    app.select(5)
+    app.sort_by_dice(background=False)
+    assert app.index == 0 and app.listbox.curselection() == (0,)  # the worst Dice, shown
+    before = app.listbox_entries()
+    app.set_threshold(0.8)
+    after = app.listbox_entries()
+    assert after != before  # each listed Dice is recomputed at the new threshold
+    for position, line in enumerate(after):
+        dice = app._dice_of(app.visible[position])
+        assert dice is None or line.startswith(f"{dice:.3f}")
+    assert app.status.startswith("threshold 0.80") and "lesion Dice" in app.status
+    assert errors == []
+
+
+def test_a_folder_without_masks_and_a_mask_of_another_size_in_the_window(root, gui, checkpoint, errors, tmp_path,
+                                                                         fresh_busi_dir):
+    """Tried under Xvfb as a user would: a --data-dir of scans without masks opens an empty window whose error says
+    how to open scans without ground truth; a mask of another size is named when its image is shown, and the app
+    goes on."""
+    scans = tmp_path / "nomask" / "benign"
+    scans.mkdir(parents=True)
+    Image.fromarray(scan(30, 30)).save(scans / "x.png")
+    args = gui.build_parser().parse_args(["--data-dir", str(tmp_path / "nomask")])
+    items, _, error = gui.resolve_items(args)
+    assert items == [] and "image without a mask" in error and "Open images" in error
+    data_dir, _ = fresh_busi_dir
+    Image.new("1", (7, 9)).save(data_dir / "benign" / "benign (3)_mask.png")
+    items, note = gui.dataset_items(data_dir, "all")
+    app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
+    bad = next(k for k, i in enumerate(app.visible) if "benign (3)" in app.items[i].name)
+    app.select(bad)
+    assert len(errors) == 1 and "mask size 7x9 differs" in errors.pop()
+    app.next()
+    assert app.index == bad + 1 and errors == []

@@ -312,17 +312,17 @@ def test_several_inputs_are_all_predicted_and_a_file_reached_twice_once(tmp_path
     save_scan(d1 / "b.png", 34, 22, seed=1)
     proc = cli(checkpoint, "--input", c, "--input", a, "--output", tmp_path / "repeated")
     assert proc.returncode == 0, proc.stderr
-    assert predicted(tmp_path / "repeated") == ["c.png", "a.png"]  # in the order given
+    assert predicted(tmp_path / "repeated") == ["d2/c.png", "d1/a.png"]  # in the order given, told apart
     # one flag, several specs: a folder, a glob and a file, reaching a.png three times (once by another spelling)
     proc = cli(checkpoint, "--input", a, d1, d1 / ".." / "d*" / "*.png", "--output", tmp_path / "listed")
     assert proc.returncode == 0, proc.stderr
-    assert predicted(tmp_path / "listed") == ["a.png", "b.png", "c.png"]
+    assert predicted(tmp_path / "listed") == ["d1/a.png", "d1/b.png", "d2/c.png"]
     # an unquoted glob, expanded by a real shell
     command = (f"{shlex.quote(sys.executable)} predict_busi.py --checkpoint {shlex.quote(str(checkpoint))} --quiet "
                f"--input {shlex.quote(str(tmp_path))}/d*/*.png --output {shlex.quote(str(tmp_path / 'shell'))}")
     proc = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(predicted(tmp_path / "shell")) == ["a.png", "b.png", "c.png"]
+    assert sorted(predicted(tmp_path / "shell")) == ["d1/a.png", "d1/b.png", "d2/c.png"]
     assert len(list((tmp_path / "shell").glob("*_pred.png"))) == 3
 
 
