@@ -131,9 +131,9 @@ def read_header(path: str | os.PathLike) -> Header:
         raise dataset.DataError(f"cannot read DICOM file: photometric interpretation {photometric} is not one of "
                                 f"{', '.join(READABLE_PHOTOMETRIC)}: {path}")
     if bits[0] != 8 or bits[1] > 8 or bits[2] != 0:
-        raise dataset.DataError(f"cannot read DICOM file: {bits[1]}-bit {'signed' if bits[2] else 'unsigned'} "
-                                f"pixels; scanners store ultrasound as 8-bit unsigned, and no grey scale is "
-                                f"guessed for others: {path}")
+        raise dataset.DataError(f"cannot read DICOM file: {bits[0]}-bit {'signed' if bits[2] else 'unsigned'} "
+                                f"pixels ({bits[1]} bits used); scanners store ultrasound as 8-bit unsigned, and no "
+                                f"grey scale is guessed for others: {path}")
     if frames < 1:
         raise dataset.DataError(f"cannot read DICOM file: it says it holds {frames} frames: {path}")
     region, item, note = _region(ds, rows, columns)
@@ -269,7 +269,8 @@ def load_scan(path: str | os.PathLike, frame: int | None = None, pixel_spacing: 
 
 
 def with_spacing(scan: Scan, pixel_spacing: float | None) -> Scan:
-    """`scan` with `pixel_spacing` (mm per pixel, square pixels, given by the user) where it has no spacing."""
-    if pixel_spacing is not None and scan.spacing is None:
+    """`scan` with `pixel_spacing` (mm per pixel, square pixels, given by the user) where its file records none
+    (a spacing the file records but that is refused, such as a region outside the image, is not replaced)."""
+    if pixel_spacing is not None and scan.spacing_source in (NO_SPACING_IMAGE, NO_SPACING_DICOM):
         scan.spacing, scan.spacing_source = (float(pixel_spacing), float(pixel_spacing)), GIVEN
     return scan
