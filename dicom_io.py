@@ -271,6 +271,7 @@ def load_scan(path: str | os.PathLike, frame: int | None = None, pixel_spacing: 
 def with_spacing(scan: Scan, pixel_spacing: float | None) -> Scan:
     """`scan` with `pixel_spacing` (mm per pixel, square pixels, given by the user) where its file records none
     (a spacing the file records but that is refused, such as a region outside the image, is not replaced)."""
-    if pixel_spacing is not None and scan.spacing_source in (NO_SPACING_IMAGE, NO_SPACING_DICOM):
+    if pixel_spacing is not None and (scan.spacing_source in (NO_SPACING_IMAGE, NO_SPACING_DICOM)
+                                      or scan.spacing_source.startswith("none: an array")):
         scan.spacing, scan.spacing_source = (float(pixel_spacing), float(pixel_spacing)), GIVEN
     return scan

@@ -24,6 +24,9 @@ from unet import deepest_layer
 from utils import autocast
 
 
+NO_SPACING_ARRAY = "none: an array records no pixel spacing (pixel_spacing=MM gives it)"
+
+
 @torch.inference_mode()
 def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
                     batch_size: int = 32, tta: bool = False, with_logits: bool = False,
@@ -195,7 +198,8 @@ class Predictor:
         if isinstance(image, (str, os.PathLike)):
             scan = dicom_io.load_scan(Path(image), frame, pixel_spacing)
         else:  # converted as the file loader converts the same pixels, or refused (ValueError)
-            scan = dicom_io.with_spacing(dicom_io.Scan(dataset.grey_from_array(image)), pixel_spacing)
+            scan = dicom_io.with_spacing(dicom_io.Scan(dataset.grey_from_array(image), spacing_source=NO_SPACING_ARRAY),
+                                         pixel_spacing)
         prob, cls, score, present, gate = next(predict_scans(self.model, [scan], self.image_size, self.device,
                                                              tta=self.tta, fitted_trust=self.fitted_trust))
         prob = prob.numpy()

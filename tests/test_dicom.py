@@ -89,12 +89,13 @@ def test_bad_files_are_one_line_each_naming_the_file_and_nothing_of_the_patient(
     wide.PixelData = grey.astype(np.uint16).tobytes()
     signed = us_dataset(grey)
     signed.PixelRepresentation = 1
+    hsv = us_dataset(np.dstack([grey] * 3), "HSV")
     video = us_dataset(grey)
     video.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # H.264
     video.PixelData = encapsulate([b"\x00\x00\x00\x01" * 8])
     whole = wrapped_scan(tmp_path / "whole.dcm").read_bytes()
     cases = {"report.dcm": (report, "no image"), "wide.dcm": (wide, "16-bit"), "signed.dcm": (signed, "signed"),
-             "video.dcm": (video, "H.264")}
+             "video.dcm": (video, "H.264"), "hsv.dcm": (hsv, "photometric interpretation HSV")}
     for name, (ds, words) in cases.items():
         save(ds, tmp_path / name)
     (tmp_path / "cut_pixels").write_bytes(whole[:len(whole) // 2])
