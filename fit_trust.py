@@ -42,7 +42,6 @@ if __name__ == "__main__":
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import evaluation  # noqa: E402
-import trust  # noqa: E402
 
 
 def main(argv=None) -> int:

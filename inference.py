@@ -1,7 +1,9 @@
 """Batched inference, shared by evaluation, predict_busi.py and the GUI: uint8 images in, probability maps at
-each image's own size and class probabilities out; and `Predictor`, the same for one scan from Python."""
+each image's own size and class probabilities out (`predict_scans`: the same for scans whose ultrasound region
+alone is predicted); and `Predictor`, the same for one scan from Python."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 
 import checkpoints
 import dataset
+import dicom_io
 import metrics
 import onnx_backend
 import trust
@@ -19,6 +22,9 @@ import utils
 from augment import to_unit_float
 from unet import deepest_layer
 from utils import autocast
+
+
+NO_SPACING_ARRAY = "none: an array records no pixel spacing (pixel_spacing=MM gives it)"
 
 
 @torch.inference_mode()
@@ -109,6 +115,17 @@ def predict_images(model, images: list[np.ndarray], image_size: int, device: tor
             i += 1
 
 
+def predict_scans(model, scans: list[dicom_io.Scan], image_size: int, device: torch.device,
+                  dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
+                  fitted_trust: dict | None = None):
+    """`predict_images` for scans: each one's ultrasound region alone is predicted (the scanner's text and colour
+    bar never reach the model), and its probability map is placed back in the whole frame (0 outside it)."""
+    outputs = predict_images(model, [s.model_input() for s in scans], image_size, device, dtype, batch_size, tta,
+                             fitted_trust)
+    for scan, (prob, *rest) in zip(scans, outputs):
+        yield (prob if scan.region is None else torch.from_numpy(scan.full_frame(prob.numpy())), *rest)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The Python API: a loaded model that predicts scans
 # --------------------------------------------------------------------------------------------------------------
@@ -123,6 +140,16 @@ class Prediction:
     review: bool | None = None  # trust below the checkpoint's review threshold: look at this one first
     presence_probability: float | None = None  # fitted probability that a lesion is present; None: no gate
     gated: bool = False  # the "no lesion" gate judged the scan lesion-free and emptied its mask
+    spacing_mm: tuple[float, float] | None = None  # (x, y) size of a pixel in mm; None: unknown
+    spacing_source: str = ""  # where the spacing comes from, or "none: why"
+    region: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) of a DICOM's ultrasound region, predicted
+    frame: int | None = None  # the frame of a multi-frame DICOM file
+
+    @property
+    def size_mm(self) -> metrics.LesionSize | None:
+        """Area (mm^2), longest diameter and the longest one perpendicular to it (mm) of the mask; None without a
+        spacing or for an empty mask."""
+        return None if self.spacing_mm is None else metrics.lesion_size(self.mask, self.spacing_mm)
 
     @property
     def malignancy_probability(self) -> float | None:
@@ -141,6 +168,8 @@ class Predictor:
         result = predictor("scan.png")              # a file, or an image array (grey or RGB; as a file reads)
         result.mask, result.probability, result.malignancy_probability, result.trust, result.review,
         result.presence_probability, result.gated   # the "no lesion" gate: the mask emptied
+        result = predictor("cine.dcm", frame=3)     # a DICOM file (a frame of a cine loop); sizes in mm:
+        result.size_mm.longest, result.size_mm.perpendicular, result.size_mm.area, result.spacing_source
 
     `backend`: "auto" (onnxruntime on the CPU where it is installed, else torch), "torch" or "onnx"
     (onnx_backend.load); `checkpoint` may also be an ONNX export (.onnx).
@@ -158,14 +187,23 @@ class Predictor:
         self.tta = tta
         self.fitted_trust, self.why_no_trust = checkpoints.fitted_trust(state)
 
-    def __call__(self, image: str | os.PathLike | np.ndarray) -> Prediction:
+    def __call__(self, image: str | os.PathLike | np.ndarray, frame: int | None = None,
+                 pixel_spacing: float | None = None) -> Prediction:
+        """`image`: an image or DICOM file (`frame`, 1-based, picks a frame of a multi-frame one; needed there) or
+        an array; `pixel_spacing` (mm per pixel) where the file records none. dataset.DataError for a file that
+        cannot be read, ValueError for a bad array or value."""
+        if pixel_spacing is not None and (isinstance(pixel_spacing, bool) or not isinstance(pixel_spacing, (int, float))
+                                          or not 0 < pixel_spacing < math.inf):
+            raise ValueError(f"pixel_spacing must be a positive number of mm, got {pixel_spacing!r}")
         if isinstance(image, (str, os.PathLike)):
-            image = dataset.load_image(Path(image))
+            scan = dicom_io.load_scan(Path(image), frame, pixel_spacing)
         else:  # converted as the file loader converts the same pixels, or refused (ValueError)
-            image = dataset.grey_from_array(image)
-        prob, cls, score, present, gate = next(predict_images(self.model, [image], self.image_size, self.device,
-                                                              tta=self.tta, fitted_trust=self.fitted_trust))
+            scan = dicom_io.with_spacing(dicom_io.Scan(dataset.grey_from_array(image), spacing_source=NO_SPACING_ARRAY),
+                                         pixel_spacing)
+        prob, cls, score, present, gate = next(predict_scans(self.model, [scan], self.image_size, self.device,
+                                                             tta=self.tta, fitted_trust=self.fitted_trust))
         prob = prob.numpy()
         classes = None if cls is None else dict(zip(dataset.CLASSES, map(float, cls.tolist())))
         review = None if score is None else score < self.fitted_trust["review_below"]
-        return Prediction(prob, (prob > self.threshold) & (not gate), classes, score, review, present, gate)
+        return Prediction(prob, (prob > self.threshold) & (not gate), classes, score, review, present, gate,
+                          scan.spacing, scan.spacing_source, scan.region, scan.frame)

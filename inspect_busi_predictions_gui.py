@@ -9,7 +9,10 @@ data/busi_sample. Per image the window shows Dice and IoU at the image's origina
 for models with a class head, P(malignant | lesion), and, for checkpoints with fitted trust statistics, the trust
 score (the fitted probability that the outline is right; a flag below the review threshold). The list shows each
 predicted image's Dice and trust; sort it by either. Inference runs once per image and is cached; the threshold
-slider only re-thresholds the cached probability map. Keys: Left/Right = previous/next image.
+slider only re-thresholds the cached probability map. Keys: Left/Right = previous/next image. DICOM files open
+too (every frame of a cine loop is a list entry; the ultrasound region alone is predicted), and the prediction's
+longest diameter and the longest one perpendicular to it are drawn with their lengths (mm where the file records
+its pixel spacing, else pixels).
 """
 from __future__ import annotations
 
@@ -68,16 +71,18 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
+import dicom_io  # noqa: E402
 import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
 import unet  # noqa: E402
-from inference import predict_images  # noqa: E402
+from inference import predict_scans  # noqa: E402
 
 CLASS_FILTERS = ("all", *dataset.CLASSES)
 # Cyan and orange stay distinguishable on grey ultrasound and for red-green colour-blind viewers; the prediction
 # colour matches the outlines that predict_busi.py draws.
 TRUTH_COLOUR = "#00d5ff"
 PRED_COLOUR = "#ff4000"
+CALIPER_COLOUR = "#ffe000"  # the two diameters: yellow, apart from both outlines
 REVIEW_MARK = "\u2691"  # a flag: trust below the review threshold
 SORT_CHUNK = 4  # images per inference step of a sort: few, so that the window keeps reacting between steps
 WINDOW_SIZE = "1400x800"
@@ -95,15 +100,21 @@ class Item:
     label: str | None = None
     data_dir: Path | None = None
     sample: dataset.Sample | None = None
+    frame: int | None = None  # the frame of a multi-frame DICOM file (1-based)
+    frames: int = 1
+    # what the file says of its geometry, known once loaded: the ultrasound region (predicted alone) and the
+    # size of a pixel in mm
+    region: tuple[int, int, int, int] | None = None
+    spacing: tuple[float, float] | None = None
 
     @functools.cached_property
     def key(self) -> str:
         """Cache key: the same file opened twice, by different relative paths, is predicted once."""
-        return str(self.path.resolve())
+        return str(self.path.resolve()) + ("" if self.frame is None else f"#{self.frame}")
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.path.name + ("" if self.frame is None else f" [frame {self.frame}/{self.frames}]")
 
     @property
     def has_truth(self) -> bool:
@@ -113,7 +124,9 @@ class Item:
         """Grey uint8 image and bool ground truth (None for opened files); raises dataset.DataError."""
         if self.sample is not None:
             return dataset.load_sample(self.data_dir, self.sample)
-        return dataset.load_image(self.path), None
+        scan = dicom_io.load_scan(self.path, self.frame)  # an image or a DICOM file
+        self.region, self.spacing = scan.region, scan.spacing
+        return scan.image, None
 
 
 @dataclass
@@ -153,6 +166,21 @@ class Prediction:
     @property
     def predicted_class(self) -> str | None:
         return None if self.class_probs is None else dataset.CLASSES[int(np.argmax(self.class_probs))]
+
+
+def file_items(path: Path, check: bool = False) -> list[Item]:
+    """The list entries of one opened file: one, or one per frame of a cine loop (each decoded when shown). A
+    DICOM file whose header cannot be read is one entry that fails, with its reason, when shown; DataError
+    instead with `check`."""
+    try:
+        frames = dicom_io.frame_count(path)
+    except dataset.DataError:
+        if check:
+            raise
+        frames = 1
+    if frames == 1:
+        return [Item(path)]
+    return [Item(path, frame=n, frames=frames) for n in range(1, frames + 1)]
 
 
 def dataset_items(data_dir: str | os.PathLike, split: str = "test",
@@ -220,6 +248,8 @@ class InspectorApp:
         self._shown: tuple[Item, np.ndarray, np.ndarray | None] | None = None  # what the panels show now
         self._generation = 0           # bumped per loaded model, so a running sort notices a model change
         self._contours: dict[str, object] = {}
+        self._calipers: list = []      # the drawn diameters and their labels
+        self.size: metrics.LesionSize | None = None  # of the shown prediction (mm with a spacing, else pixels)
         self.filled = False            # masks drawn filled (translucent) instead of as outlines
 
         root.title(TITLE)
@@ -387,14 +417,15 @@ class InspectorApp:
         """
         errors, added = [], []
         for path in paths:
-            item = Item(Path(path))
             try:
-                image = dataset.load_image(item.path)
+                items = file_items(Path(path), check=True)
+                item = items[0]
+                image, _ = item.load()
             except dataset.DataError as exc:
                 errors.append(utils.printable(exc))
                 continue
-            self.items.append(item)
-            added.append(len(self.items) - 1)
+            self.items += items
+            added.append(len(self.items) - len(items))
             if len(added) == 1:
                 self._shown = (item, image, None)  # it is shown next: spare the display a second decode
         if added:
@@ -561,7 +592,7 @@ class InspectorApp:
             self.load_checkpoint(path)
 
     def _ask_images(self) -> None:
-        patterns = " ".join(f"*{e} *{e.upper()}" for e in dataset.IMAGE_EXTENSIONS)
+        patterns = " ".join(f"*{e} *{e.upper()}" for e in dataset.IMAGE_EXTENSIONS + dicom_io.DICOM_EXTENSIONS)
         paths = filedialog.askopenfilenames(parent=self.root, title="Open images",
                                             filetypes=[("Images", patterns), ("All files", "*")])
         if paths:
@@ -578,9 +609,9 @@ class InspectorApp:
     # ------------------------------------------------------------------------------------------------ workers
     def _predict(self, items: list[Item], loaded: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
         """Run the model once over `items` (already decoded) and cache the results."""
-        images = [image for image, _ in loaded]
-        outputs = predict_images(self.model, images, self.image_size, self.device, utils.inference_dtype(self.device),
-                                 SORT_CHUNK, fitted_trust=self.fitted_trust)
+        scans = [dicom_io.Scan(image, item.region) for item, (image, _) in zip(items, loaded)]
+        outputs = predict_scans(self.model, scans, self.image_size, self.device, utils.inference_dtype(self.device),
+                                SORT_CHUNK, fitted_trust=self.fitted_trust)
         for item, (_, truth), (prob, cls, score, present, gate) in zip(items, loaded, outputs):
             self.cache[item.key] = Prediction(
                 prob=prob.numpy().astype(np.float16),
@@ -741,6 +772,7 @@ class InspectorApp:
         prediction = self.cache.get(item.key)
         mask = prediction.mask(self.threshold) if prediction is not None else None
         self._set_contour("pred", mask, PRED_COLOUR)
+        self._draw_calipers(item, mask)
         if prediction is not None and truth is not None:
             self.dice, self.iou = metrics.dice_iou(torch.from_numpy(mask), torch.from_numpy(truth))
         else:
@@ -764,11 +796,33 @@ class InspectorApp:
         if prediction is not None and prediction.presence is not None:
             facts.append(f"lesion present {prediction.presence:.2f}"
                          + (" — judged lesion-free: mask emptied" if prediction.gated else ""))
+        if self.size is not None:
+            unit = "mm" if item.spacing is not None else "px (no pixel spacing)"
+            facts.append(f"diameters {self.size.longest:.1f} x {self.size.perpendicular:.1f} {unit}")
         if self.model is None:
             facts.append("no model loaded: use Load checkpoint...")
         self.info_text = (f"{item.name}   \u2014   class: {item.label or 'unknown (no ground truth)'}\n"
                           + "   |   ".join(facts))
         self.suptitle.set_text(self.info_text)
+
+    def _draw_calipers(self, item: Item, mask: np.ndarray | None) -> None:
+        """The longest diameter of the predicted lesion and the longest one perpendicular to it, with their
+        lengths: in mm where the file records its pixel spacing, else in pixels."""
+        for artist in self._calipers:
+            artist.remove()
+        self._calipers = []
+        self.size = None if mask is None else metrics.lesion_size(mask, item.spacing or (1.0, 1.0))
+        if self.size is None:
+            return
+        unit = "mm" if item.spacing is not None else "px"
+        for (a, b), length in ((self.size.longest_line, self.size.longest),
+                               (self.size.perpendicular_line, self.size.perpendicular)):
+            line, = self.ax_overlay.plot([a[0], b[0]], [a[1], b[1]], color=CALIPER_COLOUR, lw=1.2, marker="+",
+                                         markersize=9)
+            label = self.ax_overlay.annotate(f"{length:.1f} {unit}", b, xytext=(4, 4), textcoords="offset points",
+                                             color=CALIPER_COLOUR, fontsize=9,
+                                             bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+            self._calipers += [line, label]
 
     def _set_contour(self, key: str, mask: np.ndarray | None, colour: str) -> None:
         """Replace one outline. The mask is padded with background so a lesion touching the border (or a
@@ -801,6 +855,9 @@ class InspectorApp:
             self._fit(im, ax, 2, 2)
         for key in list(self._contours):
             self._set_contour(key, None, "")
+        for artist in self._calipers:
+            artist.remove()
+        self._calipers, self.size = [], None
         self.dice = self.iou = None
         self.path_var.set("")
         self.info_text = message
@@ -814,7 +871,8 @@ class InspectorApp:
 def resolve_items(args) -> tuple[list[Item], str, str | None]:
     """(items, a note on their source, an error message or None) from the command line."""
     if args.images:
-        return [Item(Path(p)) for p in args.images], f"{len(args.images)} image(s) from the command line", None
+        items = [item for p in args.images for item in file_items(Path(p))]
+        return items, f"{len(args.images)} image(s) from the command line", None
     data_dir = dataset.resolve_data_dir(args.data_dir, announce=False)
     try:
         items, note = dataset_items(data_dir, args.split, args.split_file)

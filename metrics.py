@@ -1,6 +1,9 @@
 """Segmentation and classification metrics: Dice/IoU with the empty-mask convention, ROC, and the summary of a
-split's per-image records (lesion means, normal false-positive rate, per class, malignancy AUC)."""
+split's per-image records (lesion means, normal false-positive rate, per class, malignancy AUC), and a lesion's size
+(area and the two diameters of a report) from a mask and its pixel spacing."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -96,3 +99,114 @@ def malignancy_probability(class_probs: torch.Tensor, class_names=CLASSES) -> to
     """P(malignant | lesion) = p_malignant / (p_benign + p_malignant), from 3-way class probabilities."""
     b, m = class_probs[..., class_names.index("benign")], class_probs[..., class_names.index("malignant")]
     return m / (b + m).clamp_min(1e-8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lesion size: area and the two diameters of a breast-ultrasound report, with any pixel spacing
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LesionSize:
+    """A mask's size in the units of the spacing it was measured with (mm, or pixels for a spacing of 1).
+
+    `longest` is the largest distance across the mask's largest connected piece; `perpendicular` the longest
+    chord of that piece at right angles to it (the two calipers of a report). Both run from pixel edge to pixel
+    edge; the `*_line` pairs are their ends in pixel coordinates (x, y), pixel centres, for drawing."""
+
+    area: float
+    longest: float
+    perpendicular: float
+    longest_line: tuple[tuple[float, float], tuple[float, float]]
+    perpendicular_line: tuple[tuple[float, float], tuple[float, float]]
+
+
+def largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected piece of a bool mask (the first in row order of equal ones), as a bool mask.
+
+    Runs of lesion pixels along the rows are joined with the runs they touch in the row above (a union-find over
+    runs, not pixels: a few thousand steps for a full-size scan), so that no image library is needed."""
+    padded = np.pad(mask.astype(np.int8), ((0, 0), (1, 1)))
+    steps = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(steps == 1)
+    ends = np.nonzero(steps == -1)[1] - 1  # inclusive; row-major order pairs each start with its end
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first = np.searchsorted(rows, np.arange(mask.shape[0] + 1))  # runs of row r: first[r]:first[r + 1]
+    for r in range(1, mask.shape[0]):
+        j, i = first[r - 1], first[r]
+        while j < first[r] and i < first[r + 1]:  # both rows' runs in column order: one merge-like sweep
+            # a diagonal neighbour counts (8-connectivity): one column of slack each side
+            if starts[j] <= ends[i] + 1 and ends[j] >= starts[i] - 1:
+                parent[root(i)] = root(j)
+            if ends[j] < ends[i]:
+                j += 1
+            else:
+                i += 1
+    roots = np.array([root(i) for i in range(len(rows))], dtype=np.int64)
+    sizes = np.bincount(roots, weights=ends - starts + 1, minlength=len(rows)) if len(rows) else np.zeros(0)
+    piece = np.zeros_like(mask, dtype=bool)
+    if len(rows):
+        for i in np.flatnonzero(roots == int(np.argmax(sizes))):
+            piece[rows[i], starts[i]:ends[i] + 1] = True
+    return piece
+
+
+def _hull(points: np.ndarray) -> np.ndarray:
+    """Convex hull of 2-D points (Andrew's monotone chain), its corners in order; the input for a few points."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) < 3:
+        return np.array(pts, dtype=np.float64)
+
+    def half(seq):
+        chain = []
+        for p in seq:
+            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
+                                       - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain
+
+    return np.array(half(pts)[:-1] + half(pts[::-1])[:-1], dtype=np.float64)
+
+
+def lesion_size(mask: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)) -> LesionSize | None:
+    """Area of the whole mask and the two diameters of its largest piece, with `spacing` = (x, y) size of a pixel
+    (mm per pixel, possibly different across and down); None for an empty mask.
+
+    The diameters are measured in physical space, so that with non-square pixels the longest line is the
+    physically longest one. Each is the distance between two pixel centres plus one pixel's extent along the line
+    (edge to edge: a lesion w pixels wide measures w pixels). The perpendicular one is the widest set of pixels
+    whose squares a line at right angles to the longest diameter crosses."""
+    if not mask.any():
+        return None
+    sx, sy = (float(s) for s in spacing)
+    area = float(np.count_nonzero(mask)) * sx * sy
+    ys, xs = np.nonzero(largest_piece(mask))
+    mm = np.stack([xs * sx, ys * sy], axis=1)
+    # the hull's corners lie among each row's leftmost and rightmost pixels: far fewer points to pair up
+    first = np.r_[True, ys[1:] != ys[:-1]]
+    last = np.r_[ys[1:] != ys[:-1], True]
+    corners = _hull(np.concatenate([mm[first], mm[last]]))
+    gaps = np.linalg.norm(corners[:, None, :] - corners[None, :, :], axis=2)
+    a, b = np.unravel_index(int(np.argmax(gaps)), gaps.shape)
+    span = corners[b] - corners[a]
+    length = float(np.hypot(*span))
+    u = span / length if length > 0 else np.array([1.0, 0.0])
+    n = np.array([-u[1], u[0]])
+    extent = lambda d: sx * abs(d[0]) + sy * abs(d[1])  # noqa: E731 - a pixel's width along direction d
+    along, across = mm @ u, mm @ n
+    bins = np.floor((along - along.min()) / extent(u)).astype(np.int64)  # one bin: one perpendicular line
+    order = np.argsort(bins, kind="stable")
+    cuts = np.r_[0, np.flatnonzero(np.diff(bins[order])) + 1]
+    high, low = np.maximum.reduceat(across[order], cuts), np.minimum.reduceat(across[order], cuts)
+    k = int(np.argmax(high - low))
+    at = float(np.mean(along[order][cuts[k]:(cuts[k + 1] if k + 1 < len(cuts) else None)]))
+    to_pixels = lambda p: (float(p[0] / sx), float(p[1] / sy))  # noqa: E731
+    return LesionSize(area, float(length + extent(u)), float(high[k] - low[k] + extent(n)),
+                      (to_pixels(corners[a]), to_pixels(corners[b])),
+                      (to_pixels(at * u + low[k] * n), to_pixels(at * u + high[k] * n)))

@@ -4,6 +4,7 @@
     python predict_busi.py --input "scans/*.jpg" --output preds --threshold 0.4 --tta
     python predict_busi.py --checkpoint checkpoints/busi_lite0_192.pt --input one_scan.png --output preds
     python predict_busi.py --input scans/ more/*.png --input one_scan.png --output preds
+    python predict_busi.py --input dicom_export/ --output preds            # DICOM files, cine loops: sizes in mm
 
 --input takes one or more files, folders and glob patterns (repeat it, or list several after it; an unquoted glob
 is expanded by the shell); all are predicted, a file reached twice once, and a spec that matches nothing is an
@@ -13,7 +14,10 @@ For every input <stem>.<ext> the output folder receives <stem>_pred.png (8-bit, 
 the input's own width and height as displayed), <stem>_overlay.png (the scan with the predicted outline drawn on
 it), and one predictions.csv for the whole run, listing exactly the mask and overlay files written. When several
 inputs share a stem (ignoring case), each keeps its extension: a.png -> a.png_pred.png, a.jpg -> a.jpg_pred.png;
-the same name from two folders of a glob gets _2, _3, ... (a.png_2_pred.png). Files named X_mask.png or
+the same name from two folders of a glob gets _2, _3, ... (a.png_2_pred.png). DICOM files (dicom_io.py: found by
+content, so extension-less files too) give one output per frame, <stem>_f003_pred.png, or only --frame N; their
+ultrasound region alone is predicted, and sizes come in mm where the file records its pixel spacing (or
+--pixel-spacing gives it). Files named X_mask.png or
 X_mask_N.png (ground truth in the BUSI layout, dataset.MASK_RE), hidden files and non-image files in an input
 folder are skipped. A file that cannot be read is reported on stderr and skipped; the exit code is then 1 (0 when
 every file was written, 2 when nothing could start: bad checkpoint, no inputs, a refused output folder; 2 also
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "only: not a medical device, not for clinical decisions (the shipped model's card: "
                     "checkpoints/README.md). Writes "
                     "<stem>_pred.png (0/255, the input's displayed size), <stem>_overlay.png (predicted outline on "
-                    "the scan) and predictions.csv (lesion size, max probability, malignancy probability, a check column "
+                    "the scan) and predictions.csv (lesion size in pixels, and in mm where the pixel spacing is "
+                    "known, max probability, malignancy probability, a check column "
                     "flagging a class head that says normal beside a non-empty mask, `trust` (the fitted "
                     "probability that the outline is right) and `review` (trust below the cut chosen on "
                     "validation: look at these first), `presence_probability` and `no_lesion` (the 'no lesion' gate "
@@ -66,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "these fitted parts gets them from `python fit_trust.py`. Inputs that share a "
                     "stem keep their extension (a.png -> a.png_pred.png, a.jpg -> a.jpg_pred.png); the same name "
                     "from two folders gets _2, _3, ... Every file is written under a temp name and renamed into "
-                    "place. Ctrl-C / SIGTERM: the images in flight are finished, predictions.csv lists exactly the "
+                    "place. DICOM files (also without an extension) are read too: every frame of a cine loop, "
+                    "the ultrasound region alone predicted; no patient data is copied to any output. "
+                    "Ctrl-C / SIGTERM: the images in flight are finished, predictions.csv lists exactly the "
                     "files written, exit code 130.",
         epilog="Exit codes: 0 all written; 1 some input files could not be read (named on stderr, the rest are "
                "written); 2 bad checkpoint, bad option, an --input that matches nothing, a refused --output folder, "
@@ -104,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "use and cached beside it; --checkpoint may also be such an .onnx file), torch = PyTorch; "
                         "auto = onnx on the CPU where onnxruntime and onnx are installed (faster: "
                         "docs/performance.md), else torch; default: %(default)s")
+    p.add_argument("--frame", type=utils.positive_int, default=None, metavar="N",
+                   help="predict only frame N (1-based) of each multi-frame DICOM file (a cine loop); default: "
+                        "every frame, written as <stem>_f001_pred.png, ... with the frame number in the CSV")
+    p.add_argument("--pixel-spacing", type=utils.positive_float, default=None, metavar="MM",
+                   help="the size of a pixel in mm (square pixels), for scans whose file records none (PNG, JPEG, "
+                        "... exports): adds the lesion's area in mm^2 and its two diameters in mm to the CSV. A DICOM "
+                        "file's own spacing (its ultrasound region's, else Pixel Spacing) is used where it has one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -117,16 +131,18 @@ from PIL import Image  # noqa: E402
 
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
+import dicom_io  # noqa: E402
 import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
 import trust  # noqa: E402
-from inference import predict_images  # noqa: E402
+from inference import predict_scans  # noqa: E402
 
 CSV_NAME = "predictions.csv"
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
               "malignancy_probability", "predicted_class", "mask", "overlay", "check", "trust", "review",
-              "presence_probability", "no_lesion")
+              "presence_probability", "no_lesion", "frame", "region", "pixel_spacing_mm", "spacing_source",
+              "area_mm2", "longest_diameter_mm", "perpendicular_diameter_mm")
 NO_LESION = "mask emptied"  # the `no_lesion` column: the "no lesion" gate judged the scan lesion-free
 OLDEST_FIELDS = CSV_FIELDS[:8]  # the columns of the first predictions.csv: any table of ours starts with them
 DISAGREE = "class head says normal, mask is not empty"  # the `check` column: outputs that contradict each other
@@ -141,12 +157,14 @@ IO_THREADS = min(4, os.cpu_count() or 1)  # PIL releases the GIL while decoding/
 
 
 def _is_candidate(path: Path) -> bool:
-    """An image file that is not ground truth (X_mask.png, X_mask_N.png: the loader's rule), hidden, or of
-    another type."""
+    """An image or DICOM file that is not ground truth (X_mask.png, X_mask_N.png: the loader's rule), hidden, or of
+    another type. DICOM is recognised by content too (archives write files without an extension); a DICOMDIR is
+    an archive's index, not a scan."""
     name = path.name
-    return (not name.startswith(".") and path.suffix.lower() in dataset.IMAGE_EXTENSIONS
-            and dataset.MASK_RE.match(path.stem) is None and name.lower() not in dataset.IGNORED_NAMES
-            and path.is_file())
+    known = path.suffix.lower() in dataset.IMAGE_EXTENSIONS or dicom_io.is_dicom_name(path)
+    return (not name.startswith(".") and dataset.MASK_RE.match(path.stem) is None
+            and name.lower() not in dataset.IGNORED_NAMES and name.upper() != "DICOMDIR" and path.is_file()
+            and (known or dicom_io.is_dicom(path)))
 
 
 def find_inputs(spec: str, skipped: dict | None = None) -> list[Path]:
@@ -197,12 +215,25 @@ def gather_inputs(specs: list[str], skipped: dict | None = None) -> list[Path]:
     return paths
 
 
-def output_stems(paths: list[Path]) -> list[str]:
+def _stem(path: Path) -> str:
+    """The file's stem; the whole name of a DICOM file named without a DICOM extension (1.2.840.1234: its last part
+    is not an extension)."""
+    known = path.suffix.lower() in dataset.IMAGE_EXTENSIONS or dicom_io.is_dicom_name(path)
+    return path.name if not known and dicom_io.is_dicom(path) else path.stem
+
+
+def output_stems(paths: list[Path], frames: list[int | None] | None = None) -> list[str]:
     """One output stem per input, unique ignoring case (A_pred.png and a_pred.png are one file on macOS and
     Windows): the input's stem; its whole name when other inputs share the stem (a.png -> a.png, a.jpg -> a.jpg);
-    then _2, _3, ... for the same name twice (a glob over several folders)."""
-    shared = Counter(p.stem.casefold() for p in paths)
-    bases = [p.name if shared[p.stem.casefold()] > 1 else p.stem for p in paths]
+    _f003 after it for frame 3 of a multi-frame file (`frames`: one frame number or None per entry of `paths`, in
+    which a file then stands once per frame); then _2, _3, ... for the same name twice (a glob over several
+    folders)."""
+    frames = frames or [None] * len(paths)
+    stems_of = {p: _stem(p) for p in paths}
+    shared = Counter(stem.casefold() for stem in stems_of.values())
+    width = max([3] + [len(str(f)) for f in frames if f is not None])
+    bases = [(p.name if shared[stems_of[p].casefold()] > 1 else stems_of[p]) + ("" if f is None else f"_f{f:0{width}d}")
+             for p, f in zip(paths, frames)]
     reserved = {b.casefold() for b in bases}  # a suffixed name must not take a later input's own name
     taken: set[str] = set()
     stems = []
@@ -358,6 +389,11 @@ class Result:
     review: bool = False  # trust below the checkpoint's review threshold
     presence_probability: float | None = None  # the fitted probability that a lesion is present; None: no gate
     gated: bool = False  # the "no lesion" gate emptied the mask
+    frame: int | None = None  # the frame of a multi-frame DICOM file
+    region: tuple[int, int, int, int] | None = None  # the ultrasound region predicted: (x0, y0, x1, y1)
+    spacing: tuple[float, float] | None = None  # (x, y) mm per pixel
+    spacing_source: str = dicom_io.NO_SPACING_IMAGE
+    size: metrics.LesionSize | None = None  # in mm; None without spacing or for an empty mask
 
     def row(self) -> list:
         fraction = self.lesion_pixels / (self.width * self.height)
@@ -368,12 +404,29 @@ class Result:
                 DISAGREE if self.predicted_class == "normal" and self.lesion_pixels else "",
                 "" if self.trust is None else f"{self.trust:.4f}", "REVIEW" if self.review else "",
                 "" if self.presence_probability is None else f"{self.presence_probability:.4f}",
-                NO_LESION if self.gated else ""]
+                NO_LESION if self.gated else ""] + self.size_columns()
+
+    def size_columns(self) -> list:
+        """frame, region, spacing and the sizes in mm: empty where unknown (spacing_source says why); an empty
+        mask measures 0."""
+        region = "" if self.region is None else ",".join(map(str, self.region))
+        spacing = "" if self.spacing is None else f"{self.spacing[0]:.6g},{self.spacing[1]:.6g}"
+        size = self.size
+        if self.spacing is None:
+            sizes = ["", "", ""]
+        elif size is None:
+            sizes = ["0.00", "0.00", "0.00"]
+        else:
+            sizes = [f"{size.area:.2f}", f"{size.longest:.2f}", f"{size.perpendicular:.2f}"]
+        return ["" if self.frame is None else self.frame, region, spacing, self.spacing_source, *sizes]
 
 
 def peek_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed, from the file header (PIL decodes no pixels for it): an EXIF orientation of
-    5-8 swaps them, as the loader's EXIF transpose does."""
+    5-8 swaps them, as the loader's EXIF transpose does. A DICOM file's frame size."""
+    if dicom_io.is_dicom(path):
+        header = dicom_io.read_header(path)
+        return header.columns, header.rows
     with Image.open(path) as im:
         width, height = im.size
         # PNG: an eXIf chunk after the pixels is only found by decoding them (getexif() would); use what the
@@ -419,9 +472,12 @@ def _check_finite(good: list, predictions: list, written: int) -> None:
 
 def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, trust_score: float | None, presence: float | None,
                    gated: bool, threshold: float, stem: str, out_dir: Path, display_name: str,
-                   replaceable: set[str] = frozenset(), review_below: float = 0.0) -> Result:
+                   replaceable: set[str] = frozenset(), review_below: float = 0.0,
+                   scan: dicom_io.Scan | None = None) -> Result:
     """Threshold one probability map (an empty mask where the "no lesion" gate says so), write its mask and
-    overlay PNGs (atomically, both or neither); runs in an I/O thread (numpy only)."""
+    overlay PNGs (atomically, both or neither), and measure the mask where `scan` knows its pixel spacing; runs
+    in an I/O thread (numpy only)."""
+    scan = scan or dicom_io.Scan(image)
     mask = (prob > threshold) & (not gated)
     mask_name, overlay_name = output_names(stem)
     mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
@@ -434,24 +490,53 @@ def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, trust_score: float 
     if cls is not None:
         malignancy = float(metrics.malignancy_probability(cls))
         predicted = dataset.CLASSES[int(cls.argmax())]
+    size = None if scan.spacing is None else metrics.lesion_size(mask, scan.spacing)
     return Result(display_name, image.shape[1], image.shape[0], int(mask.sum()), float(prob.max()),
                   malignancy, predicted, mask_name, overlay_name, trust_score,
-                  trust_score is not None and trust_score < review_below, presence, gated)
+                  trust_score is not None and trust_score < review_below, presence, gated,
+                  scan.frame, scan.region, scan.spacing, scan.spacing_source, size)
 
 
-def _load(path: Path) -> tuple[np.ndarray | None, str | None]:
-    """(the grey scan, None), or (None, why it cannot be read)."""
+def _load(path: Path, frame: int | None = None,
+          pixel_spacing: float | None = None) -> tuple[dicom_io.Scan | None, str | None]:
+    """(the scan: an image file, or frame `frame` of a DICOM file, None), or (None, why it cannot be read)."""
     try:
-        return dataset.load_image(path), None
+        return dicom_io.load_scan(path, frame, pixel_spacing), None
     except dataset.DataError as exc:
         return None, shown(exc)
 
 
+def expand_frames(paths: list[Path], frame: int | None = None) -> tuple[list[Path], list[int | None], list[str]]:
+    """One entry per scan to predict: (paths, frame numbers, notes). An image file and a single-frame DICOM file
+    stand once (frame None); a multi-frame DICOM file once per frame, or once for `frame`. A note, one line per
+    file, says what in a file is not used (a region outside the image, a spacing of 0). A DICOM file whose
+    header cannot be read stands once and fails, with its reason, when it is loaded."""
+    out_paths, frames, notes = [], [], []
+    for path in paths:
+        try:
+            header = dicom_io.read_header(path) if dicom_io.is_dicom(path) else None
+        except dataset.DataError:
+            header = None
+        if header is not None and header.note:
+            notes.append(f"note: {shown(path)}: {header.note}")
+        if header is None or header.frames == 1:
+            out_paths.append(path)
+            frames.append(None)
+        else:
+            numbers = [frame] if frame is not None else range(1, header.frames + 1)
+            out_paths += [path] * len(numbers)
+            frames += list(numbers)
+    return out_paths, frames, notes
+
+
 def run(paths: list[Path], model, image_size: int, device: torch.device, threshold: float, out_dir: Path,
         batch_size: int = 16, tta: bool = False, progress: bool = True, replaceable: set[str] = frozenset(),
-        stop: threading.Event | None = None, fitted_trust: dict | None = None) -> tuple[list[Result], list[str]]:
+        stop: threading.Event | None = None, fitted_trust: dict | None = None, frames: list[int | None] | None = None,
+        pixel_spacing: float | None = None) -> tuple[list[Result], list[str]]:
     """Predict every path, write its mask and overlay, and predictions.csv. Returns the results (in input order)
     and one message per unreadable file. `fitted_trust` (the checkpoint's) adds the trust and review columns.
+    `frames` (expand_frames) gives each entry's frame of a multi-frame DICOM file; `pixel_spacing` (mm) stands in
+    where a file records none.
 
     predictions.csv is rewritten (atomically) after every chunk and on the way out, whatever the reason: it always
     lists exactly the files written. Once `stop` is set, no new chunk is started; the one in flight is finished.
@@ -463,7 +548,8 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
 
     dtype, review_below = utils.inference_dtype(device), (fitted_trust or {}).get("review_below", 0.0)
     stop = stop or threading.Event()
-    stems, names = output_stems(paths), display_names(paths)
+    frames = frames or [None] * len(paths)
+    stems, names = output_stems(paths, frames), display_names(paths)
     done: dict[int, Result] = {}  # input index -> written; filled by the I/O threads once both files are in place
     rows: dict[int, list] = {}  # input index -> its row of the table
     failures: list[str] = []
@@ -471,8 +557,8 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
     bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress or not utils.interactive(),
                dynamic_ncols=True)
 
-    def write(index: int, *args) -> None:
-        result = _write_outputs(*args, replaceable, review_below)
+    def write(index: int, scan: dicom_io.Scan, *args) -> None:
+        result = _write_outputs(*args, replaceable, review_below, scan=scan)
         rows[index] = result.row()
         done[index] = result
 
@@ -491,7 +577,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
             for chunk in _chunks(paths, stems, batch_size):
                 if stop.is_set():
                     break
-                loaded = list(pool.map(lambda item: _load(item[1]), chunk))
+                loaded = list(pool.map(lambda item: _load(item[1], frames[item[0]], pixel_spacing), chunk))
                 good = []
                 for (index, path, stem), (image, error) in zip(chunk, loaded):
                     if error is not None:
@@ -501,12 +587,12 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                         good.append((index, path, stem, image))
                 if stop.is_set():
                     break  # drop the decoded images: nothing of theirs was written
-                predictions = list(predict_images(model, [g[3] for g in good], image_size, device, dtype,
-                                                  batch_size, tta, fitted_trust))
+                predictions = list(predict_scans(model, [g[3] for g in good], image_size, device, dtype,
+                                                 batch_size, tta, fitted_trust))
                 _check_finite(good, predictions, len(done))
-                jobs = [pool.submit(write, index, image, prob.numpy(), cls, score, present, gate, threshold, stem,
-                                    out_dir, names[index])
-                        for (index, path, stem, image), (prob, cls, score, present, gate) in zip(good, predictions)]
+                jobs = [pool.submit(write, index, scan, scan.image, prob.numpy(), cls, score, present, gate, threshold,
+                                    stem, out_dir, names[index])
+                        for (index, path, stem, scan), (prob, cls, score, present, gate) in zip(good, predictions)]
                 del loaded, good, predictions  # the chunk's images now live only until their files are written
                 for job in jobs:
                     job.result()
@@ -556,8 +642,9 @@ def main(argv=None) -> int:
     if skipped["earlier"]:
         print(f"note: {len(skipped['earlier'])} file(s) skipped as an earlier run's outputs, not scans: "
               + ", ".join(skipped["earlier"][:5]) + (", ..." if len(skipped["earlier"]) > 5 else ""), file=sys.stderr)
+    paths, frames, notes = expand_frames(paths, args.frame)
     try:  # before any work: a refused folder costs nothing and changes nothing
-        replaceable = check_output_folder(out_dir, output_stems(paths), args.overwrite)
+        replaceable = check_output_folder(out_dir, output_stems(paths, frames), args.overwrite)
     except RefusedOutput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -588,9 +675,11 @@ def main(argv=None) -> int:
     stop = threading.Event()
     try:
         with stop_on_signals(stop):
+            for note in notes:
+                print(note, file=sys.stderr)
             results, failures = run(paths, model, image_size, device, threshold, out_dir, args.batch_size,
                                     args.tta, progress=not args.quiet, replaceable=replaceable, stop=stop,
-                                    fitted_trust=fitted)
+                                    fitted_trust=fitted, frames=frames, pixel_spacing=args.pixel_spacing)
         for message in skipped["broken"]:  # a lost scan: named, and the exit code says not all were done
             print(f"error: {message}", file=sys.stderr)
         failures += skipped["broken"]

@@ -464,3 +464,28 @@ def test_a_folder_without_masks_and_a_mask_of_another_size_in_the_window(root, g
     assert len(errors) == 1 and "mask size 7x9 differs" in errors.pop()
     app.next()
     assert app.index == bad + 1 and errors == []
+
+
+def test_a_dicom_file_and_a_cine_loop_open_with_the_two_diameters_drawn(root, gui, checkpoint, errors, tmp_path):
+    """A scanner's DICOM file opens with its diameters drawn in mm (its region's spacing); a cine loop gives one
+    entry per frame; a scan without spacing measures in pixels."""
+    import shutil
+
+    from dicom_files import wrapped_scan
+    from pydicom import examples
+
+    app = gui.InspectorApp(root, checkpoint, [], "cpu")
+    shutil.copy(examples.get_path("ybr_color"), tmp_path / "loop")
+    assert app.open_images([wrapped_scan(tmp_path / "scan.dcm"), tmp_path / "loop"]) == 2
+    pump(root)
+    assert errors == [] and len(app.items) == 31 and app.current.name == "scan.dcm"
+    assert app.items[-1].name == "loop [frame 30/30]"
+    app.set_threshold(0.3)  # the tiny model outlines something at this threshold
+    size = app.size
+    assert size is not None and size.perpendicular <= size.longest
+    labels = [a.get_text() for a in app._calipers if hasattr(a, "get_text")]
+    assert labels == [f"{size.longest:.1f} mm", f"{size.perpendicular:.1f} mm"] and "mm" in app.info_text
+    app.select(30)
+    pump(root)
+    assert app.current.frame == 30 and app.cache[app.current.key].prob.shape == (240, 320)
+    assert app.size is None or all(t.endswith(" px") for t in (a.get_text() for a in app._calipers[1::2]))

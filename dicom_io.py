@@ -1,0 +1,277 @@
+"""Scans as files hold them, for every tool that predicts: DICOM files (as scanners and archives write them) and
+image files, read as the grey image the model takes, with the part of it the model should see and the physical
+size of a pixel where the file says it.
+
+DICOM is read with pydicom. A file is DICOM when it carries the 'DICM' marker at byte 128 (whatever its name:
+archives often write files without an extension). Only the elements needed are ever read from a file: the pixel
+description, frame count, spacing and the Sequence of Ultrasound Regions. Patient and study elements (name, ID,
+dates, ...) are never parsed, so they cannot reach an output, a log line or an error message; pydicom's own
+warnings and log lines, which may quote element values, are silenced. Every problem is a `dataset.DataError`
+with one line naming the file.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import dataset
+
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+MARKER_OFFSET = 128  # a DICOM file: a 128-byte preamble, then b"DICM"
+READABLE_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR",
+                        "YBR_RCT", "YBR_ICT")  # the last two: JPEG 2000 colour, which the decoder gives as RGB
+# What a missing decoder is installed with (a transfer syntax's UID prefix -> pip packages). Pillow, a dependency
+# anyway, decodes JPEG Baseline/Extended and JPEG 2000; RLE and uncompressed data need nothing.
+DECODER_PACKAGES = {"1.2.840.10008.1.2.4.8": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS
+                    "1.2.840.10008.1.2.4.5": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Lossless, 12-bit
+                    "1.2.840.10008.1.2.4.7": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Lossless SV1
+                    "1.2.840.10008.1.2.4.20": "pylibjpeg pylibjpeg-openjpeg"}  # HTJ2K
+HEADER_TAGS = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "PhotometricInterpretation",
+               "BitsAllocated", "BitsStored", "PixelRepresentation", "PixelSpacing", "ImagerPixelSpacing",
+               "SequenceOfUltrasoundRegions"]
+PALETTE_TAGS = [f"{c}{kind}" for c in ("Red", "Green", "Blue")
+                for kind in ("PaletteColorLookupTableDescriptor", "PaletteColorLookupTableData",
+                             "SegmentedPaletteColorLookupTableData")]
+CM_UNITS = 3  # Physical Units X/Y Direction: 3 = centimetres
+SPATIAL_2D = 1  # Region Spatial Format: 1 = a 2-D (B-mode) image; 2 M-mode, 3 spectral, 4 waveform, ...
+NO_SPACING_IMAGE = "none: an image file records no pixel spacing (--pixel-spacing MM gives it)"
+NO_SPACING_DICOM = "none: the file records no pixel spacing"
+GIVEN = "--pixel-spacing"
+
+# pydicom reports odd values through warnings and its logger, quoting them: say nothing of a file's contents
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a DICOM file says about its pixels, and nothing else."""
+
+    rows: int
+    columns: int
+    frames: int
+    photometric: str
+    region: tuple[int, int, int, int] | None  # (x0, y0, x1, y1), ends exclusive: the ultrasound image region
+    spacing: tuple[float, float] | None  # (x, y) mm per pixel
+    spacing_source: str  # where the spacing comes from, or "none: why"
+    note: str | None = None  # something in the file that is not used, and why (a stated skip)
+
+
+@dataclass
+class Scan:
+    """One grey frame, the part of it the model sees, and the physical size of its pixels."""
+
+    image: np.ndarray  # grey uint8 HxW: the whole frame as displayed
+    region: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1), ends exclusive; None: the whole frame
+    spacing: tuple[float, float] | None = None  # (x, y) mm per pixel; None: unknown (sizes stay in pixels)
+    spacing_source: str = NO_SPACING_IMAGE
+    frame: int | None = None  # 1-based frame number of a multi-frame file; None: a single image
+    frames: int = 1
+
+    def model_input(self) -> np.ndarray:
+        """The pixels the model sees: the ultrasound region (the scanner's text, calipers and colour bar cut
+        away), or the whole frame."""
+        if self.region is None:
+            return self.image
+        x0, y0, x1, y1 = self.region
+        return np.ascontiguousarray(self.image[y0:y1, x0:x1])
+
+    def full_frame(self, prob: np.ndarray) -> np.ndarray:
+        """A probability map of `model_input()` placed back in the whole frame (zero outside the region)."""
+        if self.region is None:
+            return prob
+        x0, y0, x1, y1 = self.region
+        full = np.zeros(self.image.shape, dtype=prob.dtype)
+        full[y0:y1, x0:x1] = prob
+        return full
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """True for a file with the 'DICM' marker at byte 128, whatever its name; False for anything unreadable."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(MARKER_OFFSET)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_name(path: Path) -> bool:
+    return path.suffix.lower() in DICOM_EXTENSIONS
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """The pixel description, frame count, image region and spacing of a DICOM file; DataError for a file that
+    is not DICOM, is damaged, holds no image, or holds pixels this project cannot read."""
+    import pydicom
+
+    path = Path(path)
+    if not is_dicom(path):
+        raise dataset.DataError(f"not a DICOM file (no 'DICM' marker at byte 128): {path}")
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        transfer = ds.file_meta.get("TransferSyntaxUID")
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        photometric = str(ds.get("PhotometricInterpretation") or "").strip()
+        frames = int(ds.get("NumberOfFrames") or 1)
+        bits = (int(ds.get("BitsAllocated") or 0), int(ds.get("BitsStored") or ds.get("BitsAllocated") or 0),
+                int(ds.get("PixelRepresentation") or 0))
+    except Exception:  # noqa: BLE001 - pydicom's message may quote the file's values: say what, not what it read
+        raise dataset.DataError(f"cannot read DICOM file (damaged or truncated header): {path}") from None
+    if not rows or not columns or not photometric:
+        raise dataset.DataError(f"no image in DICOM file (a report or another object without pixels): {path}")
+    _check_decodable(path, transfer)
+    if photometric not in READABLE_PHOTOMETRIC:
+        raise dataset.DataError(f"cannot read DICOM file: photometric interpretation {photometric} is not one of "
+                                f"{', '.join(READABLE_PHOTOMETRIC)}: {path}")
+    if bits[0] != 8 or bits[1] > 8 or bits[2] != 0:
+        raise dataset.DataError(f"cannot read DICOM file: {bits[0]}-bit {'signed' if bits[2] else 'unsigned'} "
+                                f"pixels ({bits[1]} bits used); scanners store ultrasound as 8-bit unsigned, and no "
+                                f"grey scale is guessed for others: {path}")
+    if frames < 1:
+        raise dataset.DataError(f"cannot read DICOM file: it says it holds {frames} frames: {path}")
+    region, item, note = _region(ds, rows, columns)
+    spacing, source, spacing_note = _spacing(ds, item, note)
+    return Header(rows, columns, frames, photometric, region, spacing, source, note or spacing_note)
+
+
+def _check_decodable(path: Path, transfer) -> None:
+    """DataError, naming the package to install where one would do, for pixel data no installed decoder reads."""
+    from pydicom.pixels import get_decoder
+
+    if not transfer:
+        raise dataset.DataError(f"cannot read DICOM file: no transfer syntax in its header: {path}")
+    try:
+        decoder = get_decoder(transfer)
+    except (NotImplementedError, ValueError):
+        raise dataset.DataError(f"cannot read DICOM file: its pixel data are encoded as {transfer.name}, which "
+                                f"no decoder here reads (export it as uncompressed or JPEG): {path}") from None
+    if not decoder.is_available:
+        package = next((p for prefix, p in DECODER_PACKAGES.items() if str(transfer).startswith(prefix)), None)
+        fix = f"pip install {package}" if package else "install a pydicom decoder for it"
+        raise dataset.DataError(f"cannot read DICOM file: its pixel data are encoded as {transfer.name}, whose "
+                                f"decoder is not installed ({fix}): {path}")
+
+
+def _region(ds, rows: int, columns: int):
+    """(box, its sequence item, None) for the file's 2-D ultrasound region (the largest where there are several),
+    (None, None, None) without one, or (None, None, why it is not used)."""
+    items = [r for r in ds.get("SequenceOfUltrasoundRegions") or [] if r.get("RegionSpatialFormat") == SPATIAL_2D]
+    if not items:
+        return None, None, None
+    try:
+        boxes = [tuple(int(r.get(k)) for k in ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1",
+                                                "RegionLocationMaxY1")) for r in items]
+    except (TypeError, ValueError):
+        return None, None, "its ultrasound region has no location: not used (the whole frame is predicted)"
+    index = max(range(len(boxes)), key=lambda i: (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]))
+    x0, y0, x1, y1 = boxes[index]
+    # Some scanners write the far edge one past the last pixel (the width, not the last index): clipped.
+    x1, y1 = min(x1, columns - 1) if x1 == columns else x1, min(y1, rows - 1) if y1 == rows else y1
+    if not (0 <= x0 <= x1 < columns and 0 <= y0 <= y1 < rows):
+        return None, None, (f"its ultrasound region (x {x0}-{x1}, y {y0}-{y1}) lies outside the {columns}x{rows} "
+                            f"image: not used (the whole frame is predicted, and no size in mm is given)")
+    return (x0, y0, x1 + 1, y1 + 1), items[index], None
+
+
+def _spacing(ds, region, region_note: str | None) -> tuple[tuple[float, float] | None, str, str | None]:
+    """((x, y) mm per pixel or None, its source or "none: why", a note when a recorded spacing is refused), from
+    the region's physical deltas (cm per pixel), else Pixel Spacing, else Imager Pixel Spacing."""
+    if region_note is not None:  # a region that does not fit the image: its deltas do not describe these pixels
+        return None, "none: the file's ultrasound region lies outside the image", None
+    if region is not None and region.get("PhysicalUnitsXDirection") == CM_UNITS \
+            and region.get("PhysicalUnitsYDirection") == CM_UNITS:
+        deltas = _positive(region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY"))
+        if deltas is None:
+            return None, "none: the ultrasound region's physical delta is 0, negative or missing", \
+                "its ultrasound region's physical delta is 0, negative or missing: no size in mm is given"
+        return (deltas[0] * 10, deltas[1] * 10), "ultrasound region", None
+    for keyword, name in (("PixelSpacing", "Pixel Spacing"), ("ImagerPixelSpacing", "Imager Pixel Spacing")):
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        pair = _positive(*(list(value)[::-1] if len(value) == 2 else [None]))  # stored as (row, column) = (y, x)
+        if pair is None:
+            return None, f"none: the file's {name} is 0, negative or malformed", \
+                f"its {name} is 0, negative or malformed: no size in mm is given"
+        return pair, name, None
+    if region is not None:
+        return None, "none: the ultrasound region is not in centimetres, and the file records no Pixel Spacing", None
+    return None, NO_SPACING_DICOM, None
+
+
+def _positive(*values) -> tuple[float, float] | None:
+    try:
+        pair = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    return pair if len(pair) == 2 and all(math.isfinite(v) and v > 0 for v in pair) else None
+
+
+def read_frames(path: str | os.PathLike, header: Header, frames: list[int]):
+    """Yield the grey uint8 image of each 1-based frame number in `frames`, decoding one at a time (a cine loop
+    is never held whole). DataError for a frame that cannot be decoded (truncated or damaged pixel data)."""
+    from pydicom import Dataset
+    from pydicom.pixels import apply_color_lut, iter_pixels
+
+    path = Path(path)
+    for number in frames:
+        if not 1 <= number <= header.frames:
+            raise dataset.DataError(f"no frame {number} in DICOM file of {header.frames} frame(s): {path}")
+    luts = Dataset()
+    pixels = iter_pixels(path, indices=[n - 1 for n in frames], ds_out=luts, specific_tags=PALETTE_TAGS)
+    for number in frames:
+        try:
+            array = next(pixels)
+            if header.photometric == "PALETTE COLOR":
+                array = apply_color_lut(array, luts)
+            elif header.photometric == "MONOCHROME1":  # 0 is white
+                array = 255 - array
+            grey = dataset.grey_from_array(np.asarray(array))
+        except Exception:  # noqa: BLE001 - pydicom's message may quote the file's values: say what, not what it read
+            where = f"frame {number} of " if header.frames > 1 else ""
+            raise dataset.DataError(f"cannot decode {where}DICOM file (no pixel data, or truncated or damaged): "
+                                    f"{path}") from None
+        if grey.shape != (header.rows, header.columns):
+            raise dataset.DataError(f"cannot decode DICOM file: its pixels are {grey.shape[1]}x{grey.shape[0]}, its "
+                                    f"header says {header.columns}x{header.rows}: {path}")
+        yield grey
+
+
+def frame_count(path: str | os.PathLike) -> int:
+    """How many frames predict makes of a file: a DICOM file's frame count, 1 for an image file; DataError for a
+    DICOM file that cannot be read."""
+    return read_header(path).frames if is_dicom(path) else 1
+
+
+def load_scan(path: str | os.PathLike, frame: int | None = None, pixel_spacing: float | None = None) -> Scan:
+    """One scan from a file: a DICOM file's frame `frame` (1-based; needed for a multi-frame file) with its region
+    and spacing, or an image file read as dataset.load_image reads it. `pixel_spacing` (mm per pixel) stands in
+    where the file records no usable spacing. DataError, one line naming the file, for anything unreadable."""
+    path = Path(path)
+    if not (is_dicom(path) or is_dicom_name(path)):
+        image = dataset.load_image(path)
+        if frame not in (None, 1):
+            raise dataset.DataError(f"no frame {frame} in a single image: {path}")
+        return with_spacing(Scan(image), pixel_spacing)
+    header = read_header(path)
+    if frame is None and header.frames > 1:
+        raise dataset.DataError(f"a DICOM file of {header.frames} frames: choose a frame (1-{header.frames}): {path}")
+    image = next(read_frames(path, header, [frame or 1]))
+    return with_spacing(Scan(image, header.region, header.spacing, header.spacing_source,
+                            frame if header.frames > 1 else None, header.frames), pixel_spacing)
+
+
+def with_spacing(scan: Scan, pixel_spacing: float | None) -> Scan:
+    """`scan` with `pixel_spacing` (mm per pixel, square pixels, given by the user) where its file records none
+    (a spacing the file records but that is refused, such as a region outside the image, is not replaced)."""
+    if pixel_spacing is not None and (scan.spacing_source in (NO_SPACING_IMAGE, NO_SPACING_DICOM)
+                                      or scan.spacing_source.startswith("none: an array")):
+        scan.spacing, scan.spacing_source = (float(pixel_spacing), float(pixel_spacing)), GIVEN
+    return scan
