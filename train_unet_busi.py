@@ -1,15 +1,15 @@
-"""Train a U-Net on BUSI (breast-ultrasound lesion segmentation) and report honest held-out numbers.
+"""Train a U-Net on BUSI and BUS-BRA (breast-ultrasound lesion segmentation) and report honest held-out numbers.
 
     python train_unet_busi.py                       # bundled sample, or ./Dataset_BUSI_with_GT if present
-    python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT
+    python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT PATH/BUS-BRA   # the default recipe: two hospitals
+    python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT --recipe busi-only
     python train_unet_busi.py --resume --run-name NAME   # continue a killed run
-    python train_unet_busi.py --eval-only --checkpoint checkpoints/busi_lite0_192.pt
+    python train_unet_busi.py --eval-only --checkpoint checkpoints/busi_busbra_lite0_192.pt --data-dir PATH/...
 
-Every hyperparameter is a field below with its default and a comment: edit it here, or pass the --flag of the
-same name (`--help` lists them all, from these definitions). The run folder <output-dir>/<run-name>/ receives
-latest.pt (at most once a minute, and at the end), best.pt (best validation score), history.csv, curves.png; at the
-end, the trust score and calibration fitted on train and validation (in best.pt; calibration.png), then metrics.json,
-test_predictions.csv and test_report.png from ONE evaluation of best.pt on the test split, which chooses nothing.
+Every hyperparameter is a field below with its default and a comment: edit it here, or pass its --flag (`--help`).
+A run folder <output-dir>/<run-name>/ gets latest.pt (at most once a minute, and at the end), best.pt (best mean of
+the sources' validation scores), history.csv, curves.png; at the end, the trust score, "no lesion" gate and calibration
+fitted on validation (in best.pt), then metrics.json and the test report of ONE evaluation of best.pt on the test split.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Hyperparameters:
     base_channels: PositiveInt = 16     # width of the first U-Net stage; doubles at every level (UNet only)
     depth: PositiveInt = 4              # number of down-sampling steps (UNet only)
     # optimisation
-    epochs: PositiveInt = 40            # passes over the training split
+    epochs: PositiveInt = 20            # passes over the training split (BUSI + BUS-BRA: ~2000 images an epoch)
     batch_size: PositiveInt = 16        # images per optimisation step
     lr: PositiveFloat = 1e-3            # peak AdamW learning rate (linear warm-up, cosine decay to 0 at the end)
     encoder_lr: NonNegativeFloat = 1.0  # the encoder's learning rate as a fraction of lr (0 = frozen encoder)
@@ -60,11 +60,11 @@ class Hyperparameters:
                                               # (0 = no aux heads; inference ignores them)
     presence_weight: NonNegativeFloat = 0.0  # weight of BCE between each mask's largest logit and "has a lesion"
                                              # (against normal-scan false positives and missed lesions)
-    repeat: RepeatSpec = ""             # sampling: how often each training image of a class or source is seen per
+    repeat: RepeatSpec = "normal=4"     # sampling: how often each training image of a class or source is seen per
                                         # epoch, e.g. "normal=4" or "normal=4,BUS-BRA=0.5" (fractions subsample;
                                         # factors multiply: a BUSI normal scan with "normal=4,BUSI=2" counts 8)
     augment: NonNegativeFloat = 1.0     # strength of the on-device augmentation (0 = none; augment.AugmentConfig)
-    scanner_augment: NonNegativeFloat = 0.0  # strength of the transforms that mimic other scanners (aspect,
+    scanner_augment: NonNegativeFloat = 1.0  # strength of the transforms that mimic other scanners (aspect,
                                              # speckle, blur, gain ramp; AugmentConfig.with_scanner); 0 = none
     # evaluation
     threshold: Probability = 0.5        # lesion probability threshold
@@ -96,19 +96,19 @@ class Settings:
 
 
 HYPERPARAMETERS = [f.name for f in dataclasses.fields(Hyperparameters)]
-# what --resume may not change: the weights and the decoded data were made for these
-FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "full_res_decoder", "base_channels", "depth")
+FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "full_res_decoder", "base_channels",
+                   "depth")  # what --resume may not change: the weights and the decoded data were made for them
 
 # The bundled sample (data/busi_sample, 30 images) is far too small for the recipe above: a new run on it uses
 # these values instead (flags given still win), so that a first run learns visibly in about 2 CPU minutes.
 SAMPLE_RECIPE = {"encoder": "lite0", "pretrained": True, "image_size": 128, "epochs": 40, "batch_size": 8,
-                 "lr": 1e-3, "warmup_epochs": 3}
+                 "lr": 1e-3, "warmup_epochs": 3, "repeat": "", "scanner_augment": 0.0}
 # The recipe before a second hospital's scans came in, kept so that its figures and the literature rows still
 # compare: --recipe busi-only (with --data-dir PATH/Dataset_BUSI_with_GT alone).
 RECIPES = {"busi-only": {"repeat": "", "scanner_augment": 0.0, "epochs": 40}}
-# How long the recipe above takes, as printed after a sample run (the measurement: RESULTS.md, "The LiteUNet recipe")
-DEFAULT_RECIPE_TIME = ("the default recipe (LiteUNet lite0, 192 px, 40 epochs) took 28 min on 2 CPU cores with bf16 "
-                       "instructions (RESULTS.md); on a CPU without them it is not measured yet")
+# How long the recipe above takes, as printed after a sample run (the measurement: RESULTS.md, "Two hospitals")
+DEFAULT_RECIPE_TIME = ("the default recipe (BUSI + BUS-BRA, LiteUNet lite0, 192 px, 20 epochs): two runs side by side "
+                       "took 67 min on 2 CPU cores with bf16 instructions (1 thread each; RESULTS.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,8 +289,8 @@ def print_next_steps(run_dir: Path, sources: list) -> None:
           f"  predict on a folder of scans:  python predict_busi.py --checkpoint {best} --input SCANS/ "
           f"--output preds")
     if data_dir == dataset.SAMPLE_DIR:
-        print("  train on the real BUSI: download Kaggle's 'breast-ultrasound-images-dataset' (780 images), then\n"
-              "    python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT\n"
+        print("  train on real data: BUSI (Kaggle's 'breast-ultrasound-images-dataset') and BUS-BRA (zenodo 7730709)\n"
+              "    python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT PATH/BUS-BRA\n"
               f"  {DEFAULT_RECIPE_TIME}")
 
 

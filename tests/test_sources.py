@@ -244,3 +244,23 @@ def test_a_damaged_gate_is_named_and_the_entry_ignored(gated_checkpoints, tmp_pa
 def test_the_committed_busbra_split_has_no_test_part_and_no_patient_on_both_sides():
     busbra = json.loads((ROOT / "splits" / "busbra_split.json").read_text())
     assert "test" not in busbra and patients_on_both_sides(busbra) == set()
+
+
+def test_the_model_cards_command_rebuilds_the_shipped_models_recipe_and_architecture():
+    """The training command in the model card, parsed as the script parses it: every hyperparameter the shipped
+    model records, and the architecture it describes, are what the command gives today."""
+    import shlex
+
+    card = (ROOT / "checkpoints" / "README.md").read_text(encoding="utf-8")
+    line = next(ln for ln in card.splitlines() if ln.startswith("python train_unet_busi.py --data-dir"))
+    argv = shlex.split(line.split("#")[0])[2:]
+    args = T.parse_args(argv)
+    state = checkpoints.load_checkpoint(checkpoints.DEFAULT_CHECKPOINT)
+    recorded = state["config"]
+    differ = {k: (getattr(args, k), recorded[k]) for k in T.HYPERPARAMETERS if k in recorded
+              and getattr(args, k) != recorded[k]}
+    assert differ == {}
+    built = T.build_model(args, None).config
+    assert {k: v for k, v in built.items() if k != "pretrained"} == \
+        {k: v for k, v in state["model_config"].items() if k != "pretrained"}
+    assert len(dataset.resolve_sources(args.data_dir, announce=False)) == 2  # both hospitals
