@@ -855,6 +855,9 @@ def recorded_sources(config: dict, check_data: bool = True) -> tuple[list[str] |
     for name, path in (splits if isinstance(splits, dict) else {None: splits}).items():
         if not str(path).endswith(".json"):  # "every image", or a split computed and not written
             continue
+        committed = DEFAULT_SPLIT_FILE.parent / Path(path).name
+        if not Path(path).is_file() and Path(path).parent.name == "splits" and committed.is_file():
+            path = str(committed)  # a committed split, recorded in another clone of this repository
         if not Path(path).is_file():
             raise DataError(f"the recorded split {path} is not found from {Path.cwd()}: pass --split-file with it")
         given.append(str(path) if name is None else f"{name}={path}")

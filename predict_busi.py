@@ -2,7 +2,7 @@
 
     python predict_busi.py --input scans/ --output preds
     python predict_busi.py --input "scans/*.jpg" --output preds --threshold 0.4 --tta
-    python predict_busi.py --checkpoint checkpoints/busi_lite0_192.pt --input one_scan.png --output preds
+    python predict_busi.py --checkpoint checkpoints/busi_busbra_lite0_192.pt --input one_scan.png --output preds
     python predict_busi.py --input scans/ more/*.png --input one_scan.png --output preds
     python predict_busi.py --input dicom_export/ --output preds            # DICOM files, cine loops: sizes in mm
 

@@ -29,7 +29,7 @@ except ImportError:  # Windows
 
 
 REPO_DIR = Path(__file__).resolve().parent
-DEFAULT_CHECKPOINT = REPO_DIR / "checkpoints" / "busi_lite0_192.pt"  # the shipped model
+DEFAULT_CHECKPOINT = REPO_DIR / "checkpoints" / "busi_busbra_lite0_192.pt"  # the shipped model
 DEFAULT_SPLIT_FILE = REPO_DIR / "splits" / "busi_split.json"  # the committed leakage-safe split of BUSI
 
 
