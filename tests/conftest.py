@@ -110,6 +110,17 @@ def make_busi_dir(root: Path, seed: int = 0) -> dict:
     return facts
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The commands' main() set PyTorch's thread count for the whole process (predict, export, the GUI): every
+    test gets back the count it started with."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def busi_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("busi") / "Dataset_BUSI_with_GT"

@@ -13,7 +13,7 @@ from pydicom import examples
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
-from test_predict import checkpoint, keep_torch_threads  # noqa: F401 - fixtures
+from test_predict import checkpoint  # noqa: F401 - fixture
 
 import dataset
 import dicom_io

@@ -33,14 +33,6 @@ SCANS = [SAMPLE / "benign" / "benign (100).png", SAMPLE / "malignant" / "maligna
          SAMPLE / "normal" / "normal (1).png"]  # one of each class; the normal one gets a (wrong) outline
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """predict_busi.main() and export_onnx.main() set PyTorch's thread count; give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
     """A copy of the shipped checkpoint with its cached export beside it (made once here), and both models."""

@@ -54,14 +54,6 @@ def tiny_trust(model, threshold: float) -> dict:
     return trust.fit(inputs["deep"], inputs, records, records, threshold, "synthetic scans (tests)")
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """predict_busi.main() sets PyTorch's thread count for the process; give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")

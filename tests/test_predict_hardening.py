@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import ROOT, fill_file_system
 from PIL import Image
-from test_predict import checkpoint, keep_torch_threads, read_csv, scan  # noqa: F401 - fixtures shared
+from test_predict import checkpoint, read_csv, scan  # noqa: F401 - fixtures shared
 
 import checkpoints
 import dataset
