@@ -122,7 +122,8 @@ def fit_presence(inputs: np.ndarray, lesion: np.ndarray, outlined: np.ndarray, k
     probability, the class head's lesion probability, and a logistic regression on both), each cut where it keeps
     `keep` of the lesion scans; the one with the fewest normal scans left outlined wins (ties: the simpler). With
     the validation curves of all three, and a bootstrap interval of the winner's normal FP rate (cut refitted in
-    every resample). None when `keep` is 0 or the split lacks lesion or normal scans."""
+    every resample). None when `keep` is 0, the split lacks lesion or normal scans, or no candidate leaves fewer
+    validation normal scans outlined than no gate at all."""
     if keep <= 0 or not lesion.any() or lesion.all():
         return None
     mean, std = inputs.mean(0), inputs.std(0) + 1e-6
@@ -139,6 +140,8 @@ def fit_presence(inputs: np.ndarray, lesion: np.ndarray, outlined: np.ndarray, k
                        "missed_rate": float((~(keep_mask & outlined))[lesion].mean()),
                        "curve": presence_curve(scores, lesion, outlined)}
     best = min(PRESENCE_CANDIDATES, key=lambda n: (found[n]["normal_fp_rate"], PRESENCE_CANDIDATES.index(n)))
+    if found[best]["normal_fp_rate"] >= float(outlined[~lesion].mean()):
+        return None  # no candidate leaves fewer normal scans outlined than no gate: it would only cost lesions
     rng, chosen, fps = np.random.default_rng(seed), found[best], []
     for _ in range(PRESENCE_BOOTSTRAP):
         i = rng.integers(0, len(lesion), len(lesion))

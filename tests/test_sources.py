@@ -175,6 +175,8 @@ def test_presence_gate_keeps_the_asked_share_of_lesion_scans_and_picks_the_fewes
     assert lo <= gate["normal_fp_rate"] <= hi
     assert trust.fit_presence(inputs, lesion, outlined, 0.0, "off") is None  # keep 0: no gate
     assert trust.fit_presence(inputs[:200], lesion[:200], outlined[:200], 0.98, "no normals") is None
+    # no normal scan outlined without a gate: a gate could only cost lesions, so there is none
+    assert trust.fit_presence(inputs, lesion, np.r_[outlined[:200], np.zeros(40, bool)], 0.98, "nothing to gain") is None
 
 
 @pytest.fixture(scope="module")
