@@ -267,10 +267,15 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 def _load_image(path: Path) -> tuple[np.ndarray, int]:
     """`load_image` and the EXIF orientation that was applied (1: none)."""
     image, orientation = _open(path)
+    return _grey_uint8(image), orientation
+
+
+def _grey_uint8(image: Image.Image) -> np.ndarray:
+    """Any PIL image as one grey uint8 channel, scaled by its full scale (16-bit by 65535, a 0-1 float by 1)."""
     grey, full_scale, _ = _grey_and_alpha(image)
     if full_scale == 255 and grey.dtype == np.uint8:
-        return np.array(grey, dtype=np.uint8), orientation  # a copy: PIL's buffer is released with the image
-    return np.round(np.clip(grey, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8), orientation
+        return np.array(grey, dtype=np.uint8)  # a copy: PIL's buffer is released with the image
+    return np.round(np.clip(grey, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
 
 
 def load_mask(paths: list[str | os.PathLike], size: tuple[int, int] | None = None) -> np.ndarray:
@@ -319,10 +324,7 @@ def grey_from_array(array) -> np.ndarray:
     accepted = ("accepted: a grey HxW or an RGB/RGBA HxWx3/4 array of bool, uint8, uint16 or other non-negative "
                 "integers up to 65535, or floats (0-1, or 0-255), or a PIL image")
     if isinstance(array, Image.Image):
-        grey, full_scale, _ = _grey_and_alpha(array)
-        array = grey if full_scale == 255 and grey.dtype == np.uint8 else \
-            np.round(np.clip(grey, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
-        return np.array(array, dtype=np.uint8)
+        return _grey_uint8(array)
     if not isinstance(array, np.ndarray):
         raise ValueError(f"a {type(array).__name__} is not an image ({accepted})")
     shape = "x".join(map(str, array.shape))
