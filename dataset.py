@@ -169,11 +169,11 @@ def discover_samples(data_dir: str | os.PathLike) -> list[Sample]:
     return samples
 
 
-def earlier_prediction(path: Path) -> str | None:
+def earlier_prediction(path: Path, listed: dict[Path, set] | None = None) -> str | None:
     """Why an image file is an earlier run's output of predict_busi.py and not a scan, or None. One rule for
     every tool: a predictions.csv beside it lists it (its mask or overlay column), or it is X_pred.png /
-    X_overlay.png beside an image X.* (the training loader refuses such a file in a data folder)."""
-    import csv
+    X_overlay.png beside an image X.* (the training loader refuses such a file in a data folder). `listed`
+    keeps each folder's table once read, for a caller that asks about many files of one folder."""
     import glob
 
     stem = path.stem
@@ -181,13 +181,21 @@ def earlier_prediction(path: Path) -> str | None:
         base = stem.rsplit("_", 1)[0]
         if any(p != path and p.suffix.lower() in IMAGE_EXTENSIONS for p in path.parent.glob(glob.escape(base) + ".*")):
             return f"predict_busi.py's output for {base}"
-    table = path.parent / "predictions.csv"
+    listed = {} if listed is None else listed
+    if path.parent not in listed:
+        listed[path.parent] = _listed_outputs(path.parent / "predictions.csv")
+    return "listed as an output in predictions.csv" if path.name in listed[path.parent] else None
+
+
+def _listed_outputs(table: Path) -> set:
+    """The mask and overlay file names a predictions.csv lists (none when there is no such table)."""
+    import csv
+
     try:
         with open(table, newline="", encoding="utf-8") as f:
-            listed = {row.get(k) for row in csv.DictReader(f) for k in ("mask", "overlay")}
+            return {row.get(k) for row in csv.DictReader(f) for k in ("mask", "overlay")}
     except (OSError, ValueError, csv.Error):  # none there, or not a table: nothing is listed
-        return None
-    return f"listed as an output in {table.name}" if path.name in listed else None
+        return set()
 
 
 def _mask_order(path: str) -> int:

@@ -181,13 +181,13 @@ def find_inputs(spec: str, skipped: dict | None = None) -> list[Path]:
         entries = list(path.iterdir())
     else:
         entries = [Path(p) for p in glob.glob(spec)]
-    found = []
+    found, listed = [], {}  # (each folder's predictions.csv read once)
     for p in sorted(entries, key=dataset.natural_key):
         if p.is_symlink() and not p.exists() and not p.name.startswith("."):
             if skipped is not None:
                 skipped["broken"].append(f"broken symbolic link: {shown(p)} -> {shown(os.readlink(p))}")
         elif _is_candidate(p):
-            why = dataset.earlier_prediction(p)
+            why = dataset.earlier_prediction(p, listed)
             if why is None:
                 found.append(p)
             elif skipped is not None:
