@@ -18,9 +18,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import glob
+
 import numpy as np
 
 import dataset
+import utils
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 MARKER_OFFSET = 128  # a DICOM file: a 128-byte preamble, then b"DICM"
@@ -275,3 +278,65 @@ def with_spacing(scan: Scan, pixel_spacing: float | None) -> Scan:
                                       or scan.spacing_source.startswith("none: an array")):
         scan.spacing, scan.spacing_source = (float(pixel_spacing), float(pixel_spacing)), GIVEN
     return scan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The scans a user names: files, folders, globs (predict_busi.py, adapt.py)
+# --------------------------------------------------------------------------------------------------------------
+def _is_candidate(path: Path) -> bool:
+    """An image or DICOM file that is not ground truth (X_mask.png, X_mask_N.png: the loader's rule), hidden, or of
+    another type. DICOM is recognised by content too (archives write files without an extension); a DICOMDIR is
+    an archive's index, not a scan."""
+    name = path.name
+    known = path.suffix.lower() in dataset.IMAGE_EXTENSIONS or is_dicom_name(path)
+    return (not name.startswith(".") and dataset.MASK_RE.match(path.stem) is None
+            and name.lower() not in dataset.IGNORED_NAMES and name.upper() != "DICOMDIR" and path.is_file()
+            and (known or is_dicom(path)))
+
+
+def find_inputs(spec: str, skipped: dict | None = None) -> list[Path]:
+    """Expand --input: one file (taken as given), a folder (its images, not recursive) or a glob pattern.
+
+    An earlier run's outputs in a folder (dataset.earlier_prediction: listed by a predictions.csv there, or
+    X_pred.png / X_overlay.png beside a scan X) are not taken as new scans: named in `skipped["earlier"]`; a
+    dangling symbolic link, which cannot be read, in `skipped["broken"]`.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        entries = list(path.iterdir())
+    else:
+        entries = [Path(p) for p in glob.glob(spec)]
+    found, listed = [], {}  # (each folder's predictions.csv read once)
+    for p in sorted(entries, key=dataset.natural_key):
+        if p.is_symlink() and not p.exists() and not p.name.startswith("."):
+            if skipped is not None:
+                skipped["broken"].append(f"broken symbolic link: {utils.printable(p)} -> {utils.printable(os.readlink(p))}")
+        elif _is_candidate(p):
+            why = dataset.earlier_prediction(p, listed)
+            if why is None:
+                found.append(p)
+            elif skipped is not None:
+                skipped["earlier"].append(f"{utils.printable(p.name)} ({why})")
+    return found
+
+
+def gather_inputs(specs: list[str], skipped: dict | None = None) -> list[Path]:
+    """Every spec's inputs (find_inputs), in order, each file once (the first time its resolved path is reached).
+
+    Raises ValueError naming a spec that matches nothing (a broken link given directly: naming its target).
+    """
+    paths, seen = [], set()
+    for spec in specs:
+        found = find_inputs(spec, skipped)
+        if not found and Path(spec).is_symlink() and not Path(spec).exists():
+            raise ValueError(f"broken symbolic link: {utils.printable(spec)} -> {os.readlink(spec)}")
+        if not found:
+            what = "folder has no images" if Path(spec).is_dir() else "no file matches"
+            raise ValueError(f"{what}: {utils.printable(spec)}")
+        for path in found:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                paths.append(path)
+    return paths

@@ -21,7 +21,7 @@ from inference import predict_batches, predict_images, probs_to_original
 def evaluate(model: torch.nn.Module, data: dict, device: torch.device, dtype: torch.dtype | None = None,
              threshold: float = 0.5, batch_size: int = 32, tta: bool = False,
              class_names=dataset.CLASSES, on_logits=None, with_aux: bool = False, fitted_trust: dict | None = None,
-             trust_inputs: list | None = None) -> tuple[dict, list[dict]]:
+             trust_inputs: list | None = None, gate_mode: str = "apply") -> tuple[dict, list[dict]]:
     """Per-image Dice/IoU at each image's ORIGINAL resolution (prediction resized back), and their summary.
 
     `data` is a dataset.subset(...) dict: images [N,1,S,S] uint8, labels, names, full_masks, full_sizes.
@@ -29,9 +29,11 @@ def evaluate(model: torch.nn.Module, data: dict, device: torch.device, dtype: to
     validation loss there, from the same forward pass). `fitted_trust` (a checkpoint's "trust" entry) adds
     trust, review, max_probability and lesion_probability to each record and calibrates the class
     probabilities; `trust_inputs`, a list, receives each batch's `trust.image_features` inputs (on the CPU).
+    `gate_mode` (trust.gate_applies): "apply" scores the masks the "no lesion" gate empties as empty (the split of
+    a source it was fitted on), "mark" scores the outlines as the model gives them.
     """
     return evaluate_thresholds(model, data, device, dtype, [threshold], batch_size, tta, class_names,
-                               on_logits, with_aux, fitted_trust, trust_inputs)[threshold]
+                               on_logits, with_aux, fitted_trust, trust_inputs, gate_mode)[threshold]
 
 
 def ground_truth_on(data: dict, device: torch.device) -> list[torch.Tensor]:
@@ -46,7 +48,8 @@ def ground_truth_on(data: dict, device: torch.device) -> list[torch.Tensor]:
 def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device, dtype: torch.dtype | None,
                         thresholds, batch_size: int = 32, tta: bool = False,
                         class_names=dataset.CLASSES, on_logits=None, with_aux: bool = False,
-                        fitted_trust: dict | None = None, trust_inputs: list | None = None) -> dict:
+                        fitted_trust: dict | None = None, trust_inputs: list | None = None,
+                        gate_mode: str = "apply") -> dict:
     """`evaluate` for several thresholds from one inference pass: {threshold: (summary, records)}.
 
     The pixel counts stay on the device until one copy at the end: no host sync per image, so a GPU is not
@@ -64,12 +67,16 @@ def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device
             trust_inputs.append({k: None if v is None else v.cpu() for k, v in extras[0].items()})
         gate = None
         if fitted_trust is not None:
-            scores, present, gate = inference.trust_of(extras[0], fitted_trust)
+            judged = inference.trust_of(extras[0], fitted_trust, gate_mode)
+            gate = judged.gated
             if cls is not None:
                 raw_malignancy += metrics.malignancy_probability(cls).cpu().tolist()
                 cls = trust.calibrated(cls, fitted_trust)
-            present = torch.full_like(scores, float("nan")) if present is None else present
-            trust_rows.append(torch.stack([scores, probs.flatten(1).amax(1), present, gate.float()], 1))
+            nan = torch.full_like(judged.trust, float("nan"))
+            trust_rows.append(torch.stack([judged.trust, probs.flatten(1).amax(1),
+                                           nan if judged.presence is None else judged.presence, gate.float(),
+                                           nan if judged.familiarity is None else judged.familiarity,
+                                           judged.review.float(), judged.lesion_free.float()], 1))
         if cls is not None:
             class_probs.append(cls.float())
         for j in range(probs.shape[0]):
@@ -90,9 +97,11 @@ def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device
             extra = {"class_probs": cls_all[i].tolist(), "malignancy": float(metrics.malignancy_probability(cls_all[i],
                                                                                                    class_names))}
         if scores is not None:
-            extra.update(trust=scores[i][0], review=scores[i][0] < fitted_trust["review_below"],
-                         max_probability=scores[i][1], gated=bool(scores[i][3]),
+            extra.update(trust=scores[i][0], review=bool(scores[i][5]),
+                         max_probability=scores[i][1], gated=bool(scores[i][3]), lesion_free=bool(scores[i][6]),
                          **({"presence": scores[i][2]} if scores[i][2] == scores[i][2] else {}),
+                         **({"familiarity": scores[i][4], "out_of_range": scores[i][4] > 1}
+                            if scores[i][4] == scores[i][4] else {}),
                          malignancy_uncalibrated=raw_malignancy[i] if raw_malignancy else None)
             if cls_all is not None:
                 extra["lesion_probability"] = 1 - extra["class_probs"][class_names.index("normal")]
@@ -131,8 +140,9 @@ def fit_trust(model: torch.nn.Module, train: dict, val: dict, device: torch.devi
     gate (`trust.fit_presence`) on the validation split as it is, keeping that share of its lesion scans."""
     if len(val["names"]) == 0 or len(train["names"]) == 0:
         raise ValueError("the trust score needs training and validation images to be fitted on")
-    train_deep = torch.cat([extras["deep"].cpu() for *_, extras in
-                            predict_batches(model, train["images"], device, dtype, batch_size, with_trust=True)])
+    train_extras = [{k: extras[k].cpu() for k in ("deep", "texture")} for *_, extras in
+                    predict_batches(model, train["images"], device, dtype, batch_size, with_trust=True)]
+    train_deep = torch.cat([e["deep"] for e in train_extras])
     inputs: list[dict] = []
     _, records = evaluate(model, val, device, dtype, threshold, batch_size, tta, trust_inputs=inputs)
     fit_records = [dict(r) for r in records]
@@ -160,7 +170,12 @@ def fit_trust(model: torch.nn.Module, train: dict, val: dict, device: torch.devi
         for r, g in zip(fit_records, gate.tolist()):
             if g:
                 r["pred_pixels"], r["dice"] = 0, 1.0 if r["label"] == "normal" else 0.0
-    return trust.fit(train_deep, joined, fit_records, records, threshold, source, gate, presence), records
+    fitted = trust.fit(train_deep, joined, fit_records, records, threshold, source, gate, presence)
+    fitted["familiarity"] = trust.fit_familiarity(torch.cat([e["texture"] for e in train_extras]),
+                                                  joined["texture"][:n], [r.get("source", "") for r in records],
+                                                  f"the training split ({len(train['names'])} images); range: "
+                                                  f"{trust.FAMILIARITY_QUANTILE:.0%} of each source's validation scans")
+    return fitted, records
 
 
 def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, dtype: torch.dtype | None,

@@ -3,6 +3,10 @@ write the checkpoint with them as a NEW file (training does this itself at its e
 
     python fit_trust.py --checkpoint OLD.pt --output NEW.pt       # the data and splits the checkpoint records
     python fit_trust.py --checkpoint OLD.pt --data-dir PATH/Dataset_BUSI_with_GT PATH/BUS-BRA --output NEW.pt
+    python fit_trust.py --checkpoint OLD.pt --data-dir SITE --split-file SITE_split.json --output SITE.pt
+
+With a site's own labelled scans (data the checkpoint was not trained on), the gate, trust score, calibration and
+familiarity range are fitted on them, and the "no lesion" gate then empties masks by default (its scope: the site).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ if __name__ == "__main__":
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import evaluation  # noqa: E402
+import trust  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -71,6 +76,9 @@ def main(argv=None) -> int:
         fitted, summary = evaluation.fit_and_describe(model, parts, device, utils.inference_dtype(device), threshold,
                                                       bool(config.get("tta")), 32, keep, out.parent,
                                                       dataset.scanners(sources), prefix=out.stem + "_")
+        known = {Path(p.split("=", 1)[-1]).resolve() for p in recorded or []}
+        if any(Path(p).resolve() not in known for _, p in sources):  # another site's labelled scans: its own gate
+            fitted["gate_scope"] = trust.SITE_GATE
         checkpoints.save_checkpoint({**state, "trust": fitted}, out)
         evaluation.print_summary("validation with the fitted entry (in-sample for the gate and trust)", summary)
         figure = f"{figure}calibration.png" + (f" and {figure}presence.png" if fitted.get("presence") else "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import onnx_backend
 import trust
 import utils
 from augment import to_unit_float
-from unet import deepest_layer
+from unet import deepest_layer, texture_layer
 from utils import autocast
 
 
@@ -38,17 +39,20 @@ def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.
     or None[, deep-supervision logits when `with_aux`]), so a caller can compute a loss from the same forward
     pass. `with_trust` runs the flipped twin too and adds a last item, what `trust.image_features` reads:
     {"seg", "cls": the unflipped pass's probabilities, "flipped": the twin's, flipped back, "deep": the pooled
-    deepest features [b,C]}.
+    deepest features [b,C], "texture": the unflipped pass's texture statistics [b,2C] (familiarity)}.
     """
     model.eval()
     deep: list[torch.Tensor] = []
-    hook = deepest_layer(model).register_forward_pre_hook(lambda _, args: deep.append(args[0].float().mean((2, 3)))) \
-        if with_trust else None
+    texture: list[torch.Tensor] = []
+    hooks = [deepest_layer(model).register_forward_pre_hook(lambda _, args: deep.append(args[0].float().mean((2, 3)))),
+             texture_layer(model).register_forward_hook(
+                 lambda _, args, out: texture.append(trust.texture_statistics(out)))] if with_trust else []
     try:
         for start in range(0, images.shape[0], batch_size):
             x = to_unit_float(images[start:start + batch_size].to(device, non_blocking=True))
             x = x.contiguous(memory_format=torch.channels_last)
             deep.clear()
+            texture.clear()
             extras = None
             with autocast(device, dtype):
                 outputs = model(x, with_aux=True) if with_aux else model(x)
@@ -59,28 +63,44 @@ def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.
                     seg_f, cls_f = model(torch.flip(x, dims=[3]))
                     flipped = torch.sigmoid(torch.flip(seg_f, dims=[3]).float())
                     if with_trust:
-                        extras = {"seg": seg, "cls": cls, "flipped": flipped, "deep": deep[0]}
+                        extras = {"seg": seg, "cls": cls, "flipped": flipped, "deep": deep[0], "texture": texture[0]}
                     if tta:
                         seg = (seg + flipped) / 2
                         cls = None if cls is None else (cls + torch.softmax(cls_f.float(), 1)) / 2
             yield (seg, cls) + ((outputs,) if with_logits else ()) + ((extras,) if with_trust else ())
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
 
 
-def trust_of(extras: dict, fitted: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(trust [b], presence probability [b] or None, gate [b] bool) of one batch from `predict_batches(...,
-    with_trust=True)`'s last item: the trust score at the mask threshold it was fitted at (the outline it
-    describes, emptied where the "no lesion" gate says so), the probability that a lesion is present and which
-    masks the gate empties (none without a fitted gate)."""
+class Judged(NamedTuple):
+    """What the fitted trust entry says of each scan of a batch ([b] tensors)."""
+    trust: torch.Tensor  # the fitted probability that the outline is right
+    presence: torch.Tensor | None  # the fitted probability that a lesion is present; None: no gate
+    gated: torch.Tensor  # bool: the "no lesion" gate empties the mask (where it applies: trust.gate_applies)
+    lesion_free: torch.Tensor  # bool: the gate judges the scan lesion-free (whether or not it empties the mask)
+    familiarity: torch.Tensor | None  # distance from the fitted scans relative to their range; None: not fitted
+    out_of_range: torch.Tensor  # bool: familiarity above 1, unlike the scans the model was fitted on
+    review: torch.Tensor  # bool: trust below the review cut, or out of range: look at this one first
+
+
+def trust_of(extras: dict, fitted: dict, gate_mode: str = "apply") -> Judged:
+    """`Judged` of one batch from `predict_batches(..., with_trust=True)`'s last item: the trust score at the mask
+    threshold it was fitted at (of the outline as shown: emptied where the gate applies), the probability that a
+    lesion is present, which scans the "no lesion" gate judges lesion-free and whether it empties their masks
+    (`gate_mode`, trust.gate_applies), and how familiar each scan is. A scan out of range is always reviewed."""
     presence = fitted.get("presence")
     present = None if presence is None else trust.presence_probability(
         trust.presence_inputs(extras["seg"], extras["cls"]), presence)
-    gate = trust.gated(extras["seg"].new_zeros(extras["seg"].shape[0]) if present is None else present, presence)
+    lesion_free = trust.gated(extras["seg"].new_zeros(extras["seg"].shape[0]) if present is None else present,
+                              presence)
+    gate = lesion_free & trust.gate_applies(fitted, gate_mode)
     scores = trust.score(trust.image_features(extras["seg"], extras["flipped"], extras["cls"], extras["deep"],
                                               fitted["threshold"], fitted["statistics"], gate), fitted)
-    return scores, present, gate
+    familiar = fitted.get("familiarity")
+    near = None if familiar is None else trust.familiarity(extras["texture"], familiar)
+    out = torch.zeros_like(lesion_free) if near is None else near > 1
+    return Judged(scores, present, gate, lesion_free, near, out, (scores < fitted["review_below"]) | out)
 
 
 def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -88,16 +108,28 @@ def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tens
     return F.interpolate(prob[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
 
 
+class ScanOutput(NamedTuple):
+    """One scan's outputs from `predict_images` (the trust fields are None without a fitted trust entry)."""
+    probability: torch.Tensor  # [H,W] float32 on the CPU at the scan's own size, as the model gave it
+    classes: torch.Tensor | None  # [3] class probabilities (benign, malignant, normal), calibrated where fitted
+    trust: float | None = None
+    presence: float | None = None
+    gated: bool = False  # the "no lesion" gate empties this scan's mask (the probability map is left as it is)
+    lesion_free: bool = False  # the gate judges it lesion-free (marked, whether or not the mask is emptied)
+    familiarity: float | None = None  # <= 1: like the scans the model was fitted on; > 1: out of range
+    out_of_range: bool = False
+    review: bool | None = None  # look at this one first: low trust, or out of range
+
+
 def predict_images(model, images: list[np.ndarray], image_size: int, device: torch.device,
                    dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
-                   fitted_trust: dict | None = None):
-    """Yield (probability map [H,W] float32 on the CPU at each image's own size, class probabilities [3] or None,
-    trust score or None, presence probability or None, gated) per image; `gated`: the "no lesion" gate empties
-    this scan's mask (its probability map is left as the model gave it).
+                   fitted_trust: dict | None = None, gate_mode: str = "auto"):
+    """Yield a `ScanOutput` per image.
 
     `images` are grey uint8 HxW arrays of any size; they are squashed to the model's square input as in training.
-    `fitted_trust` (a checkpoint's "trust" entry) adds the trust score (one more, flipped, pass) and calibrates
-    the class probabilities.
+    `fitted_trust` (a checkpoint's "trust" entry) adds the trust score (one more, flipped, pass), the "no lesion"
+    gate (`gate_mode`: where it empties masks, trust.gate_applies) and familiarity, and calibrates the class
+    probabilities.
     """
     if not images:
         return
@@ -105,25 +137,33 @@ def predict_images(model, images: list[np.ndarray], image_size: int, device: tor
     i = 0
     for probs, cls, *extras in predict_batches(model, batch, device, dtype, batch_size, tta,
                                                with_trust=fitted_trust is not None):
-        scores, present, gate = trust_of(extras[0], fitted_trust) if extras else (None, None, None)
+        judged = trust_of(extras[0], fitted_trust, gate_mode) if extras else None
         cls = None if cls is None else trust.calibrated(cls, fitted_trust)
         for j in range(probs.shape[0]):
             h, w = images[i].shape
             prob = probs_to_original(probs[j], h, w).cpu()
-            yield (prob, (None if cls is None else cls[j].float().cpu()), (None if scores is None else float(scores[j])),
-                   None if present is None else float(present[j]), bool(gate is not None and gate[j]))
+            classes = None if cls is None else cls[j].float().cpu()
+            if judged is None:
+                yield ScanOutput(prob, classes)
+            else:
+                yield ScanOutput(prob, classes, float(judged.trust[j]),
+                                 None if judged.presence is None else float(judged.presence[j]),
+                                 bool(judged.gated[j]), bool(judged.lesion_free[j]),
+                                 None if judged.familiarity is None else float(judged.familiarity[j]),
+                                 bool(judged.out_of_range[j]), bool(judged.review[j]))
             i += 1
 
 
 def predict_scans(model, scans: list[dicom_io.Scan], image_size: int, device: torch.device,
                   dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
-                  fitted_trust: dict | None = None):
+                  fitted_trust: dict | None = None, gate_mode: str = "auto"):
     """`predict_images` for scans: each one's ultrasound region alone is predicted (the scanner's text and colour
     bar never reach the model), and its probability map is placed back in the whole frame (0 outside it)."""
     outputs = predict_images(model, [s.model_input() for s in scans], image_size, device, dtype, batch_size, tta,
-                             fitted_trust)
-    for scan, (prob, *rest) in zip(scans, outputs):
-        yield (prob if scan.region is None else torch.from_numpy(scan.full_frame(prob.numpy())), *rest)
+                             fitted_trust, gate_mode)
+    for scan, out in zip(scans, outputs):
+        yield out if scan.region is None else out._replace(
+            probability=torch.from_numpy(scan.full_frame(out.probability.numpy())))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -140,6 +180,9 @@ class Prediction:
     review: bool | None = None  # trust below the checkpoint's review threshold: look at this one first
     presence_probability: float | None = None  # fitted probability that a lesion is present; None: no gate
     gated: bool = False  # the "no lesion" gate judged the scan lesion-free and emptied its mask
+    lesion_free: bool = False  # the gate judges it lesion-free; with the gate not applied, the mask is kept
+    familiarity: float | None = None  # <= 1: like the scans the model was fitted on; None: not fitted
+    out_of_range: bool | None = None  # unlike them: outlines, gate and trust were fitted on other scans
     spacing_mm: tuple[float, float] | None = None  # (x, y) size of a pixel in mm; None: unknown
     spacing_source: str = ""  # where the spacing comes from, or "none: why"
     region: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) of a DICOM's ultrasound region, predicted
@@ -168,15 +211,20 @@ class Predictor:
         result = predictor("scan.png")              # a file, or an image array (grey or RGB; as a file reads)
         result.mask, result.probability, result.malignancy_probability, result.trust, result.review,
         result.presence_probability, result.gated   # the "no lesion" gate: the mask emptied
+        result.lesion_free, result.out_of_range     # judged lesion-free (mask kept); unlike the training scans
         result = predictor("cine.dcm", frame=3)     # a DICOM file (a frame of a cine loop); sizes in mm:
         result.size_mm.longest, result.size_mm.perpendicular, result.size_mm.area, result.spacing_source
 
     `backend`: "auto" (onnxruntime on the CPU where it is installed, else torch), "torch" or "onnx"
-    (onnx_backend.load); `checkpoint` may also be an ONNX export (.onnx).
+    (onnx_backend.load); `checkpoint` may also be an ONNX export (.onnx). `gate`: where the "no lesion" gate empties
+    masks (trust.gate_applies): "auto" only with a gate fitted on the scans' own site, "apply", "mark".
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str = "cpu",
-                 threshold: float | None = None, tta: bool = False, backend: str = "auto"):
+                 threshold: float | None = None, tta: bool = False, backend: str = "auto", gate: str = "auto"):
+        if gate not in trust.GATE_MODES:
+            raise ValueError(f"gate must be one of {', '.join(trust.GATE_MODES)}, got {gate!r}")
+        self.gate = gate
         if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
             raise ValueError(f"threshold must be strictly between 0 and 1, got {threshold!r}")
         self.device = utils.pick_device(device)  # the tools' check: an unknown or missing device is one line
@@ -200,10 +248,11 @@ class Predictor:
         else:  # converted as the file loader converts the same pixels, or refused (ValueError)
             scan = dicom_io.with_spacing(dicom_io.Scan(dataset.grey_from_array(image), spacing_source=NO_SPACING_ARRAY),
                                          pixel_spacing)
-        prob, cls, score, present, gate = next(predict_scans(self.model, [scan], self.image_size, self.device,
-                                                             tta=self.tta, fitted_trust=self.fitted_trust))
-        prob = prob.numpy()
-        classes = None if cls is None else dict(zip(dataset.CLASSES, map(float, cls.tolist())))
-        review = None if score is None else score < self.fitted_trust["review_below"]
-        return Prediction(prob, (prob > self.threshold) & (not gate), classes, score, review, present, gate,
+        out = next(predict_scans(self.model, [scan], self.image_size, self.device, tta=self.tta,
+                                 fitted_trust=self.fitted_trust, gate_mode=self.gate))
+        prob = out.probability.numpy()
+        classes = None if out.classes is None else dict(zip(dataset.CLASSES, map(float, out.classes.tolist())))
+        return Prediction(prob, (prob > self.threshold) & (not out.gated), classes, out.trust, out.review,
+                          out.presence, out.gated, out.lesion_free, out.familiarity,
+                          None if out.familiarity is None else out.out_of_range,
                           scan.spacing, scan.spacing_source, scan.region, scan.frame)

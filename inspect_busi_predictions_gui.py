@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=utils.positive_int, default=default_threads(), help="CPU threads for inference; "
                    "default: %(default)s")
+    p.add_argument("--gate", choices=("auto", "apply", "mark"), default="auto",
+                   help="the 'no lesion' gate: auto = empty a mask only with a gate fitted on the scans' own site, "
+                        "else mark the scan 'likely lesion-free'; apply = always; mark = never; default: %(default)s")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="what runs the model: onnx = onnxruntime on the CPU (exported on first use, cached beside the "
                         "checkpoint), torch = PyTorch, auto = onnx where onnxruntime and onnx are installed and the "
@@ -84,6 +87,7 @@ TRUTH_COLOUR = "#00d5ff"
 PRED_COLOUR = "#ff4000"
 CALIPER_COLOUR = "#ffe000"  # the two diameters: yellow, apart from both outlines
 REVIEW_MARK = "\u2691"  # a flag: trust below the review threshold
+OUT_OF_RANGE_BADGE = "\u26a0"  # a warning sign: unlike the scans the model was fitted on
 SORT_CHUNK = 4  # images per inference step of a sort: few, so that the window keeps reacting between steps
 WINDOW_SIZE = "1400x800"
 TITLE = "BUSI prediction inspector"
@@ -140,6 +144,9 @@ class Prediction:
     review: bool = False            # trust below the checkpoint's review threshold
     presence: float | None = None   # fitted probability that a lesion is present (None: no "no lesion" gate)
     gated: bool = False             # the "no lesion" gate judged the scan lesion-free: its mask is empty
+    lesion_free: bool = False       # ... judged lesion-free where the gate does not apply: the mask is kept
+    out_of_range: bool = False      # unlike the scans the model was fitted on (always reviewed)
+    familiarity: float | None = None  # <= 1: like them; None: not fitted
 
     def mask(self, threshold: float) -> np.ndarray:
         """The predicted mask at `threshold`: empty where the "no lesion" gate says so."""
@@ -222,10 +229,11 @@ class InspectorApp:
     """
 
     def __init__(self, root: tk.Tk, checkpoint: str | os.PathLike | None = None, items: list[Item] = (),
-                 device: torch.device | str = "cpu", source: str = "", backend: str = "auto"):
+                 device: torch.device | str = "cpu", source: str = "", backend: str = "auto", gate: str = "auto"):
         self.root = root
         self.device = torch.device(device)
         self.backend = backend  # onnx_backend.load's: what runs the model
+        self.gate = gate  # trust.gate_applies's mode: where the "no lesion" gate empties a mask
         self.source = source
         self.model = None
         self.checkpoint: Path | None = None
@@ -611,14 +619,14 @@ class InspectorApp:
         """Run the model once over `items` (already decoded) and cache the results."""
         scans = [dicom_io.Scan(image, item.region) for item, (image, _) in zip(items, loaded)]
         outputs = predict_scans(self.model, scans, self.image_size, self.device, utils.inference_dtype(self.device),
-                                SORT_CHUNK, fitted_trust=self.fitted_trust)
-        for item, (_, truth), (prob, cls, score, present, gate) in zip(items, loaded, outputs):
+                                SORT_CHUNK, fitted_trust=self.fitted_trust, gate_mode=self.gate)
+        for item, (_, truth), out in zip(items, loaded, outputs):
             self.cache[item.key] = Prediction(
-                prob=prob.numpy().astype(np.float16),
-                class_probs=None if cls is None else cls.numpy().astype(np.float32),
-                truth_bits=None if truth is None else np.packbits(truth), trust=score,
-                review=score is not None and score < self.fitted_trust["review_below"], presence=present,
-                gated=gate)
+                prob=out.probability.numpy().astype(np.float16),
+                class_probs=None if out.classes is None else out.classes.numpy().astype(np.float32),
+                truth_bits=None if truth is None else np.packbits(truth), trust=out.trust, review=bool(out.review),
+                presence=out.presence, gated=out.gated, lesion_free=out.lesion_free and not out.gated,
+                out_of_range=out.out_of_range, familiarity=out.familiarity)
             self._relabel(item)
 
     def _predict_chunks(self, todo: list[int]):
@@ -709,7 +717,8 @@ class InspectorApp:
         dice = self._dice_of(i)
         text = "  -  " if dice is None else f"{dice:.3f}"
         if prediction.trust is not None:
-            text += f"  trust {prediction.trust:.2f}" + (f" {REVIEW_MARK}" if prediction.review else "  ")
+            text += f"  trust {prediction.trust:.2f}" + (f" {REVIEW_MARK}" if prediction.review else "  ") + (
+                f"{OUT_OF_RANGE_BADGE}" if prediction.out_of_range else " ")
         return f"{text}  {item.name}"
 
     def _relabel(self, item: Item) -> None:
@@ -789,13 +798,18 @@ class InspectorApp:
         if prediction is not None and prediction.class_probs is not None:
             facts.append(f"P(malignant | lesion) {prediction.malignancy:.2f}   predicted class: "
                          f"{prediction.predicted_class}")
+        if prediction is not None and prediction.out_of_range:
+            facts.append(f"{OUT_OF_RANGE_BADGE} OUT OF RANGE (familiarity {prediction.familiarity:.1f}): unlike the "
+                         f"scans the model was fitted on")
         if prediction is not None and prediction.trust is not None:
-            facts.append(f"trust {prediction.trust:.2f}" + (f" {REVIEW_MARK} REVIEW (below "
-                                                              f"{self.fitted_trust['review_below']:.2f})"
-                                                              if prediction.review else ""))
+            facts.append(f"trust {prediction.trust:.2f}" + (f" {REVIEW_MARK} REVIEW" + (
+                "" if prediction.out_of_range else f" (below {self.fitted_trust['review_below']:.2f})")
+                if prediction.review else ""))
         if prediction is not None and prediction.presence is not None:
             facts.append(f"lesion present {prediction.presence:.2f}"
-                         + (" — judged lesion-free: mask emptied" if prediction.gated else ""))
+                         + (" — judged lesion-free: mask emptied" if prediction.gated else
+                            " — likely lesion-free (gate fitted elsewhere: mask kept)" if prediction.lesion_free
+                            else ""))
         if self.size is not None:
             unit = "mm" if item.spacing is not None else "px (no pixel spacing)"
             facts.append(f"diameters {self.size.longest:.1f} x {self.size.perpendicular:.1f} {unit}")
@@ -899,7 +913,7 @@ def main(argv=None) -> int:
     except tk.TclError as exc:
         print(f"error: cannot open a window ({exc}); a display (X server) is needed", file=sys.stderr)
         return 2
-    app = InspectorApp(root, args.checkpoint, items, device, source=note, backend=args.backend)
+    app = InspectorApp(root, args.checkpoint, items, device, source=note, backend=args.backend, gate=args.gate)
     if error:
         app.show_error(error)
     root.mainloop()

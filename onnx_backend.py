@@ -14,7 +14,6 @@ one line naming the package.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
@@ -29,12 +28,13 @@ import torch
 
 import checkpoints
 import utils
-from unet import deepest_layer
+from trust import texture_statistics
+from unet import deepest_layer, texture_layer
 
-EXPORT_FORMAT = 1  # part of the cached file's name: a change to the graph's inputs, outputs or metadata re-exports
+EXPORT_FORMAT = 2  # 2: texture_features (familiarity) added; part of the cached file's name: a change to the graph's inputs, outputs or metadata re-exports
 OPSET = 17
 INPUT = "image"
-OUTPUTS = ("mask_logits", "class_logits", "deep_features")
+OUTPUTS = ("mask_logits", "class_logits", "deep_features", "texture_features")
 BACKENDS = ("auto", "torch", "onnx")
 # The metadata that describes the file, not a checkpoint entry
 NOT_ENTRIES = ("busi.format", "busi.checkpoint_sha256", "image_size", "threshold", "preprocessing", "postprocessing",
@@ -48,7 +48,8 @@ PREPROCESSING = ("grey uint8 HxW as displayed (EXIF orientation applied), squash
 POSTPROCESSING = ("mask: sigmoid(mask_logits), resized bilinearly (align_corners=False) to the scan's size, > "
                   "threshold; classes: softmax(class_logits) over (benign, malignant, normal), then the trust entry's "
                   "temperatures: P(lesion) = sigmoid(log((pb+pm)/pn) / T[0]), P(malignant | lesion) = "
-                  "sigmoid(log(pm/pb) / T[1]); deep_features: what the trust score's feature distance reads")
+                  "sigmoid(log(pm/pb) / T[1]); deep_features: what the trust score's feature distance reads; "
+                  "texture_features: what the familiarity score reads (trust.familiarity)")
 
 
 class BackendError(checkpoints.CheckpointError):
@@ -79,8 +80,9 @@ def require(package: str, why: str):
 # Export
 # --------------------------------------------------------------------------------------------------------------
 class _Graph(torch.nn.Module):
-    """What is exported: the model's mask and class logits, and the input of its decoder's first stage pooled
-    over space (the trust score's feature distance), read by the same hook as inference.predict_batches."""
+    """What is exported: the model's mask and class logits, the input of its decoder's first stage pooled over
+    space (the trust score's feature distance) and the texture statistics of its stride-4 features (familiarity),
+    read by the same hooks as inference.predict_batches."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -88,12 +90,16 @@ class _Graph(torch.nn.Module):
 
     def forward(self, x: torch.Tensor):
         deep: list[torch.Tensor] = []
-        hook = deepest_layer(self.model).register_forward_pre_hook(lambda _, a: deep.append(a[0].mean((2, 3))))
+        texture: list[torch.Tensor] = []
+        hooks = [deepest_layer(self.model).register_forward_pre_hook(lambda _, a: deep.append(a[0].mean((2, 3)))),
+                 texture_layer(self.model).register_forward_hook(
+                     lambda _, a, out: texture.append(texture_statistics(out)))]
         try:
             seg, cls = self.model(x)[:2]  # (as predict_batches reads them)
         finally:
-            hook.remove()
-        return (seg, deep[0]) if cls is None else (seg, cls, deep[0])
+            for hook in hooks:
+                hook.remove()
+        return (seg, deep[0], texture[0]) if cls is None else (seg, cls, deep[0], texture[0])
 
 
 def to_json(value):
@@ -157,12 +163,7 @@ def export(model: torch.nn.Module, state: dict, checkpoint_sha256: str = "") -> 
     return proto.SerializeToString()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+file_sha256 = utils.file_sha256
 
 
 def cache_path(checkpoint: Path, sha256: str) -> Path:
@@ -210,10 +211,12 @@ def _session(source: str | bytes, threads: int):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-class _DeepestStandIn:
-    """Where inference.predict_batches hooks the decoder's first stage (deepest_layer(model) is model.ups[0]):
-    the graph outputs the pooled deepest features itself, and each call hands them to the hooks as that stage's
-    input ([b,C,1,1]: their spatial mean is themselves)."""
+class _StandIn:
+    """Where inference.predict_batches hooks a layer of the torch model: the decoder's first stage
+    (deepest_layer(model) is model.ups[0]; each call hands the graph's pooled deepest features to its hooks as
+    that stage's input, [b,C,1,1]: their spatial mean is themselves) and the stride-4 stage
+    (texture_layer(model) is model.texture; the graph's texture statistics as its output, [b,2C]:
+    trust.texture_statistics takes them as pooled)."""
 
     def __init__(self):
         self.hooks: OrderedDict = OrderedDict()  # torch's RemovableHandle holds a weak reference: not a dict
@@ -222,6 +225,8 @@ class _DeepestStandIn:
         handle = torch.utils.hooks.RemovableHandle(self.hooks)
         self.hooks[handle.id] = hook
         return handle
+
+    register_forward_hook = register_forward_pre_hook
 
 
 class OnnxModel:
@@ -237,7 +242,7 @@ class OnnxModel:
         self.metadata = meta
         self.config = from_json(meta["model_config"])
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.ups = [_DeepestStandIn()]
+        self.ups, self.texture = [_StandIn()], _StandIn()
 
     def state(self) -> dict:
         """The checkpoint entries the export carries (config, model_config, trust, ...), as the checkpoint held
@@ -255,6 +260,8 @@ class OnnxModel:
         deep = torch.from_numpy(found["deep_features"])[:, :, None, None]
         for hook in list(self.ups[0].hooks.values()):
             hook(self.ups[0], (deep,))
+        for hook in list(self.texture.hooks.values()):
+            hook(self.texture, (x,), torch.from_numpy(found["texture_features"]))
         cls = found.get("class_logits")
         return torch.from_numpy(found["mask_logits"]), None if cls is None else torch.from_numpy(cls)
 

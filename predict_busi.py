@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import glob
 import hashlib
 import os
 import signal
@@ -106,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for inference; default: %(default)s (half the cores: an oversubscribed CPU "
                         "runs PyTorch many times slower)")
     p.add_argument("--tta", action="store_true", help="average with the left-right flipped prediction")
+    p.add_argument("--gate", choices=("auto", "apply", "mark"), default="auto",
+                   help="the 'no lesion' gate: auto = empty the mask of a scan it judges lesion-free only where the "
+                        "gate was fitted on these scans' own site (fit_trust.py --data-dir SITE, or a site run), "
+                        "else mark it 'likely lesion-free' and keep the mask; apply = always empty it; mark = never; "
+                        "default: %(default)s")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="what runs the model: onnx = onnxruntime on the CPU (the checkpoint exported to ONNX on first "
                         "use and cached beside it; --checkpoint may also be such an .onnx file), torch = PyTorch; "
@@ -135,15 +139,21 @@ import dicom_io  # noqa: E402
 import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
 import trust  # noqa: E402
-from inference import predict_scans  # noqa: E402
+from dicom_io import gather_inputs  # noqa: E402
+from inference import ScanOutput, predict_scans  # noqa: E402
 
 CSV_NAME = "predictions.csv"
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
 CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
               "malignancy_probability", "predicted_class", "mask", "overlay", "check", "trust", "review",
               "presence_probability", "no_lesion", "frame", "region", "pixel_spacing_mm", "spacing_source",
-              "area_mm2", "longest_diameter_mm", "perpendicular_diameter_mm")
+              "area_mm2", "longest_diameter_mm", "perpendicular_diameter_mm", "familiarity", "out_of_range")
 NO_LESION = "mask emptied"  # the `no_lesion` column: the "no lesion" gate judged the scan lesion-free
+LIKELY_LESION_FREE = "likely lesion-free"  # ... where the gate does not apply (trust.gate_applies): mask kept
+OUT_OF_RANGE = "OUT OF RANGE"  # the `out_of_range` column: unlike the scans the model was fitted on
+ADAPT_HINT = ("the outlines, the 'no lesion' gate and the trust score were fitted on other hospitals' scans: adapt "
+              "the model to these scans with  python adapt.py --checkpoint CKPT --scans FOLDER --output NEW.pt  "
+              "(README, 'Your own scans')")
 OLDEST_FIELDS = CSV_FIELDS[:8]  # the columns of the first predictions.csv: any table of ours starts with them
 DISAGREE = "class head says normal, mask is not empty"  # the `check` column: outputs that contradict each other
 # _pred, never _mask: a prediction copied beside its scan must not pass for ground truth (dataset.MASK_RE)
@@ -154,65 +164,6 @@ OUTLINE_RGB = (255, 64, 0)  # orange-red: stands out on grey ultrasound and is t
 # this many original pixels (~ 64 MB of grey uint8) so that a folder of huge scans never sits in memory at once.
 CHUNK_PIXEL_BUDGET = 64_000_000
 IO_THREADS = min(4, os.cpu_count() or 1)  # PIL releases the GIL while decoding/encoding PNGs
-
-
-def _is_candidate(path: Path) -> bool:
-    """An image or DICOM file that is not ground truth (X_mask.png, X_mask_N.png: the loader's rule), hidden, or of
-    another type. DICOM is recognised by content too (archives write files without an extension); a DICOMDIR is
-    an archive's index, not a scan."""
-    name = path.name
-    known = path.suffix.lower() in dataset.IMAGE_EXTENSIONS or dicom_io.is_dicom_name(path)
-    return (not name.startswith(".") and dataset.MASK_RE.match(path.stem) is None
-            and name.lower() not in dataset.IGNORED_NAMES and name.upper() != "DICOMDIR" and path.is_file()
-            and (known or dicom_io.is_dicom(path)))
-
-
-def find_inputs(spec: str, skipped: dict | None = None) -> list[Path]:
-    """Expand --input: one file (taken as given), a folder (its images, not recursive) or a glob pattern.
-
-    An earlier run's outputs in a folder (dataset.earlier_prediction: listed by a predictions.csv there, or
-    X_pred.png / X_overlay.png beside a scan X) are not taken as new scans: named in `skipped["earlier"]`; a
-    dangling symbolic link, which cannot be read, in `skipped["broken"]`.
-    """
-    path = Path(spec)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        entries = list(path.iterdir())
-    else:
-        entries = [Path(p) for p in glob.glob(spec)]
-    found, listed = [], {}  # (each folder's predictions.csv read once)
-    for p in sorted(entries, key=dataset.natural_key):
-        if p.is_symlink() and not p.exists() and not p.name.startswith("."):
-            if skipped is not None:
-                skipped["broken"].append(f"broken symbolic link: {shown(p)} -> {shown(os.readlink(p))}")
-        elif _is_candidate(p):
-            why = dataset.earlier_prediction(p, listed)
-            if why is None:
-                found.append(p)
-            elif skipped is not None:
-                skipped["earlier"].append(f"{shown(p.name)} ({why})")
-    return found
-
-
-def gather_inputs(specs: list[str], skipped: dict | None = None) -> list[Path]:
-    """Every spec's inputs (find_inputs), in order, each file once (the first time its resolved path is reached).
-
-    Raises ValueError naming a spec that matches nothing (a broken link given directly: naming its target).
-    """
-    paths, seen = [], set()
-    for spec in specs:
-        found = find_inputs(spec, skipped)
-        if not found and Path(spec).is_symlink() and not Path(spec).exists():
-            raise ValueError(f"broken symbolic link: {shown(spec)} -> {os.readlink(spec)}")
-        if not found:
-            what = "folder has no images" if Path(spec).is_dir() else "no file matches"
-            raise ValueError(f"{what}: {shown(spec)}")
-        for path in found:
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
-                paths.append(path)
-    return paths
 
 
 def _stem(path: Path) -> str:
@@ -389,6 +340,9 @@ class Result:
     review: bool = False  # trust below the checkpoint's review threshold
     presence_probability: float | None = None  # the fitted probability that a lesion is present; None: no gate
     gated: bool = False  # the "no lesion" gate emptied the mask
+    lesion_free: bool = False  # the gate judged it lesion-free but does not apply here: the mask is kept
+    familiarity: float | None = None  # <= 1: like the scans the model was fitted on; None: not fitted
+    out_of_range: bool = False  # familiarity above 1
     frame: int | None = None  # the frame of a multi-frame DICOM file
     region: tuple[int, int, int, int] | None = None  # the ultrasound region predicted: (x0, y0, x1, y1)
     spacing: tuple[float, float] | None = None  # (x, y) mm per pixel
@@ -404,7 +358,8 @@ class Result:
                 DISAGREE if self.predicted_class == "normal" and self.lesion_pixels else "",
                 "" if self.trust is None else f"{self.trust:.4f}", "REVIEW" if self.review else "",
                 "" if self.presence_probability is None else f"{self.presence_probability:.4f}",
-                NO_LESION if self.gated else ""] + self.size_columns()
+                NO_LESION if self.gated else LIKELY_LESION_FREE if self.lesion_free else ""] + self.size_columns() + \
+            ["" if self.familiarity is None else f"{self.familiarity:.3f}", OUT_OF_RANGE if self.out_of_range else ""]
 
     def size_columns(self) -> list:
         """frame, region, spacing and the sizes in mm: empty where unknown (spacing_source says why); an empty
@@ -470,15 +425,15 @@ def _check_finite(good: list, predictions: list, written: int) -> None:
                                                     if written else "nothing was written"))
 
 
-def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, trust_score: float | None, presence: float | None,
-                   gated: bool, threshold: float, stem: str, out_dir: Path, display_name: str,
-                   replaceable: set[str] = frozenset(), review_below: float = 0.0,
+def _write_outputs(image: np.ndarray, out: ScanOutput, threshold: float, stem: str, out_dir: Path,
+                   display_name: str, replaceable: set[str] = frozenset(),
                    scan: dicom_io.Scan | None = None) -> Result:
     """Threshold one probability map (an empty mask where the "no lesion" gate says so), write its mask and
     overlay PNGs (atomically, both or neither), and measure the mask where `scan` knows its pixel spacing; runs
     in an I/O thread (numpy only)."""
     scan = scan or dicom_io.Scan(image)
-    mask = (prob > threshold) & (not gated)
+    prob, cls = out.probability.numpy(), out.classes
+    mask = (prob > threshold) & (not out.gated)
     mask_name, overlay_name = output_names(stem)
     mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
     overlay_png = Image.fromarray(overlay_image(image, mask))
@@ -492,8 +447,8 @@ def _write_outputs(image: np.ndarray, prob: np.ndarray, cls, trust_score: float 
         predicted = dataset.CLASSES[int(cls.argmax())]
     size = None if scan.spacing is None else metrics.lesion_size(mask, scan.spacing)
     return Result(display_name, image.shape[1], image.shape[0], int(mask.sum()), float(prob.max()),
-                  malignancy, predicted, mask_name, overlay_name, trust_score,
-                  trust_score is not None and trust_score < review_below, presence, gated,
+                  malignancy, predicted, mask_name, overlay_name, out.trust, bool(out.review), out.presence,
+                  out.gated, out.lesion_free and not out.gated, out.familiarity, out.out_of_range,
                   scan.frame, scan.region, scan.spacing, scan.spacing_source, size)
 
 
@@ -532,7 +487,7 @@ def expand_frames(paths: list[Path], frame: int | None = None) -> tuple[list[Pat
 def run(paths: list[Path], model, image_size: int, device: torch.device, threshold: float, out_dir: Path,
         batch_size: int = 16, tta: bool = False, progress: bool = True, replaceable: set[str] = frozenset(),
         stop: threading.Event | None = None, fitted_trust: dict | None = None, frames: list[int | None] | None = None,
-        pixel_spacing: float | None = None) -> tuple[list[Result], list[str]]:
+        pixel_spacing: float | None = None, gate_mode: str = "auto") -> tuple[list[Result], list[str]]:
     """Predict every path, write its mask and overlay, and predictions.csv. Returns the results (in input order)
     and one message per unreadable file. `fitted_trust` (the checkpoint's) adds the trust and review columns.
     `frames` (expand_frames) gives each entry's frame of a multi-frame DICOM file; `pixel_spacing` (mm) stands in
@@ -546,7 +501,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
     """
     from tqdm import tqdm
 
-    dtype, review_below = utils.inference_dtype(device), (fitted_trust or {}).get("review_below", 0.0)
+    dtype = utils.inference_dtype(device)
     stop = stop or threading.Event()
     frames = frames or [None] * len(paths)
     stems, names = output_stems(paths, frames), display_names(paths)
@@ -558,7 +513,7 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                dynamic_ncols=True)
 
     def write(index: int, scan: dicom_io.Scan, *args) -> None:
-        result = _write_outputs(*args, replaceable, review_below, scan=scan)
+        result = _write_outputs(*args, replaceable, scan=scan)
         rows[index] = result.row()
         done[index] = result
 
@@ -588,11 +543,10 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                 if stop.is_set():
                     break  # drop the decoded images: nothing of theirs was written
                 predictions = list(predict_scans(model, [g[3] for g in good], image_size, device, dtype,
-                                                 batch_size, tta, fitted_trust))
+                                                 batch_size, tta, fitted_trust, gate_mode))
                 _check_finite(good, predictions, len(done))
-                jobs = [pool.submit(write, index, scan, scan.image, prob.numpy(), cls, score, present, gate, threshold,
-                                    stem, out_dir, names[index])
-                        for (index, path, stem, scan), (prob, cls, score, present, gate) in zip(good, predictions)]
+                jobs = [pool.submit(write, index, scan, scan.image, out, threshold, stem, out_dir, names[index])
+                        for (index, path, stem, scan), out in zip(good, predictions)]
                 del loaded, good, predictions  # the chunk's images now live only until their files are written
                 for job in jobs:
                     job.result()
@@ -679,7 +633,8 @@ def main(argv=None) -> int:
                 print(note, file=sys.stderr)
             results, failures = run(paths, model, image_size, device, threshold, out_dir, args.batch_size,
                                     args.tta, progress=not args.quiet, replaceable=replaceable, stop=stop,
-                                    fitted_trust=fitted, frames=frames, pixel_spacing=args.pixel_spacing)
+                                    fitted_trust=fitted, frames=frames, pixel_spacing=args.pixel_spacing,
+                                    gate_mode=args.gate)
         for message in skipped["broken"]:  # a lost scan: named, and the exit code says not all were done
             print(f"error: {message}", file=sys.stderr)
         failures += skipped["broken"]
@@ -697,22 +652,31 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: {len(results)} of {len(paths)} images written to {shown(out_dir)}/; {CSV_NAME} "
               f"lists exactly them", file=sys.stderr)
         return 130
-    print_summary(results, len(paths), failures, out_dir, threshold, fitted)
+    print_summary(results, len(paths), failures, out_dir, threshold, fitted, args.gate)
     return 1 if failures else 0
 
 
 def print_summary(results: list[Result], n_inputs: int, failures: list[str], out_dir: Path, threshold: float,
-                  fitted: dict | None) -> None:
+                  fitted: dict | None, gate_mode: str = "auto") -> None:
     """What was written, how many scans to look at first, what the gate emptied, and what this is not."""
     print(f"{len(results)} of {n_inputs} images -> {shown(out_dir)}/ (masks, overlays, {CSV_NAME}; threshold "
           f"{threshold:g})" + (f"; {len(failures)} could not be read" if failures else ""))
     if fitted:
         flagged = sum(r.review for r in results)
-        print(f"{flagged} of {len(results)} flagged for review (trust below {fitted['review_below']:.2f}: the "
-              f"`review` column; the lowest trust first: sort by `trust`)")
+        print(f"{flagged} of {len(results)} flagged for review (trust below {fitted['review_below']:.2f}, or out of "
+              f"range: the `review` column; the lowest trust first: sort by `trust`)")
         if fitted.get("presence"):
-            print(f"{sum(r.gated for r in results)} of {len(results)} judged lesion-free by the 'no lesion' gate "
-                  f"(presence probability below {fitted['presence']['cut']:.2f}): masks emptied, `no_lesion` column")
+            free = sum(r.gated or r.lesion_free for r in results)
+            print(f"{free} of {len(results)} judged lesion-free by the 'no lesion' gate (presence probability below "
+                  f"{fitted['presence']['cut']:.2f}, `no_lesion` column): "
+                  + ("masks emptied" if trust.gate_applies(fitted, gate_mode)
+                     else "masks kept, as the gate was fitted at other hospitals (--gate apply empties them)"))
+        if fitted.get("familiarity"):
+            out = sum(r.out_of_range for r in results)
+            print(f"{out} of {len(results)} out of range (unlike the scans the model was fitted on: `out_of_range` "
+                  f"column, always flagged for review)")
+            if results and out > len(results) / 2:
+                print(f"note: most of these scans are out of range: {ADAPT_HINT}")
     print(f"research use only, not for clinical decisions: what the shipped model is and where it fails: {MODEL_CARD}")
 
 

@@ -83,6 +83,9 @@ class Settings:
     split_file: list[str] | None = None  # a source's split (PATH or NAME=PATH); None: the committed split in
                                          # splits/ that lists exactly its images (BUSI's, BUS-BRA's), else a
                                          # leakage-safe split computed into the run folder
+    init_from: str | None = None        # start from this checkpoint's weights and architecture: a site run (the
+                                        # "site" recipe below unless --recipe names another; its gate and trust
+                                        # are fitted on the site's validation part and apply there by default)
     output_dir: str = "checkpoints"     # parent of the run folders
     run_name: str | None = None         # run folder name (None: a timestamp)
     cache_dir: str = ".cache"           # decoded-tensor cache, keyed by data and size ('' = none)
@@ -105,7 +108,11 @@ SAMPLE_RECIPE = {"encoder": "lite0", "pretrained": True, "image_size": 128, "epo
                  "lr": 1e-3, "warmup_epochs": 3, "repeat": "", "scanner_augment": 0.0}
 # The recipe before a second hospital's scans came in, kept so that its figures and the literature rows still
 # compare: --recipe busi-only (with --data-dir PATH/Dataset_BUSI_with_GT alone).
-RECIPES = {"busi-only": {"repeat": "", "scanner_augment": 0.0, "epochs": 40}}
+RECIPES = {"busi-only": {"repeat": "", "scanner_augment": 0.0, "epochs": 40},
+           # A short, gentle fine-tune of a trained model on a few labelled patients of a new site (--init-from),
+           # chosen on the two-hospital simulation (simulate_site.py; docs/results.md, "Your own scans")
+           "site": {"epochs": 10, "lr": 1e-4, "warmup_epochs": 1, "batch_size": 8, "repeat": "",
+                    "scanner_augment": 0.0}}
 # How long the recipe above takes, as printed after a sample run (the measurement: RESULTS.md, "Two hospitals")
 DEFAULT_RECIPE_TIME = ("the default recipe (BUSI + BUS-BRA, LiteUNet lite0, 192 px, 20 epochs): two runs side by side "
                        "took 67 min on 2 CPU cores with bf16 instructions (1 thread each; RESULTS.md)")
@@ -116,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Defaults are the fields at the top of train_unet_busi.py: edit them there.")
     utils.add_dataclass_flags(p, Hyperparameters)
     utils.add_dataclass_flags(p, Settings)
-    p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="a named earlier recipe instead of the "
-                   "fields above (flags given still win): busi-only is the recipe of the BUSI-only models")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="a named recipe instead of the fields "
+                   "above (flags given still win): busi-only is the recipe of the BUSI-only models; site (the "
+                   "default with --init-from) fine-tunes a trained model on a new site's labelled scans")
     g = p.add_argument_group("resume and evaluation only")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run from its latest.pt: the run of --run-name, or the given run folder or file")
@@ -141,6 +149,7 @@ import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import evaluation  # noqa: E402
 import training  # noqa: E402
+import trust  # noqa: E402
 import unet  # noqa: E402
 from unet import LiteUNet, UNet  # noqa: E402
 
@@ -157,8 +166,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.eval_only and args.resume is not None:  # an evaluation never writes into a training run's folder
         parser.error("--eval-only and --resume cannot be combined: evaluate with --eval-only --checkpoint PATH "
                      "(a new folder), or continue training with --resume")
-    if args.resume is None and not args.eval_only and args.encoder != "none" and args.pretrained and \
-            unet.weights_package_missing(args.encoder):  # now, not after the data is decoded
+    if args.init_from is not None and (args.eval_only or args.resume is not None):
+        parser.error("--init-from starts a new run: it cannot be combined with --eval-only or --resume")
+    if args.resume is None and not args.eval_only and args.init_from is None and args.encoder != "none" and \
+            args.pretrained and unet.weights_package_missing(args.encoder):  # now, not after the data is decoded
         parser.error(unet.weights_package_missing(args.encoder))
     if args.bce_weight == 0 and args.dice_weight == 0:
         parser.error("--bce-weight and --dice-weight are both 0: the masks would learn nothing")
@@ -201,8 +212,12 @@ def open_run(args) -> tuple[dict | None, Path]:
     else:
         run_dir = args.claimed = utils.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
         sample = [p for _, p in dataset.resolve_sources(args.data_dir, announce=False)] == [dataset.SAMPLE_DIR]
+        if args.init_from is not None:
+            args.recipe = args.recipe or "site"
+            init_architecture(args, checkpoints.load_checkpoint(args.init_from))
         for name, recipe in (("sample recipe (SAMPLE_RECIPE, for the bundled sample only)", SAMPLE_RECIPE if sample
-                              else {}), (f"recipe {args.recipe}", RECIPES.get(args.recipe, {}))):
+                              and args.init_from is None else {}),
+                             (f"recipe {args.recipe}", RECIPES.get(args.recipe, {}))):
             given = {k: v for k, v in recipe.items() if "--" + k.replace("_", "-") not in args.explicit}
             for key, value in given.items():
                 setattr(args, key, value)
@@ -230,6 +245,22 @@ def open_run(args) -> tuple[dict | None, Path]:
     return state, run_dir
 
 
+def init_architecture(args, start: dict) -> None:
+    """A site run takes the architecture and input size of the checkpoint it starts from (--init-from); a flag
+    that asks for another is refused."""
+    saved = {"encoder": "none", "full_res_decoder": True, **(start.get("config") or {})}
+    for key in FIXED_FOR_A_RUN:
+        flag = "--" + key.replace("_", "-")
+        if flag in args.explicit and key in saved and getattr(args, key) != saved[key]:
+            raise ValueError(f"{flag} {getattr(args, key)} differs from {args.init_from}'s {saved[key]}: a run that "
+                             f"starts from a checkpoint keeps its architecture and input size; drop {flag}")
+        if key in saved:
+            setattr(args, key, saved[key])
+    for key in ("cls_weight", "deep_supervision"):  # the heads it has (a head it lacks cannot be trained)
+        if key in saved and "--" + key.replace("_", "-") not in args.explicit:
+            setattr(args, key, saved[key])
+
+
 def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
     """The train/val/test parts of every source, decoded once at the training size and joined (dataset.load_parts),
     the sources and each one's split."""
@@ -238,7 +269,8 @@ def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
     parts, split_sources = dataset.load_parts(sources, args.split_file, args.image_size, args.cache_dir or None,
                                               None if args.resume is not None else run_dir, only == "all", only)
     counts = {k: len(v["names"]) for k, v in parts.items()}
-    needed = (args.eval_split,) if args.eval_only else ("train", "val", "test")
+    needed = (args.eval_split,) if args.eval_only else ("train", "val")  # a test part is optional (BUS-BRA's split
+                                                                         # and a site's labelled scans have none)
     if any(counts.get(k, 0) == 0 for k in needed):
         empty = ", ".join(k for k in needed if counts.get(k, 0) == 0)
         raise ValueError(f"the split leaves no {empty} images ({counts}); add data or pass a --split-file")
@@ -248,7 +280,10 @@ def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
 
 
 def build_model(args, state: dict | None) -> torch.nn.Module:
-    """A checkpoint's model, or a new one as the hyperparameters describe it."""
+    """A checkpoint's model, or a new one as the hyperparameters describe it (--init-from: that checkpoint's
+    weights)."""
+    if state is None and args.init_from is not None:
+        return checkpoints.build_model(checkpoints.load_checkpoint(args.init_from), args.init_from)
     if state is not None:
         model = checkpoints.build_model(state, args.checkpoint or "latest.pt")
         for key in ("base_channels", "depth"):  # (an exported model's config may lack them)
@@ -262,6 +297,9 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
                     decoder_channels=unet.LITE_DECODER[:5 if args.full_res_decoder else 4])
 
 
+NO_TEST_PART = "no source's split has a test part (score best.pt with --eval-only on data it never saw)"
+
+
 def trust_then_test(args, trainer, parts, sources, run_dir: Path, device, config: dict) -> None:
     """Fit best.pt's trust score, "no lesion" gate and calibration on train and validation, store them in it, then
     test it ONCE (the sources that have a test part)."""
@@ -272,11 +310,17 @@ def trust_then_test(args, trainer, parts, sources, run_dir: Path, device, config
     fitted, val_summary = evaluation.fit_and_describe(best, parts, device, utils.inference_dtype(device, args.amp),
                                                       args.threshold, args.tta, args.eval_batch_size,
                                                       args.presence_keep, run_dir, dataset.scanners(sources))
+    if args.init_from is not None:  # fitted on the site's own validation part: there the gate may empty masks
+        fitted = {**fitted, "gate_scope": trust.SITE_GATE}
     checkpoints.save_checkpoint({**best_state, "trust": fitted}, run_dir / "best.pt")
     evaluation.print_summary("validation with the fitted gate (in-sample for the gate and trust)", val_summary)
-    evaluation.report(best, parts["test"], run_dir, "test", args, device,
-                      {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "val_fitted": val_summary,
-                       "config": config, "checkpoint": str(run_dir / "best.pt")}, fitted)
+    extra = {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "val_fitted": val_summary,
+             "config": config, "checkpoint": str(run_dir / "best.pt")}
+    if not len(parts.get("test", {}).get("names", [])):
+        utils.write_json(run_dir / "metrics.json", {"test": None, "why_no_test": NO_TEST_PART, **extra})
+        print(f"no test evaluation: {NO_TEST_PART}; wrote {run_dir}/metrics.json", flush=True)
+        return
+    evaluation.report(best, parts["test"], run_dir, "test", args, device, extra, fitted)
 
 
 def print_next_steps(run_dir: Path, sources: list) -> None:
@@ -309,6 +353,14 @@ def run(args) -> int:
     config = {k: getattr(args, k) for k in HYPERPARAMETERS}
     config.update(data_dir=[dataset.source_spec(n, p) for n, p in sources], split_file=split_sources,
                   device=str(device), amp=args.amp, model=model.config)
+    if args.init_from is not None and state is None:  # a site run: what it started from, and on how much
+        config["init_from"] = {"checkpoint": str(Path(args.init_from).resolve()),
+                               "sha256": utils.file_sha256(args.init_from), "site": [n for n, _ in sources],
+                               "images": {k: len(v["names"]) for k, v in parts.items()}}
+        print(f"site run: from {args.init_from} on {', '.join(n for n, _ in sources)} "
+              f"({config['init_from']['images']})", flush=True)
+    elif state is not None and "init_from" in (state.get("config") or {}):
+        config["init_from"] = state["config"]["init_from"]
     print(f"model: {type(model).__name__}{model.config} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           f"parameters | device {device}, autocast: train {dtype}, eval {utils.inference_dtype(device, args.amp)} | "
           f"image {args.image_size}px", flush=True)

@@ -200,6 +200,92 @@ def feature_distance(deep: torch.Tensor, stats: dict) -> torch.Tensor:
     return torch.log((z ** 2 / stats["variances"].to(deep)).mean(1) + residual + 1e-6)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Familiarity: is this scan like the training hospitals' scans at all?
+# --------------------------------------------------------------------------------------------------------------
+# The deepest features describe lesions, and an echo loop or a CT slice lands among the training scans there; the
+# stride-4 encoder features (speckle, edges, grey levels) tell breast ultrasound from everything else tried
+# (RESULTS.md, "Familiarity"). Their per-channel mean and spread over the scan, z-scored, with a shrunk covariance.
+FAMILIARITY_QUANTILE = 0.99  # the share of each training source's validation scans inside the range
+FAMILIARITY_SHRINK = 0.2  # covariance shrinkage towards the identity (48 dimensions from ~1700 scans)
+FAMILIARITY_FORMAT = 1
+
+
+def texture_statistics(feature_map: torch.Tensor) -> torch.Tensor:
+    """[B,2C] float32: each channel's mean and standard deviation over the scan, from a [B,C,H,W] map (a [B,2C]
+    tensor is taken as already pooled: the ONNX graph pools it itself)."""
+    if feature_map.dim() == 2:
+        return feature_map.float()
+    f = feature_map.float().flatten(2)
+    return torch.cat([f.mean(2), f.std(2)], 1)
+
+
+def familiarity_distance(texture: torch.Tensor, familiar: dict) -> torch.Tensor:
+    """[B] the squared Mahalanobis distance of pooled texture statistics from the fitted scans', per dimension
+    (about 1 for a typical one)."""
+    z = (texture.float() - familiar["mean"].to(texture)) / familiar["std"].to(texture)
+    return ((z @ familiar["precision"].to(texture)) * z).sum(1) / z.shape[1]
+
+
+def familiarity(texture: torch.Tensor, familiar: dict) -> torch.Tensor:
+    """[B] familiarity: the distance relative to the range (<= 1: in range, > 1: unlike the scans it was fitted
+    on)."""
+    return familiarity_distance(texture, familiar) / familiar["cut"]
+
+
+def fit_familiarity(train: torch.Tensor, val: torch.Tensor, val_sources: list[str], source: str) -> dict:
+    """The "familiarity" entry: statistics of the texture features `train` [N,2C] (mean, spread, shrunk
+    precision), and the range: the distance that keeps FAMILIARITY_QUANTILE of every source's validation scans
+    `val` (the largest of the sources' quantiles, so that no source falls below it)."""
+    train = train.double()
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    z = (train - mean) / std
+    cov = z.T @ z / max(1, len(z) - 1)
+    cov = (1 - FAMILIARITY_SHRINK) * cov + FAMILIARITY_SHRINK * torch.eye(len(cov), dtype=cov.dtype)
+    familiar = {"format": FAMILIARITY_FORMAT, "mean": mean.float(), "std": std.float(),
+                "precision": torch.linalg.inv(cov).float(), "cut": 1.0}
+    d = familiarity_distance(val, familiar).double().numpy()
+    names = np.array(val_sources)
+    cuts = {s: float(np.quantile(d[names == s], FAMILIARITY_QUANTILE)) for s in sorted(set(val_sources))}
+    familiar["cut"] = max(cuts.values())
+    familiar.update(quantile=FAMILIARITY_QUANTILE, fitted_on=source, n_train=int(len(train)), n_val=int(len(val)),
+                    in_range={s: float((d[names == s] <= familiar["cut"]).mean()) for s in cuts})
+    return familiar
+
+
+def familiarity_problem(familiar) -> str | None:
+    """What is wrong with a trust entry's "familiarity" part (None: usable)."""
+    if not isinstance(familiar, dict) or familiar.get("format") != FAMILIARITY_FORMAT:
+        return "its familiarity entry is not of this version"
+    mean, std, precision = (familiar.get(k) for k in ("mean", "std", "precision"))
+    if not all(isinstance(t, torch.Tensor) for t in (mean, std, precision)) or mean.dim() != 1 or \
+            std.shape != mean.shape or precision.shape != (len(mean), len(mean)):
+        return "its familiarity statistics do not fit together"
+    if not all(bool(torch.isfinite(t).all()) for t in (mean, std, precision)) or not bool((std > 0).all()):
+        return "its familiarity statistics hold NaN, infinite or zero values"
+    cut = familiar.get("cut")
+    if not isinstance(cut, float) or not math.isfinite(cut) or cut <= 0:
+        return "its familiarity range should be a finite positive number"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where the "no lesion" gate may empty a mask
+# --------------------------------------------------------------------------------------------------------------
+GATE_MODES = ("auto", "apply", "mark")
+SITE_GATE = "site"  # trust["gate_scope"] when the gate was fitted on the scans' own site (fit_trust.py, a site run)
+
+
+def gate_applies(fitted: dict | None, mode: str = "auto") -> bool:
+    """Whether the "no lesion" gate empties masks: "apply" always, "mark" never (the scan is only marked likely
+    lesion-free), "auto" only where the gate was fitted on the scans' own site: fitted at the training hospitals,
+    it emptied more lesions than normal scans elsewhere (docs/prediction.md)."""
+    if mode not in GATE_MODES:
+        raise ValueError(f"unknown gate mode {mode!r}: choose one of {', '.join(GATE_MODES)}")
+    return bool(fitted and fitted.get("presence")) and (mode == "apply" or (
+        mode == "auto" and fitted.get("gate_scope") == SITE_GATE))
+
+
 def score(features: torch.Tensor, trust: dict) -> torch.Tensor:
     """[B] trust in [0, 1]: the fitted probability that each outline is right."""
     z = (features.float() - trust["feature_mean"].to(features)) / trust["feature_std"].to(features)
@@ -350,6 +436,8 @@ def trust_problem(trust) -> str | None:
         return "its feature statistics do not fit together"
     if trust.get("presence") is not None and presence_problem(trust["presence"]):
         return presence_problem(trust["presence"])
+    if trust.get("familiarity") is not None and familiarity_problem(trust["familiarity"]):
+        return familiarity_problem(trust["familiarity"])
     temperatures = trust.get("temperatures", [1.0, 1.0])
     if not (isinstance(temperatures, list) and len(temperatures) == 2 and
             all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in temperatures)):

@@ -490,6 +490,17 @@ def deepest_layer(model: nn.Module) -> nn.Module:
     return (model.members[0] if hasattr(model, "members") else model).ups[0]
 
 
+def texture_layer(model: nn.Module) -> nn.Module:
+    """The module whose output is the model's stride-4 feature map (an ensemble: its first member's; an ONNX model:
+    its stand-in): where the familiarity score reads the scan's texture statistics."""
+    model = model.members[0] if hasattr(model, "members") else model
+    if isinstance(model, LiteUNet):
+        return model.encoder.stages[LITE_FEATURE_STAGES[1]]
+    if isinstance(model, UNet):
+        return model.downs[min(1, len(model.downs) - 1)]
+    return model.texture
+
+
 def size_multiple(config: dict) -> int:
     """Input sizes a model of this `.config` takes are multiples of this (without building it)."""
     if config.get("encoder", "none") in (None, "none"):

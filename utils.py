@@ -594,3 +594,13 @@ def save_figure(fig, path: Path) -> None:
     """Write a Matplotlib figure as PNG atomically (a killed run never leaves half a PNG)."""
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))  # keeps outside legends
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex): what names a checkpoint's ONNX export and an adapted model's source."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,189 @@
+"""The new-site simulation that chose adapt.py's and the site recipe's defaults: one hospital plays the new site.
+
+    python simulate_site.py --checkpoint SRC.pt --site-data PATH/BUS-BRA --out sim_busbra.json
+    python simulate_site.py --checkpoint SRC.pt --site-data PATH/Dataset_BUSI_with_GT --out sim_busi.json \
+        --labelled 5 10 20 40 --seeds 42 43
+
+A model trained on the other hospital alone (SRC.pt) meets the site. The site's committed split decides everything:
+its TRAIN part stands for the site's own scans (unlabelled for adapt.py, or N labelled patients for a fine-tune,
+drawn by seed), its VALIDATION part is where every configuration is scored (never seen by any of them; no test part
+is read). Scored: lesion Dice, missed lesions and normal scans outlined, with the masks as the model gives them (no
+"no lesion" gate) and with the default gate rule; each configuration's scores are kept for the curves of normal
+scans outlined against missed lesions. Writes --out (JSON, a new file) and prints the table. Research use only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import utils  # (torch-free: --help is answered before torch loads, below)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="One hospital plays a new site for a model trained on the other: "
+                                "unadapted, adapt.py at several mixing weights and scan counts, and fine-tunes "
+                                "with N labelled patients; scored on the site's validation split.")
+    p.add_argument("--checkpoint", required=True, help="a model trained without the site's scans")
+    p.add_argument("--site-data", required=True, help="the site's data folder (BUSI layout)")
+    p.add_argument("--site-split", default=None, help="its split (default: the committed split that lists its "
+                                                      "images)")
+    p.add_argument("--patient-pattern", default=None, help="how file names name patients (dataset.py's option; "
+                                                           "default: BUS-BRA's bus_NNNN where it matches, else each "
+                                                           "near-duplicate group is a patient)")
+    p.add_argument("--alphas", nargs="*", type=float, default=[0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--scan-counts", nargs="*", type=int, default=[8, 16, 32, 64, 128])
+    p.add_argument("--labelled", nargs="*", type=int, default=[], help="labelled patients per fine-tune")
+    p.add_argument("--seeds", nargs="*", type=int, default=[42], help="seeds of the patient draw and fine-tune")
+    p.add_argument("--recipe-flags", default="", help="extra train_unet_busi.py flags of every fine-tune")
+    p.add_argument("--work-dir", default="checkpoints/simulation", help="where the adapted and fine-tuned models go")
+    p.add_argument("--out", required=True, help="the results (JSON; an existing file is never replaced)")
+    return p
+
+
+if __name__ == "__main__":
+    utils.answer_help_early(build_parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import checkpoints  # noqa: E402
+import dataset  # noqa: E402
+import evaluation  # noqa: E402
+import trust  # noqa: E402
+
+BUSBRA_PATIENT = r"^(bus_[0-9]+)-"
+HERE = Path(__file__).resolve().parent
+
+
+def score(model, state, val: dict) -> dict:
+    """The validation figures of one configuration, without a gate and with the default gate rule."""
+    fitted, _ = checkpoints.fitted_trust(state)
+    out = {}
+    for rule in ("mark", "auto") if trust.gate_applies(fitted, "auto") else ("mark",):
+        summary, records = evaluation.evaluate(model, val, torch.device("cpu"), None, float(
+            (state.get("config") or {}).get("threshold", 0.5)), 32, fitted_trust=fitted, gate_mode=rule)
+        key = "no_gate" if rule == "mark" else "default_gate"
+        out[key] = {k: summary[k] for k in ("lesion_dice", "missed_lesions", "n_lesion", "normal_fp_rate",
+                                           "all_dice")}
+        out[key]["n_normal"] = sum(r["label"] == "normal" for r in records)
+        out[key]["malignancy_auc"] = summary.get("malignancy_auc")
+        if rule == "mark":
+            out["curve_inputs"] = [[r["label"], r["pred_pixels"] > 0, r.get("max_probability"), r.get("presence"),
+                                    r["dice"]] for r in records]
+            out["out_of_range"] = (float(np.mean([r["out_of_range"] for r in records]))
+                                   if "out_of_range" in records[0] else None)
+    out.setdefault("default_gate", out["no_gate"])  # a gate fitted elsewhere only marks scans: the same masks
+    return out
+
+
+def run_adapt(checkpoint: str, files: list[str], alpha: float | None, out: Path):
+    """adapt.py on `files` (its default alpha for None; its minimum scan count lowered to what is asked): (the
+    adapted model, its checkpoint dict, minutes)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)  # the simulation's own file of an earlier, interrupted run
+    command = [sys.executable, str(HERE / "adapt.py"), "--checkpoint", checkpoint, "--output", str(out),
+               "--site", "SITE", "--min-scans", "1", *(["--alpha", str(alpha)] if alpha is not None else []),
+               "--scans", *files]
+    t0 = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    model, state = checkpoints.load_model(out)
+    return model, state, (time.perf_counter() - t0) / 60
+
+
+def patients(names: list[str], pattern: str | None, data_dir: Path) -> list[list[str]]:
+    """The site's training images grouped by patient (the pattern), else by near-duplicate group."""
+    import re
+    if pattern:
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            m = re.match(pattern, Path(n).name)
+            groups.setdefault(m.group(1) if m else n, []).append(n)
+        return [sorted(g) for _, g in sorted(groups.items())]
+    samples = [s for s in dataset.discover_samples(data_dir) if s.image in set(names)]
+    hashes = {s.image: dataset.perceptual_hash(dataset.load_sample(data_dir, s)[0]) for s in samples}
+    return sorted(sorted(g) for g in dataset.duplicate_groups(hashes))
+
+
+def fine_tune(args, site: Path, split: dict, chosen: list[list[str]], seed: int, tag: str) -> tuple[Path, float]:
+    """train_unet_busi.py --init-from on the chosen patients' images (a fifth of the patients, at least one, as
+    the site's validation part), in a run folder of its own: (its best.pt, minutes)."""
+    rng = random.Random(seed)
+    order = chosen[:]
+    rng.shuffle(order)
+    n_val = max(1, round(len(order) / 5))
+    own = {"train": sorted(n for g in order[n_val:] for n in g), "val": sorted(n for g in order[:n_val] for n in g),
+           "test": [], "method": f"simulate_site.py: {len(order)} patients of the site's train part, seed {seed}"}
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    split_file = work / f"{tag}_split.json"
+    dataset.write_split(own, split_file)
+    command = [sys.executable, str(HERE / "train_unet_busi.py"), "--init-from", args.checkpoint, "--data-dir",
+               f"SITE={site}", "--split-file", f"SITE={split_file}", "--output-dir", str(work), "--run-name", tag,
+               "--seed", str(seed), *shlex.split(args.recipe_flags)]
+    print("$ " + " ".join(map(shlex.quote, command)), flush=True)
+    t0 = time.perf_counter()
+    with open(work / f"{tag}.log", "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    return work / tag / "best.pt", (time.perf_counter() - t0) / 60
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out_path = Path(args.out)
+    if out_path.exists():
+        print(f"error: {out_path} exists (nothing is overwritten)", file=sys.stderr)
+        return 2
+    site = Path(args.site_data)
+    source_model, source_state = checkpoints.load_model(args.checkpoint)
+    size = int(source_state["config"]["image_size"])
+    parts, _ = dataset.load_parts([("SITE", site)], [args.site_split] if args.site_split else None, size, ".cache",
+                                  None)
+    val, train = parts["val"], parts["train"]
+    results = {"checkpoint": args.checkpoint, "site": str(site), "n_val": len(val["names"]),
+               "n_train_scans": len(train["names"]), "runs": []}
+
+    def record(kind: str, **fields):
+        results["runs"].append({"kind": kind, **fields})
+        row = results["runs"][-1]
+        g = row["score"]["no_gate"]
+        print(f"{kind:10s} {json.dumps({k: v for k, v in fields.items() if k != 'score'})}: lesion Dice "
+              f"{g['lesion_dice']:.3f}, missed {g['missed_lesions']}/{g['n_lesion']}, normals outlined "
+              f"{g['normal_fp_rate']:.2f} of {g['n_normal']}; out of range {row['score']['out_of_range']}",
+              flush=True)
+        utils.write_json(out_path, results)
+
+    record("unadapted", score=score(source_model, source_state, val))
+    files = [str(site / n) for n in train["names"]]  # the site's own scans, unlabelled
+    work = Path(args.work_dir)
+    for alpha in args.alphas:
+        model, state, minutes = run_adapt(args.checkpoint, files, alpha, work / f"{out_path.stem}_a{alpha:g}.pt")
+        record("adapt", alpha=alpha, scans=len(files), score=score(model, state, val), minutes=minutes)
+    for count in args.scan_counts:
+        for seed in args.seeds:
+            pick = sorted(random.Random(seed).sample(files, min(count, len(files))))
+            model, state, _ = run_adapt(args.checkpoint, pick, None, work / f"{out_path.stem}_n{count}_s{seed}.pt")
+            record("adapt_n", scans=count, seed=seed, score=score(model, state, val))
+    if args.labelled:
+        names = [n for n in train["names"]]
+        pattern = args.patient_pattern or (BUSBRA_PATIENT if any(
+            __import__("re").match(BUSBRA_PATIENT, Path(n).name) for n in names) else None)
+        groups = patients(names, pattern, site)
+        for n in args.labelled:
+            for seed in args.seeds:
+                chosen = random.Random(seed).sample(groups, min(n, len(groups)))
+                best, minutes = fine_tune(args, site, {}, chosen, seed, f"{out_path.stem}_n{n}_s{seed}")
+                model, state = checkpoints.load_model(best)
+                record("fine_tune", patients=n, seed=seed, images=sum(map(len, chosen)), minutes=minutes,
+                       score=score(model, state, val))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
