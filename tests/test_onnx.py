@@ -110,6 +110,40 @@ def test_a_foreign_file_at_the_cache_name_is_left_alone(shipped, tmp_path, capsy
     assert engine.outputs[:2] == ["mask_logits", "class_logits"]
 
 
+def test_a_damaged_cached_export_is_exported_again_with_a_note(shipped, tmp_path, capsys):
+    """Bits flipped in the cached export's weights leave its metadata (the checkpoint's SHA-256) intact: its own
+    SHA-256, recorded beside it, finds them, and the export is made again instead of giving other masks."""
+    copy = tmp_path / "model.pt"
+    shutil.copy(shipped["checkpoint"], copy)
+    cached = onnx_backend.cache_path(copy, onnx_backend.file_sha256(copy))
+    shutil.copy(shipped["cached"], cached)
+    shutil.copy(onnx_backend.sidecar_path(shipped["cached"]), onnx_backend.sidecar_path(cached))
+    data = bytearray(cached.read_bytes())
+    middle = len(data) // 2  # inside the weights (the graph and metadata are a few kB of 19 MB)
+    data[middle:middle + 65536] = b"\x7f" * 65536
+    cached.write_bytes(bytes(data))
+    damaged = onnx_backend.OnnxModel(str(cached), 1)  # still names the checkpoint: metadata alone cannot tell
+    assert damaged.metadata["busi.checkpoint_sha256"] == onnx_backend.file_sha256(copy)
+    scan = torch.from_numpy(np.asarray(Image.open(SCANS[0]).convert("L").resize((192, 192)), np.float32) / 255)
+    scan = scan[None, None]
+    with torch.no_grad():
+        expected = shipped["torch"](scan)[0]
+    assert not torch.allclose(damaged(scan)[0], expected, atol=1e-3)
+    capsys.readouterr()
+    engine, _ = onnx_backend.load(copy, "cpu", "onnx", threads=1)
+    err = capsys.readouterr().err
+    assert "cannot be trusted" in err and "differ" in err and len(err.strip().splitlines()) == 1
+    assert torch.allclose(engine(scan)[0], expected, atol=1e-3)
+    assert cached.read_bytes() == shipped["cached"].read_bytes()  # replaced by a fresh export
+    assert onnx_backend.sidecar_path(cached).read_text().strip() == onnx_backend.file_sha256(cached)
+    # a cache written without a sidecar (or whose sidecar is lost) is exported again too, then trusted
+    onnx_backend.sidecar_path(cached).unlink()
+    onnx_backend.load(copy, "cpu", "onnx", threads=1)
+    assert "no SHA-256 of it is recorded" in capsys.readouterr().err
+    onnx_backend.load(copy, "cpu", "onnx", threads=1)
+    assert capsys.readouterr().err == ""
+
+
 def test_predict_backends_write_the_same_masks_and_rows(shipped, tmp_path, capsys):
     rows = {}
     for backend in ("torch", "onnx"):
