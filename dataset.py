@@ -874,6 +874,52 @@ def recorded_sources(config: dict, check_data: bool = True) -> tuple[list[str] |
     return data, given
 
 
+def same_folder(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing folder or file (through symbolic links, `..`, bind mounts)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def recorded_splits_for(config: dict, sources: list[tuple[str, Path]]) -> list[str]:
+    """--split-file values (NAME=PATH) that give each of `sources` that a checkpoint was trained on (the same
+    folder; or the same name, where the recorded folder is gone) the split it was trained with, so that its test
+    part is never another split's training scans. A source the run never saw gets none (its committed split, or
+    one computed now). A recorded split that cannot be found, or that was never written, is a DataError naming
+    the source and the flag that replaces it."""
+    data = config.get("data_dir")
+    data = data if isinstance(data, list) else [data] if data else []
+    splits = config.get("split_file")
+    if not data or not splits:
+        return []
+    try:
+        recorded = resolve_sources(data, announce=False)
+    except DataError:
+        return []
+    if not isinstance(splits, dict):  # runs of one source recorded its split as a path
+        splits = {recorded[0][0]: splits} if len(recorded) == 1 else {}
+    given = []
+    for name, path in sources:
+        match = next((r for r, rpath in recorded if same_folder(path, rpath)), None) or \
+            next((r for r, rpath in recorded if r == name and not rpath.exists()), None)
+        if match is None or match not in splits:
+            continue
+        split = str(splits[match])
+        if not split.endswith(".json"):
+            raise DataError(f"the checkpoint was trained on {name} with a split it did not write ({split}): pass "
+                            f"--split-file {name}=FILE with that split, or --eval-split all")
+        committed = DEFAULT_SPLIT_FILE.parent / Path(split).name
+        if not Path(split).is_file() and Path(split).parent.name == "splits" and committed.is_file():
+            split = str(committed)  # a committed split, recorded in another clone of this repository
+        if not Path(split).is_file():
+            raise DataError(f"the split the checkpoint was trained with on {name} ({split}) is not found from "
+                            f"{Path.cwd()}: pass --split-file {name}=FILE with it (another split's test part may "
+                            f"hold its training scans)")
+        given.append(f"{name}={split}")
+    return given
+
+
 def split_files_by_source(specs, sources: list[tuple[str, Path]]) -> dict:
     """{source name: split file} from --split-file values (NAME=PATH, or a PATH: the only source's)."""
     out = {}

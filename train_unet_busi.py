@@ -221,6 +221,10 @@ def open_run(args) -> tuple[dict | None, Path]:
         for key in HYPERPARAMETERS:
             if key in saved and "--" + key.replace("_", "-") not in args.explicit:
                 setattr(args, key, saved[key])
+        if args.eval_only and args.eval_split != "all" and "--split-file" not in args.explicit:
+            # the run's own split of a source it trained on: a split made afresh may test on its training scans
+            args.split_file = dataset.recorded_splits_for(saved, dataset.resolve_sources(args.data_dir,
+                                                                                         announce=False)) or None
         if args.resume is not None:  # the data and split the run started with: never another one silently
             data, splits = dataset.recorded_sources(saved, check_data=not args.data_dir)
             args.data_dir = args.data_dir or data
