@@ -451,12 +451,16 @@ def make_split(samples: list[Sample], groups: list[list[str]], fractions=SPLIT_F
     return {k: sorted(v) for k, v in result.items()}
 
 
-def patient_groups(samples: list[Sample], pattern: str | None = None, groups_csv: str | os.PathLike | None = None
-                   ) -> list[list[str]]:
+def patient_groups(samples: list[Sample], pattern: str | None = None, groups_csv: str | os.PathLike | None = None,
+                   report: list[str] | None = None) -> list[list[str]]:
     r"""Images of one patient (size >= 2 groups of paths), which must stay on one side of a split: those whose
     file names give the same value for the first group of the regular expression `pattern` (searched in the
     file name, e.g. r"^(bus_\d+)-" for BUS-BRA's bus_NNNN-x.png), and/or those with the same `group` in a CSV
-    with columns `image` (a file name or a path relative to the data folder) and `group`."""
+    with columns `image` (a file name or a path relative to the data folder) and `group`.
+
+    A pattern or CSV that groups no image (an empty capture groups none) is a DataError: its grouping would be
+    silently absent. How many images each one matched, and how many it left ungrouped, is appended to `report`.
+    """
     keys: dict[str, list[str]] = {}
     if pattern:
         try:
@@ -465,23 +469,45 @@ def patient_groups(samples: list[Sample], pattern: str | None = None, groups_csv
             raise DataError(f"patient pattern {pattern!r} is not a regular expression ({exc})") from None
         if regex.groups < 1:
             raise DataError(f"patient pattern {pattern!r} needs a (group) that captures the patient")
+        matched = 0
         for s in samples:
             match = regex.search(Path(s.image).name)
             if match and match.group(1):
                 keys.setdefault(f"pattern:{match.group(1)}", []).append(s.image)
+                matched += 1
+        if not matched:
+            example = Path(samples[0].image).name if samples else "none"
+            raise DataError(f"patient pattern {pattern!r} captures a patient in none of the {len(samples)} file "
+                            f"names (e.g. {example!r}; its first group must capture a non-empty patient id)")
+        if report is not None:
+            report.append(f"patient pattern {pattern!r} matched {matched} of {len(samples)} images" +
+                          (f"; {len(samples) - matched} left ungrouped" if matched < len(samples) else ""))
     if groups_csv:
         import csv
         by_name = {Path(s.image).name: s.image for s in samples} | {s.image: s.image for s in samples}
         try:
-            with open(groups_csv, newline="") as f:
+            with open(groups_csv, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM is no column
                 rows = list(csv.DictReader(f))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise DataError(f"cannot read the patient groups CSV {groups_csv}: {exc}") from None
         if rows and not {"image", "group"} <= set(rows[0]):
-            raise DataError(f"the patient groups CSV {groups_csv} needs columns 'image' and 'group'")
+            raise DataError(f"the patient groups CSV {groups_csv} needs columns 'image' and 'group' (it has "
+                            f"{', '.join(repr(k) for k in rows[0] if k is not None)})")
+        named: set[str] = set()
         for row in rows:
-            if row["image"] in by_name:
+            if row["image"] in by_name and row["group"]:
                 keys.setdefault(f"csv:{row['group']}", []).append(by_name[row["image"]])
+                named.add(by_name[row["image"]])
+        if not named:
+            example = rows[0]["image"] if rows else "no rows"
+            raise DataError(f"the patient groups CSV {groups_csv} names none of the {len(samples)} images of the "
+                            f"data folder (its first image: {example!r}; give file names or paths such as "
+                            f"{samples[0].image if samples else 'benign/X.png'!r})")
+        if report is not None:
+            report.append(f"patient groups CSV {groups_csv} named {len(named)} of {len(samples)} images" +
+                          (f"; {len(samples) - len(named)} left ungrouped" if len(named) < len(samples) else "") +
+                          (f"; {len(rows) - len(named)} of its rows name no image here" if len(rows) > len(named)
+                           else ""))
     return merge_groups([g for g in keys.values() if len(g) > 1])
 
 
@@ -515,7 +541,10 @@ def compute_split(data_dir: str | os.PathLike, samples: list[Sample] | None = No
     hashes = dict(zip([s.image for s in samples],
                       _map(lambda s: perceptual_hash(load_image(root / s.image)), samples, progress, "hashing")))
     duplicates = duplicate_groups(hashes)
-    patients = patient_groups(samples, patient_pattern, groups_csv)
+    report: list[str] = []
+    patients = patient_groups(samples, patient_pattern, groups_csv, report)
+    for line in report:
+        print(f"note: {utils.printable(line)}", flush=True)
     groups = merge_groups(duplicates + patients)
     split = make_split(samples, groups, fractions=tuple(fractions), seed=seed)
     split["duplicate_groups"] = groups
@@ -1076,6 +1105,12 @@ def main(argv=None) -> int:
             raise DataError(f"--fractions {args.fractions}: train and val shares must be > 0, test >= 0, summing to 1")
         split = compute_split(data_dir, samples, seed=args.seed, fractions=args.fractions,
                               patient_pattern=args.patient_pattern, groups_csv=args.groups_csv)
+        empty = [k for k, f in zip(("train", "val", "test"), args.fractions) if f > 0 and not split[k]]
+        if empty:  # asked for, but whole groups filled the other parts
+            largest = max((len(g) for g in split["duplicate_groups"]), default=1)
+            raise DataError(f"the split leaves no {' and no '.join(empty)} images (fractions {args.fractions}, "
+                            f"{len(samples)} images, the largest group kept together holds {largest}): the grouping "
+                            f"is too coarse for these shares; nothing written")
         if args.fractions[2] == 0:
             del split["test"]
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,52 @@ def test_patient_pattern_and_groups_csv_keep_a_patients_views_on_one_side(two_so
     assert patients_on_both_sides(dataset.compute_split(bra, samples, fractions=(0.6, 0.4, 0), progress=False))
     with pytest.raises(dataset.DataError, match="needs a"):  # a pattern that captures nothing is refused
         dataset.patient_groups(samples, "bus_")
+
+
+def test_a_grouping_that_matches_nothing_or_leaves_a_part_empty_is_refused_and_partial_ones_are_counted(
+        two_sources, tmp_path, capsys):
+    """A pattern or CSV that groups no file would leave every patient free to straddle the split; one that puts
+    all files in one group leaves the asked-for parts empty. Both: one line, exit code 2, nothing written."""
+    _, bra, _ = two_sources
+    out = tmp_path / "split.json"
+
+    def split(*flags):
+        capsys.readouterr()
+        code = dataset.main(["--data-dir", str(bra), "--fractions", "0.6", "0.4", "0", "--out", str(out), *flags])
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return code, captured.out, captured.err.strip()
+
+    samples = dataset.discover_samples(bra)
+    none_named, some_named = tmp_path / "none.csv", tmp_path / "some.csv"
+    none_named.write_text("image,group\npatient_1.png,1\npatient_2.png,1\n")
+    with open(some_named, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "group"])
+        for s in samples[:6]:
+            writer.writerow([Path(s.image).name, Path(s.image).name[:8]])
+    for flags, said in [(["--patient-pattern", "^(patient_[0-9]+)_"], "captures a patient in none of the 18"),
+                        (["--patient-pattern", "^()bus"], "non-empty"),
+                        (["--groups-csv", str(none_named)], "names none of the 18 images"),
+                        (["--patient-pattern", "(bus)"], "leaves no val images")]:
+        code, _, err = split(*flags)
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and said in err, (flags, err)
+        assert not out.exists()
+    code, printed, _ = split("--groups-csv", str(some_named))
+    assert code == 0 and "named 6 of 18 images; 12 left ungrouped" in printed and out.is_file()
+    out.unlink()
+    code, printed, _ = split("--patient-pattern", r"^(bus_000[1-3])-")
+    assert code == 0 and "matched 6 of 18 images; 12 left ungrouped" in printed
+
+
+def test_a_groups_csv_saved_with_a_byte_order_mark_is_read(two_sources, tmp_path):
+    """Spreadsheets save 'UTF-8 CSV' with a BOM: its first column is still 'image'."""
+    _, bra, _ = two_sources
+    samples = dataset.discover_samples(bra)
+    table = tmp_path / "groups.csv"
+    rows = "".join(f"{Path(s.image).name},{Path(s.image).name[:8]}\r\n" for s in samples)
+    table.write_bytes(("image,group\r\n" + rows).encode("utf-8-sig"))
+    assert dataset.patient_groups(samples, groups_csv=table) == dataset.patient_groups(samples, PATIENT)
 
 
 def history(run_dir):
