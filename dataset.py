@@ -42,6 +42,9 @@ SPLIT_SEED = 0
 # 0-12 bits (dense at 0-6, sparse at 8-12), while the bulk of distinct scans is at 14+ (some true pairs too).
 # Erring towards grouping is safe: a wrongly grouped pair only moves together, it cannot leak.
 DUPLICATE_MAX_BITS = 12
+# Across two sources (two hospitals) distinct scans come closer: BUSI and BUS-BRA have 20 pairs at 10-12 bits and
+# none below. A copy of one scan (re-saved, re-sized) sits at 0-6: near-duplicates across sources are those.
+CROSS_SOURCE_MAX_BITS = 6
 CACHE_VERSION = 2  # 2: EXIF orientation applied, 0/1 masks read as lesion (older caches hold other pixels)
 BUNDLE_FORMAT = "busi-bundle-v1"
 BUNDLE_SIZE_MULTIPLE = 16  # 2**4: a bundle's size must suit the U-Net's default depth
@@ -838,10 +841,29 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, announce: bool = True) 
 SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")
 
 
+def _resolved(path: Path) -> Path:
+    """`path` with its symbolic links followed; a loop of links is a DataError naming it (Path.resolve raises a
+    RuntimeError for one)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "a loop of symbolic links"
+        raise DataError(f"cannot follow {utils.printable(path)}: {why}") from None
+
+
+def default_source_name(path: Path) -> str:
+    """A source's name when none is given: its folder's (or bundle's) name, with what a name may not hold (`=`,
+    spaces, ...) made `_`, so that the NAME=PATH a run records reads back as that source."""
+    raw = path.stem if path.is_file() else (_resolved(path).name or "data")
+    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", raw)
+    return name if SOURCE_NAME_RE.match(name) else f"data_{name}"
+
+
 def resolve_sources(specs, announce: bool = True) -> list[tuple[str, Path]]:
     """The data sources of --data-dir values: [(name, folder or bundle)]. A value is PATH or NAME=PATH; the name
-    (the folder's own name by default) labels the source's images in every report. No value: one source,
-    `resolve_data_dir`'s default."""
+    (the folder's own name by default, see `default_source_name`) labels the source's images in every report. No
+    value: one source, `resolve_data_dir`'s default. One folder given twice (under two names, or through a link)
+    is a DataError: it would be trained on twice."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     if not specs:
@@ -854,16 +876,21 @@ def resolve_sources(specs, announce: bool = True) -> list[tuple[str, Path]]:
             path = Path(rest)
         else:
             path = Path(spec)
-            name = path.stem if path.is_file() else (path.resolve().name or "data")
+            name = default_source_name(path)
         if any(name == n for n, _ in sources):
-            raise DataError(f"two data sources named {name!r}: name them, e.g. --data-dir A={spec} (NAME=PATH)")
+            raise DataError(f"two data sources named {name!r}: name them, e.g. --data-dir {name}_2={path} "
+                            f"(NAME=PATH)")
+        twin = next((n for n, p in sources if same_folder(p, path)), None)
+        if twin is not None:
+            raise DataError(f"the data sources {twin} and {name} are one folder ({_resolved(path)}): give it once")
+        _resolved(path)  # a loop of links: named now, not as a traceback later
         sources.append((name, path))
     return sources
 
 
 def source_spec(name: str, path: Path) -> str:
     """NAME=ABSOLUTE_PATH: how a run records a source, so that a resume from any folder finds it."""
-    return f"{name}={Path(path).resolve()}"
+    return f"{name}={_resolved(Path(path))}"
 
 
 def concat(parts: list[dict]) -> dict:
@@ -973,7 +1000,7 @@ def load_parts(sources: list[tuple[str, Path]], split_specs, image_size: int, ca
     written; `only`: decode just that part, e.g. the split an evaluation scores). Returns the parts and {source:
     where its split came from (an absolute path)}."""
     chosen = split_files_by_source(split_specs, sources)
-    several, joined, split_sources = len(sources) > 1, {}, {}
+    several, joined, split_sources, loaded = len(sources) > 1, {}, {}, {}
     for name, data_dir in sources:
         if is_bundle(data_dir):  # one file from `python dataset.py --bundle`: already decoded
             cache = read_bundle(data_dir, image_size)
@@ -995,12 +1022,58 @@ def load_parts(sources: list[tuple[str, Path]], split_specs, image_size: int, ca
               f"({', '.join(sorted({s.label for s in samples}))}) | split {counts} from {source}", flush=True)
         for k in counts:
             part = subset(cache, split[k])
+            loaded.setdefault(name, {})[k] = part
             part["sources"] = [name] * len(part["names"])
             if several:
                 part["names"] = [f"{name}/{n}" for n in part["names"]]
             joined.setdefault(k, []).append(part)
         split_sources[name] = source
+    if several and not every_image and all("train" in parts for parts in loaded.values()):
+        check_across_sources(loaded)
     return {k: concat(v) for k, v in joined.items()}, split_sources
+
+
+def check_across_sources(loaded: dict[str, dict[str, dict]]) -> None:
+    """Each source's split keeps its own duplicates on one side, but not another source's: a scan held out
+    (validation, test) in one source whose pixels are identical to a training scan of another is a DataError
+    naming them; near-duplicates (at most CROSS_SOURCE_MAX_BITS apart) and scans trained on twice are warnings
+    naming them. `loaded`: {source: {part: `subset` dict}}, the images at the training size."""
+    held, train = [], []
+    for source, parts in loaded.items():
+        for part, data in parts.items():
+            for name, image in zip(data["names"], data["images"]):
+                pixels = image.numpy()
+                entry = (source, part, name, hashlib.sha1(pixels.tobytes()).hexdigest(), perceptual_hash(pixels[0]))
+                (train if part == "train" else held).append(entry)
+
+    def pairs(rows):
+        return ", ".join(f"{a[2]} ({a[1]}) = {b[2]} (train)" for a, b in rows[:3]) + \
+            (f" and {len(rows) - 3} more pair(s)" if len(rows) > 3 else "")
+
+    by_pixels: dict[str, list] = {}
+    for entry in train:
+        by_pixels.setdefault(entry[3], []).append(entry)
+    leaks = [(h, t) for h in held for t in by_pixels.get(h[3], []) if t[0] != h[0]]
+    if leaks:
+        raise DataError(utils.printable(f"{len({a[2] for a, _ in leaks})} held-out scan(s) of one source are identical to training "
+                                        f"scans of another: {pairs(leaks)}; remove the copies, or give "
+                                        f"the sources splits that keep them on one side"))
+    twice = [(a, b) for i, a in enumerate(train) for b in by_pixels[a[3]] if b[0] != a[0] and b[0] > a[0]]
+    if twice:
+        print(utils.printable(f"warning: {len({a[2] for a, _ in twice})} training scan(s) appear in two sources and are trained on "
+                              f"twice: {pairs(twice)}"), file=sys.stderr, flush=True)
+    if not held or not train:
+        return
+    train_hashes = np.array([t[4] for t in train], dtype=np.uint64)
+    near = []
+    for h in held:
+        xor = np.bitwise_xor(train_hashes, np.uint64(h[4]))
+        distance = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+        near += [(h, train[j]) for j in np.nonzero(distance <= CROSS_SOURCE_MAX_BITS)[0] if train[j][0] != h[0]]
+    if near:
+        print(utils.printable(f"warning: {len({a[2] for a, _ in near})} held-out scan(s) of one source are near-duplicates (at most "
+                              f"{CROSS_SOURCE_MAX_BITS} of 64 hash bits apart) of training scans of another: "
+                              f"{pairs(near)}; their scores may be too good"), file=sys.stderr, flush=True)
 
 
 SCANNER_TABLE = "bus_data.csv"  # BUS-BRA's per-image table: ID (the file's stem) and Device (the scanner)

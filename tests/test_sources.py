@@ -180,6 +180,52 @@ def test_two_sources_validate_each_choose_on_their_mean_and_resume_from_another_
         moved.rename(bra)
 
 
+def _train_sources(tmp_path, capsys, *data_dir, extra=()):
+    capsys.readouterr()
+    code = T.main(["--data-dir", *map(str, data_dir), "--output-dir", str(tmp_path / "runs"), "--cache-dir",
+                   str(tmp_path / "cache"), *TINY, "--epochs", "1", *extra])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_one_folder_given_as_two_sources_is_refused(busi_dir, tmp_path, capsys):
+    """Under two names, or once through a symbolic link: it would be trained on twice."""
+    root = busi_dir[0]
+    link = tmp_path / "link"
+    link.symlink_to(root)
+    for second in (f"B={root}", str(link)):
+        code, err = _train_sources(tmp_path, capsys, f"A={root}", second)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "are one folder" in err, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_identical_and_near_duplicate_scans_across_sources_are_refused_or_named(busi_dir, tmp_path, capsys):
+    """A copy of a source whose split tests on the other source's training scans: refused, naming them. The same
+    with the copies re-saved slightly brighter (near-duplicates, not identical): trained, with a warning naming
+    them; and scans in both training parts: a warning that they are trained on twice."""
+    import shutil
+
+    root = busi_dir[0]
+    fresh = dataset.compute_split(root, progress=False)
+    copy = tmp_path / "Copy"
+    shutil.copytree(root, copy)
+    leaked = fresh["train"][:3]
+    split = tmp_path / "copy_split.json"
+    split.write_text(json.dumps({"train": fresh["train"][3:], "val": fresh["val"], "test": fresh["test"] + leaked}))
+    flags = ("--split-file", f"Copy={split}")
+    code, err = _train_sources(tmp_path, capsys, root, copy, extra=flags)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "3 held-out scan(s)" in err and "identical to training scans" in err and leaked[0] in err, err
+    for name in leaked:  # re-saved 2 grey levels brighter: no longer identical, still the same scan
+        pixels = np.asarray(Image.open(copy / name).convert("L"), dtype=np.int16)
+        Image.fromarray(np.clip(pixels + 2, 0, 255).astype(np.uint8)).save(copy / name)
+    code, err = _train_sources(tmp_path, capsys, root, copy, extra=(*flags, "--run-name", "near"))
+    assert code == 0, err
+    assert "3 held-out scan(s) of one source are near-duplicates" in err and leaked[0] in err, err
+    assert "trained on twice" in err
+
+
 def test_the_mean_of_the_sources_ranks_epochs_not_the_pooled_images():
     """Source A (8 images) gains 0.1 where source B (2 images) loses 0.3: pooled, the epoch wins; on the mean it
     does not."""
