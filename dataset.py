@@ -1014,6 +1014,11 @@ def load_parts(sources: list[tuple[str, Path]], split_specs, image_size: int, ca
             split, source = choose_split(data_dir, samples, chosen.get(name, DEFAULT_SPLIT_FILE), name in chosen,
                                          write_to=written)
             source = str(Path(source).resolve()) if source.endswith(".json") else source
+        if not every_image and only is None and not split["val"]:
+            # each source's validation score is half of what picks best.pt, the gate and the trust score
+            raise DataError(f"the split of source {name} ({source}) has no validation images: best.pt, the 'no "
+                            f"lesion' gate and the trust score would be chosen without it; give it a split with a "
+                            f"validation part")
         counts = {k: len(split[k]) for k in ("train", "val", "test", "all") if k in split and only in (None, k)}
         if cache is None:
             wanted = {n for k in counts for n in split[k]}

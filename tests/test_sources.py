@@ -226,6 +226,16 @@ def test_identical_and_near_duplicate_scans_across_sources_are_refused_or_named(
     assert "trained on twice" in err
 
 
+def test_a_source_whose_split_has_no_validation_part_is_refused(two_sources, tmp_path, capsys):
+    busi, bra, split_file = two_sources
+    split = json.loads(split_file.read_text())
+    empty_val = tmp_path / "no_val.json"
+    empty_val.write_text(json.dumps({"train": split["train"] + split["val"], "val": []}))
+    code, err = _train_sources(tmp_path, capsys, busi, f"BRA={bra}", extra=("--split-file", f"BRA={empty_val}"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "source BRA" in err and "no validation images" in err and "no_val.json" in err, err
+
+
 def test_the_mean_of_the_sources_ranks_epochs_not_the_pooled_images():
     """Source A (8 images) gains 0.1 where source B (2 images) loses 0.3: pooled, the epoch wins; on the mean it
     does not."""
