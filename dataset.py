@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None,
                         help="folder with benign/, malignant/, normal/ (default: ./Dataset_BUSI_with_GT, as for "
                              "train_unet_busi.py; never the bundled sample, whose split would replace BUSI's)")
-    parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE),
-                        help="where to write the split (default: the repo's splits/busi_split.json)")
+    parser.add_argument("--out", default=None,
+                        help="where to write the split (default: the split in the repo's splits/ that lists "
+                             "exactly these images, such as busi_split.json, regenerated; for other images a new "
+                             "splits/<folder name>_split.json: a split of other data is never replaced)")
     parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="shuffle seed (default: %(default)s)")
     parser.add_argument("--fractions", type=float, nargs=3, default=SPLIT_FRACTIONS, metavar=("TRAIN", "VAL", "TEST"),
                         help="shares of each class for train, val and test; a test share of 0 writes no test part "
@@ -1156,6 +1158,26 @@ def _check_writable(path: Path) -> None:
     os.unlink(probe)
 
 
+def default_split_out(data_dir: Path, samples: list[Sample]) -> Path:
+    """Where `python dataset.py` writes a split without --out: the split in splits/ that lists exactly these images
+    (regenerated: the same data), else a new splits/<source name>_split.json. A file of that name that lists other
+    images is a DataError asking for --out: a split of other data is never replaced."""
+    folder = DEFAULT_SPLIT_FILE.parent
+    for candidate in sorted(folder.glob("*.json")):
+        try:
+            if split_matches(read_split(candidate), samples):
+                return candidate
+        except DataError:
+            continue
+    target = folder / f"{default_source_name(Path(data_dir))}_split.json"
+    if target.exists():
+        raise DataError(f"{target} is a split of other images: pass --out FILE (a split of other data is never "
+                        f"replaced)")
+    print(f"note: no split in {folder} lists these images: writing a new one, {target.name} (--out chooses)",
+          flush=True)
+    return target
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1163,12 +1185,12 @@ def main(argv=None) -> int:
     if problem:
         parser.error(f"argument --image-size: {problem}")
     data_dir = resolve_data_dir(args.data_dir, announce=False)
-    out = Path(args.bundle or args.out)
     try:
         if data_dir == SAMPLE_DIR:  # its split would replace BUSI's committed one
             raise DataError("no --data-dir given and ./Dataset_BUSI_with_GT not found: pass --data-dir "
                             "PATH/Dataset_BUSI_with_GT")
         samples = discover_samples(data_dir)
+        out = Path(args.bundle or args.out or default_split_out(data_dir, samples))
         _check_writable(out)  # fail now, not after decoding or hashing every image
         if args.bundle:
             cache = build_cache(data_dir, samples, args.image_size, None)
