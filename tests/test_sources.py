@@ -282,6 +282,23 @@ def test_presence_gate_keeps_the_asked_share_of_lesion_scans_and_picks_the_fewes
     assert trust.fit_presence(inputs, lesion, np.r_[outlined[:200], np.zeros(40, bool)], 0.98, "nothing to gain") is None
 
 
+def test_the_gates_cut_lies_between_validation_scores_so_float32_gates_what_the_fit_counted():
+    """A cut exactly on a lesion scan's float64 score gated that scan or not depending on how its float32 score
+    rounded (torch and onnxruntime disagreed, and the fit's 'missed' figure disagreed with the count)."""
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        lesion = np.r_[np.ones(60, bool), np.zeros(20, bool)]
+        outlined = np.ones(80, bool)
+        inputs = np.c_[rng.normal(2, 1, 80), np.where(lesion, rng.normal(2, 1, 80), rng.normal(-1, 1, 80))]
+        gate = trust.fit_presence(inputs, lesion, outlined, 0.9, "synthetic")
+        scores = gate["candidates"][gate["candidate"]]["curve"]  # (cut, ...) rows: -inf, then every score
+        assert gate["cut"] not in {row[0] for row in scores}
+        emptied = trust.gated(trust.presence_probability(torch.tensor(inputs, dtype=torch.float32), gate), gate)
+        emptied = emptied.numpy()
+        assert emptied[lesion].mean() == pytest.approx(gate["missed_rate"]), seed  # every lesion scan is outlined
+        assert (~emptied[~lesion]).mean() == pytest.approx(gate["normal_fp_rate"]), seed
+
+
 @pytest.fixture(scope="module")
 def gated_checkpoints(tmp_path_factory):
     """The tiny model with a gate that empties every mask, and one that empties none."""
