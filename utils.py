@@ -179,8 +179,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                help=f"{helptext} (default: %(default)s)")
-        elif typing.get_origin(kind) is list:  # several values after one flag
-            group.add_argument(flag, type=check or typing.get_args(kind)[0], nargs="+", default=f.default,
+        elif typing.get_origin(kind) is list:  # several values after one flag; the flag twice adds, never replaces
+            group.add_argument(flag, type=check or typing.get_args(kind)[0], nargs="+", action="extend",
+                               default=f.default,
                                help=f"{helptext} (default: %(default)s)")
         else:
             group.add_argument(flag, type=check or kind, default=f.default, choices=choices,

@@ -236,6 +236,25 @@ def test_a_source_whose_split_has_no_validation_part_is_refused(two_sources, tmp
     assert "source BRA" in err and "no validation images" in err and "no_val.json" in err, err
 
 
+def test_a_list_flag_given_twice_takes_both_values(two_sources, tmp_path, capsys):
+    """--data-dir A --data-dir B trained on B alone: every list flag adds its values, as predict's --input does."""
+    import fit_trust
+
+    busi, bra, split_file = two_sources
+    args = T.parse_args(["--data-dir", str(busi), "--data-dir", f"BRA={bra}", "--split-file", f"BRA={split_file}",
+                         "--split-file", "X=y.json"])
+    assert args.data_dir == [str(busi), f"BRA={bra}"] and args.split_file == [f"BRA={split_file}", "X=y.json"]
+    parsed = fit_trust.build_parser().parse_args(["--checkpoint", "c.pt", "--output", "o.pt", "--data-dir", "a",
+                                                  "--data-dir", "b", "c",
+                                                  "--split-file", "s", "--split-file", "t"])
+    assert parsed.data_dir == ["a", "b", "c"] and parsed.split_file == ["s", "t"]
+    code, _ = _train_sources(tmp_path, capsys, busi, extra=("--data-dir", f"BRA={bra}", "--split-file",
+                                                             f"BRA={split_file}", "--run-name", "twice"))
+    assert code == 0
+    assert set(checkpoints.load_checkpoint(tmp_path / "runs" / "twice" / "best.pt")["config"]["split_file"]) == \
+        {"BRA", busi.name}
+
+
 def test_the_mean_of_the_sources_ranks_epochs_not_the_pooled_images():
     """Source A (8 images) gains 0.1 where source B (2 images) loses 0.3: pooled, the epoch wins; on the mean it
     does not."""
