@@ -255,6 +255,40 @@ def test_a_list_flag_given_twice_takes_both_values(two_sources, tmp_path, capsys
         {"BRA", busi.name}
 
 
+def test_resume_refuses_a_changed_set_of_sources_and_a_folder_named_with_an_equals_sign_resumes(
+        two_sources, tmp_path, capsys):
+    """A renamed source trained every epoch and then failed in the history writer; a dropped one read NAME=PATH as a
+    path. Both are refused up front, naming the recorded sources; the run is untouched. A folder whose name holds
+    '=' is recorded under a name that reads back, and resumes."""
+    import shutil
+
+    busi, bra, split_file = two_sources
+    flags = ("--epochs", "2", "--stop-after", "1")
+    code, _ = _train_sources(tmp_path, capsys, busi, f"BRA={bra}",
+                             extra=("--split-file", f"BRA={split_file}", "--run-name", "r", *flags))
+    assert code == 0
+    run = tmp_path / "runs" / "r"
+    before = (run / "latest.pt").read_bytes()
+    for data_dir in ([busi, f"NEW={bra}"], [busi]):
+        capsys.readouterr()
+        assert T.main(["--resume", str(run), "--data-dir", *map(str, data_dir), "--cache-dir",
+                       str(tmp_path / "cache")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "trained on the sources" in err and "BRA" in err, err
+        assert (run / "latest.pt").read_bytes() == before and len(history(run)) == 1
+    assert T.main(["--resume", str(run), "--data-dir", str(busi), f"BRA={bra}", "--cache-dir",
+                   str(tmp_path / "cache")]) == 0
+    assert len(history(run)) == 2
+    odd = tmp_path / "hosp=B"
+    shutil.copytree(bra, odd)
+    code, _ = _train_sources(tmp_path, capsys, busi, odd, extra=("--run-name", "eq", *flags))
+    assert code == 0
+    recorded = checkpoints.load_checkpoint(tmp_path / "runs" / "eq" / "latest.pt")["config"]["data_dir"]
+    assert f"hosp_B={odd}" in recorded
+    assert T.main(["--resume", str(tmp_path / "runs" / "eq"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert len(history(tmp_path / "runs" / "eq")) == 2 and "hosp_B:val_score" in history(tmp_path / "runs" / "eq")[0]
+
+
 def test_the_mean_of_the_sources_ranks_epochs_not_the_pooled_images():
     """Source A (8 images) gains 0.1 where source B (2 images) loses 0.3: pooled, the epoch wins; on the mean it
     does not."""
