@@ -879,6 +879,9 @@ def resolve_sources(specs, announce: bool = True) -> list[tuple[str, Path]]:
         else:
             path = Path(spec)
             name = default_source_name(path)
+        if name in CLASSES:  # --repeat normal=4 would weigh the class and the source at once
+            raise DataError(f"a data source may not be named like a class ({name!r}: {path}): name it, e.g. "
+                            f"--data-dir {name}_data={path} (NAME=PATH)")
         if any(name == n for n, _ in sources):
             raise DataError(f"two data sources named {name!r}: name them, e.g. --data-dir {name}_2={path} "
                             f"(NAME=PATH)")

@@ -107,6 +107,9 @@ def repeat_spec(text: str) -> str:
     return text
 
 
+MAX_REPEAT = 100  # an image drawn more often per epoch is a typo (normal=1e9 asked for 48 GB), not a recipe
+
+
 def parse_repeat(text: str) -> dict[str, float]:
     """{'normal': 4.0, ...} from 'normal=4,...' (argparse.ArgumentTypeError for anything else)."""
     out: dict[str, float] = {}
@@ -118,6 +121,9 @@ def parse_repeat(text: str) -> dict[str, float]:
             factor = math.nan
         if not key or not (math.isfinite(factor) and factor > 0):
             raise argparse.ArgumentTypeError(f"{item!r} should be NAME=FACTOR with a factor > 0 (e.g. normal=4)")
+        if factor > MAX_REPEAT:
+            raise argparse.ArgumentTypeError(f"{item!r}: a factor above {MAX_REPEAT} (each image that often per "
+                                             f"epoch) is refused")
         out[key.strip()] = factor
     return out
 

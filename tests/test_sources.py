@@ -315,6 +315,24 @@ def test_repeat_draws_each_class_and_source_as_often_as_asked():
         T.parse_args(["--repeat", "normal=-1"])
 
 
+def test_absurd_repeat_factors_an_empty_epoch_and_a_source_named_like_a_class_are_one_line_each(
+        two_sources, tmp_path, capsys):
+    """normal=1e9 asked for a 48 GB allocation; A=0.01,B=0.01 drew 0 images and divided by zero; a source named
+    'normal' took both the class's factor and its own."""
+    busi, bra, split_file = two_sources
+    for spec in ("normal=1e9", "normal=101"):
+        with pytest.raises(SystemExit):
+            T.parse_args(["--repeat", spec])
+        assert "above 100" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="draws some images 400 times"):  # 20 x 20: each factor allowed, not both
+        training.repeat_index(["normal", "benign"], ["A", "A"], "normal=20,A=20", seed=0)
+    code, err = _train_sources(tmp_path, capsys, busi, f"BRA={bra}", extra=(
+        "--split-file", f"BRA={split_file}", "--repeat", f"{busi.name}=0.01,BRA=0.01", "--run-name", "few"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "training images per epoch" in err, err
+    code, err = _train_sources(tmp_path, capsys, busi, f"normal={bra}", extra=("--run-name", "cls"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "named like a class ('normal'" in err, err
+
+
 # ------------------------------------------------------------------------------------------------ the gate
 def test_presence_gate_keeps_the_asked_share_of_lesion_scans_and_picks_the_fewest_false_outlines():
     rng = np.random.default_rng(0)
