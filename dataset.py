@@ -1060,17 +1060,20 @@ def check_across_sources(loaded: dict[str, dict[str, dict]]) -> None:
         return ", ".join(f"{a[2]} ({a[1]}) = {b[2]} (train)" for a, b in rows[:3]) + \
             (f" and {len(rows) - 3} more pair(s)" if len(rows) > 3 else "")
 
+    def count(rows) -> int:  # distinct scans of the first column
+        return len({a[2] for a, _ in rows})
+
     by_pixels: dict[str, list] = {}
     for entry in train:
         by_pixels.setdefault(entry[3], []).append(entry)
     leaks = [(h, t) for h in held for t in by_pixels.get(h[3], []) if t[0] != h[0]]
     if leaks:
-        raise DataError(utils.printable(f"{len({a[2] for a, _ in leaks})} held-out scan(s) of one source are identical to training "
-                                        f"scans of another: {pairs(leaks)}; remove the copies, or give "
-                                        f"the sources splits that keep them on one side"))
-    twice = [(a, b) for i, a in enumerate(train) for b in by_pixels[a[3]] if b[0] != a[0] and b[0] > a[0]]
+        raise DataError(utils.printable(f"{count(leaks)} held-out scan(s) of one source are identical to training "
+                                        f"scans of another: {pairs(leaks)}; remove the copies, or give the sources "
+                                        f"splits that keep them on one side"))
+    twice = [(a, b) for a in train for b in by_pixels[a[3]] if b[0] > a[0]]  # each pair once, across sources
     if twice:
-        print(utils.printable(f"warning: {len({a[2] for a, _ in twice})} training scan(s) appear in two sources and are trained on "
+        print(utils.printable(f"warning: {count(twice)} training scan(s) appear in two sources and are trained on "
                               f"twice: {pairs(twice)}"), file=sys.stderr, flush=True)
     if not held or not train:
         return
@@ -1081,7 +1084,7 @@ def check_across_sources(loaded: dict[str, dict[str, dict]]) -> None:
         distance = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
         near += [(h, train[j]) for j in np.nonzero(distance <= CROSS_SOURCE_MAX_BITS)[0] if train[j][0] != h[0]]
     if near:
-        print(utils.printable(f"warning: {len({a[2] for a, _ in near})} held-out scan(s) of one source are near-duplicates (at most "
+        print(utils.printable(f"warning: {count(near)} held-out scan(s) of one source are near-duplicates (at most "
                               f"{CROSS_SOURCE_MAX_BITS} of 64 hash bits apart) of training scans of another: "
                               f"{pairs(near)}; their scores may be too good"), file=sys.stderr, flush=True)
 

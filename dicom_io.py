@@ -229,7 +229,8 @@ def _spacing(ds, region, region_note: str | None) -> tuple[tuple[float, float] |
             values = [value]
         pair = _positive(*(values[::-1] if len(values) == 2 else [None]))
         if pair is None:
-            why = f"has {len(values)} value(s), not 2 (row, column)" if len(values) != 2 else "is 0, negative or malformed"
+            why = f"has {len(values)} value(s), not 2 (row, column)" if len(values) != 2 else \
+                "is 0, negative or malformed"
             return None, f"none: the file's {name} {why}", f"its {name} {why}: no size in mm is given"
         return _bounded(pair, name, name)
     if region is not None:

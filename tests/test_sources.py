@@ -200,6 +200,21 @@ def test_one_folder_given_as_two_sources_is_refused(busi_dir, tmp_path, capsys):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_a_link_loop_is_one_line_and_the_suggested_name_for_a_second_source_works(busi_dir, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    code, err = _train_sources(tmp_path, capsys, loop)
+    assert code == 2 and err.strip() == f"error: cannot follow {loop}: a loop of symbolic links", err
+    other = tmp_path / "b" / busi_dir[0].name  # another folder of the same name
+    make_bra_dir(other)
+    with pytest.raises(dataset.DataError) as caught:
+        dataset.resolve_sources([str(busi_dir[0]), str(other)])
+    suggested = re.search(r"--data-dir (\S+=\S+)", str(caught.value)).group(1)
+    assert suggested == f"{busi_dir[0].name}_2={other}"
+    names = [n for n, _ in dataset.resolve_sources([str(busi_dir[0]), suggested])]
+    assert names == [busi_dir[0].name, f"{busi_dir[0].name}_2"]
+
+
 def test_identical_and_near_duplicate_scans_across_sources_are_refused_or_named(busi_dir, tmp_path, capsys):
     """A copy of a source whose split tests on the other source's training scans: refused, naming them. The same
     with the copies re-saved slightly brighter (near-duplicates, not identical): trained, with a warning naming
