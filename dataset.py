@@ -18,7 +18,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -1149,19 +1148,10 @@ def choose_split(data_dir: Path, samples: list[Sample], split_file: str | os.Pat
 
 
 def _check_writable(path: Path) -> None:
-    """DataError unless a file can be created at `path`: probed with a temp file, before any slow work."""
-    if path.is_dir():
-        raise DataError(f"{path} is a directory: give a file name")
-    existing = next(p for p in path.parents if p.exists())
-    if not existing.is_dir():
-        raise DataError(f"cannot write {path}: {existing} is not a folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
-    os.close(fd)
-    os.unlink(probe)
+    """DataError unless a file can be created at `path` (utils.unwritable), before any slow work."""
+    problem = utils.unwritable(path)
+    if problem:
+        raise DataError(problem)
 
 
 def default_split_out(data_dir: Path, samples: list[Sample]) -> Path:

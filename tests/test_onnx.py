@@ -216,6 +216,28 @@ def test_export_command_checks_parity_and_never_overwrites(shipped, tmp_path, ca
     assert size < 25e6  # with the .pt (9.5 MB) it would pass the 25 MB a committed export may take: not committed
 
 
+def test_export_command_refuses_an_unwritable_output_before_exporting(shipped, tmp_path, capsys, monkeypatch):
+    """A path under a file, or in a read-only folder, was refused only after the whole export and its check."""
+    def no_export(*_):
+        raise AssertionError("exported although the output cannot be written")
+
+    monkeypatch.setattr(onnx_backend, "export", no_export)  # (to see that nothing slow ran first)
+    (tmp_path / "plain").write_text("a file")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        for out, said in ((tmp_path / "plain" / "m.onnx", "is not a folder"), (locked / "m.onnx", "cannot write")):
+            capsys.readouterr()
+            assert export_onnx.main(["--checkpoint", str(shipped["checkpoint"]), "--output", str(out)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and said in err, err
+            if os.geteuid() == 0:  # root writes anywhere: the read-only case cannot be made here
+                break
+    finally:
+        locked.chmod(0o700)
+
+
 def example_code() -> str:
     """The example in docs/prediction.md that runs the export with onnxruntime, numpy and Pillow alone."""
     text = (ROOT / "docs" / "prediction.md").read_text(encoding="utf-8")
