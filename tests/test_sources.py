@@ -302,6 +302,18 @@ def test_resume_refuses_a_changed_set_of_sources_and_a_folder_named_with_an_equa
     assert f"hosp_B={odd}" in recorded
     assert T.main(["--resume", str(tmp_path / "runs" / "eq"), "--cache-dir", str(tmp_path / "cache")]) == 0
     assert len(history(tmp_path / "runs" / "eq")) == 2 and "hosp_B:val_score" in history(tmp_path / "runs" / "eq")[0]
+    # a run of one source whose folder moved to another name: its recorded split follows it
+    parts = json.loads(split_file.read_text())
+    own = tmp_path / "own_split.json"  # one source needs a test part
+    own.write_text(json.dumps({"train": parts["train"][2:], "val": parts["val"], "test": parts["train"][:2]}))
+    code, err = _train_sources(tmp_path, capsys, bra, extra=("--split-file", str(own), "--run-name", "one", *flags))
+    assert code == 0, err
+    moved = tmp_path / "Moved"
+    shutil.copytree(bra, moved)
+    capsys.readouterr()
+    assert T.main(["--resume", str(tmp_path / "runs" / "one"), "--data-dir", str(moved), "--cache-dir",
+                   str(tmp_path / "cache")]) == 0
+    assert f"from {own.resolve()}" in capsys.readouterr().out and len(history(tmp_path / "runs" / "one")) == 2
 
 
 def test_the_mean_of_the_sources_ranks_epochs_not_the_pooled_images():
