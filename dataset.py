@@ -908,10 +908,12 @@ def concat(parts: list[dict]) -> dict:
             "sources": [s for p in parts for s in p["sources"]]}
 
 
-def recorded_sources(config: dict, check_data: bool = True) -> tuple[list[str] | None, list[str] | None]:
+def recorded_sources(config: dict, check_data: bool = True, given=None, run_dir: Path | None = None
+                     ) -> tuple[list[str] | None, list[str] | None]:
     """The sources and splits a run or checkpoint records (absolute paths; runs from before that, as they were
     given), as --data-dir and --split-file values, or None where it records none. One that cannot be found is a
-    DataError naming it and the flag that replaces it: never another folder or split, silently."""
+    DataError naming it and the flag that replaces it: never another folder or split, silently. With `run_dir` (a
+    resume), --data-dir values `given` must name the recorded sources (`same_sources`)."""
     data = config.get("data_dir")
     data = data if isinstance(data, list) else [data] if data else None
     for name, path in resolve_sources(data, announce=False) if data and check_data else []:
@@ -920,8 +922,8 @@ def recorded_sources(config: dict, check_data: bool = True) -> tuple[list[str] |
                             f"--data-dir with its folder")
     splits = config.get("split_file")
     if not splits:
-        return data, None
-    given = []
+        return data, same_sources(given, data, None, run_dir) if run_dir else None
+    found = []
     for name, path in (splits if isinstance(splits, dict) else {None: splits}).items():
         if not str(path).endswith(".json"):  # "every image", or a split computed and not written
             continue
@@ -930,8 +932,8 @@ def recorded_sources(config: dict, check_data: bool = True) -> tuple[list[str] |
             path = str(committed)  # a committed split, recorded in another clone of this repository
         if not Path(path).is_file():
             raise DataError(f"the recorded split {path} is not found from {Path.cwd()}: pass --split-file with it")
-        given.append(str(path) if name is None else f"{name}={path}")
-    return data, given
+        found.append(str(path) if name is None else f"{name}={path}")
+    return data, same_sources(given, data, found, run_dir) if run_dir else found
 
 
 def same_folder(a: Path, b: Path) -> bool:
@@ -942,21 +944,22 @@ def same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def recorded_splits_for(config: dict, sources: list[tuple[str, Path]]) -> list[str]:
+def recorded_splits_for(config: dict, data_dir) -> list[str] | None:
     """--split-file values (NAME=PATH) that give each of `sources` that a checkpoint was trained on (the same
     folder; or the same name, where the recorded folder is gone) the split it was trained with, so that its test
     part is never another split's training scans. A source the run never saw gets none (its committed split, or
     one computed now). A recorded split that cannot be found, or that was never written, is a DataError naming
-    the source and the flag that replaces it."""
+    the source and the flag that replaces it. `data_dir`: the --data-dir values; None where nothing is recorded."""
+    sources = resolve_sources(data_dir, announce=False)
     data = config.get("data_dir")
     data = data if isinstance(data, list) else [data] if data else []
     splits = config.get("split_file")
     if not data or not splits:
-        return []
+        return None
     try:
         recorded = resolve_sources(data, announce=False)
     except DataError:
-        return []
+        return None
     if not isinstance(splits, dict):  # runs of one source recorded its split as a path
         splits = {recorded[0][0]: splits} if len(recorded) == 1 else {}
     given = []
@@ -977,7 +980,27 @@ def recorded_splits_for(config: dict, sources: list[tuple[str, Path]]) -> list[s
                             f"{Path.cwd()}: pass --split-file {name}=FILE with it (another split's test part may "
                             f"hold its training scans)")
         given.append(f"{name}={split}")
-    return given
+    return given or None
+
+
+def same_sources(given: list[str] | None, recorded: list[str] | None, splits: list[str] | None,
+                 run_dir: Path) -> list[str] | None:
+    """Check, before anything is trained, that --data-dir given to --resume names the run's sources (each source's
+    history columns, validation score and split are kept by its name); a DataError naming the recorded ones if
+    not. A run of one source may find it under another name (the folder moved): its recorded split follows it.
+    Returns the recorded splits, as --split-file values for the sources given (as they are, without both)."""
+    if not given or not recorded:
+        return splits
+    names = [n for n, _ in resolve_sources(given, announce=False)]
+    before = [n for n, _ in resolve_sources(recorded, announce=False)]
+    if len(names) == len(before) == 1:
+        return [f"{names[0]}={s.partition('=')[2]}" if s.partition("=")[0] == before[0] else s
+                for s in splits] if splits else splits
+    if sorted(names) != sorted(before):
+        raise DataError(f"the run in {run_dir} trained on the sources {', '.join(before)} ({', '.join(recorded)}); "
+                        f"--data-dir names {', '.join(names)}: a run's sources cannot change mid-run (give the "
+                        f"same names, NAME=PATH, or leave --data-dir out to use the recorded ones)")
+    return splits
 
 
 def split_files_by_source(specs, sources: list[tuple[str, Path]]) -> dict:

@@ -222,35 +222,13 @@ def open_run(args) -> tuple[dict | None, Path]:
             if key in saved and "--" + key.replace("_", "-") not in args.explicit:
                 setattr(args, key, saved[key])
         if args.eval_only and args.eval_split != "all" and "--split-file" not in args.explicit:
-            # the run's own split of a source it trained on: a split made afresh may test on its training scans
-            args.split_file = dataset.recorded_splits_for(saved, dataset.resolve_sources(args.data_dir,
-                                                                                         announce=False)) or None
+            args.split_file = dataset.recorded_splits_for(saved, args.data_dir)  # never a split made afresh
         if args.resume is not None:  # the data and split the run started with: never another one silently
-            data, splits = dataset.recorded_sources(saved, check_data=not args.data_dir)
-            if args.data_dir and data:
-                splits = same_sources(args.data_dir, data, splits, run_dir)
+            data, splits = dataset.recorded_sources(saved, not args.data_dir, args.data_dir, run_dir)
             args.data_dir = args.data_dir or data
             if "--split-file" not in args.explicit and splits is not None:
                 args.split_file = splits
-                args.explicit.add("--split-file")
     return state, run_dir
-
-
-def same_sources(given: list[str], recorded: list[str], splits: list[str] | None, run_dir: Path) -> list[str] | None:
-    """Check, before anything is trained, that --data-dir given to --resume names the run's sources (each source's
-    history columns, validation score and split are kept by its name); a ValueError naming the recorded ones if
-    not. A run of one source may find it under another name (the folder moved): its recorded split follows it.
-    Returns the recorded splits, as --split-file values for the sources given."""
-    names = [n for n, _ in dataset.resolve_sources(given, announce=False)]
-    before = [n for n, _ in dataset.resolve_sources(recorded, announce=False)]
-    if len(names) == len(before) == 1:
-        return [f"{names[0]}={s.partition('=')[2]}" if s.partition("=")[0] == before[0] else s
-                for s in splits] if splits else splits
-    if sorted(names) != sorted(before):
-        raise ValueError(f"the run in {run_dir} trained on the sources {', '.join(before)} ({', '.join(recorded)}); "
-                         f"--data-dir names {', '.join(names)}: a run's sources cannot change mid-run (give the "
-                         f"same names, NAME=PATH, or leave --data-dir out to use the recorded ones)")
-    return splits
 
 
 def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
@@ -261,10 +239,9 @@ def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
     parts, split_sources = dataset.load_parts(sources, args.split_file, args.image_size, args.cache_dir or None,
                                               None if args.resume is not None else run_dir, only == "all", only)
     counts = {k: len(v["names"]) for k, v in parts.items()}
-    needed = (args.eval_split,) if args.eval_only else ("train", "val", "test")
-    if any(counts.get(k, 0) == 0 for k in needed):
-        empty = ", ".join(k for k in needed if counts.get(k, 0) == 0)
-        raise ValueError(f"the split leaves no {empty} images ({counts}); add data or pass a --split-file")
+    empty = [k for k in ((args.eval_split,) if args.eval_only else ("train", "val", "test")) if not counts.get(k)]
+    if empty:
+        raise ValueError(f"the split leaves no {', '.join(empty)} images ({counts}); add data or pass a --split-file")
     if not args.eval_only and counts["train"] < 2:
         raise ValueError(f"training needs at least 2 images (BatchNorm), the split has {counts['train']}")
     return parts, sources, split_sources
