@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -298,7 +299,7 @@ def load_scan(path: str | os.PathLike, frame: int | None = None, pixel_spacing: 
     and spacing, or an image file read as dataset.load_image reads it. `pixel_spacing` (mm per pixel) stands in
     where the file records no usable spacing. DataError, one line naming the file, for anything unreadable."""
     path = Path(path)
-    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or frame < 1):
+    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, numbers.Integral) or frame < 1):
         raise ValueError(f"frame must be a frame number from 1 (frames are counted from 1), got {frame!r}")
     if not (is_dicom(path) or is_dicom_name(path)):
         image = dataset.load_image(path)
