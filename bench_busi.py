@@ -38,18 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     # model defaults: train_unet_busi.py's default recipe (LiteUNet lite0 at 192 px)
     p.add_argument("--encoder", default="lite0", choices=("none", "lite0", "lite1", "lite2"),
                    help="none: UNet (--base-channels, --depth); liteN: LiteUNet on an EfficientNet-LiteN encoder")
-    p.add_argument("--image-size", type=int, default=192)
+    p.add_argument("--image-size", type=utils.positive_int, default=192)
     p.add_argument("--full-res-decoder", action=argparse.BooleanOptionalAction, default=False,
                    help="LiteUNet: a last decoder stage at full resolution")
-    p.add_argument("--base-channels", type=int, default=16)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--base-channels", type=utils.positive_int, default=16)
+    p.add_argument("--depth", type=utils.positive_int, default=4)
     # the loss as train_unet_busi.py's defaults set it when the README's figures were measured
     p.add_argument("--deep-supervision", type=float, default=0.5,
                    help="weight of the aux losses, as in training; 0 = no aux heads (default: %(default)s)")
     p.add_argument("--dice-per-image", action=argparse.BooleanOptionalAction, default=True,
                    help="soft-Dice loss per image, as in training (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per pipeline")
+    p.add_argument("--batch-size", type=utils.positive_int, default=16)
+    p.add_argument("--steps", type=utils.positive_int, default=20, help="timed steps per pipeline")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, workers start)")
     p.add_argument("--naive-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes of the naive pipeline")
@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="with --backends: the model")
     backends.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                           help="with --backends: the scans (the committed split's, else a computed one)")
-    backends.add_argument("--threads", default="1,2", help="with --backends: inference threads, comma-separated")
-    backends.add_argument("--rounds", type=int, default=3, help="with --backends: timed passes per backend")
+    backends.add_argument("--threads", type=utils.positive_int_list, default=[1, 2],
+                          help="with --backends: inference threads, comma-separated (default: 1,2)")
+    backends.add_argument("--rounds", type=utils.positive_int, default=3,
+                          help="with --backends: timed passes per backend")
     return p
 
 
@@ -557,7 +559,7 @@ def bench_backends(args, data_dir: Path) -> dict:
         return time.perf_counter() - start, outputs
 
     figures = {"images": len(paths), "checkpoint": str(args.checkpoint), "batch_size": args.batch_size, "runs": []}
-    for threads in [int(t) for t in args.threads.split(",")]:
+    for threads in args.threads:
         torch.set_num_threads(threads)
         engines = {"torch": model, "onnx": onnx_backend.OnnxModel(data, threads)}
         one_pass(engines["onnx"])  # warm-up (onnxruntime plans its kernels on the first run)

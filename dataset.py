@@ -18,7 +18,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,9 @@ SPLIT_SEED = 0
 # 0-12 bits (dense at 0-6, sparse at 8-12), while the bulk of distinct scans is at 14+ (some true pairs too).
 # Erring towards grouping is safe: a wrongly grouped pair only moves together, it cannot leak.
 DUPLICATE_MAX_BITS = 12
+# Across two sources (two hospitals) distinct scans come closer: BUSI and BUS-BRA have 20 pairs at 10-12 bits and
+# none below. A copy of one scan (re-saved, re-sized) sits at 0-6: near-duplicates across sources are those.
+CROSS_SOURCE_MAX_BITS = 6
 CACHE_VERSION = 2  # 2: EXIF orientation applied, 0/1 masks read as lesion (older caches hold other pixels)
 BUNDLE_FORMAT = "busi-bundle-v1"
 BUNDLE_SIZE_MULTIPLE = 16  # 2**4: a bundle's size must suit the U-Net's default depth
@@ -55,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None,
                         help="folder with benign/, malignant/, normal/ (default: ./Dataset_BUSI_with_GT, as for "
                              "train_unet_busi.py; never the bundled sample, whose split would replace BUSI's)")
-    parser.add_argument("--out", default=str(DEFAULT_SPLIT_FILE),
-                        help="where to write the split (default: the repo's splits/busi_split.json)")
+    parser.add_argument("--out", default=None,
+                        help="where to write the split (default: the split in the repo's splits/ that lists "
+                             "exactly these images, such as busi_split.json, regenerated; for other images a new "
+                             "splits/<folder name>_split.json: a split of other data is never replaced)")
     parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="shuffle seed (default: %(default)s)")
     parser.add_argument("--fractions", type=float, nargs=3, default=SPLIT_FRACTIONS, metavar=("TRAIN", "VAL", "TEST"),
                         help="shares of each class for train, val and test; a test share of 0 writes no test part "
@@ -451,12 +455,16 @@ def make_split(samples: list[Sample], groups: list[list[str]], fractions=SPLIT_F
     return {k: sorted(v) for k, v in result.items()}
 
 
-def patient_groups(samples: list[Sample], pattern: str | None = None, groups_csv: str | os.PathLike | None = None
-                   ) -> list[list[str]]:
+def patient_groups(samples: list[Sample], pattern: str | None = None, groups_csv: str | os.PathLike | None = None,
+                   report: list[str] | None = None) -> list[list[str]]:
     r"""Images of one patient (size >= 2 groups of paths), which must stay on one side of a split: those whose
     file names give the same value for the first group of the regular expression `pattern` (searched in the
     file name, e.g. r"^(bus_\d+)-" for BUS-BRA's bus_NNNN-x.png), and/or those with the same `group` in a CSV
-    with columns `image` (a file name or a path relative to the data folder) and `group`."""
+    with columns `image` (a file name or a path relative to the data folder) and `group`.
+
+    A pattern or CSV that groups no image (an empty capture groups none) is a DataError: its grouping would be
+    silently absent. How many images each one matched, and how many it left ungrouped, is appended to `report`.
+    """
     keys: dict[str, list[str]] = {}
     if pattern:
         try:
@@ -465,23 +473,45 @@ def patient_groups(samples: list[Sample], pattern: str | None = None, groups_csv
             raise DataError(f"patient pattern {pattern!r} is not a regular expression ({exc})") from None
         if regex.groups < 1:
             raise DataError(f"patient pattern {pattern!r} needs a (group) that captures the patient")
+        matched = 0
         for s in samples:
             match = regex.search(Path(s.image).name)
             if match and match.group(1):
                 keys.setdefault(f"pattern:{match.group(1)}", []).append(s.image)
+                matched += 1
+        if not matched:
+            example = Path(samples[0].image).name if samples else "none"
+            raise DataError(f"patient pattern {pattern!r} captures a patient in none of the {len(samples)} file "
+                            f"names (e.g. {example!r}; its first group must capture a non-empty patient id)")
+        if report is not None:
+            report.append(f"patient pattern {pattern!r} matched {matched} of {len(samples)} images" +
+                          (f"; {len(samples) - matched} left ungrouped" if matched < len(samples) else ""))
     if groups_csv:
         import csv
         by_name = {Path(s.image).name: s.image for s in samples} | {s.image: s.image for s in samples}
         try:
-            with open(groups_csv, newline="") as f:
+            with open(groups_csv, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM is no column
                 rows = list(csv.DictReader(f))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise DataError(f"cannot read the patient groups CSV {groups_csv}: {exc}") from None
         if rows and not {"image", "group"} <= set(rows[0]):
-            raise DataError(f"the patient groups CSV {groups_csv} needs columns 'image' and 'group'")
+            raise DataError(f"the patient groups CSV {groups_csv} needs columns 'image' and 'group' (it has "
+                            f"{', '.join(repr(k) for k in rows[0] if k is not None)})")
+        named: set[str] = set()
         for row in rows:
-            if row["image"] in by_name:
+            if row["image"] in by_name and row["group"]:
                 keys.setdefault(f"csv:{row['group']}", []).append(by_name[row["image"]])
+                named.add(by_name[row["image"]])
+        if not named:
+            example = rows[0]["image"] if rows else "no rows"
+            raise DataError(f"the patient groups CSV {groups_csv} names none of the {len(samples)} images of the "
+                            f"data folder (its first image: {example!r}; give file names or paths such as "
+                            f"{samples[0].image if samples else 'benign/X.png'!r})")
+        if report is not None:
+            report.append(f"patient groups CSV {groups_csv} named {len(named)} of {len(samples)} images" +
+                          (f"; {len(samples) - len(named)} left ungrouped" if len(named) < len(samples) else "") +
+                          (f"; {len(rows) - len(named)} of its rows name no image here" if len(rows) > len(named)
+                           else ""))
     return merge_groups([g for g in keys.values() if len(g) > 1])
 
 
@@ -515,7 +545,10 @@ def compute_split(data_dir: str | os.PathLike, samples: list[Sample] | None = No
     hashes = dict(zip([s.image for s in samples],
                       _map(lambda s: perceptual_hash(load_image(root / s.image)), samples, progress, "hashing")))
     duplicates = duplicate_groups(hashes)
-    patients = patient_groups(samples, patient_pattern, groups_csv)
+    report: list[str] = []
+    patients = patient_groups(samples, patient_pattern, groups_csv, report)
+    for line in report:
+        print(f"note: {utils.printable(line)}", flush=True)
     groups = merge_groups(duplicates + patients)
     split = make_split(samples, groups, fractions=tuple(fractions), seed=seed)
     split["duplicate_groups"] = groups
@@ -809,10 +842,29 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, announce: bool = True) 
 SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")
 
 
+def _resolved(path: Path) -> Path:
+    """`path` with its symbolic links followed; a loop of links is a DataError naming it (Path.resolve raises a
+    RuntimeError for one)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "a loop of symbolic links"
+        raise DataError(f"cannot follow {utils.printable(path)}: {why}") from None
+
+
+def default_source_name(path: Path) -> str:
+    """A source's name when none is given: its folder's (or bundle's) name, with what a name may not hold (`=`,
+    spaces, ...) made `_`, so that the NAME=PATH a run records reads back as that source."""
+    raw = path.stem if path.is_file() else (_resolved(path).name or "data")
+    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", raw)
+    return name if SOURCE_NAME_RE.match(name) else f"data_{name}"
+
+
 def resolve_sources(specs, announce: bool = True) -> list[tuple[str, Path]]:
     """The data sources of --data-dir values: [(name, folder or bundle)]. A value is PATH or NAME=PATH; the name
-    (the folder's own name by default) labels the source's images in every report. No value: one source,
-    `resolve_data_dir`'s default."""
+    (the folder's own name by default, see `default_source_name`) labels the source's images in every report. No
+    value: one source, `resolve_data_dir`'s default. One folder given twice (under two names, or through a link)
+    is a DataError: it would be trained on twice."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     if not specs:
@@ -825,16 +877,24 @@ def resolve_sources(specs, announce: bool = True) -> list[tuple[str, Path]]:
             path = Path(rest)
         else:
             path = Path(spec)
-            name = path.stem if path.is_file() else (path.resolve().name or "data")
+            name = default_source_name(path)
+        if name in CLASSES:  # --repeat normal=4 would weigh the class and the source at once
+            raise DataError(f"a data source may not be named like a class ({name!r}: {path}): name it, e.g. "
+                            f"--data-dir {name}_data={path} (NAME=PATH)")
         if any(name == n for n, _ in sources):
-            raise DataError(f"two data sources named {name!r}: name them, e.g. --data-dir A={spec} (NAME=PATH)")
+            raise DataError(f"two data sources named {name!r}: name them, e.g. --data-dir {name}_2={path} "
+                            f"(NAME=PATH)")
+        twin = next((n for n, p in sources if same_folder(p, path)), None)
+        if twin is not None:
+            raise DataError(f"the data sources {twin} and {name} are one folder ({_resolved(path)}): give it once")
+        _resolved(path)  # a loop of links: named now, not as a traceback later
         sources.append((name, path))
     return sources
 
 
 def source_spec(name: str, path: Path) -> str:
     """NAME=ABSOLUTE_PATH: how a run records a source, so that a resume from any folder finds it."""
-    return f"{name}={Path(path).resolve()}"
+    return f"{name}={_resolved(Path(path))}"
 
 
 def concat(parts: list[dict]) -> dict:
@@ -848,10 +908,12 @@ def concat(parts: list[dict]) -> dict:
             "sources": [s for p in parts for s in p["sources"]]}
 
 
-def recorded_sources(config: dict, check_data: bool = True) -> tuple[list[str] | None, list[str] | None]:
+def recorded_sources(config: dict, check_data: bool = True, given=None, run_dir: Path | None = None
+                     ) -> tuple[list[str] | None, list[str] | None]:
     """The sources and splits a run or checkpoint records (absolute paths; runs from before that, as they were
     given), as --data-dir and --split-file values, or None where it records none. One that cannot be found is a
-    DataError naming it and the flag that replaces it: never another folder or split, silently."""
+    DataError naming it and the flag that replaces it: never another folder or split, silently. With `run_dir` (a
+    resume), --data-dir values `given` must name the recorded sources (`same_sources`)."""
     data = config.get("data_dir")
     data = data if isinstance(data, list) else [data] if data else None
     for name, path in resolve_sources(data, announce=False) if data and check_data else []:
@@ -860,8 +922,8 @@ def recorded_sources(config: dict, check_data: bool = True) -> tuple[list[str] |
                             f"--data-dir with its folder")
     splits = config.get("split_file")
     if not splits:
-        return data, None
-    given = []
+        return data, same_sources(given, data, None, run_dir) if run_dir else None
+    found = []
     for name, path in (splits if isinstance(splits, dict) else {None: splits}).items():
         if not str(path).endswith(".json"):  # "every image", or a split computed and not written
             continue
@@ -870,8 +932,75 @@ def recorded_sources(config: dict, check_data: bool = True) -> tuple[list[str] |
             path = str(committed)  # a committed split, recorded in another clone of this repository
         if not Path(path).is_file():
             raise DataError(f"the recorded split {path} is not found from {Path.cwd()}: pass --split-file with it")
-        given.append(str(path) if name is None else f"{name}={path}")
-    return data, given
+        found.append(str(path) if name is None else f"{name}={path}")
+    return data, same_sources(given, data, found, run_dir) if run_dir else found
+
+
+def same_folder(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing folder or file (through symbolic links, `..`, bind mounts)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def recorded_splits_for(config: dict, data_dir) -> list[str] | None:
+    """--split-file values (NAME=PATH) that give each of `sources` that a checkpoint was trained on (the same
+    folder; or the same name, where the recorded folder is gone) the split it was trained with, so that its test
+    part is never another split's training scans. A source the run never saw gets none (its committed split, or
+    one computed now). A recorded split that cannot be found, or that was never written, is a DataError naming
+    the source and the flag that replaces it. `data_dir`: the --data-dir values; None where nothing is recorded."""
+    sources = resolve_sources(data_dir, announce=False)
+    data = config.get("data_dir")
+    data = data if isinstance(data, list) else [data] if data else []
+    splits = config.get("split_file")
+    if not data or not splits:
+        return None
+    try:
+        recorded = resolve_sources(data, announce=False)
+    except DataError:
+        return None
+    if not isinstance(splits, dict):  # runs of one source recorded its split as a path
+        splits = {recorded[0][0]: splits} if len(recorded) == 1 else {}
+    given = []
+    for name, path in sources:
+        match = next((r for r, rpath in recorded if same_folder(path, rpath)), None) or \
+            next((r for r, rpath in recorded if r == name and not rpath.exists()), None)
+        if match is None or match not in splits:
+            continue
+        split = str(splits[match])
+        if not split.endswith(".json"):
+            raise DataError(f"the checkpoint was trained on {name} with a split it did not write ({split}): pass "
+                            f"--split-file {name}=FILE with that split, or --eval-split all")
+        committed = DEFAULT_SPLIT_FILE.parent / Path(split).name
+        if not Path(split).is_file() and Path(split).parent.name == "splits" and committed.is_file():
+            split = str(committed)  # a committed split, recorded in another clone of this repository
+        if not Path(split).is_file():
+            raise DataError(f"the split the checkpoint was trained with on {name} ({split}) is not found from "
+                            f"{Path.cwd()}: pass --split-file {name}=FILE with it (another split's test part may "
+                            f"hold its training scans)")
+        given.append(f"{name}={split}")
+    return given or None
+
+
+def same_sources(given: list[str] | None, recorded: list[str] | None, splits: list[str] | None,
+                 run_dir: Path) -> list[str] | None:
+    """Check, before anything is trained, that --data-dir given to --resume names the run's sources (each source's
+    history columns, validation score and split are kept by its name); a DataError naming the recorded ones if
+    not. A run of one source may find it under another name (the folder moved): its recorded split follows it.
+    Returns the recorded splits, as --split-file values for the sources given (as they are, without both)."""
+    if not given or not recorded:
+        return splits
+    names = [n for n, _ in resolve_sources(given, announce=False)]
+    before = [n for n, _ in resolve_sources(recorded, announce=False)]
+    if len(names) == len(before) == 1:
+        return [f"{names[0]}={s.partition('=')[2]}" if s.partition("=")[0] == before[0] else s
+                for s in splits] if splits else splits
+    if sorted(names) != sorted(before):
+        raise DataError(f"the run in {run_dir} trained on the sources {', '.join(before)} ({', '.join(recorded)}); "
+                        f"--data-dir names {', '.join(names)}: a run's sources cannot change mid-run (give the "
+                        f"same names, NAME=PATH, or leave --data-dir out to use the recorded ones)")
+    return splits
 
 
 def split_files_by_source(specs, sources: list[tuple[str, Path]]) -> dict:
@@ -898,7 +1027,7 @@ def load_parts(sources: list[tuple[str, Path]], split_specs, image_size: int, ca
     written; `only`: decode just that part, e.g. the split an evaluation scores). Returns the parts and {source:
     where its split came from (an absolute path)}."""
     chosen = split_files_by_source(split_specs, sources)
-    several, joined, split_sources = len(sources) > 1, {}, {}
+    several, joined, split_sources, loaded = len(sources) > 1, {}, {}, {}
     for name, data_dir in sources:
         if is_bundle(data_dir):  # one file from `python dataset.py --bundle`: already decoded
             cache = read_bundle(data_dir, image_size)
@@ -912,6 +1041,11 @@ def load_parts(sources: list[tuple[str, Path]], split_specs, image_size: int, ca
             split, source = choose_split(data_dir, samples, chosen.get(name, DEFAULT_SPLIT_FILE), name in chosen,
                                          write_to=written)
             source = str(Path(source).resolve()) if source.endswith(".json") else source
+        if not every_image and only is None and not split["val"]:
+            # each source's validation score is half of what picks best.pt, the gate and the trust score
+            raise DataError(f"the split of source {name} ({source}) has no validation images: best.pt, the 'no "
+                            f"lesion' gate and the trust score would be chosen without it; give it a split with a "
+                            f"validation part")
         counts = {k: len(split[k]) for k in ("train", "val", "test", "all") if k in split and only in (None, k)}
         if cache is None:
             wanted = {n for k in counts for n in split[k]}
@@ -920,12 +1054,61 @@ def load_parts(sources: list[tuple[str, Path]], split_specs, image_size: int, ca
               f"({', '.join(sorted({s.label for s in samples}))}) | split {counts} from {source}", flush=True)
         for k in counts:
             part = subset(cache, split[k])
+            loaded.setdefault(name, {})[k] = part
             part["sources"] = [name] * len(part["names"])
             if several:
                 part["names"] = [f"{name}/{n}" for n in part["names"]]
             joined.setdefault(k, []).append(part)
         split_sources[name] = source
+    if several and not every_image and all("train" in parts for parts in loaded.values()):
+        check_across_sources(loaded)
     return {k: concat(v) for k, v in joined.items()}, split_sources
+
+
+def check_across_sources(loaded: dict[str, dict[str, dict]]) -> None:
+    """Each source's split keeps its own duplicates on one side, but not another source's: a scan held out
+    (validation, test) in one source whose pixels are identical to a training scan of another is a DataError
+    naming them; near-duplicates (at most CROSS_SOURCE_MAX_BITS apart) and scans trained on twice are warnings
+    naming them. `loaded`: {source: {part: `subset` dict}}, the images at the training size."""
+    held, train = [], []
+    for source, parts in loaded.items():
+        for part, data in parts.items():
+            for name, image in zip(data["names"], data["images"]):
+                pixels = image.numpy()
+                entry = (source, part, name, hashlib.sha1(pixels.tobytes()).hexdigest(), perceptual_hash(pixels[0]))
+                (train if part == "train" else held).append(entry)
+
+    def pairs(rows):
+        return ", ".join(f"{a[2]} ({a[1]}) = {b[2]} (train)" for a, b in rows[:3]) + \
+            (f" and {len(rows) - 3} more pair(s)" if len(rows) > 3 else "")
+
+    def count(rows) -> int:  # distinct scans of the first column
+        return len({a[2] for a, _ in rows})
+
+    by_pixels: dict[str, list] = {}
+    for entry in train:
+        by_pixels.setdefault(entry[3], []).append(entry)
+    leaks = [(h, t) for h in held for t in by_pixels.get(h[3], []) if t[0] != h[0]]
+    if leaks:
+        raise DataError(utils.printable(f"{count(leaks)} held-out scan(s) of one source are identical to training "
+                                        f"scans of another: {pairs(leaks)}; remove the copies, or give the sources "
+                                        f"splits that keep them on one side"))
+    twice = [(a, b) for a in train for b in by_pixels[a[3]] if b[0] > a[0]]  # each pair once, across sources
+    if twice:
+        print(utils.printable(f"warning: {count(twice)} training scan(s) appear in two sources and are trained on "
+                              f"twice: {pairs(twice)}"), file=sys.stderr, flush=True)
+    if not held or not train:
+        return
+    train_hashes = np.array([t[4] for t in train], dtype=np.uint64)
+    near = []
+    for h in held:
+        xor = np.bitwise_xor(train_hashes, np.uint64(h[4]))
+        distance = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+        near += [(h, train[j]) for j in np.nonzero(distance <= CROSS_SOURCE_MAX_BITS)[0] if train[j][0] != h[0]]
+    if near:
+        print(utils.printable(f"warning: {count(near)} held-out scan(s) of one source are near-duplicates (at most "
+                              f"{CROSS_SOURCE_MAX_BITS} of 64 hash bits apart) of training scans of another: "
+                              f"{pairs(near)}; their scores may be too good"), file=sys.stderr, flush=True)
 
 
 SCANNER_TABLE = "bus_data.csv"  # BUS-BRA's per-image table: ID (the file's stem) and Device (the scanner)
@@ -988,19 +1171,30 @@ def choose_split(data_dir: Path, samples: list[Sample], split_file: str | os.Pat
 
 
 def _check_writable(path: Path) -> None:
-    """DataError unless a file can be created at `path`: probed with a temp file, before any slow work."""
-    if path.is_dir():
-        raise DataError(f"{path} is a directory: give a file name")
-    existing = next(p for p in path.parents if p.exists())
-    if not existing.is_dir():
-        raise DataError(f"cannot write {path}: {existing} is not a folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
-    os.close(fd)
-    os.unlink(probe)
+    """DataError unless a file can be created at `path` (utils.unwritable), before any slow work."""
+    problem = utils.unwritable(path)
+    if problem:
+        raise DataError(problem)
+
+
+def default_split_out(data_dir: Path, samples: list[Sample]) -> Path:
+    """Where `python dataset.py` writes a split without --out: the split in splits/ that lists exactly these images
+    (regenerated: the same data), else a new splits/<source name>_split.json. A file of that name that lists other
+    images is a DataError asking for --out: a split of other data is never replaced."""
+    folder = DEFAULT_SPLIT_FILE.parent
+    for candidate in sorted(folder.glob("*.json")):
+        try:
+            if split_matches(read_split(candidate), samples):
+                return candidate
+        except DataError:
+            continue
+    target = folder / f"{default_source_name(Path(data_dir))}_split.json"
+    if target.exists():
+        raise DataError(f"{target} is a split of other images: pass --out FILE (a split of other data is never "
+                        f"replaced)")
+    print(f"note: no split in {folder} lists these images: writing a new one, {target.name} (--out chooses)",
+          flush=True)
+    return target
 
 
 def main(argv=None) -> int:
@@ -1010,12 +1204,12 @@ def main(argv=None) -> int:
     if problem:
         parser.error(f"argument --image-size: {problem}")
     data_dir = resolve_data_dir(args.data_dir, announce=False)
-    out = Path(args.bundle or args.out)
     try:
         if data_dir == SAMPLE_DIR:  # its split would replace BUSI's committed one
             raise DataError("no --data-dir given and ./Dataset_BUSI_with_GT not found: pass --data-dir "
                             "PATH/Dataset_BUSI_with_GT")
         samples = discover_samples(data_dir)
+        out = Path(args.bundle or args.out or default_split_out(data_dir, samples))
         _check_writable(out)  # fail now, not after decoding or hashing every image
         if args.bundle:
             cache = build_cache(data_dir, samples, args.image_size, None)
@@ -1030,6 +1224,12 @@ def main(argv=None) -> int:
             raise DataError(f"--fractions {args.fractions}: train and val shares must be > 0, test >= 0, summing to 1")
         split = compute_split(data_dir, samples, seed=args.seed, fractions=args.fractions,
                               patient_pattern=args.patient_pattern, groups_csv=args.groups_csv)
+        empty = [k for k, f in zip(("train", "val", "test"), args.fractions) if f > 0 and not split[k]]
+        if empty:  # asked for, but whole groups filled the other parts
+            largest = max((len(g) for g in split["duplicate_groups"]), default=1)
+            raise DataError(f"the split leaves no {' and no '.join(empty)} images (fractions {args.fractions}, "
+                            f"{len(samples)} images, the largest group kept together holds {largest}): the grouping "
+                            f"is too coarse for these shares; nothing written")
         if args.fractions[2] == 0:
             del split["test"]
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ SPATIAL_2D = 1  # Region Spatial Format: 1 = a 2-D (B-mode) image; 2 M-mode, 3 s
 NO_SPACING_IMAGE = "none: an image file records no pixel spacing (--pixel-spacing MM gives it)"
 NO_SPACING_DICOM = "none: the file records no pixel spacing"
 GIVEN = "--pixel-spacing"
+# What a scanner's pixel can measure, in mm: a spacing outside this is a damaged or made-up value, never a size
+SPACING_RANGE_MM = (0.001, 10.0)
+MIN_REGION = 16  # pixels a side: an ultrasound region smaller than this cannot hold a lesion, it is not an image
 
 # pydicom reports odd values through warnings and its logger, quoting them: say nothing of a file's contents
 warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
@@ -128,20 +132,38 @@ def read_header(path: str | os.PathLike) -> Header:
     except Exception:  # noqa: BLE001 - pydicom's message may quote the file's values: say what, not what it read
         raise dataset.DataError(f"cannot read DICOM file (damaged or truncated header): {path}") from None
     if not rows or not columns or not photometric:
+        if _image_object(ds):
+            raise dataset.DataError(f"cannot read DICOM file (damaged or truncated header: it ends before its image "
+                                    f"description): {path}")
         raise dataset.DataError(f"no image in DICOM file (a report or another object without pixels): {path}")
     _check_decodable(path, transfer)
     if photometric not in READABLE_PHOTOMETRIC:
         raise dataset.DataError(f"cannot read DICOM file: photometric interpretation {photometric} is not one of "
                                 f"{', '.join(READABLE_PHOTOMETRIC)}: {path}")
-    if bits[0] != 8 or bits[1] > 8 or bits[2] != 0:
+    if bits[0] != 8 or bits[1] != 8 or bits[2] != 0:  # fewer bits used: a grey scale of its own, not guessed
         raise dataset.DataError(f"cannot read DICOM file: {bits[0]}-bit {'signed' if bits[2] else 'unsigned'} "
                                 f"pixels ({bits[1]} bits used); scanners store ultrasound as 8-bit unsigned, and no "
                                 f"grey scale is guessed for others: {path}")
     if frames < 1:
         raise dataset.DataError(f"cannot read DICOM file: it says it holds {frames} frames: {path}")
-    region, item, note = _region(ds, rows, columns)
-    spacing, source, spacing_note = _spacing(ds, item, note)
+    try:
+        region, item, note = _region(ds, rows, columns)
+        spacing, source, spacing_note = _spacing(ds, item, note)
+    except Exception:  # noqa: BLE001 - a malformed geometry element costs the sizes in mm, not the scan
+        region, note = None, "its ultrasound region or pixel spacing cannot be read: not used (no size in mm)"
+        spacing, source, spacing_note = None, "none: the file's ultrasound region or pixel spacing is malformed", None
     return Header(rows, columns, frames, photometric, region, spacing, source, note or spacing_note)
+
+
+def _image_object(ds) -> bool:
+    """Whether a header read without an image description belongs to an image object (its SOP class is an image
+    storage, or the header ends before naming one): pydicom reads a truncated file silently, up to where it ends,
+    so such a header is a damaged file, not a report."""
+    sop = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+    sop = sop or ds.get("SOPClassUID")
+    if not sop:
+        return True
+    return "Image" in getattr(sop, "name", "")
 
 
 def _check_decodable(path: Path, transfer) -> None:
@@ -180,33 +202,55 @@ def _region(ds, rows: int, columns: int):
     if not (0 <= x0 <= x1 < columns and 0 <= y0 <= y1 < rows):
         return None, None, (f"its ultrasound region (x {x0}-{x1}, y {y0}-{y1}) lies outside the {columns}x{rows} "
                             f"image: not used (the whole frame is predicted, and no size in mm is given)")
+    if x1 - x0 + 1 < MIN_REGION or y1 - y0 + 1 < MIN_REGION:
+        return None, None, (f"its ultrasound region ({x1 - x0 + 1}x{y1 - y0 + 1} pixels) is too small to hold a "
+                            f"lesion (under {MIN_REGION}x{MIN_REGION}): not used (the whole frame is predicted, and "
+                            f"no size in mm is given)")
     return (x0, y0, x1 + 1, y1 + 1), items[index], None
 
 
 def _spacing(ds, region, region_note: str | None) -> tuple[tuple[float, float] | None, str, str | None]:
     """((x, y) mm per pixel or None, its source or "none: why", a note when a recorded spacing is refused), from
     the region's physical deltas (cm per pixel), else Pixel Spacing, else Imager Pixel Spacing."""
-    if region_note is not None:  # a region that does not fit the image: its deltas do not describe these pixels
-        return None, "none: the file's ultrasound region lies outside the image", None
+    if region_note is not None:  # a region not used: its deltas do not describe these pixels
+        where = "lies outside the image" if "outside" in region_note else "is too small to hold a lesion"
+        return None, f"none: the file's ultrasound region {where}", None
     if region is not None and region.get("PhysicalUnitsXDirection") == CM_UNITS \
             and region.get("PhysicalUnitsYDirection") == CM_UNITS:
         deltas = _positive(region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY"))
         if deltas is None:
             return None, "none: the ultrasound region's physical delta is 0, negative or missing", \
                 "its ultrasound region's physical delta is 0, negative or missing: no size in mm is given"
-        return (deltas[0] * 10, deltas[1] * 10), "ultrasound region", None
+        return _bounded((deltas[0] * 10, deltas[1] * 10), "ultrasound region", "ultrasound region's physical delta")
     for keyword, name in (("PixelSpacing", "Pixel Spacing"), ("ImagerPixelSpacing", "Imager Pixel Spacing")):
         value = ds.get(keyword)
         if value is None:
             continue
-        pair = _positive(*(list(value)[::-1] if len(value) == 2 else [None]))  # stored as (row, column) = (y, x)
+        # one value is read as a number, not a list (VM 1); a pair is stored as (row, column) = (y, x)
+        try:
+            values = [value] if isinstance(value, (str, bytes)) else list(value)
+        except TypeError:
+            values = [value]
+        pair = _positive(*(values[::-1] if len(values) == 2 else [None]))
         if pair is None:
-            return None, f"none: the file's {name} is 0, negative or malformed", \
-                f"its {name} is 0, negative or malformed: no size in mm is given"
-        return pair, name, None
+            why = f"has {len(values)} value(s), not 2 (row, column)" if len(values) != 2 else \
+                "is 0, negative or malformed"
+            return None, f"none: the file's {name} {why}", f"its {name} {why}: no size in mm is given"
+        return _bounded(pair, name, name)
     if region is not None:
         return None, "none: the ultrasound region is not in centimetres, and the file records no Pixel Spacing", None
     return None, NO_SPACING_DICOM, None
+
+
+def _bounded(pair: tuple[float, float], source: str, name: str):
+    """`_spacing`'s answer for a recorded spacing (mm per pixel): used within SPACING_RANGE_MM, else unknown with the
+    reason (1e300 cm would give infinite areas, 1e-300 a lesion of 0.00 mm)."""
+    low, high = SPACING_RANGE_MM
+    if all(low <= v <= high for v in pair):
+        return pair, source, None
+    why = (f"its {name} ({pair[0]:.3g} x {pair[1]:.3g} mm per pixel) lies outside the {low:g}-{high:g} mm a "
+           f"scanner's pixel measures")
+    return None, f"none: {why}", f"{why}: no size in mm is given"
 
 
 def _positive(*values) -> tuple[float, float] | None:
@@ -258,6 +302,8 @@ def load_scan(path: str | os.PathLike, frame: int | None = None, pixel_spacing: 
     and spacing, or an image file read as dataset.load_image reads it. `pixel_spacing` (mm per pixel) stands in
     where the file records no usable spacing. DataError, one line naming the file, for anything unreadable."""
     path = Path(path)
+    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, numbers.Integral) or frame < 1):
+        raise ValueError(f"frame must be a frame number from 1 (frames are counted from 1), got {frame!r}")
     if not (is_dicom(path) or is_dicom_name(path)):
         image = dataset.load_image(path)
         if frame not in (None, 1):

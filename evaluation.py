@@ -377,8 +377,10 @@ def print_summary(title: str, s: dict) -> None:
         for name, p in s.get(group, {}).items():
             fp = "" if p["normal_fp_rate"] != p["normal_fp_rate"] else f" | normal FP rate {p['normal_fp_rate']:.3f}"
             auc = f" | malignancy AUC {auc_text(p)}" if "malignancy_auc" in p else ""
-            trust_auc = (f" | failure AUROC trust {figure(p['trust']['auroc_trust'], '.3f', 'no failures')} / max "
-                         f"probability {figure(p['trust']['auroc_max_probability'], '.3f', 'no failures')}"
+            why = "" if "trust" not in p else "no failures" if not p["trust"]["n_failures"] else \
+                "every scan failed" if p["trust"]["n_failures"] == p["trust"]["n_images"] else "too few scans"
+            trust_auc = (f" | failure AUROC trust {figure(p['trust']['auroc_trust'], '.3f', why)} / max "
+                         f"probability {figure(p['trust']['auroc_max_probability'], '.3f', why)}"
                          if "trust" in p else "")
             print(f"  {group[4:]} {name}: lesion Dice {figure(p['lesion_dice'], '.4f', 'none')}{fp} | missed "
                   f"{p['missed_lesions']} of {p['n_lesion']}{auc}{trust_auc} | n={p['n_images']}")
@@ -390,11 +392,12 @@ def print_summary(title: str, s: dict) -> None:
               f"| confusion (rows true, cols pred: benign, malignant, normal) {s['confusion_matrix']['counts']}")
     if "trust" in s:
         t = s["trust"]
-        why = "no failures or no right outlines"
+        why = "no failures" if not t["n_failures"] else "every scan failed" if t["n_failures"] == t["n_images"] \
+            else "too few scans"
         print(f"  trust: failures {t['n_failures']} of {t['n_images']} | AUROC at catching them "
               f"{figure(t['auroc_trust'], '.3f', why)} (max probability alone "
               f"{figure(t['auroc_max_probability'], '.3f', why)}) | lowest 20 % hold "
-              f"{figure(t['failures_in_lowest_20pct_trust'], '.0%', 'no failures')} of them | flagged for review "
+              f"{figure(t['failures_in_lowest_20pct_trust'], '.0%', why)} of them | flagged for review "
               f"{t['review_flagged']} ({t['review_failures_caught']} failures) | lesion Dice of the 80 % most "
               f"trusted {figure(t['lesion_dice_most_trusted_80pct'], '.4f', 'no lesion scans')} (all "
               f"{figure(t['lesion_dice_all'], '.4f', 'no lesion scans')})")

@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     try:
         if out.exists():
             raise ValueError(f"{utils.printable(out)} exists: give a new file name (nothing is overwritten)")
+        if utils.unwritable(out):  # now, not after the export and its check
+            raise ValueError(utils.unwritable(out))
         scans = check_images(Path(args.check_images))
         if not scans:
             raise ValueError(f"no scans to check the export on in {utils.printable(args.check_images)}")

@@ -24,10 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "not read) and write the checkpoint with them as a NEW file. Training does this "
                                      "itself at its end.")
     parser.add_argument("--checkpoint", required=True, help="a run's best.pt or an exported model")
-    parser.add_argument("--data-dir", nargs="+", default=None,
+    parser.add_argument("--data-dir", nargs="+", action="extend", default=None,  # given twice: both
                         help="the sources the checkpoint was trained on (folders or bundles, PATH or NAME=PATH; "
                              "default: those it records)")
-    parser.add_argument("--split-file", nargs="+", default=None,
+    parser.add_argument("--split-file", nargs="+", action="extend", default=None,
                         help="their splits (PATH or NAME=PATH; default: those the checkpoint records, else the "
                              "committed split that lists a source's images)")
     parser.add_argument("--presence-keep", type=utils.unit_fraction, default=None,

@@ -172,29 +172,71 @@ def cache_path(checkpoint: Path, sha256: str) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.{sha256[:16]}.onnx{EXPORT_FORMAT}.onnx")
 
 
+def sidecar_path(cached: Path) -> Path:
+    """The file that records a cached export's own SHA-256: the export's metadata names the checkpoint, but only
+    this shows that its weights are the bytes that were written."""
+    return cached.with_name(cached.name + ".sha256")
+
+
+def _verified(path: Path) -> bool:
+    """Whether the cached export's bytes are those its sidecar records."""
+    try:
+        recorded = sidecar_path(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return recorded == file_sha256(path)
+
+
+def _ours(path: Path, sha: str) -> bool:
+    """Whether a file at the cache name was written by this cache (an export of this checkpoint, or one with a
+    sidecar), so that it may be replaced; anything else there is left alone."""
+    if sidecar_path(path).exists():
+        return True
+    try:
+        return OnnxModel(str(path), 1).metadata.get("busi.checkpoint_sha256") == sha
+    except Exception:  # noqa: BLE001 - a damaged or foreign file: onnxruntime's own error types
+        return False
+
+
 def cached_model(checkpoint: Path, state: dict, sha: str, threads: int | None = None) -> OnnxModel:
     """The checkpoint (loaded as `state`) run by onnxruntime: its cached export, or one made now and cached (written
-    atomically). Where it cannot be cached (a folder that cannot be written, or a file of that name that is not
-    this export, which is never replaced) the export is used from memory. `sha`: the checkpoint file's SHA-256."""
+    atomically, then its SHA-256 in a sidecar). A cached export is used only when its bytes match the sidecar and
+    its metadata names this checkpoint; a damaged one (or one without a sidecar) is exported again, with a note.
+    Where it cannot be cached (a folder that cannot be written, or a file of that name that is not this export,
+    which is never replaced) the export is used from memory. `sha`: the checkpoint file's SHA-256."""
     path = cache_path(checkpoint, sha)
+    replace = False
     if path.exists():
-        try:
-            cached = OnnxModel(str(path), threads)
-            if cached.metadata.get("busi.checkpoint_sha256") == sha:
-                return cached
-        except Exception:  # noqa: BLE001 - a damaged or foreign file: onnxruntime's own error types
-            pass
-        print(f"note: {utils.printable(path)} is not the ONNX export of {utils.printable(checkpoint.name)}; it is "
-              f"left alone, and the model is exported in memory", file=sys.stderr)
-        return OnnxModel(export(checkpoints.build_model(state, checkpoint), state, sha), threads)
+        if _verified(path):
+            try:
+                cached = OnnxModel(str(path), threads)
+                if cached.metadata.get("busi.checkpoint_sha256") == sha:
+                    return cached
+            except Exception:  # noqa: BLE001 - a damaged or foreign file: onnxruntime's own error types
+                pass
+        if not _ours(path, sha):
+            print(f"note: {utils.printable(path)} is not the ONNX export of {utils.printable(checkpoint.name)}; it "
+                  f"is left alone, and the model is exported in memory", file=sys.stderr)
+            return OnnxModel(export(checkpoints.build_model(state, checkpoint), state, sha), threads)
+        why = "its bytes differ from the SHA-256 recorded beside it" if sidecar_path(path).exists() else \
+            "no SHA-256 of it is recorded beside it"
+        print(f"note: the cached ONNX export {utils.printable(path)} cannot be trusted ({why}); exporting it again",
+              file=sys.stderr)
+        replace = True
     data = export(checkpoints.build_model(state, checkpoint), state, sha)
     try:
-        utils.atomic_write(path, data, replace=False)
+        utils.atomic_write(path, data, replace=replace)
     except FileExistsError:  # another process exported it meanwhile; this one's bytes are the same export
         pass
     except OSError as exc:
         print(f"note: cannot cache the ONNX export beside {utils.printable(checkpoint)} ({exc.strerror or exc}); "
               f"exported in memory", file=sys.stderr)
+        return OnnxModel(data, threads)
+    try:  # after the export: a kill between the two leaves an export without a sidecar, exported again next time
+        utils.atomic_write(sidecar_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode())
+    except OSError as exc:
+        print(f"note: cannot record the SHA-256 of the ONNX export {utils.printable(path)} "
+              f"({exc.strerror or exc}); it will be exported again next time", file=sys.stderr)
     return OnnxModel(data, threads)
 
 
@@ -302,7 +344,8 @@ def load(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", back
     require("onnxruntime", "the onnx backend")
     state = checkpoints.load_checkpoint(path)  # the torch model is built only to export it
     sha = file_sha256(path)
-    if not cache_path(path, sha).exists() and not installed("onnx"):  # onnx is needed only to export
+    cached = cache_path(path, sha)
+    if not (cached.exists() and _verified(cached)) and not installed("onnx"):  # onnx is needed only to export
         if backend == "auto":
             return checkpoints.build_model(state, path).to(device).eval(), state
         require("onnx", "the onnx backend (to export the checkpoint on first use)")

@@ -214,10 +214,11 @@ def fitting(stem: str) -> str:
 
 def display_names(paths: list[Path]) -> list[str]:
     """The `file` column: each input's path relative to the folder that holds them all (its name when they share
-    one folder), so that a.png from two folders gives two rows one can tell apart."""
-    parents = [p.resolve().parent for p in paths]
-    common = Path(os.path.commonpath(parents)) if parents else Path()
-    return [str(p.resolve().relative_to(common)) for p in paths]
+    one folder), so that a.png from two folders gives two rows one can tell apart; a symbolic link is named as
+    given, not by its target."""
+    given = [p.parent.resolve() / p.name for p in paths]  # a linked file keeps the name it was given, not its target's
+    common = Path(os.path.commonpath([g.parent for g in given])) if given else Path()
+    return [str(g.relative_to(common)) for g in given]
 
 
 def output_names(stem: str) -> tuple[str, str]:

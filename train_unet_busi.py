@@ -236,12 +236,13 @@ def open_run(args) -> tuple[dict | None, Path]:
         for key in HYPERPARAMETERS:
             if key in saved and "--" + key.replace("_", "-") not in args.explicit:
                 setattr(args, key, saved[key])
+        if args.eval_only and args.eval_split != "all" and "--split-file" not in args.explicit:
+            args.split_file = dataset.recorded_splits_for(saved, args.data_dir)  # never a split made afresh
         if args.resume is not None:  # the data and split the run started with: never another one silently
-            data, splits = dataset.recorded_sources(saved, check_data=not args.data_dir)
+            data, splits = dataset.recorded_sources(saved, not args.data_dir, args.data_dir, run_dir)
             args.data_dir = args.data_dir or data
             if "--split-file" not in args.explicit and splits is not None:
                 args.split_file = splits
-                args.explicit.add("--split-file")
     return state, run_dir
 
 
@@ -269,11 +270,10 @@ def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
     parts, split_sources = dataset.load_parts(sources, args.split_file, args.image_size, args.cache_dir or None,
                                               None if args.resume is not None else run_dir, only == "all", only)
     counts = {k: len(v["names"]) for k, v in parts.items()}
-    needed = (args.eval_split,) if args.eval_only else ("train", "val")  # a test part is optional (BUS-BRA's split
-                                                                         # and a site's labelled scans have none)
-    if any(counts.get(k, 0) == 0 for k in needed):
-        empty = ", ".join(k for k in needed if counts.get(k, 0) == 0)
-        raise ValueError(f"the split leaves no {empty} images ({counts}); add data or pass a --split-file")
+    # a test part is optional: BUS-BRA's split and a site's labelled scans have none
+    empty = [k for k in ((args.eval_split,) if args.eval_only else ("train", "val")) if not counts.get(k)]
+    if empty:
+        raise ValueError(f"the split leaves no {', '.join(empty)} images ({counts}); add data or pass a --split-file")
     if not args.eval_only and counts["train"] < 2:
         raise ValueError(f"training needs at least 2 images (BatchNorm), the split has {counts['train']}")
     return parts, sources, split_sources

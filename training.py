@@ -76,8 +76,14 @@ def repeat_index(labels: list[str], sources: list[str], spec: str, seed: int) ->
         raise ValueError(f"--repeat names {', '.join(sorted(unknown))}: neither a class nor a source of this run "
                          f"(sources: {', '.join(sorted(set(sources)))})")
     f = torch.tensor([factors.get(c, 1.0) * factors.get(s, 1.0) for c, s in zip(labels, sources)], dtype=torch.float64)
+    if len(f) and float(f.max()) > utils.MAX_REPEAT:  # a class factor times a source factor
+        raise ValueError(f"--repeat {spec!r} draws some images {float(f.max()):g} times an epoch (class and source "
+                         f"factors multiply): at most {utils.MAX_REPEAT}")
     extra = torch.rand(len(f), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < f - f.floor()
     counts = f.floor().long() + extra.long()
+    if int(counts.sum()) < 2:  # BatchNorm trains on 2 images at least; 0 would end in a division by zero
+        raise ValueError(f"--repeat {spec!r} leaves {int(counts.sum())} of {len(f)} training images per epoch: "
+                         f"raise its fractions")
     return torch.repeat_interleave(torch.arange(len(f)), counts)
 
 

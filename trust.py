@@ -109,11 +109,16 @@ def presence_curve(scores: np.ndarray, lesion: np.ndarray, outlined: np.ndarray)
 
 
 def presence_cut(scores: np.ndarray, lesion: np.ndarray, keep: float) -> float:
-    """The highest cut that keeps at least `keep` of the lesion scans (scores >= cut); -inf for keep 0."""
+    """A cut that keeps at least `keep` of the lesion scans (scores >= cut) and gates as many scans as it can: the
+    midpoint between the lowest lesion score kept and the next lower score (0 below the lowest), as
+    review_threshold does. Never on a score: applied in float32 (torch, onnxruntime), a cut on a validation scan's
+    float64 score would gate that scan on one backend and keep it on another. -inf for keep 0."""
     if keep <= 0 or not lesion.any():
         return -math.inf
     ranked = np.sort(scores[lesion])
-    return float(ranked[int(math.floor((1 - keep) * len(ranked) + 1e-9))])
+    kept = ranked[int(math.floor((1 - keep) * len(ranked) + 1e-9))]
+    below = scores[scores < kept]
+    return float((kept + (below.max() if below.size else 0.0)) / 2)
 
 
 def fit_presence(inputs: np.ndarray, lesion: np.ndarray, outlined: np.ndarray, keep: float, source: str,

@@ -65,6 +65,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_int_list(text: str) -> list[int]:
+    """'1,2' -> [1, 2]: comma-separated positive integers (thread counts)."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"should be positive integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers, got {text!r}")
+    return values
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
@@ -107,6 +118,9 @@ def repeat_spec(text: str) -> str:
     return text
 
 
+MAX_REPEAT = 100  # an image drawn more often per epoch is a typo (normal=1e9 asked for 48 GB), not a recipe
+
+
 def parse_repeat(text: str) -> dict[str, float]:
     """{'normal': 4.0, ...} from 'normal=4,...' (argparse.ArgumentTypeError for anything else)."""
     out: dict[str, float] = {}
@@ -118,6 +132,9 @@ def parse_repeat(text: str) -> dict[str, float]:
             factor = math.nan
         if not key or not (math.isfinite(factor) and factor > 0):
             raise argparse.ArgumentTypeError(f"{item!r} should be NAME=FACTOR with a factor > 0 (e.g. normal=4)")
+        if factor > MAX_REPEAT:
+            raise argparse.ArgumentTypeError(f"{item!r}: a factor above {MAX_REPEAT} (each image that often per "
+                                             f"epoch) is refused")
         out[key.strip()] = factor
     return out
 
@@ -179,8 +196,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                help=f"{helptext} (default: %(default)s)")
-        elif typing.get_origin(kind) is list:  # several values after one flag
-            group.add_argument(flag, type=check or typing.get_args(kind)[0], nargs="+", default=f.default,
+        elif typing.get_origin(kind) is list:  # several values after one flag; the flag twice adds, never replaces
+            group.add_argument(flag, type=check or typing.get_args(kind)[0], nargs="+", action="extend",
+                               default=f.default,
                                help=f"{helptext} (default: %(default)s)")
         else:
             group.add_argument(flag, type=check or kind, default=f.default, choices=choices,
@@ -402,6 +420,25 @@ def atomic_write_all(files: list[tuple[Path, object]], replaceable: set[str] | N
 def atomic_write(path: str | os.PathLike, data, replace: bool = True) -> None:
     """One file, atomically (see `atomic_write_all`); `replace=False` never replaces an existing file."""
     atomic_write_all([(Path(path), data)], None if replace else set())
+
+
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why no file can be created at `path` (a folder there, a file above it, a read-only place), probed with a
+    temp file before any slow work; None when it can."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory: give a file name"
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        return f"cannot write {path}: {existing} is not a folder"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        return f"cannot write {path}: {exc.strerror or exc}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def torch_save(obj, path: str | os.PathLike) -> None:

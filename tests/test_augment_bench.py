@@ -146,6 +146,16 @@ def test_bench_defaults_are_the_training_scripts_default_model():
     assert {k: bench[k] for k in shared} == {k: train[k] for k in shared}
 
 
+@pytest.mark.parametrize("flags", [["--threads", "0"], ["--threads", "-1"], ["--threads", "1,x"],
+                                   ["--rounds", "0"], ["--steps", "0"], ["--batch-size", "-2"]])
+def test_bench_refuses_counts_below_one_in_argparse(flags):
+    """--threads 0 / -1 and --rounds 0 ended in tracebacks deep in the benchmark."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench_busi.py"), "--backends", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: argument {flags[0]}" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 def test_training_flop_count_equals_a_hand_count_for_each_layer_type():
     """Forward + backward of depthwise 3x3, pointwise 1x1, dense 3x3 and 2x2 transposed convolutions, counted by
     hand (a multiply-add is 2 FLOPs; each layer's backward computes the input gradient where the input needs

@@ -311,6 +311,38 @@ def test_default_data_dir_is_dataset_busi_with_gt_in_the_working_folder(busi_dir
     assert dataset.split_matches(json.loads((tmp_path / "s.json").read_text()), dataset.discover_samples(root))
 
 
+def test_without_out_a_committed_split_of_other_images_is_never_replaced(busi_dir, tmp_path, monkeypatch, capsys):
+    """The repo's splits/ stands in a copy (a test never writes into the repo): other data gets a new file named
+    for it, the same data regenerates its own file, and a name taken by other images is refused."""
+    import shutil
+
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    shutil.copy(ROOT / "splits" / "busi_split.json", splits)
+    committed = (splits / "busi_split.json").read_bytes()
+    monkeypatch.setattr(dataset, "DEFAULT_SPLIT_FILE", splits / "busi_split.json")
+    root, _ = busi_dir
+    other = tmp_path / "Other"
+    shutil.copytree(root, other)
+    assert dataset.main(["--data-dir", str(other)]) == 0
+    assert (splits / "busi_split.json").read_bytes() == committed
+    made = splits / "Other_split.json"
+    assert "writing a new one, Other_split.json" in capsys.readouterr().out
+    assert dataset.split_matches(json.loads(made.read_text()), dataset.discover_samples(other))
+    made.write_text(made.read_text().replace('"method"', '"note": "regenerated?", "method"'))
+    assert dataset.main(["--data-dir", str(other)]) == 0  # the same images: its own file, regenerated
+    assert "regenerated?" not in made.read_text() and sorted(p.name for p in splits.iterdir()) == \
+        ["Other_split.json", "busi_split.json"]
+    (other / "benign" / "benign (3).png").unlink()  # now other images under the same folder name
+    (other / "benign" / "benign (3)_mask.png").unlink()
+    before = made.read_bytes()
+    capsys.readouterr()
+    assert dataset.main(["--data-dir", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Other_split.json is a split of other images" in err and "--out" in err
+    assert made.read_bytes() == before and (splits / "busi_split.json").read_bytes() == committed
+
+
 def test_good_bundle_command_still_works(busi_dir, tmp_path):
     root, _ = busi_dir
     result = _cli("--data-dir", root, "--bundle", tmp_path / "b.pt", "--image-size", "32")

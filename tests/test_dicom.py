@@ -136,6 +136,62 @@ def test_a_region_outside_the_image_or_a_spacing_of_zero_is_a_stated_skip(tmp_pa
     assert seconds.spacing is None and "centimetres" in seconds.spacing_source
 
 
+def test_absurd_spacings_tiny_regions_and_partial_bit_depths_are_refused(tmp_path):
+    """1e300 cm per pixel gave an infinite area, 1e-300 a 0.00 mm lesion: outside 0.001-10 mm a spacing is
+    unknown, with the reason. A 1x1 region is no image. 6 of 8 bits used is another grey scale: refused."""
+    frame, region = framed(sample_grey()[:60, :80])
+    for delta in ((1e300, 1e300), (1e-300, 1e-300), (0.01, 5.0)):
+        scan = dicom_io.load_scan(save(us_dataset(frame, region=region, delta_cm=delta), tmp_path / "a.dcm"))
+        assert scan.spacing is None and scan.region is not None, delta
+        assert scan.spacing_source.startswith("none:") and "0.001-10 mm" in scan.spacing_source, scan.spacing_source
+    ok = dicom_io.load_scan(save(us_dataset(frame, region=region, delta_cm=(0.0005, 0.0005)), tmp_path / "b.dcm"))
+    assert ok.spacing == pytest.approx((0.005, 0.005))  # a fine scanner's 5 micrometres is kept
+    dot = (region[0], region[1], region[0], region[1])  # one pixel
+    header = dicom_io.read_header(save(us_dataset(frame, region=dot), tmp_path / "dot.dcm"))
+    assert header.region is None and "1x1 pixels" in header.note and "too small" in header.spacing_source
+    narrow = us_dataset(frame)
+    narrow.BitsStored, narrow.HighBit = 6, 5
+    with pytest.raises(dataset.DataError, match="6 bits used"):
+        dicom_io.load_scan(save(narrow, tmp_path / "six.dcm"))
+
+
+def test_a_pixel_spacing_of_one_value_is_unknown_with_its_reason_and_the_folder_is_written(
+        tmp_path, checkpoint, capsys):  # noqa: F811
+    folder = tmp_path / "in"
+    one = us_dataset(sample_grey()[:60, :80])
+    one.PixelSpacing = "0.1"  # one value where there should be two: read back as a number, not a list
+    save(one, folder / "one.dcm")
+    Image.fromarray(sample_grey()[:60, :80]).save(folder / "plain.png")
+    scan = dicom_io.load_scan(folder / "one.dcm")
+    assert scan.spacing is None and scan.spacing_source == "none: the file's Pixel Spacing has 1 value(s), not 2 " \
+        "(row, column)"
+    assert Predictor(checkpoint, backend="torch")(folder / "one.dcm").spacing_source == scan.spacing_source
+    out = tmp_path / "out"
+    assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out),
+                              "--quiet", "--backend", "torch"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    rows = {r["file"]: r for r in read_rows(out)}
+    assert set(rows) == {"one.dcm", "plain.png"} and rows["one.dcm"]["area_mm2"] == ""
+
+
+def test_frame_numbers_start_at_one_in_the_api(tmp_path, checkpoint):  # noqa: F811
+    shutil.copy(examples.get_path("ybr_color"), tmp_path / "loop.dcm")
+    predictor = Predictor(checkpoint, backend="torch")
+    for frame in (0, -1, 1.0):
+        with pytest.raises(ValueError, match="from 1"):
+            predictor(tmp_path / "loop.dcm", frame=frame)
+    assert predictor(tmp_path / "loop.dcm", frame=1).frame == 1
+
+
+def test_a_truncated_header_is_called_truncated_not_a_report(tmp_path):
+    whole = wrapped_scan(tmp_path / "whole.dcm").read_bytes()
+    for size in (200, 400, 600):
+        (tmp_path / "cut.dcm").write_bytes(whole[:size])
+        with pytest.raises(dataset.DataError, match="truncated") as caught:
+            dicom_io.load_scan(tmp_path / "cut.dcm")
+        assert "report" not in str(caught.value) and leaked(str(caught.value)) == []
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Sizes in mm
 # ------------------------------------------------------------------------------------------------------------------

@@ -110,6 +110,40 @@ def test_a_foreign_file_at_the_cache_name_is_left_alone(shipped, tmp_path, capsy
     assert engine.outputs[:2] == ["mask_logits", "class_logits"]
 
 
+def test_a_damaged_cached_export_is_exported_again_with_a_note(shipped, tmp_path, capsys):
+    """Bits flipped in the cached export's weights leave its metadata (the checkpoint's SHA-256) intact: its own
+    SHA-256, recorded beside it, finds them, and the export is made again instead of giving other masks."""
+    copy = tmp_path / "model.pt"
+    shutil.copy(shipped["checkpoint"], copy)
+    cached = onnx_backend.cache_path(copy, onnx_backend.file_sha256(copy))
+    shutil.copy(shipped["cached"], cached)
+    shutil.copy(onnx_backend.sidecar_path(shipped["cached"]), onnx_backend.sidecar_path(cached))
+    data = bytearray(cached.read_bytes())
+    middle = len(data) // 2  # inside the weights (the graph and metadata are a few kB of 19 MB)
+    data[middle:middle + 65536] = b"\x7f" * 65536
+    cached.write_bytes(bytes(data))
+    damaged = onnx_backend.OnnxModel(str(cached), 1)  # still names the checkpoint: metadata alone cannot tell
+    assert damaged.metadata["busi.checkpoint_sha256"] == onnx_backend.file_sha256(copy)
+    scan = torch.from_numpy(np.asarray(Image.open(SCANS[0]).convert("L").resize((192, 192)), np.float32) / 255)
+    scan = scan[None, None]
+    with torch.no_grad():
+        expected = shipped["torch"](scan)[0]
+    assert not torch.allclose(damaged(scan)[0], expected, atol=1e-3)
+    capsys.readouterr()
+    engine, _ = onnx_backend.load(copy, "cpu", "onnx", threads=1)
+    err = capsys.readouterr().err
+    assert "cannot be trusted" in err and "differ" in err and len(err.strip().splitlines()) == 1
+    assert torch.allclose(engine(scan)[0], expected, atol=1e-3)
+    assert cached.read_bytes() == shipped["cached"].read_bytes()  # replaced by a fresh export
+    assert onnx_backend.sidecar_path(cached).read_text().strip() == onnx_backend.file_sha256(cached)
+    # a cache written without a sidecar (or whose sidecar is lost) is exported again too, then trusted
+    onnx_backend.sidecar_path(cached).unlink()
+    onnx_backend.load(copy, "cpu", "onnx", threads=1)
+    assert "no SHA-256 of it is recorded" in capsys.readouterr().err
+    onnx_backend.load(copy, "cpu", "onnx", threads=1)
+    assert capsys.readouterr().err == ""
+
+
 def test_predict_backends_write_the_same_masks_and_rows(shipped, tmp_path, capsys):
     rows = {}
     for backend in ("torch", "onnx"):
@@ -180,6 +214,28 @@ def test_export_command_checks_parity_and_never_overwrites(shipped, tmp_path, ca
     assert export_onnx.main(args) == 2 and out.read_bytes() == b"mine"
     assert "exists" in capsys.readouterr().err
     assert size < 25e6  # with the .pt (9.5 MB) it would pass the 25 MB a committed export may take: not committed
+
+
+def test_export_command_refuses_an_unwritable_output_before_exporting(shipped, tmp_path, capsys, monkeypatch):
+    """A path under a file, or in a read-only folder, was refused only after the whole export and its check."""
+    def no_export(*_):
+        raise AssertionError("exported although the output cannot be written")
+
+    monkeypatch.setattr(onnx_backend, "export", no_export)  # (to see that nothing slow ran first)
+    (tmp_path / "plain").write_text("a file")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        for out, said in ((tmp_path / "plain" / "m.onnx", "is not a folder"), (locked / "m.onnx", "cannot write")):
+            capsys.readouterr()
+            assert export_onnx.main(["--checkpoint", str(shipped["checkpoint"]), "--output", str(out)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and said in err, err
+            if os.geteuid() == 0:  # root writes anywhere: the read-only case cannot be made here
+                break
+    finally:
+        locked.chmod(0o700)
 
 
 def example_code() -> str:

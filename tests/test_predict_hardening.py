@@ -326,6 +326,20 @@ def test_several_inputs_are_all_predicted_and_a_file_reached_twice_once(tmp_path
     assert len(list((tmp_path / "shell").glob("*_pred.png"))) == 3
 
 
+def test_a_symbolic_link_is_listed_by_the_name_given_not_its_target(tmp_path, checkpoint):
+    target = save_scan(tmp_path / "store" / "x" / "scan.png", 30, 20)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "patientA.png").symlink_to(target)
+    proc = cli(checkpoint, "--input", tmp_path / "in" / "patientA.png", "--output", tmp_path / "one")
+    assert proc.returncode == 0, proc.stderr
+    assert predicted(tmp_path / "one") == ["patientA.png"]
+    save_scan(tmp_path / "in" / "b.png", 34, 22, seed=1)
+    proc = cli(checkpoint, "--input", tmp_path / "in", "--output", tmp_path / "folder")
+    assert proc.returncode == 0, proc.stderr
+    assert predicted(tmp_path / "folder") == ["b.png", "patientA.png"]
+    assert (tmp_path / "folder" / "patientA_pred.png").is_file()
+
+
 def test_an_input_that_matches_nothing_is_named_and_nothing_is_written(tmp_path, checkpoint):
     save_scan(tmp_path / "in" / "a.png", 30, 20)
     proc = cli(checkpoint, "--input", tmp_path / "typo*.png", "--input", tmp_path / "in", "--output", tmp_path / "out")

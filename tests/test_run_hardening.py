@@ -124,6 +124,41 @@ def test_atomic_writes_of_one_file_from_two_writers_never_collide(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 # --eval-only never overwrites results
 # ------------------------------------------------------------------------------------------------------------------
+def test_eval_only_scores_the_test_part_of_the_split_the_run_trained_with(busi_dir, tmp_path, capsys):
+    """A run trained with its own --split-file: a split computed afresh would put some of its training scans in
+    "test". --eval-only on that source uses the run's split, an explicit --split-file still wins, and a recorded
+    split that is gone is one line naming it."""
+    import dataset
+
+    root, _ = busi_dir
+    fresh = dataset.compute_split(root, progress=False)
+    custom = {"train": fresh["train"][4:] + fresh["test"], "val": fresh["val"], "test": fresh["train"][:4]}
+    split = tmp_path / "custom.json"
+    split.write_text(json.dumps(custom))
+    assert train(root, tmp_path, "--epochs", "1", "--run-name", "r", "--split-file", f"{root.name}={split}") == 0
+    capsys.readouterr()
+
+    def scored(folder):
+        with open(tmp_path / folder / "test_predictions.csv") as f:
+            return sorted(row["file"] for row in __import__("csv").DictReader(f))
+
+    assert train(root, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "r" / "best.pt"),
+                 "--run-name", "ev") == 0
+    assert f"from {split.resolve()}" in capsys.readouterr().out
+    assert scored("ev") == sorted(custom["test"]) and not set(scored("ev")) & set(custom["train"])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(fresh))
+    assert train(root, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "r" / "best.pt"),
+                 "--run-name", "ev2", "--split-file", str(other)) == 0
+    assert scored("ev2") == sorted(fresh["test"])
+    split.unlink()
+    capsys.readouterr()
+    assert train(root, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "r" / "best.pt"),
+                 "--run-name", "ev3") == 2
+    err = _last_error(capsys)
+    assert "custom.json" in err and "--split-file" in err and "not found" in err
+
+
 def test_eval_only_never_overwrites_a_run_or_an_earlier_evaluation(busi_dir, tmp_path, capsys):
     root, _ = busi_dir
     for name in ("r1", "r2"):

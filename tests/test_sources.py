@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +85,52 @@ def test_patient_pattern_and_groups_csv_keep_a_patients_views_on_one_side(two_so
         dataset.patient_groups(samples, "bus_")
 
 
+def test_a_grouping_that_matches_nothing_or_leaves_a_part_empty_is_refused_and_partial_ones_are_counted(
+        two_sources, tmp_path, capsys):
+    """A pattern or CSV that groups no file would leave every patient free to straddle the split; one that puts
+    all files in one group leaves the asked-for parts empty. Both: one line, exit code 2, nothing written."""
+    _, bra, _ = two_sources
+    out = tmp_path / "split.json"
+
+    def split(*flags):
+        capsys.readouterr()
+        code = dataset.main(["--data-dir", str(bra), "--fractions", "0.6", "0.4", "0", "--out", str(out), *flags])
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return code, captured.out, captured.err.strip()
+
+    samples = dataset.discover_samples(bra)
+    none_named, some_named = tmp_path / "none.csv", tmp_path / "some.csv"
+    none_named.write_text("image,group\npatient_1.png,1\npatient_2.png,1\n")
+    with open(some_named, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "group"])
+        for s in samples[:6]:
+            writer.writerow([Path(s.image).name, Path(s.image).name[:8]])
+    for flags, said in [(["--patient-pattern", "^(patient_[0-9]+)_"], "captures a patient in none of the 18"),
+                        (["--patient-pattern", "^()bus"], "non-empty"),
+                        (["--groups-csv", str(none_named)], "names none of the 18 images"),
+                        (["--patient-pattern", "(bus)"], "leaves no val images")]:
+        code, _, err = split(*flags)
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and said in err, (flags, err)
+        assert not out.exists()
+    code, printed, _ = split("--groups-csv", str(some_named))
+    assert code == 0 and "named 6 of 18 images; 12 left ungrouped" in printed and out.is_file()
+    out.unlink()
+    code, printed, _ = split("--patient-pattern", r"^(bus_000[1-3])-")
+    assert code == 0 and "matched 6 of 18 images; 12 left ungrouped" in printed
+
+
+def test_a_groups_csv_saved_with_a_byte_order_mark_is_read(two_sources, tmp_path):
+    """Spreadsheets save 'UTF-8 CSV' with a BOM: its first column is still 'image'."""
+    _, bra, _ = two_sources
+    samples = dataset.discover_samples(bra)
+    table = tmp_path / "groups.csv"
+    rows = "".join(f"{Path(s.image).name},{Path(s.image).name[:8]}\r\n" for s in samples)
+    table.write_bytes(("image,group\r\n" + rows).encode("utf-8-sig"))
+    assert dataset.patient_groups(samples, groups_csv=table) == dataset.patient_groups(samples, PATIENT)
+
+
 def history(run_dir):
     with open(run_dir / "history.csv") as f:
         return list(csv.DictReader(f))
@@ -133,6 +180,142 @@ def test_two_sources_validate_each_choose_on_their_mean_and_resume_from_another_
         moved.rename(bra)
 
 
+def _train_sources(tmp_path, capsys, *data_dir, extra=()):
+    capsys.readouterr()
+    code = T.main(["--data-dir", *map(str, data_dir), "--output-dir", str(tmp_path / "runs"), "--cache-dir",
+                   str(tmp_path / "cache"), *TINY, "--epochs", "1", *extra])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_one_folder_given_as_two_sources_is_refused(busi_dir, tmp_path, capsys):
+    """Under two names, or once through a symbolic link: it would be trained on twice."""
+    root = busi_dir[0]
+    link = tmp_path / "link"
+    link.symlink_to(root)
+    for second in (f"B={root}", str(link)):
+        code, err = _train_sources(tmp_path, capsys, f"A={root}", second)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "are one folder" in err, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_link_loop_is_one_line_and_the_suggested_name_for_a_second_source_works(busi_dir, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    code, err = _train_sources(tmp_path, capsys, loop)
+    assert code == 2 and err.strip() == f"error: cannot follow {loop}: a loop of symbolic links", err
+    other = tmp_path / "b" / busi_dir[0].name  # another folder of the same name
+    make_bra_dir(other)
+    with pytest.raises(dataset.DataError) as caught:
+        dataset.resolve_sources([str(busi_dir[0]), str(other)])
+    suggested = re.search(r"--data-dir (\S+=\S+)", str(caught.value)).group(1)
+    assert suggested == f"{busi_dir[0].name}_2={other}"
+    names = [n for n, _ in dataset.resolve_sources([str(busi_dir[0]), suggested])]
+    assert names == [busi_dir[0].name, f"{busi_dir[0].name}_2"]
+
+
+def test_identical_and_near_duplicate_scans_across_sources_are_refused_or_named(busi_dir, tmp_path, capsys):
+    """A copy of a source whose split tests on the other source's training scans: refused, naming them. The same
+    with the copies re-saved slightly brighter (near-duplicates, not identical): trained, with a warning naming
+    them; and scans in both training parts: a warning that they are trained on twice."""
+    import shutil
+
+    root = busi_dir[0]
+    fresh = dataset.compute_split(root, progress=False)
+    copy = tmp_path / "Copy"
+    shutil.copytree(root, copy)
+    leaked = fresh["train"][:3]
+    split = tmp_path / "copy_split.json"
+    split.write_text(json.dumps({"train": fresh["train"][3:], "val": fresh["val"], "test": fresh["test"] + leaked}))
+    flags = ("--split-file", f"Copy={split}")
+    code, err = _train_sources(tmp_path, capsys, root, copy, extra=flags)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "3 held-out scan(s)" in err and "identical to training scans" in err and leaked[0] in err, err
+    for name in leaked:  # re-saved 2 grey levels brighter: no longer identical, still the same scan
+        pixels = np.asarray(Image.open(copy / name).convert("L"), dtype=np.int16)
+        Image.fromarray(np.clip(pixels + 2, 0, 255).astype(np.uint8)).save(copy / name)
+    code, err = _train_sources(tmp_path, capsys, root, copy, extra=(*flags, "--run-name", "near"))
+    assert code == 0, err
+    assert "3 held-out scan(s) of one source are near-duplicates" in err and leaked[0] in err, err
+    assert "trained on twice" in err
+
+
+def test_a_source_whose_split_has_no_validation_part_is_refused(two_sources, tmp_path, capsys):
+    busi, bra, split_file = two_sources
+    split = json.loads(split_file.read_text())
+    empty_val = tmp_path / "no_val.json"
+    empty_val.write_text(json.dumps({"train": split["train"] + split["val"], "val": []}))
+    code, err = _train_sources(tmp_path, capsys, busi, f"BRA={bra}", extra=("--split-file", f"BRA={empty_val}"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "source BRA" in err and "no validation images" in err and "no_val.json" in err, err
+
+
+def test_a_list_flag_given_twice_takes_both_values(two_sources, tmp_path, capsys):
+    """--data-dir A --data-dir B trained on B alone: every list flag adds its values, as predict's --input does."""
+    import fit_trust
+
+    busi, bra, split_file = two_sources
+    args = T.parse_args(["--data-dir", str(busi), "--data-dir", f"BRA={bra}", "--split-file", f"BRA={split_file}",
+                         "--split-file", "X=y.json"])
+    assert args.data_dir == [str(busi), f"BRA={bra}"] and args.split_file == [f"BRA={split_file}", "X=y.json"]
+    parsed = fit_trust.build_parser().parse_args(["--checkpoint", "c.pt", "--output", "o.pt", "--data-dir", "a",
+                                                  "--data-dir", "b", "c",
+                                                  "--split-file", "s", "--split-file", "t"])
+    assert parsed.data_dir == ["a", "b", "c"] and parsed.split_file == ["s", "t"]
+    code, _ = _train_sources(tmp_path, capsys, busi, extra=("--data-dir", f"BRA={bra}", "--split-file",
+                                                             f"BRA={split_file}", "--run-name", "twice"))
+    assert code == 0
+    assert set(checkpoints.load_checkpoint(tmp_path / "runs" / "twice" / "best.pt")["config"]["split_file"]) == \
+        {"BRA", busi.name}
+
+
+def test_resume_refuses_a_changed_set_of_sources_and_a_folder_named_with_an_equals_sign_resumes(
+        two_sources, tmp_path, capsys):
+    """A renamed source trained every epoch and then failed in the history writer; a dropped one read NAME=PATH as a
+    path. Both are refused up front, naming the recorded sources; the run is untouched. A folder whose name holds
+    '=' is recorded under a name that reads back, and resumes."""
+    import shutil
+
+    busi, bra, split_file = two_sources
+    flags = ("--epochs", "2", "--stop-after", "1")
+    code, _ = _train_sources(tmp_path, capsys, busi, f"BRA={bra}",
+                             extra=("--split-file", f"BRA={split_file}", "--run-name", "r", *flags))
+    assert code == 0
+    run = tmp_path / "runs" / "r"
+    before = (run / "latest.pt").read_bytes()
+    for data_dir in ([busi, f"NEW={bra}"], [busi]):
+        capsys.readouterr()
+        assert T.main(["--resume", str(run), "--data-dir", *map(str, data_dir), "--cache-dir",
+                       str(tmp_path / "cache")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "trained on the sources" in err and "BRA" in err, err
+        assert (run / "latest.pt").read_bytes() == before and len(history(run)) == 1
+    assert T.main(["--resume", str(run), "--data-dir", str(busi), f"BRA={bra}", "--cache-dir",
+                   str(tmp_path / "cache")]) == 0
+    assert len(history(run)) == 2
+    odd = tmp_path / "hosp=B"
+    shutil.copytree(bra, odd)
+    code, _ = _train_sources(tmp_path, capsys, busi, odd, extra=("--run-name", "eq", *flags))
+    assert code == 0
+    recorded = checkpoints.load_checkpoint(tmp_path / "runs" / "eq" / "latest.pt")["config"]["data_dir"]
+    assert f"hosp_B={odd}" in recorded
+    assert T.main(["--resume", str(tmp_path / "runs" / "eq"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert len(history(tmp_path / "runs" / "eq")) == 2 and "hosp_B:val_score" in history(tmp_path / "runs" / "eq")[0]
+    # a run of one source whose folder moved to another name: its recorded split follows it
+    parts = json.loads(split_file.read_text())
+    own = tmp_path / "own_split.json"  # one source needs a test part
+    own.write_text(json.dumps({"train": parts["train"][2:], "val": parts["val"], "test": parts["train"][:2]}))
+    code, err = _train_sources(tmp_path, capsys, bra, extra=("--split-file", str(own), "--run-name", "one", *flags))
+    assert code == 0, err
+    moved = tmp_path / "Moved"
+    shutil.copytree(bra, moved)
+    capsys.readouterr()
+    assert T.main(["--resume", str(tmp_path / "runs" / "one"), "--data-dir", str(moved), "--cache-dir",
+                   str(tmp_path / "cache")]) == 0
+    assert f"from {own.resolve()}" in capsys.readouterr().out and len(history(tmp_path / "runs" / "one")) == 2
+
+
 def test_the_mean_of_the_sources_ranks_epochs_not_the_pooled_images():
     """Source A (8 images) gains 0.1 where source B (2 images) loses 0.3: pooled, the epoch wins; on the mean it
     does not."""
@@ -159,6 +342,24 @@ def test_repeat_draws_each_class_and_source_as_often_as_asked():
         T.parse_args(["--repeat", "normal=-1"])
 
 
+def test_absurd_repeat_factors_an_empty_epoch_and_a_source_named_like_a_class_are_one_line_each(
+        two_sources, tmp_path, capsys):
+    """normal=1e9 asked for a 48 GB allocation; A=0.01,B=0.01 drew 0 images and divided by zero; a source named
+    'normal' took both the class's factor and its own."""
+    busi, bra, split_file = two_sources
+    for spec in ("normal=1e9", "normal=101"):
+        with pytest.raises(SystemExit):
+            T.parse_args(["--repeat", spec])
+        assert "above 100" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="draws some images 400 times"):  # 20 x 20: each factor allowed, not both
+        training.repeat_index(["normal", "benign"], ["A", "A"], "normal=20,A=20", seed=0)
+    code, err = _train_sources(tmp_path, capsys, busi, f"BRA={bra}", extra=(
+        "--split-file", f"BRA={split_file}", "--repeat", f"{busi.name}=0.01,BRA=0.01", "--run-name", "few"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "training images per epoch" in err, err
+    code, err = _train_sources(tmp_path, capsys, busi, f"normal={bra}", extra=("--run-name", "cls"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "named like a class ('normal'" in err, err
+
+
 # ------------------------------------------------------------------------------------------------ the gate
 def test_presence_gate_keeps_the_asked_share_of_lesion_scans_and_picks_the_fewest_false_outlines():
     rng = np.random.default_rng(0)
@@ -177,6 +378,23 @@ def test_presence_gate_keeps_the_asked_share_of_lesion_scans_and_picks_the_fewes
     assert trust.fit_presence(inputs[:200], lesion[:200], outlined[:200], 0.98, "no normals") is None
     # no normal scan outlined without a gate: a gate could only cost lesions, so there is none
     assert trust.fit_presence(inputs, lesion, np.r_[outlined[:200], np.zeros(40, bool)], 0.98, "nothing to gain") is None
+
+
+def test_the_gates_cut_lies_between_validation_scores_so_float32_gates_what_the_fit_counted():
+    """A cut exactly on a lesion scan's float64 score gated that scan or not depending on how its float32 score
+    rounded (torch and onnxruntime disagreed, and the fit's 'missed' figure disagreed with the count)."""
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        lesion = np.r_[np.ones(60, bool), np.zeros(20, bool)]
+        outlined = np.ones(80, bool)
+        inputs = np.c_[rng.normal(2, 1, 80), np.where(lesion, rng.normal(2, 1, 80), rng.normal(-1, 1, 80))]
+        gate = trust.fit_presence(inputs, lesion, outlined, 0.9, "synthetic")
+        scores = gate["candidates"][gate["candidate"]]["curve"]  # (cut, ...) rows: -inf, then every score
+        assert gate["cut"] not in {row[0] for row in scores}
+        emptied = trust.gated(trust.presence_probability(torch.tensor(inputs, dtype=torch.float32), gate), gate)
+        emptied = emptied.numpy()
+        assert emptied[lesion].mean() == pytest.approx(gate["missed_rate"]), seed  # every lesion scan is outlined
+        assert (~emptied[~lesion]).mean() == pytest.approx(gate["normal_fp_rate"]), seed
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,26 @@ from inference import Predictor
 SAMPLE = ROOT / "data" / "busi_sample"
 
 
+def test_a_source_where_every_scan_failed_says_so_not_no_failures(capsys):
+    """Its failure AUROC is undefined because no outline was right, not because none failed."""
+    import evaluation
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(12):
+        source, good = ("A", i % 2 == 0) if i < 6 else ("B", False)
+        records.append({"file": f"{source}/benign/{i}.png", "label": "benign", "dice": 0.9 if good else 0.1,
+                        "iou": 0.8 if good else 0.05, "pred_pixels": 50, "gt_pixels": 50, "inter": 45 if good else 3,
+                        "trust": float(rng.random()), "max_probability": float(rng.random()), "review": False,
+                        "source": source})
+    summary = evaluation.summarize(records, with_trust=True)
+    assert summary["per_source"]["B"]["trust"]["n_failures"] == 6
+    evaluation.print_summary("validation", summary)
+    lines = {line.split(":")[0].strip(): line for line in capsys.readouterr().out.splitlines()}
+    assert "n/a (every scan failed)" in lines["source B"] and "no failures" not in lines["source B"]
+    assert "n/a" not in lines["source A"]
+
+
 # ---------------------------------------------------------------------------------------------- the maths
 def test_logistic_fit_separates_and_the_temperature_is_recovered():
     rng = np.random.default_rng(0)
