@@ -11,6 +11,7 @@ import torch
 
 import trust
 import unet
+import utils
 from utils import DEFAULT_CHECKPOINT, torch_save  # noqa: F401 (the shipped model: every tool's default)
 
 CHECKPOINT_FORMAT = "busi-unet-v1"
@@ -182,3 +183,61 @@ def export_checkpoint(src, dst: str | os.PathLike, half: bool = True) -> dict:
         slim["trust"] = first["trust"]
     save_checkpoint(slim, dst)
     return slim
+
+
+def run_to_resume(resume: str, run_name: str | None, output_dir: Path) -> tuple[dict, Path]:
+    """(the checkpoint dict, its path) that --resume names: the run folder's latest.pt (--resume with --run-name,
+    or --resume FOLDER), or the file given."""
+    if not resume and not run_name:
+        raise ValueError("--resume needs --run-name NAME (or --resume PATH to a run folder or latest.pt)")
+    path = Path(resume) if resume else output_dir / run_name
+    path = path / "latest.pt" if path.is_dir() or not resume else path
+    if not path.exists() and path.parent.is_dir() and \
+            utils.made_before_training({p.name for p in path.parent.iterdir()}):
+        raise ValueError(f"nothing to resume: {path.parent} has no checkpoint (its run stopped before its first "
+                         f"epoch ended); start the run again without --resume (the folder is taken over)")
+    return load_checkpoint(path), path
+
+
+def check_resumable(state: dict, path: Path) -> None:
+    """A ValueError where `state` is not a training run that can go on."""
+    if "optimizer" not in state:  # an exported model (or ensemble): weights only
+        raise ValueError(f"{path} holds weights only (an exported model), not a training run to resume: "
+                         f"evaluate it with --eval-only --checkpoint {path}")
+    if "train_model" in state:
+        raise ValueError(f"{path} was trained with --ema, an option since removed (it measured no gain): "
+                         f"evaluate its best.pt with --eval-only, or start a new run")
+
+
+def adopt_architecture(args, start: dict, fixed: tuple[str, ...]) -> None:
+    """A run that starts from a checkpoint (--init-from) takes its architecture and input size (the `fixed`
+    hyperparameters) and its heads; a flag that asks for another architecture is refused."""
+    saved = {"encoder": "none", "full_res_decoder": True, **(start.get("config") or {})}
+    for key in fixed:
+        flag = "--" + key.replace("_", "-")
+        if flag in args.explicit and key in saved and getattr(args, key) != saved[key]:
+            raise ValueError(f"{flag} {getattr(args, key)} differs from {args.init_from}'s {saved[key]}: a run that "
+                             f"starts from a checkpoint keeps its architecture and input size; drop {flag}")
+        if key in saved:
+            setattr(args, key, saved[key])
+    for key in ("cls_weight", "deep_supervision"):  # the heads it has (a head it lacks cannot be trained)
+        if key in saved and "--" + key.replace("_", "-") not in args.explicit:
+            setattr(args, key, saved[key])
+
+
+def site_record(init_from: str | None, sources: list, parts: dict, state: dict | None) -> dict:
+    """What a site run records of itself in its config (kept by a resume): the checkpoint it started from, its
+    SHA-256, the site's sources and how many images each part holds."""
+    if init_from is None:
+        return state["config"]["init_from"]
+    record = {"checkpoint": str(Path(init_from).resolve()), "sha256": utils.file_sha256(init_from),
+              "site": [n for n, _ in sources], "images": {k: len(v["names"]) for k, v in parts.items()}}
+    print(f"site run: from {init_from} on {', '.join(record['site'])} ({record['images']})", flush=True)
+    return record
+
+
+def trained_on(state: dict, sources: list) -> bool:
+    """Whether every source (name, folder) is one the checkpoint records it was trained and fitted on."""
+    recorded = {Path(p.split("=", 1)[-1]).resolve() for p in (state.get("config") or {}).get("data_dir") or []
+                if isinstance(p, str)}
+    return all(Path(p).resolve() in recorded for _, p in sources)

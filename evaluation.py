@@ -10,6 +10,7 @@ import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe beside the Tk app
 
 import augment
+import checkpoints
 import dataset
 import inference
 import metrics
@@ -205,6 +206,30 @@ def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, 
     return fitted, summary
 
 
+NO_TEST_PART = "no source's split has a test part (score best.pt with --eval-only on data it never saw)"
+
+
+def fit_then_test(run_dir: Path, parts: dict, scanner_of: dict, device: torch.device, hp, site_run: bool,
+                  extra: dict) -> None:
+    """The end of a training run: fit best.pt's trust score, "no lesion" gate, calibration and familiarity range
+    on train and validation (a site run's gate applies at the site: trust.gate_applies), store them in it, then
+    test it ONCE on the sources that have a test part (metrics.json either way)."""
+    best, best_state = checkpoints.load_model(run_dir / "best.pt", device)
+    best = best.to(memory_format=torch.channels_last)
+    fitted, val_summary = fit_and_describe(best, parts, device, utils.inference_dtype(device, hp.amp), hp.threshold,
+                                           hp.tta, hp.eval_batch_size, hp.presence_keep, run_dir, scanner_of)
+    if site_run:
+        fitted = {**fitted, "gate_scope": trust.SITE_GATE}
+    checkpoints.save_checkpoint({**best_state, "trust": fitted}, run_dir / "best.pt")
+    print_summary("validation with the fitted gate (in-sample for the gate and trust)", val_summary)
+    extra = {**extra, "val_fitted": val_summary, "checkpoint": str(run_dir / "best.pt")}
+    if not len(parts.get("test", {}).get("names", [])):
+        utils.write_json(run_dir / "metrics.json", {"test": None, "why_no_test": NO_TEST_PART, **extra})
+        print(f"no test evaluation: {NO_TEST_PART}; wrote {run_dir}/metrics.json", flush=True)
+        return
+    report(best, parts["test"], run_dir, "test", hp, device, extra, fitted)
+
+
 def write_presence_figure(path: Path, presence: dict) -> None:
     """Normal scans left outlined against lesion scans missed, on validation, for each candidate "no lesion"
     score over all its cuts; the chosen cut of each marked, and the outcome without any gate."""
@@ -266,11 +291,12 @@ def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> b
     return True
 
 
-def report(model, data, run_dir, split, hp, device, extra, fitted_trust=None) -> dict:
+def report(model, data, run_dir, split, hp, device, extra, fitted_trust=None, gate_mode: str = "apply") -> dict:
     """One evaluation of `model` on a split at the run's threshold and TTA (`hp`), with trust scores and the "no
-    lesion" gate where the checkpoint has them: written (`write_report`), printed, returned."""
+    lesion" gate where the checkpoint has them (`gate_mode`: trust.gate_applies): written (`write_report`), printed,
+    returned."""
     summary, records = evaluate(model, data, device, utils.inference_dtype(device, hp.amp), hp.threshold,
-                                hp.eval_batch_size, hp.tta, fitted_trust=fitted_trust)
+                                hp.eval_batch_size, hp.tta, fitted_trust=fitted_trust, gate_mode=gate_mode)
     write_report(run_dir, summary, records, extra, split)
     print_summary(f"{split} ({extra['checkpoint']}{', flip TTA' if hp.tta else ''}, threshold {hp.threshold})",
                   summary)

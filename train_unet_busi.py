@@ -5,6 +5,7 @@
     python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT --recipe busi-only
     python train_unet_busi.py --resume --run-name NAME   # continue a killed run
     python train_unet_busi.py --eval-only --checkpoint checkpoints/busi_busbra_lite0_192.pt --data-dir PATH/...
+    python train_unet_busi.py --init-from checkpoints/busi_busbra_lite0_192.pt --data-dir SITE   # a new site
 
 Every hyperparameter is a field below with its default and a comment: edit it here, or pass its --flag (`--help`).
 A run folder <output-dir>/<run-name>/ gets latest.pt (at most once a minute, and at the end), best.pt (best mean of
@@ -83,9 +84,8 @@ class Settings:
     split_file: list[str] | None = None  # a source's split (PATH or NAME=PATH); None: the committed split in
                                          # splits/ that lists exactly its images (BUSI's, BUS-BRA's), else a
                                          # leakage-safe split computed into the run folder
-    init_from: str | None = None        # start from this checkpoint's weights and architecture: a site run (the
-                                        # "site" recipe below unless --recipe names another; its gate and trust
-                                        # are fitted on the site's validation part and apply there by default)
+    init_from: str | None = None        # start from this checkpoint's weights and architecture: a site run (recipe
+                                        # "site" below; its gate is fitted on the site's validation and applies there)
     output_dir: str = "checkpoints"     # parent of the run folders
     run_name: str | None = None         # run folder name (None: a timestamp)
     cache_dir: str = ".cache"           # decoded-tensor cache, keyed by data and size ('' = none)
@@ -106,13 +106,11 @@ FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "full_res_decoder", "b
 # these values instead (flags given still win), so that a first run learns visibly in about 2 CPU minutes.
 SAMPLE_RECIPE = {"encoder": "lite0", "pretrained": True, "image_size": 128, "epochs": 40, "batch_size": 8,
                  "lr": 1e-3, "warmup_epochs": 3, "repeat": "", "scanner_augment": 0.0}
-# The recipe before a second hospital's scans came in, kept so that its figures and the literature rows still
-# compare: --recipe busi-only (with --data-dir PATH/Dataset_BUSI_with_GT alone).
+# busi-only: the recipe before a second hospital came in (its figures and the literature rows still compare);
+# site (the default with --init-from): a short, gentle fine-tune on a few labelled patients of a new site, chosen
+# on the two-hospital simulation (simulate_site.py; docs/results.md, "Your own scans").
 RECIPES = {"busi-only": {"repeat": "", "scanner_augment": 0.0, "epochs": 40},
-           # A short, gentle fine-tune of a trained model on a few labelled patients of a new site (--init-from),
-           # chosen on the two-hospital simulation (simulate_site.py; docs/results.md, "Your own scans")
-           "site": {"epochs": 10, "lr": 1e-4, "warmup_epochs": 1, "batch_size": 8, "repeat": "",
-                    "scanner_augment": 0.0}}
+           "site": {"epochs": 10, "lr": 1e-4, "warmup_epochs": 1, "batch_size": 8, "repeat": "", "scanner_augment": 0}}
 # How long the recipe above takes, as printed after a sample run (the measurement: RESULTS.md, "Two hospitals")
 DEFAULT_RECIPE_TIME = ("the default recipe (BUSI + BUS-BRA, LiteUNet lite0, 192 px, 20 epochs): two runs side by side "
                        "took 67 min on 2 CPU cores with bf16 instructions (1 thread each; RESULTS.md)")
@@ -132,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=utils.positive_int, default=None, metavar="N",
                    help="train at most N epochs in this invocation, then save and exit (continue with --resume)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint once and write metrics.json")
-    g.add_argument("--checkpoint", default=None,
-                   help="checkpoint for --eval-only: a run's best.pt, or an exported model or ensemble")
+    g.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only: a best.pt or an exported model")
     g.add_argument("--eval-split", choices=("test", "val", "train", "all"), default="test",
                    help="split that --eval-only scores (default: %(default)s); compare levers such as --tta or "
                         "--threshold on val, so the test split chooses nothing; 'all' scores every image of "
@@ -169,7 +166,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.init_from is not None and (args.eval_only or args.resume is not None):
         parser.error("--init-from starts a new run: it cannot be combined with --eval-only or --resume")
     if args.resume is None and not args.eval_only and args.init_from is None and args.encoder != "none" and \
-            args.pretrained and unet.weights_package_missing(args.encoder):  # now, not after the data is decoded
+            args.pretrained and unet.weights_package_missing(args.encoder):  # now, before the data is decoded
         parser.error(unet.weights_package_missing(args.encoder))
     if args.bce_weight == 0 and args.dice_weight == 0:
         parser.error("--bce-weight and --dice-weight are both 0: the masks would learn nothing")
@@ -186,22 +183,9 @@ def open_run(args) -> tuple[dict | None, Path]:
     hyperparameters replace the defaults, except those given on the command line."""
     output_dir, state = Path(args.output_dir), None
     if args.resume is not None:
-        if not args.resume and not args.run_name:
-            raise ValueError("--resume needs --run-name NAME (or --resume PATH to a run folder or latest.pt)")
-        path = Path(args.resume) if args.resume else output_dir / args.run_name
-        path = path / "latest.pt" if path.is_dir() or not args.resume else path
-        if not path.exists() and path.parent.is_dir() and \
-                utils.made_before_training({p.name for p in path.parent.iterdir()}):
-            raise ValueError(f"nothing to resume: {path.parent} has no checkpoint (its run stopped before its first "
-                             f"epoch ended); start the run again without --resume (the folder is taken over)")
-        state, run_dir = checkpoints.load_checkpoint(path), path.parent
-        args.claimed = utils.claim_for_resume(run_dir)  # one process at a time trains into a run folder
-        if "optimizer" not in state:  # an exported model (or ensemble): weights only
-            raise ValueError(f"{path} holds weights only (an exported model), not a training run to resume: "
-                             f"evaluate it with --eval-only --checkpoint {path}")
-        if "train_model" in state:
-            raise ValueError(f"{path} was trained with --ema, an option since removed (it measured no gain): "
-                             f"evaluate its best.pt with --eval-only, or start a new run")
+        state, path = checkpoints.run_to_resume(args.resume, args.run_name, output_dir)
+        run_dir = args.claimed = utils.claim_for_resume(path.parent)  # one process at a time trains into a folder
+        checkpoints.check_resumable(state, path)
     elif args.eval_only:
         state = checkpoints.load_checkpoint(args.checkpoint)
         name = Path(args.checkpoint)
@@ -214,7 +198,7 @@ def open_run(args) -> tuple[dict | None, Path]:
         sample = [p for _, p in dataset.resolve_sources(args.data_dir, announce=False)] == [dataset.SAMPLE_DIR]
         if args.init_from is not None:
             args.recipe = args.recipe or "site"
-            init_architecture(args, checkpoints.load_checkpoint(args.init_from))
+            checkpoints.adopt_architecture(args, checkpoints.load_checkpoint(args.init_from), FIXED_FOR_A_RUN)
         for name, recipe in (("sample recipe (SAMPLE_RECIPE, for the bundled sample only)", SAMPLE_RECIPE if sample
                               and args.init_from is None else {}),
                              (f"recipe {args.recipe}", RECIPES.get(args.recipe, {}))):
@@ -244,22 +228,6 @@ def open_run(args) -> tuple[dict | None, Path]:
             if "--split-file" not in args.explicit and splits is not None:
                 args.split_file = splits
     return state, run_dir
-
-
-def init_architecture(args, start: dict) -> None:
-    """A site run takes the architecture and input size of the checkpoint it starts from (--init-from); a flag
-    that asks for another is refused."""
-    saved = {"encoder": "none", "full_res_decoder": True, **(start.get("config") or {})}
-    for key in FIXED_FOR_A_RUN:
-        flag = "--" + key.replace("_", "-")
-        if flag in args.explicit and key in saved and getattr(args, key) != saved[key]:
-            raise ValueError(f"{flag} {getattr(args, key)} differs from {args.init_from}'s {saved[key]}: a run that "
-                             f"starts from a checkpoint keeps its architecture and input size; drop {flag}")
-        if key in saved:
-            setattr(args, key, saved[key])
-    for key in ("cls_weight", "deep_supervision"):  # the heads it has (a head it lacks cannot be trained)
-        if key in saved and "--" + key.replace("_", "-") not in args.explicit:
-            setattr(args, key, saved[key])
 
 
 def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
@@ -297,30 +265,19 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
                     decoder_channels=unet.LITE_DECODER[:5 if args.full_res_decoder else 4])
 
 
-NO_TEST_PART = "no source's split has a test part (score best.pt with --eval-only on data it never saw)"
-
-
-def trust_then_test(args, trainer, parts, sources, run_dir: Path, device, config: dict) -> None:
-    """Fit best.pt's trust score, "no lesion" gate and calibration on train and validation, store them in it, then
-    test it ONCE (the sources that have a test part)."""
-    best, best_state = checkpoints.load_model(run_dir / "best.pt", device)
-    best = best.to(memory_format=torch.channels_last)
-    print(f"best epoch {trainer.best_epoch} (validation score {trainer.best_score:.4f}); fitting the trust score, "
-          f"the 'no lesion' gate and the calibration on train and validation", flush=True)
-    fitted, val_summary = evaluation.fit_and_describe(best, parts, device, utils.inference_dtype(device, args.amp),
-                                                      args.threshold, args.tta, args.eval_batch_size,
-                                                      args.presence_keep, run_dir, dataset.scanners(sources))
-    if args.init_from is not None:  # fitted on the site's own validation part: there the gate may empty masks
-        fitted = {**fitted, "gate_scope": trust.SITE_GATE}
-    checkpoints.save_checkpoint({**best_state, "trust": fitted}, run_dir / "best.pt")
-    evaluation.print_summary("validation with the fitted gate (in-sample for the gate and trust)", val_summary)
-    extra = {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "val_fitted": val_summary,
-             "config": config, "checkpoint": str(run_dir / "best.pt")}
-    if not len(parts.get("test", {}).get("names", [])):
-        utils.write_json(run_dir / "metrics.json", {"test": None, "why_no_test": NO_TEST_PART, **extra})
-        print(f"no test evaluation: {NO_TEST_PART}; wrote {run_dir}/metrics.json", flush=True)
-        return
-    evaluation.report(best, parts["test"], run_dir, "test", args, device, extra, fitted)
+def evaluate_only(args, state: dict, model, part: dict, sources: list, run_dir: Path, device, config: dict) -> int:
+    """--eval-only: one evaluation. The "no lesion" gate empties masks at the hospitals it was fitted at (the
+    checkpoint's sources) and where trust.gate_applies says so; elsewhere it only marks."""
+    fitted, why_not = checkpoints.fitted_trust(state)
+    if why_not:
+        print(f"warning: {args.checkpoint}: {why_not}", file=sys.stderr)
+    own = checkpoints.trained_on(state, sources)
+    evaluation.report(model, part, run_dir, args.eval_split, args, device,
+                      {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"), "config": config,
+                       "val_at_best": state.get("best_val"), "gate": "applied" if own or trust.gate_applies(
+                           fitted, "auto") else "marked only (fitted at other hospitals)"},
+                      fitted, "apply" if own else "auto")
+    return 0
 
 
 def print_next_steps(run_dir: Path, sources: list) -> None:
@@ -353,27 +310,15 @@ def run(args) -> int:
     config = {k: getattr(args, k) for k in HYPERPARAMETERS}
     config.update(data_dir=[dataset.source_spec(n, p) for n, p in sources], split_file=split_sources,
                   device=str(device), amp=args.amp, model=model.config)
-    if args.init_from is not None and state is None:  # a site run: what it started from, and on how much
-        config["init_from"] = {"checkpoint": str(Path(args.init_from).resolve()),
-                               "sha256": utils.file_sha256(args.init_from), "site": [n for n, _ in sources],
-                               "images": {k: len(v["names"]) for k, v in parts.items()}}
-        print(f"site run: from {args.init_from} on {', '.join(n for n, _ in sources)} "
-              f"({config['init_from']['images']})", flush=True)
-    elif state is not None and "init_from" in (state.get("config") or {}):
-        config["init_from"] = state["config"]["init_from"]
+    if args.init_from is not None or "init_from" in ((state or {}).get("config") or {}):  # a site run's record
+        config["init_from"] = checkpoints.site_record(args.init_from, sources, parts, state)
     print(f"model: {type(model).__name__}{model.config} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           f"parameters | device {device}, autocast: train {dtype}, eval {utils.inference_dtype(device, args.amp)} | "
           f"image {args.image_size}px", flush=True)
     if device.type == "cpu":
         print(utils.describe_cpu(dtype), flush=True)
     if args.eval_only:
-        fitted, why_not = checkpoints.fitted_trust(state)
-        if why_not:
-            print(f"warning: {args.checkpoint}: {why_not}", file=sys.stderr)
-        evaluation.report(model, parts[args.eval_split], run_dir, args.eval_split, args, device,
-                          {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"),
-                           "config": config, "val_at_best": state.get("best_val")}, fitted)
-        return 0
+        return evaluate_only(args, state, model, parts[args.eval_split], sources, run_dir, device, config)
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----
     train = training.epoch_set(parts["train"], args.repeat, args.seed, device)
@@ -421,7 +366,10 @@ def run(args) -> int:
     # ---- one evaluation of best.pt on the test split ----
     if trainer.best_epoch is None:
         raise ValueError("no epoch made a best.pt to evaluate (none finished with finite validation outputs)")
-    trust_then_test(args, trainer, parts, sources, run_dir, device, config)
+    print(f"best epoch {trainer.best_epoch} (validation score {trainer.best_score:.4f}); fitting the trust score, "
+          f"the 'no lesion' gate and the calibration on train and validation", flush=True)
+    evaluation.fit_then_test(run_dir, parts, dataset.scanners(sources), device, args, args.init_from is not None,
+                             {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "config": config})
     print_next_steps(run_dir, sources)
     return 0
 

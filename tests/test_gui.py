@@ -413,7 +413,8 @@ def test_presence_probability_and_the_no_lesion_gate_in_the_window(root, gui, ch
     and its Dice is that of an empty mask."""
     state = checkpoints.load_checkpoint(checkpoint)
     gate = {"weights": torch.tensor([1.0, 0.0]), "bias": 0.0, "cut": 2.0, "candidate": "max_probability"}
-    checkpoints.save_checkpoint({**state, "trust": {**state["trust"], "presence": gate}}, tmp_path / "gated.pt")
+    checkpoints.save_checkpoint({**state, "trust": {**state["trust"], "presence": gate, "gate_scope": "site"}},
+                                tmp_path / "gated.pt")
     items, note = gui.dataset_items(SAMPLE, "all")
     lesion = [it for it in items if it.label != "normal"][:2]
     app = gui.InspectorApp(root, tmp_path / "gated.pt", lesion, "cpu", source=note)

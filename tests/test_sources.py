@@ -399,14 +399,16 @@ def test_the_gates_cut_lies_between_validation_scores_so_float32_gates_what_the_
 
 @pytest.fixture(scope="module")
 def gated_checkpoints(tmp_path_factory):
-    """The tiny model with a gate that empties every mask, and one that empties none."""
+    """The tiny model with a gate that empties every mask, and one that empties none (both fitted on the scans'
+    own site, so that they apply by default)."""
     folder = tmp_path_factory.mktemp("gate")
     base = checkpoints.load_checkpoint(save_tiny_checkpoint(folder / "base.pt"))
     paths = {}
     for name, cut in (("all", 2.0), ("none", -1.0)):  # a probability is never >= 2, always >= -1
         gate = {"weights": torch.tensor([1.0, 0.0]), "bias": 0.0, "cut": cut, "candidate": "max_probability"}
         paths[name] = folder / f"{name}.pt"
-        checkpoints.save_checkpoint({**base, "trust": {**base["trust"], "presence": gate}}, paths[name])
+        checkpoints.save_checkpoint({**base, "trust": {**base["trust"], "presence": gate,
+                                                       "gate_scope": trust.SITE_GATE}}, paths[name])
     return paths
 
 

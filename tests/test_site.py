@@ -1,0 +1,249 @@
+"""A new site: familiarity (scans unlike the training hospitals'), the "no lesion" gate that empties masks only where
+it was fitted, adapt.py (normalisation statistics from a site's unlabelled scans) and site runs (--init-from)."""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import shutil
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+from test_predict import IMAGE_SIZE, save_tiny_checkpoint, scan
+
+import checkpoints
+import dataset
+import inference
+import trust
+import utils
+from inference import Predictor
+
+SAMPLE = ROOT / "data" / "busi_sample"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Familiarity
+# --------------------------------------------------------------------------------------------------------------
+def test_the_range_keeps_the_asked_share_of_every_sources_validation_scans_and_far_scans_lie_outside():
+    rng = np.random.default_rng(0)
+    mix = torch.tensor(rng.normal(size=(10, 10)), dtype=torch.float32)
+    train = torch.tensor(rng.normal(size=(800, 10)), dtype=torch.float32) @ mix
+    val = torch.tensor(rng.normal(size=(400, 10)), dtype=torch.float32) @ mix
+    sources = ["A"] * 100 + ["B"] * 300
+    familiar = trust.fit_familiarity(train, val, sources, "test")
+    assert trust.familiarity_problem(familiar) is None
+    near = trust.familiarity(val, familiar)
+    for s in ("A", "B"):  # every source keeps at least the quantile (the cut is the larger of theirs)
+        share = float((near[np.array(sources) == s] <= 1).float().mean())
+        assert share >= trust.FAMILIARITY_QUANTILE - 1e-9 and familiar["in_range"][s] == pytest.approx(share)
+    far = torch.tensor(rng.normal(size=(50, 10)) * 4 + 3, dtype=torch.float32) @ mix
+    assert bool((trust.familiarity(far, familiar) > 1).all())
+    broken = {**familiar, "cut": float("nan")}
+    assert "range" in trust.familiarity_problem(broken)
+
+
+def non_breast_images() -> dict[str, np.ndarray]:
+    """Images that are not breast ultrasound, all from packages the project installs: pydicom's ultrasound examples
+    (an obstetric scan, a cardiac echo loop, ...), its CT and MR slices as 8-bit PNGs, matplotlib's photographs,
+    terrain maps and MRI slice, noise and blank frames."""
+    import pydicom.examples as ex
+
+    import dicom_io
+    out = {}
+    for name in ("palette_color", "rgb_color", "jpeg2k"):
+        out[name] = dicom_io.load_scan(getattr(ex, name).filename).model_input()
+    for frame in (1, 15, 30):
+        out[f"echo_f{frame}"] = dicom_io.load_scan(ex.ybr_color.filename, frame).model_input()
+    for name in ("ct", "mr", "overlay"):
+        a = getattr(ex, name).pixel_array.astype(float)
+        buffer = io.BytesIO()
+        Image.fromarray((255 * (a - a.min()) / (a.max() - a.min())).astype(np.uint8)).save(buffer, "PNG")
+        out[f"{name}_png"] = np.asarray(Image.open(buffer))
+    data = Path(matplotlib.get_data_path()) / "sample_data"
+    out["photo"] = np.asarray(Image.open(data / "grace_hopper.jpg").convert("L"))
+    out["logo"] = np.asarray(Image.open(data / "logo2.png").convert("L"))
+    for name, key in (("topobathy.npz", "topo"), ("jacksboro_fault_dem.npz", "elevation")):
+        z = np.load(data / name)[key].astype(float)
+        out[name] = (255 * (z - z.min()) / (z.max() - z.min())).astype(np.uint8)
+    with gzip.open(data / "s1045.ima.gz") as f:
+        a = np.frombuffer(f.read(), np.uint16).reshape(256, 256).astype(float)
+    out["mri"] = (255 * a / a.max()).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    out["noise"] = rng.integers(0, 256, (480, 640), dtype=np.uint8)
+    out["gaussian_noise"] = np.clip(rng.normal(128, 40, (480, 640)), 0, 255).astype(np.uint8)
+    for level in (0, 128, 255):
+        out[f"blank_{level}"] = np.full((480, 640), level, np.uint8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return Predictor(backend="torch")
+
+
+def test_the_shipped_model_puts_every_non_breast_image_out_of_range_and_always_reviews_them(shipped):
+    assert shipped.fitted_trust.get("familiarity"), "the shipped model carries a familiarity range"
+    for name, image in non_breast_images().items():
+        result = shipped(image)
+        assert result.out_of_range and result.familiarity > 1 and result.review, (name, result.familiarity)
+
+
+def test_the_bundled_busi_scans_are_in_range(shipped):
+    """The sample's 30 BUSI scans (training, validation and test scans of the shipped model's hospital)."""
+    files = [p for p in sorted(SAMPLE.glob("*/*.png")) if "_mask" not in p.name]
+    familiar = [shipped(p).familiarity for p in files]
+    assert len(files) == 30 and sum(f <= 1 for f in familiar) >= 29, familiar
+
+
+def test_onnx_and_torch_agree_on_familiarity(shipped, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    ckpt = tmp_path / "m.pt"
+    shutil.copy(checkpoints.DEFAULT_CHECKPOINT, ckpt)
+    onnx = Predictor(ckpt, backend="onnx")
+    images = [non_breast_images()["photo"],
+              dataset.load_image([p for p in sorted(SAMPLE.glob("benign/*.png")) if "_mask" not in p.name][0])]
+    for image in images:
+        a, b = shipped(image), onnx(image)
+        assert a.out_of_range == b.out_of_range and b.familiarity == pytest.approx(a.familiarity, rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The "no lesion" gate: empties a mask only where it was fitted
+# --------------------------------------------------------------------------------------------------------------
+def gated_checkpoint(path, scope: str | None = None):
+    """A tiny checkpoint whose gate judges every scan lesion-free (its cut lies above any probability)."""
+    save_tiny_checkpoint(path)
+    state = checkpoints.load_checkpoint(path)
+    state["trust"]["presence"] = {"weights": torch.tensor([1.0, 0.0]), "bias": 0.0, "cut": 2.0}
+    model = checkpoints.build_model(state).eval()  # and a familiarity range fitted on 24 synthetic scans
+    images = torch.from_numpy(np.stack([scan(IMAGE_SIZE, IMAGE_SIZE, seed=s) for s in range(24)]))[:, None]
+    texture = torch.cat([b[-1]["texture"] for b in inference.predict_batches(model, images, torch.device("cpu"),
+                                                                             with_trust=True)])
+    state["trust"]["familiarity"] = trust.fit_familiarity(texture[::2], texture[1::2], ["synthetic"] * 12, "tests")
+    if scope:
+        state["trust"]["gate_scope"] = scope
+    checkpoints.save_checkpoint(state, path)
+    return path
+
+
+def test_a_gate_fitted_elsewhere_marks_the_scan_and_keeps_its_mask_unless_asked(tmp_path):
+    image = scan(IMAGE_SIZE, IMAGE_SIZE, seed=5)
+    elsewhere = gated_checkpoint(tmp_path / "elsewhere.pt")
+    kept = Predictor(elsewhere, backend="torch")(image)
+    assert kept.lesion_free and not kept.gated and kept.mask.any()
+    emptied = Predictor(elsewhere, backend="torch", gate="apply")(image)
+    assert emptied.gated and not emptied.mask.any()
+    assert not Predictor(elsewhere, backend="torch", gate="mark")(image).gated
+    site = Predictor(gated_checkpoint(tmp_path / "site.pt", trust.SITE_GATE), backend="torch")(image)
+    assert site.gated and not site.mask.any()  # fitted on the scans' own site: applied by default
+    with pytest.raises(ValueError, match="gate"):
+        Predictor(elsewhere, backend="torch", gate="sometimes")
+
+
+def test_predict_writes_likely_lesion_free_and_keeps_the_mask_by_default(tmp_path, capsys):
+    import predict_busi
+    ckpt = gated_checkpoint(tmp_path / "elsewhere.pt")
+    Image.fromarray(scan(50, 40, seed=3)).save(tmp_path / "a.png")
+    for gate, out, column in (("auto", "o1", predict_busi.LIKELY_LESION_FREE), ("apply", "o2", predict_busi.NO_LESION)):
+        assert predict_busi.main(["--checkpoint", str(ckpt), "--input", str(tmp_path / "a.png"), "--output",
+                                  str(tmp_path / out), "--backend", "torch", "--gate", gate, "--quiet"]) in (0, 1)
+        row = read_csv(tmp_path / out / "predictions.csv")[0]
+        assert row["no_lesion"] == column
+        assert (int(row["lesion_pixels"]) > 0) == (gate == "auto")
+        assert row["familiarity"] != "" and row["out_of_range"] in ("", predict_busi.OUT_OF_RANGE)
+    printed = capsys.readouterr().out
+    assert "masks kept" in printed and "masks emptied" in printed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# adapt.py
+# --------------------------------------------------------------------------------------------------------------
+def site_scans(folder, n: int, seed: int = 0):
+    """`n` PNG scans of a "scanner" unlike the tiny model's: brighter and noisier."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        image = np.clip(scan(48, 40, seed=100 + i) * 0.5 + 120 + rng.normal(0, 20, (40, 48)), 0, 255)
+        Image.fromarray(image.astype(np.uint8)).save(folder / f"s{i:02d}.png")
+    return folder
+
+
+def test_adapt_changes_the_statistics_and_predictions_is_deterministic_and_never_overwrites(tmp_path, capsys):
+    import adapt
+    source = tmp_path / "source.pt"
+    save_tiny_checkpoint(source)
+    before = source.read_bytes()
+    scans = site_scans(tmp_path / "clinicA", 40)
+    args = ["--checkpoint", str(source), "--scans", str(scans), "--output", str(tmp_path / "a.pt")]
+    assert adapt.main(args) == 0
+    assert adapt.main([*args[:-1], str(tmp_path / "b.pt")]) == 0
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()  # the same scans, the same file
+    assert source.read_bytes() == before
+    old, new = checkpoints.load_checkpoint(source), checkpoints.load_checkpoint(tmp_path / "a.pt")
+    means = [k for k in old["model"] if k.endswith("running_mean")]
+    assert means and all(not torch.equal(old["model"][k], new["model"][k]) for k in means)
+    record = new["adaptation"]
+    assert record["site"] == "clinicA" and record["scans"] == 40 and record["alpha"] == adapt.ALPHA
+    assert record["source_sha256"] == utils.file_sha256(source)
+    assert new["trust"]["gate_scope"] != trust.SITE_GATE and trust.familiarity_problem(new["trust"]["familiarity"]) is None
+    image = np.asarray(Image.open(scans / "s00.png"))
+    p_old = Predictor(source, backend="torch")(image).probability
+    p_new = Predictor(tmp_path / "a.pt", backend="torch")(image).probability
+    assert np.abs(p_old - p_new).max() > 1e-3  # the predictions move with the statistics
+    # alpha 0 keeps the source's statistics exactly
+    assert adapt.main([*args[:-1], str(tmp_path / "zero.pt"), "--alpha", "0"]) == 0
+    zero = checkpoints.load_checkpoint(tmp_path / "zero.pt")
+    assert all(torch.allclose(old["model"][k].float(), zero["model"][k].float(), atol=1e-6) for k in means)
+    capsys.readouterr()
+    assert adapt.main(args) == 2 and "exists" in capsys.readouterr().err  # never over a file
+    assert adapt.main(["--checkpoint", str(source), "--scans", str(site_scans(tmp_path / "few", 5)), "--output",
+                       str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 5 readable scans") and str(adapt.MIN_SCANS) in err and not (tmp_path / "c.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Site runs and a gate refitted on a site's scans
+# --------------------------------------------------------------------------------------------------------------
+def test_a_site_run_starts_from_the_checkpoint_records_the_site_and_its_gate_applies_there(busi_dir, tmp_path,
+                                                                                           capsys):
+    import fit_trust
+    import train_unet_busi
+    root, _ = busi_dir
+    common = ["--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert train_unet_busi.main(["--data-dir", str(root), "--encoder", "none", "--image-size", "32",
+                                 "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--epochs", "1",
+                                 "--run-name", "src", *common]) == 0
+    source = tmp_path / "src" / "best.pt"
+    site = tmp_path / "siteB"
+    shutil.copytree(root, site)
+    capsys.readouterr()
+    assert train_unet_busi.main(["--init-from", str(source), "--data-dir", str(site), "--image-size", "64",
+                                 "--run-name", "bad", *common]) == 2
+    assert "--image-size 64 differs" in capsys.readouterr().err
+    assert train_unet_busi.main(["--init-from", str(source), "--data-dir", str(site), "--epochs", "1",
+                                 "--run-name", "site", *common]) == 0
+    assert "recipe site" in capsys.readouterr().out
+    best = checkpoints.load_checkpoint(tmp_path / "site" / "best.pt")
+    record = best["config"]["init_from"]
+    assert record["sha256"] == utils.file_sha256(source) and record["site"] == ["siteB"]
+    assert record["images"]["train"] > 0 and best["config"]["lr"] == train_unet_busi.RECIPES["site"]["lr"]
+    assert best["config"]["image_size"] == 32 and best["trust"]["gate_scope"] == trust.SITE_GATE
+    # fit_trust.py on another site's labelled scans: its gate applies there too; on its own data it does not
+    out = tmp_path / "refit.pt"
+    assert fit_trust.main(["--checkpoint", str(source), "--data-dir", str(site), "--output", str(out),
+                           "--device", "cpu"]) == 0
+    assert checkpoints.load_checkpoint(out)["trust"]["gate_scope"] == trust.SITE_GATE
+    assert fit_trust.main(["--checkpoint", str(source), "--output", str(tmp_path / "own.pt"), "--device", "cpu"]) == 0
+    assert checkpoints.load_checkpoint(tmp_path / "own.pt")["trust"].get("gate_scope") != trust.SITE_GATE
