@@ -14,6 +14,7 @@ one line naming the package.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 import json
