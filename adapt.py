@@ -107,7 +107,8 @@ def refit_familiarity(model, images: torch.Tensor, device, batch_size: int, site
     halves' out-of-sample quantiles (statistics on one half, range on the other), so that it is not fitted on the
     very scans it measures."""
     texture = torch.cat([extras["texture"].cpu() for *_, extras in
-                         inference.predict_batches(model, images, device, None, batch_size, with_trust=True)])
+                         inference.predict_batches(model, images, device, None, batch_size, with_trust=True,
+                                                   flipped_twin=False)])
     halves = [np.arange(len(texture))[i::2] for i in (0, 1)]
     cuts = [trust.fit_familiarity(texture[a], texture[b], [site] * len(b), "")["cut"]
             for a, b in (halves, halves[::-1])]

@@ -174,9 +174,24 @@ def fit_trust(model: torch.nn.Module, train: dict, val: dict, device: torch.devi
     fitted = trust.fit(train_deep, joined, fit_records, records, threshold, source, gate, presence)
     fitted["familiarity"] = trust.fit_familiarity(torch.cat([e["texture"] for e in train_extras]),
                                                   joined["texture"][:n], [r.get("source", "") for r in records],
-                                                  f"the training split ({len(train['names'])} images); range: "
-                                                  f"{trust.FAMILIARITY_QUANTILE:.0%} of each source's validation scans")
+                                                  familiarity_source(train))
     return fitted, records
+
+
+def familiarity_source(train: dict) -> str:
+    return (f"the training split ({len(train['names'])} images); range: {trust.FAMILIARITY_QUANTILE:.0%} of each "
+            f"source's validation scans")
+
+
+def fit_familiarity(model: torch.nn.Module, train: dict, val: dict, device: torch.device, dtype: torch.dtype | None,
+                    batch_size: int) -> dict:
+    """The familiarity entry alone (`trust.fit_familiarity`): texture statistics of the TRAINING split, the range
+    from every source's VALIDATION scans."""
+    texture = [torch.cat([extras["texture"].cpu() for *_, extras in
+                          predict_batches(model, part["images"], device, dtype, batch_size, with_trust=True,
+                                          flipped_twin=False)])
+               for part in (train, val)]
+    return trust.fit_familiarity(*texture, val.get("sources") or [""] * len(val["names"]), familiarity_source(train))
 
 
 def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, dtype: torch.dtype | None,
@@ -426,7 +441,8 @@ def print_summary(title: str, s: dict) -> None:
               f"{figure(t['failures_in_lowest_20pct_trust'], '.0%', why)} of them | flagged for review "
               f"{t['review_flagged']} ({t['review_failures_caught']} failures) | lesion Dice of the 80 % most "
               f"trusted {figure(t['lesion_dice_most_trusted_80pct'], '.4f', 'no lesion scans')} (all "
-              f"{figure(t['lesion_dice_all'], '.4f', 'no lesion scans')})")
+              f"{figure(t['lesion_dice_all'], '.4f', 'no lesion scans')})"
+              + (f" | out of range {t['out_of_range']} of {t['n_images']}" if "out_of_range" in t else ""))
 
 
 def auc_text(s: dict) -> str:

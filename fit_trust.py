@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="the new checkpoint (an existing file is never replaced); "
                         "the figures of the validation split (<stem>_calibration.png, <stem>_presence.png) are "
                         "written beside it, never over existing ones")
+    parser.add_argument("--familiarity-only", action="store_true",
+                        help="fit only the familiarity range (out-of-range scans) and keep the rest of the "
+                             "checkpoint's trust entry as it is (about a third of the forward passes)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     return parser
 
@@ -73,6 +76,16 @@ def main(argv=None) -> int:
         if any(Path(f"{figure}{n}.png").exists() for n in ("calibration", "presence")):
             raise ValueError(f"{figure}calibration.png or {figure}presence.png exists: give a new --output name "
                              f"(nothing is overwritten)")
+        if args.familiarity_only:
+            fitted, why_not = checkpoints.fitted_trust(state)
+            if why_not:
+                raise ValueError(f"{args.checkpoint}: {why_not}")
+            familiar = evaluation.fit_familiarity(model, parts["train"], parts["val"], device,
+                                                  utils.inference_dtype(device), 32)
+            checkpoints.save_checkpoint({**state, "trust": {**fitted, "familiarity": familiar}}, out)
+            print(f"wrote {out}: familiarity range {familiar['cut']:.3f} (in range: "
+                  + ", ".join(f"{k or 'validation'} {v:.1%}" for k, v in familiar["in_range"].items()) + ")")
+            return 0
         fitted, summary = evaluation.fit_and_describe(model, parts, device, utils.inference_dtype(device), threshold,
                                                       bool(config.get("tta")), 32, keep, out.parent,
                                                       dataset.scanners(sources), prefix=out.stem + "_")

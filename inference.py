@@ -31,7 +31,7 @@ NO_SPACING_ARRAY = "none: an array records no pixel spacing (pixel_spacing=MM gi
 @torch.inference_mode()
 def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
                     batch_size: int = 32, tta: bool = False, with_logits: bool = False,
-                    with_aux: bool = False, with_trust: bool = False):
+                    with_aux: bool = False, with_trust: bool = False, flipped_twin: bool = True):
     """Yield (probabilities float32 [b,1,S,S] on `device`, class probabilities [b,C] or None) per batch.
 
     `images` are uint8 [N,1,S,S] on any device. `tta` averages with the left-right flipped prediction.
@@ -39,7 +39,8 @@ def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.
     or None[, deep-supervision logits when `with_aux`]), so a caller can compute a loss from the same forward
     pass. `with_trust` runs the flipped twin too and adds a last item, what `trust.image_features` reads:
     {"seg", "cls": the unflipped pass's probabilities, "flipped": the twin's, flipped back, "deep": the pooled
-    deepest features [b,C], "texture": the unflipped pass's texture statistics [b,2C] (familiarity)}.
+    deepest features [b,C], "texture": the unflipped pass's texture statistics [b,2C] (familiarity)};
+    `flipped_twin=False` leaves the twin out (no "flipped"; for what needs the features alone, at half the cost).
     """
     model.eval()
     deep: list[torch.Tensor] = []
@@ -59,11 +60,13 @@ def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.
                 seg_logits, cls_logits = outputs[:2]
                 seg = torch.sigmoid(seg_logits.float())
                 cls = None if cls_logits is None else torch.softmax(cls_logits.float(), 1)
-                if tta or with_trust:
+                if with_trust:
+                    extras = {"seg": seg, "cls": cls, "deep": deep[0], "texture": texture[0]}
+                if tta or (with_trust and flipped_twin):
                     seg_f, cls_f = model(torch.flip(x, dims=[3]))
                     flipped = torch.sigmoid(torch.flip(seg_f, dims=[3]).float())
                     if with_trust:
-                        extras = {"seg": seg, "cls": cls, "flipped": flipped, "deep": deep[0], "texture": texture[0]}
+                        extras["flipped"] = flipped
                     if tta:
                         seg = (seg + flipped) / 2
                         cls = None if cls is None else (cls + torch.softmax(cls_f.float(), 1)) / 2

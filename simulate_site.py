@@ -37,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-pattern", default=None, help="how file names name patients (dataset.py's option; "
                                                            "default: BUS-BRA's bus_NNNN where it matches, else each "
                                                            "near-duplicate group is a patient)")
-    p.add_argument("--alphas", nargs="*", type=float, default=[0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--scan-counts", nargs="*", type=int, default=[8, 16, 32, 64, 128])
+    p.add_argument("--unadapted", action=argparse.BooleanOptionalAction, default=True,
+                   help="score the model as it is too (default: yes)")
+    p.add_argument("--alphas", nargs="*", type=float, default=[0.5, 1.0], help="adapt.py's mixing weights to try")
+    p.add_argument("--scan-counts", nargs="*", type=int, default=[16, 64],
+                   help="numbers of the site's scans to adapt on (adapt.py's default alpha)")
     p.add_argument("--labelled", nargs="*", type=int, default=[], help="labelled patients per fine-tune")
     p.add_argument("--seeds", nargs="*", type=int, default=[42], help="seeds of the patient draw and fine-tune")
     p.add_argument("--recipe-flags", default="", help="extra train_unet_busi.py flags of every fine-tune")
@@ -159,7 +162,8 @@ def main(argv=None) -> int:
               flush=True)
         utils.write_json(out_path, results)
 
-    record("unadapted", score=score(source_model, source_state, val))
+    if args.unadapted:
+        record("unadapted", score=score(source_model, source_state, val))
     files = [str(site / n) for n in train["names"]]  # the site's own scans, unlabelled
     work = Path(args.work_dir)
     for alpha in args.alphas:

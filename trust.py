@@ -515,6 +515,8 @@ def report(records: list[dict]) -> dict:
            "risk_coverage_lesion_dice_max_probability": (risk_coverage(max_prob[lesion], dice[lesion])
                                                          if lesion.any() else []),
            "review_flagged": int(review.sum()), "review_failures_caught": int((review & failed).sum())}
+    if "out_of_range" in records[0]:  # familiarity: the share unlike the scans the model was fitted on
+        out["out_of_range"] = int(sum(r["out_of_range"] for r in records))
     if "malignancy" in records[0]:
         mal = [(r["malignancy"], r["label"] == "malignant") for r in records if r["label"] != "normal"]
         if mal:
