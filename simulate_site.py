@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="One hospital plays a new site for a model trained on the other: "
                                 "unadapted, adapt.py at several mixing weights and scan counts, and fine-tunes "
                                 "with N labelled patients; scored on the site's validation split.")
-    p.add_argument("--checkpoint", required=True, help="a model trained without the site's scans")
-    p.add_argument("--site-data", required=True, help="the site's data folder (BUSI layout)")
+    p.add_argument("--checkpoint", help="a model trained without the site's scans (required unless --table)")
+    p.add_argument("--site-data", help="the site's data folder (BUSI layout; required unless --table)")
     p.add_argument("--site-split", default=None, help="its split (default: the committed split that lists its "
                                                       "images)")
     p.add_argument("--patient-pattern", default=None, help="how file names name patients (dataset.py's option; "
@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="*", type=int, default=[42], help="seeds of the patient draw and fine-tune")
     p.add_argument("--recipe-flags", default="", help="extra train_unet_busi.py flags of every fine-tune")
     p.add_argument("--work-dir", default="checkpoints/simulation", help="where the adapted and fine-tuned models go")
-    p.add_argument("--out", required=True, help="the results (JSON; an existing file is never replaced)")
+    p.add_argument("--out", required=True, help="the results (JSON; an existing file is never replaced); with "
+                                                "--table: the figure (PNG)")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                   help="instead of running: print the Markdown table of these results and draw, into --out, normal "
+                        "scans outlined against missed lesions over every cut of the mask's maximum probability")
     return p
 
 
@@ -137,11 +141,75 @@ def fine_tune(args, site: Path, split: dict, chosen: list[list[str]], seed: int,
     return work / tag / "best.pt", (time.perf_counter() - t0) / 60
 
 
+def label(run: dict) -> str:
+    """A configuration's name in the table and the figure."""
+    if run["kind"] == "unadapted":
+        return "unadapted"
+    if run["kind"] == "adapt":
+        return f"adapt.py, alpha {run['alpha']:g}, all {run['scans']} scans"
+    if run["kind"] == "adapt_n":
+        return f"adapt.py, {run['scans']} scans (seed {run['seed']})"
+    return f"fine-tune, {run['patients']} patients ({run['images']} scans), seed {run['seed']}"
+
+
+def curve(inputs: list) -> np.ndarray:
+    """[[missed lesion rate, normal scans outlined rate], ...] over every cut of the mask's maximum probability (a
+    mask is emptied below the cut): the trade-off a threshold on "is anything there" offers."""
+    lesion = np.array([i[0] != "normal" for i in inputs])
+    outlined = np.array([i[1] for i in inputs])
+    score = np.array([i[2] if i[2] is not None else 1.0 for i in inputs])
+    points = []
+    for cut in np.r_[-np.inf, np.unique(score)]:
+        kept = outlined & (score >= cut)
+        points.append([(~kept[lesion]).mean(), kept[~lesion].mean() if (~lesion).any() else np.nan])
+    return np.array(points)
+
+
+def table(files: list[str], figure: Path) -> int:
+    """The Markdown table of simulation results, and the figure of their curves where the site has normal scans."""
+    from matplotlib.figure import Figure
+    print("| site | configuration | lesion Dice | missed lesions | normal scans outlined | with the default gate | "
+          "out of range | minutes |")
+    print("|---|---|---|---|---|---|---|---|")
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    drawn = 0
+    for file in files:
+        results = json.loads(Path(file).read_text())
+        site = Path(results["site"]).name
+        for run in results["runs"]:
+            g, d = run["score"]["no_gate"], run["score"]["default_gate"]
+            normals = (f"{g['normal_fp_rate']:.0%} of {g['n_normal']}" if g["n_normal"] else "-")
+            gated = (f"{d['lesion_dice']:.3f}, {d['missed_lesions']} missed"
+                     + (f", {d['normal_fp_rate']:.0%} outlined" if d["n_normal"] else "")) if d != g else "(not applied)"
+            out = run["score"].get("out_of_range")
+            minutes = f"{run['minutes']:.1f}" if "minutes" in run else "-"
+            print(f"| {site} | {label(run)} | {g['lesion_dice']:.3f} | {g['missed_lesions']} of {g['n_lesion']} | "
+                  f"{normals} | {gated} | {'-' if out is None else f'{out:.0%}'} | {minutes} |")
+            if g["n_normal"] and run["kind"] in ("unadapted", "adapt", "fine_tune"):
+                c = curve(run["score"]["curve_inputs"])
+                ax.plot(100 * c[:, 0], 100 * c[:, 1], lw=1.2, label=f"{site}: {label(run)}")
+                drawn += 1
+    if drawn:
+        ax.set(xlabel="lesion scans missed (%)", ylabel="normal scans outlined (%)", xlim=(0, 60), ylim=(0, 100),
+               title="Each configuration over every cut of the mask's maximum probability")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(figure, dpi=110)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out_path = Path(args.out)
     if out_path.exists():
         print(f"error: {out_path} exists (nothing is overwritten)", file=sys.stderr)
+        return 2
+    if args.table:
+        return table(args.table, out_path)
+    if not args.checkpoint or not args.site_data:
+        print("error: --checkpoint and --site-data are needed (or --table)", file=sys.stderr)
         return 2
     site = Path(args.site_data)
     source_model, source_state = checkpoints.load_model(args.checkpoint)

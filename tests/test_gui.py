@@ -490,3 +490,27 @@ def test_a_dicom_file_and_a_cine_loop_open_with_the_two_diameters_drawn(root, gu
     pump(root)
     assert app.current.frame == 30 and app.cache[app.current.key].prob.shape == (240, 320)
     assert app.size is None or all(t.endswith(" px") for t in (a.get_text() for a in app._calipers[1::2]))
+
+
+def test_a_gate_fitted_elsewhere_keeps_the_outline_and_an_unfamiliar_image_gets_the_badge(root, gui, checkpoint,
+                                                                                          errors, tmp_path):
+    """The gate of a checkpoint fitted at other hospitals marks the scan and keeps its outline (--gate apply
+    empties it); a photograph opened with the shipped model is out of range, says so and is flagged."""
+    state = checkpoints.load_checkpoint(checkpoint)
+    gate = {"weights": torch.tensor([1.0, 0.0]), "bias": 0.0, "cut": 2.0, "candidate": "max_probability"}
+    checkpoints.save_checkpoint({**state, "trust": {**state["trust"], "presence": gate}}, tmp_path / "elsewhere.pt")
+    items, note = gui.dataset_items(SAMPLE, "all")
+    lesion = [it for it in items if it.label != "normal"][:1]
+    app = gui.InspectorApp(root, tmp_path / "elsewhere.pt", lesion, "cpu", source=note)
+    shown = app.cache[app.current.key]
+    assert shown.lesion_free and not shown.gated and "likely lesion-free" in app.info_text and app.dice > 0
+    applied = gui.InspectorApp(root, tmp_path / "elsewhere.pt", lesion, "cpu", source=note, gate="apply")
+    assert applied.cache[applied.current.key].gated and "mask emptied" in applied.info_text
+    import matplotlib
+    photo = tmp_path / "photo.png"
+    Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("L").save(photo)
+    shipped = gui.InspectorApp(root, checkpoints.DEFAULT_CHECKPOINT, gui.file_items(photo), "cpu", backend="torch")
+    prediction = shipped.cache[shipped.current.key]
+    assert prediction.out_of_range and prediction.review and "OUT OF RANGE" in shipped.info_text
+    assert gui.OUT_OF_RANGE_BADGE in shipped._entry(0)
+    assert errors == []
