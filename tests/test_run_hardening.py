@@ -194,18 +194,28 @@ def _split_of(root, tmp_path, **parts):
     return split, path
 
 
-def test_a_split_with_no_test_images_is_refused_up_front_with_the_counts(busi_dir, tmp_path, capsys):
+def test_a_split_without_validation_images_is_refused_up_front_and_one_without_test_images_trains(busi_dir,
+                                                                                                    tmp_path, capsys):
+    """No validation part: refused before any work, with the counts. No test part (BUS-BRA's split, a site's
+    labelled scans): the run trains, fits on validation and says in metrics.json that nothing was tested."""
     root, _ = busi_dir
+    split, path = _split_of(root, tmp_path)
+    split["train"] += split.pop("val")
+    split["val"] = []
+    path.write_text(json.dumps(split))
+    capsys.readouterr()
+    assert train(root, tmp_path, "--epochs", "1", "--split-file", str(path), "--run-name", "no-val") == 2
+    err = _last_error(capsys)
+    assert "has no validation images" in err and "Dataset_BUSI_with_GT" in err, err
+    assert not (tmp_path / "no-val").exists()  # the refused run gives its name back
     split, path = _split_of(root, tmp_path)
     split["train"] += split.pop("test")
     split["test"] = []
     path.write_text(json.dumps(split))
-    capsys.readouterr()
-    assert train(root, tmp_path, "--epochs", "1", "--split-file", str(path), "--run-name", "no-test") == 2
-    err = _last_error(capsys)
-    assert "no test images" in err and f"'train': {len(split['train'])}" in err and "'test': 0" in err, err
-    assert not (tmp_path / "no-test").exists()  # the refused run gives its name back
-    assert train(root, tmp_path, "--epochs", "1", "--run-name", "no-test", "--stop-after", "1") == 0
+    assert train(root, tmp_path, "--epochs", "1", "--split-file", str(path), "--run-name", "no-test") == 0
+    metrics = json.loads((tmp_path / "no-test" / "metrics.json").read_text())
+    assert metrics["test"] is None and "no test part" in metrics["why_no_test"] and metrics["val_fitted"]
+    assert "no test evaluation" in capsys.readouterr().out
 
 
 def test_metrics_json_is_strict_json_when_a_figure_is_undefined(busi_dir, tmp_path, capsys):
