@@ -214,7 +214,7 @@ def test_a_split_without_validation_images_is_refused_up_front_and_one_without_t
     path.write_text(json.dumps(split))
     assert train(root, tmp_path, "--epochs", "1", "--split-file", str(path), "--run-name", "no-test") == 0
     metrics = json.loads((tmp_path / "no-test" / "metrics.json").read_text())
-    assert metrics["test"] is None and "no test part" in metrics["why_no_test"] and metrics["val_fitted"]
+    assert metrics["test"] is None and "has a test part" in metrics["why_no_test"] and metrics["val_fitted"]
     assert "no test evaluation" in capsys.readouterr().out
 
 
