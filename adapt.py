@@ -18,8 +18,10 @@ from pathlib import Path
 
 import utils  # (torch-free: --help is answered before torch loads, below)
 
-ALPHA = 1.0  # weight of the site's statistics (the simulation: 1.0 gave the best lesion Dice in both directions)
-MIN_SCANS = 32  # fewer scans give statistics that cost Dice in the simulation (docs/results.md): refused
+ALPHA = 1.0  # weight of the site's statistics: the best mean lesion Dice of the two directions of the simulation
+             # (0.25, 0.5 and 1.0 tried; docs/new_site.md)
+MIN_SCANS = 16  # the fewest measured: 16 scans came within 0.01 lesion Dice of all of them in both directions of
+                # the simulation (docs/new_site.md); fewer were not measured, so they are refused
 FRAMES_PER_LOOP = 8  # frames taken from one cine loop, evenly spaced: its frames are near-copies of each other
 
 
@@ -34,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=str(utils.shown_path(utils.DEFAULT_CHECKPOINT)),
                    help="the model to adapt; default: %(default)s")
     p.add_argument("--scans", nargs="+", action="extend", required=True, metavar="PATH",
-                   help=f"the site's scans (at least {MIN_SCANS}): files, folders or quoted globs")
+                   help=f"the site's scans (at least {MIN_SCANS}; more are better): files, folders or quoted globs")
     p.add_argument("--output", required=True, help="the new checkpoint (an existing file is never replaced)")
     p.add_argument("--alpha", type=utils.unit_fraction, default=ALPHA,
                    help="weight of the site's statistics against the training hospitals' (1: the site's alone); "
                         "default: %(default)s, chosen on the simulation")
     p.add_argument("--min-scans", type=utils.positive_int, default=MIN_SCANS,
-                   help="refuse fewer readable scans than this; default: %(default)s (measured: fewer cost lesion "
-                        "Dice; lower it only to study that)")
+                   help="refuse fewer readable scans than this; default: %(default)s (the fewest measured in the "
+                        "simulation; lower it only to study that)")
     p.add_argument("--site", default=None, help="the site's name, recorded in the file (default: the first "
                                                 "--scans folder's name)")
     p.add_argument("--batch-size", type=utils.positive_int, default=32, help="scans per forward pass")
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
             print(f"note: skipped: {problem}", file=sys.stderr)
         if len(scans) < args.min_scans:
             raise ValueError(f"{len(scans)} readable scans: at least {args.min_scans} are needed for stable statistics "
-                             f"(fewer cost lesion Dice in the simulation, docs/results.md)")
+                             f"(the fewest measured in the simulation: docs/new_site.md)")
         site = args.site or next((Path(s).name for s in args.scans if Path(s).is_dir()), None) or "site"
         print(f"adapting {source} to {len(scans)} scans of {site} (alpha {args.alpha:g})", flush=True)
         adapted = adapt(source, scans, args.alpha, site, device, args.batch_size)

@@ -224,17 +224,18 @@ def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, 
 NO_TEST_PART = "no source's split has a test part (score best.pt with --eval-only on data it never saw)"
 
 
-def fit_then_test(run_dir: Path, parts: dict, scanner_of: dict, device: torch.device, hp, site_run: bool,
+def fit_then_test(run_dir: Path, parts: dict, scanner_of: dict, device: torch.device, hp, start: dict | None,
                   extra: dict) -> None:
     """The end of a training run: fit best.pt's trust score, "no lesion" gate, calibration and familiarity range
-    on train and validation (a site run's gate applies at the site: trust.gate_applies), store them in it, then
-    test it ONCE on the sources that have a test part (metrics.json either way)."""
+    on train and validation, store them in it, then test it ONCE on the sources that have a test part
+    (metrics.json either way). A site run (`start`: the checkpoint it started from) fits its gate for the site
+    (trust.gate_applies) and keeps `start`'s familiarity range (trust.site_entry)."""
     best, best_state = checkpoints.load_model(run_dir / "best.pt", device)
     best = best.to(memory_format=torch.channels_last)
     fitted, val_summary = fit_and_describe(best, parts, device, utils.inference_dtype(device, hp.amp), hp.threshold,
                                            hp.tta, hp.eval_batch_size, hp.presence_keep, run_dir, scanner_of)
-    if site_run:
-        fitted = {**fitted, "gate_scope": trust.SITE_GATE}
+    if start is not None:
+        fitted = trust.site_entry(fitted, start.get("trust"))
     checkpoints.save_checkpoint({**best_state, "trust": fitted}, run_dir / "best.pt")
     print_summary("validation with the fitted gate (in-sample for the gate and trust)", val_summary)
     extra = {**extra, "val_fitted": val_summary, "checkpoint": str(run_dir / "best.pt")}

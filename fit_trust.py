@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                                                       dataset.scanners(sources), prefix=out.stem + "_")
         known = {Path(p.split("=", 1)[-1]).resolve() for p in recorded or []}
         if any(Path(p).resolve() not in known for _, p in sources):  # another site's labelled scans: its own gate
-            fitted["gate_scope"] = trust.SITE_GATE
+            fitted = trust.site_entry(fitted, state.get("trust"))
         checkpoints.save_checkpoint({**state, "trust": fitted}, out)
         evaluation.print_summary("validation with the fitted entry (in-sample for the gate and trust)", summary)
         figure = f"{figure}calibration.png" + (f" and {figure}presence.png" if fitted.get("presence") else "")

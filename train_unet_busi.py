@@ -106,9 +106,8 @@ FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "full_res_decoder", "b
 # these values instead (flags given still win), so that a first run learns visibly in about 2 CPU minutes.
 SAMPLE_RECIPE = {"encoder": "lite0", "pretrained": True, "image_size": 128, "epochs": 40, "batch_size": 8,
                  "lr": 1e-3, "warmup_epochs": 3, "repeat": "", "scanner_augment": 0.0}
-# busi-only: the recipe before a second hospital came in (its figures and the literature rows still compare);
-# site (the default with --init-from): a short, gentle fine-tune on a few labelled patients of a new site, chosen
-# on the two-hospital simulation (simulate_site.py; docs/results.md, "Your own scans").
+# busi-only: the recipe before a second hospital came in; site (the default with --init-from): a short fine-tune on
+# a few labelled patients of a new site, chosen on the two-hospital simulation (simulate_site.py; docs/new_site.md).
 RECIPES = {"busi-only": {"repeat": "", "scanner_augment": 0.0, "epochs": 40},
            "site": {"epochs": 10, "lr": 1e-4, "warmup_epochs": 1, "batch_size": 8, "repeat": "", "scanner_augment": 0}}
 # How long the recipe above takes, as printed after a sample run (the measurement: RESULTS.md, "Two hospitals")
@@ -368,7 +367,8 @@ def run(args) -> int:
         raise ValueError("no epoch made a best.pt to evaluate (none finished with finite validation outputs)")
     print(f"best epoch {trainer.best_epoch} (validation score {trainer.best_score:.4f}); fitting the trust score, "
           f"the 'no lesion' gate and the calibration on train and validation", flush=True)
-    evaluation.fit_then_test(run_dir, parts, dataset.scanners(sources), device, args, args.init_from is not None,
+    evaluation.fit_then_test(run_dir, parts, dataset.scanners(sources), device, args,  # a site run: what it came from
+                             args.init_from and checkpoints.load_checkpoint(args.init_from),
                              {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "config": config})
     print_next_steps(run_dir, sources)
     return 0

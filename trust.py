@@ -281,6 +281,18 @@ GATE_MODES = ("auto", "apply", "mark")
 SITE_GATE = "site"  # trust["gate_scope"] when the gate was fitted on the scans' own site (fit_trust.py, a site run)
 
 
+def site_entry(fitted: dict, before: dict | None) -> dict:
+    """A trust entry fitted on a site's own labelled scans: its gate applies there (SITE_GATE). The familiarity
+    range stays the one `before` (the entry of the checkpoint it came from) had: a few labelled patients are far
+    too few to estimate 48-dimensional texture statistics (refitted on 11-21 scans, it put 10-96 % of the same
+    site's validation scans out of range in the simulation); adapt.py fits it on the site's unlabelled scans."""
+    out = {**fitted, "gate_scope": SITE_GATE}
+    out.pop("familiarity", None)
+    if isinstance(before, dict) and before.get("familiarity") is not None:
+        out["familiarity"] = before["familiarity"]
+    return out
+
+
 def gate_applies(fitted: dict | None, mode: str = "auto") -> bool:
     """Whether the "no lesion" gate empties masks: "apply" always, "mark" never (the scan is only marked likely
     lesion-free), "auto" only where the gate was fitted on the scans' own site: fitted at the training hospitals,

@@ -242,10 +242,13 @@ def test_a_site_run_starts_from_the_checkpoint_records_the_site_and_its_gate_app
     assert record["sha256"] == utils.file_sha256(source) and record["site"] == ["siteB"]
     assert record["images"]["train"] > 0 and best["config"]["lr"] == train_unet_busi.RECIPES["site"]["lr"]
     assert best["config"]["image_size"] == 32 and best["trust"]["gate_scope"] == trust.SITE_GATE
+    start = checkpoints.load_checkpoint(source)["trust"]["familiarity"]  # a few patients do not refit the range
+    assert torch.equal(best["trust"]["familiarity"]["precision"], start["precision"])
     # fit_trust.py on another site's labelled scans: its gate applies there too; on its own data it does not
     out = tmp_path / "refit.pt"
     assert fit_trust.main(["--checkpoint", str(source), "--data-dir", str(site), "--output", str(out),
                            "--device", "cpu"]) == 0
-    assert checkpoints.load_checkpoint(out)["trust"]["gate_scope"] == trust.SITE_GATE
+    refit = checkpoints.load_checkpoint(out)["trust"]
+    assert refit["gate_scope"] == trust.SITE_GATE and refit["familiarity"]["cut"] == start["cut"]
     assert fit_trust.main(["--checkpoint", str(source), "--output", str(tmp_path / "own.pt"), "--device", "cpu"]) == 0
     assert checkpoints.load_checkpoint(tmp_path / "own.pt")["trust"].get("gate_scope") != trust.SITE_GATE
