@@ -149,7 +149,8 @@ def label(run: dict) -> str:
         return f"adapt.py, alpha {run['alpha']:g}, all {run['scans']} scans"
     if run["kind"] == "adapt_n":
         return f"adapt.py, {run['scans']} scans (seed {run['seed']})"
-    return f"fine-tune, {run['patients']} patients ({run['images']} scans), seed {run['seed']}"
+    return (f"fine-tune ({run.get('recipe', 'site')}), {run['patients']} patients ({run['images']} scans), "
+            f"seed {run['seed']}")
 
 
 def curve(inputs: list) -> np.ndarray:
@@ -186,13 +187,14 @@ def table(files: list[str], figure: Path) -> int:
             minutes = f"{run['minutes']:.1f}" if "minutes" in run else "-"
             print(f"| {site} | {label(run)} | {g['lesion_dice']:.3f} | {g['missed_lesions']} of {g['n_lesion']} | "
                   f"{normals} | {gated} | {'-' if out is None else f'{out:.0%}'} | {minutes} |")
-            if g["n_normal"] and run["kind"] in ("unadapted", "adapt", "fine_tune"):
+            if g["n_normal"] and (run["kind"] == "unadapted" or (run["kind"] == "adapt" and run["alpha"] == 1.0)
+                                  or (run["kind"] == "fine_tune" and run["patients"] >= 40)):  # a readable few
                 c = curve(run["score"]["curve_inputs"])
                 ax.plot(100 * c[:, 0], 100 * c[:, 1], lw=1.2, label=f"{site}: {label(run)}")
                 drawn += 1
     if drawn:
         ax.set(xlabel="lesion scans missed (%)", ylabel="normal scans outlined (%)", xlim=(0, 60), ylim=(0, 100),
-               title="Each configuration over every cut of the mask's maximum probability")
+               title="The site's validation scans, every cut of the mask's maximum probability")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
         fig.tight_layout()
@@ -253,7 +255,7 @@ def main(argv=None) -> int:
                 best, minutes = fine_tune(args, site, {}, chosen, seed, f"{out_path.stem}_n{n}_s{seed}")
                 model, state = checkpoints.load_model(best)
                 record("fine_tune", patients=n, seed=seed, images=sum(map(len, chosen)), minutes=minutes,
-                       score=score(model, state, val))
+                       recipe=args.recipe_flags or "site", score=score(model, state, val))
     return 0
 
 

@@ -4,7 +4,6 @@
     python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT PATH/BUS-BRA   # the default recipe: two hospitals
     python train_unet_busi.py --data-dir PATH/Dataset_BUSI_with_GT --recipe busi-only
     python train_unet_busi.py --resume --run-name NAME   # continue a killed run
-    python train_unet_busi.py --eval-only --checkpoint checkpoints/busi_busbra_lite0_192.pt --data-dir PATH/...
     python train_unet_busi.py --init-from checkpoints/busi_busbra_lite0_192.pt --data-dir SITE   # a new site
 
 Every hyperparameter is a field below with its default and a comment: edit it here, or pass its --flag (`--help`).
@@ -109,7 +108,8 @@ SAMPLE_RECIPE = {"encoder": "lite0", "pretrained": True, "image_size": 128, "epo
 # busi-only: the recipe before a second hospital came in; site (the default with --init-from): a short fine-tune on
 # a few labelled patients of a new site, chosen on the two-hospital simulation (simulate_site.py; docs/new_site.md).
 RECIPES = {"busi-only": {"repeat": "", "scanner_augment": 0.0, "epochs": 40},
-           "site": {"epochs": 10, "lr": 1e-4, "warmup_epochs": 1, "batch_size": 8, "repeat": "", "scanner_augment": 0}}
+           "site": {"epochs": 15, "lr": 3e-4, "warmup_epochs": 1, "batch_size": 8, "repeat": "normal=4",
+                    "scanner_augment": 0}}
 # How long the recipe above takes, as printed after a sample run (the measurement: RESULTS.md, "Two hospitals")
 DEFAULT_RECIPE_TIME = ("the default recipe (BUSI + BUS-BRA, LiteUNet lite0, 192 px, 20 epochs): two runs side by side "
                        "took 67 min on 2 CPU cores with bf16 instructions (1 thread each; RESULTS.md)")

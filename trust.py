@@ -284,7 +284,7 @@ SITE_GATE = "site"  # trust["gate_scope"] when the gate was fitted on the scans'
 def site_entry(fitted: dict, before: dict | None) -> dict:
     """A trust entry fitted on a site's own labelled scans: its gate applies there (SITE_GATE). The familiarity
     range stays the one `before` (the entry of the checkpoint it came from) had: a few labelled patients are far
-    too few to estimate 48-dimensional texture statistics (refitted on 11-21 scans, it put 10-96 % of the same
+    too few to estimate 48-dimensional texture statistics (refitted on 11-27 scans, it put 5-96 % of the same
     site's validation scans out of range in the simulation); adapt.py fits it on the site's unlabelled scans."""
     out = {**fitted, "gate_scope": SITE_GATE}
     out.pop("familiarity", None)
