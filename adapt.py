@@ -108,9 +108,7 @@ def refit_familiarity(model, images: torch.Tensor, device, batch_size: int, site
     """The familiarity entry fitted on the site's scans: statistics on all of them, the range as the larger of two
     halves' out-of-sample quantiles (statistics on one half, range on the other), so that it is not fitted on the
     very scans it measures."""
-    texture = torch.cat([extras["texture"].cpu() for *_, extras in
-                         inference.predict_batches(model, images, device, None, batch_size, with_trust=True,
-                                                   flipped_twin=False)])
+    texture = inference.texture_of(model, images, device, None, batch_size)
     halves = [np.arange(len(texture))[i::2] for i in (0, 1)]
     cuts = [trust.fit_familiarity(texture[a], texture[b], [site] * len(b), "")["cut"]
             for a, b in (halves, halves[::-1])]

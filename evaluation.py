@@ -187,10 +187,7 @@ def fit_familiarity(model: torch.nn.Module, train: dict, val: dict, device: torc
                     batch_size: int) -> dict:
     """The familiarity entry alone (`trust.fit_familiarity`): texture statistics of the TRAINING split, the range
     from every source's VALIDATION scans."""
-    texture = [torch.cat([extras["texture"].cpu() for *_, extras in
-                          predict_batches(model, part["images"], device, dtype, batch_size, with_trust=True,
-                                          flipped_twin=False)])
-               for part in (train, val)]
+    texture = [inference.texture_of(model, part["images"], device, dtype, batch_size) for part in (train, val)]
     return trust.fit_familiarity(*texture, val.get("sources") or [""] * len(val["names"]), familiarity_source(train))
 
 
@@ -419,8 +416,7 @@ def print_summary(title: str, s: dict) -> None:
         for name, p in s.get(group, {}).items():
             fp = "" if p["normal_fp_rate"] != p["normal_fp_rate"] else f" | normal FP rate {p['normal_fp_rate']:.3f}"
             auc = f" | malignancy AUC {auc_text(p)}" if "malignancy_auc" in p else ""
-            why = "" if "trust" not in p else "no failures" if not p["trust"]["n_failures"] else \
-                "every scan failed" if p["trust"]["n_failures"] == p["trust"]["n_images"] else "too few scans"
+            why = no_auroc_reason(p["trust"]) if "trust" in p else ""
             trust_auc = (f" | failure AUROC trust {figure(p['trust']['auroc_trust'], '.3f', why)} / max "
                          f"probability {figure(p['trust']['auroc_max_probability'], '.3f', why)}"
                          if "trust" in p else "")
@@ -434,8 +430,7 @@ def print_summary(title: str, s: dict) -> None:
               f"| confusion (rows true, cols pred: benign, malignant, normal) {s['confusion_matrix']['counts']}")
     if "trust" in s:
         t = s["trust"]
-        why = "no failures" if not t["n_failures"] else "every scan failed" if t["n_failures"] == t["n_images"] \
-            else "too few scans"
+        why = no_auroc_reason(t)
         print(f"  trust: failures {t['n_failures']} of {t['n_images']} | AUROC at catching them "
               f"{figure(t['auroc_trust'], '.3f', why)} (max probability alone "
               f"{figure(t['auroc_max_probability'], '.3f', why)}) | lowest 20 % hold "
@@ -444,6 +439,12 @@ def print_summary(title: str, s: dict) -> None:
               f"trusted {figure(t['lesion_dice_most_trusted_80pct'], '.4f', 'no lesion scans')} (all "
               f"{figure(t['lesion_dice_all'], '.4f', 'no lesion scans')})"
               + (f" | out of range {t['out_of_range']} of {t['n_images']}" if "out_of_range" in t else ""))
+
+
+def no_auroc_reason(t: dict) -> str:
+    """Why a trust report (trust.report) has no failure AUROC, in its own words."""
+    return "no failures" if not t["n_failures"] else "every scan failed" if t["n_failures"] == t["n_images"] \
+        else "too few scans"
 
 
 def auc_text(s: dict) -> str:

@@ -90,8 +90,7 @@ def main(argv=None) -> int:
         fitted, summary = evaluation.fit_and_describe(model, parts, device, utils.inference_dtype(device), threshold,
                                                       bool(config.get("tta")), 32, keep, out.parent,
                                                       dataset.scanners(sources), prefix=out.stem + "_")
-        known = {Path(p.split("=", 1)[-1]).resolve() for p in recorded or []}
-        if any(Path(p).resolve() not in known for _, p in sources):  # another site's labelled scans: its own gate
+        if not checkpoints.trained_on(state, sources):  # another site's labelled scans: its own gate
             fitted = trust.site_entry(fitted, state.get("trust"))
         checkpoints.save_checkpoint({**state, "trust": fitted}, out)
         evaluation.print_summary("validation with the fitted entry (in-sample for the gate and trust)", summary)

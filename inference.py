@@ -87,6 +87,13 @@ class Judged(NamedTuple):
     review: torch.Tensor  # bool: trust below the review cut, or out of range: look at this one first
 
 
+def texture_of(model: torch.nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
+               batch_size: int = 32) -> torch.Tensor:
+    """[N,2C] on the CPU: the texture statistics (familiarity) of uint8 images [N,1,S,S], one pass, no twin."""
+    return torch.cat([extras["texture"].cpu() for *_, extras in
+                      predict_batches(model, images, device, dtype, batch_size, with_trust=True, flipped_twin=False)])
+
+
 def trust_of(extras: dict, fitted: dict, gate_mode: str = "apply") -> Judged:
     """`Judged` of one batch from `predict_batches(..., with_trust=True)`'s last item: the trust score at the mask
     threshold it was fitted at (of the outline as shown: emptied where the gate applies), the probability that a
@@ -122,6 +129,11 @@ class ScanOutput(NamedTuple):
     familiarity: float | None = None  # <= 1: like the scans the model was fitted on; > 1: out of range
     out_of_range: bool = False
     review: bool | None = None  # look at this one first: low trust, or out of range
+
+    @property
+    def marked_only(self) -> bool:
+        """The gate judged the scan lesion-free but does not apply here: marked, its mask kept."""
+        return self.lesion_free and not self.gated
 
 
 def predict_images(model, images: list[np.ndarray], image_size: int, device: torch.device,

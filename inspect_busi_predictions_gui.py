@@ -625,7 +625,7 @@ class InspectorApp:
                 prob=out.probability.numpy().astype(np.float16),
                 class_probs=None if out.classes is None else out.classes.numpy().astype(np.float32),
                 truth_bits=None if truth is None else np.packbits(truth), trust=out.trust, review=bool(out.review),
-                presence=out.presence, gated=out.gated, lesion_free=out.lesion_free and not out.gated,
+                presence=out.presence, gated=out.gated, lesion_free=out.marked_only,
                 out_of_range=out.out_of_range, familiarity=out.familiarity)
             self._relabel(item)
 

@@ -449,7 +449,7 @@ def _write_outputs(image: np.ndarray, out: ScanOutput, threshold: float, stem: s
     size = None if scan.spacing is None else metrics.lesion_size(mask, scan.spacing)
     return Result(display_name, image.shape[1], image.shape[0], int(mask.sum()), float(prob.max()),
                   malignancy, predicted, mask_name, overlay_name, out.trust, bool(out.review), out.presence,
-                  out.gated, out.lesion_free and not out.gated, out.familiarity, out.out_of_range,
+                  out.gated, out.marked_only, out.familiarity, out.out_of_range,
                   scan.frame, scan.region, scan.spacing, scan.spacing_source, size)
 
 
