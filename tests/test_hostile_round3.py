@@ -90,6 +90,7 @@ def test_a_fit_that_saw_no_right_outline_flags_everything_and_says_so(tmp_path):
     assert "outlines that were all wrong" in done.stderr and "1 of 1 flagged for review" in done.stdout
 
 
+@pytest.mark.slow
 def test_trust_command_takes_a_bundle_refuses_a_bad_device_and_never_replaces_a_figure(busi_dir, tmp_path):
     root, _ = busi_dir
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt", with_trust=False)
@@ -122,6 +123,7 @@ def train_args(root, out, *extra):
     return ["--data-dir", str(root), "--output-dir", str(out), "--cache-dir", str(out / "cache"), *TINY, *extra]
 
 
+@pytest.mark.slow
 def test_a_resume_refuses_a_run_folder_that_a_live_process_holds_and_names_its_pid(busi_dir, tmp_path):
     """A real second process: the run still training holds its folder; a resume beside it is refused (pid named);
     once the first is gone (SIGKILL), the resume goes on."""

@@ -61,6 +61,7 @@ def listed_outputs(rows) -> set[str]:
 # ------------------------------------------------------------------------------------------------------------------
 # 1. Ground truth is never overwritten
 # ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_output_into_a_busi_folder_never_overwrites_its_ground_truth(tmp_path, checkpoint):
     """--output = --input on a BUSI-layout folder: refused before any work, with and without --overwrite."""
     folder = tmp_path / "benign"

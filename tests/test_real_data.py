@@ -69,6 +69,7 @@ def readme_row(section: str, label: str) -> list[float]:
     return [float(v) for v in re.findall(r"\b\d\.\d{3}\b", row)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped model absent")
 def test_shipped_model_prints_the_figures_the_docs_claim(tmp_path):
     results = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
@@ -94,6 +95,7 @@ def test_shipped_model_prints_the_figures_the_docs_claim(tmp_path):
         trust["lesion_dice_most_trusted_80pct"], trust["malignancy_ece"])]
 
 
+@pytest.mark.slow
 def test_mask_round_trip_through_the_training_size_costs_what_results_md_says():
     """Ground truth -> training size (dataset.resize_mask, as the cache does) -> original size (the evaluation's
     own resize) -> Dice against itself: the ceiling that the input size alone puts on per-image Dice. Lesion

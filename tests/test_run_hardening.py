@@ -72,6 +72,7 @@ def test_a_folder_holding_a_finished_run_without_latest_pt_is_not_overwritten(bu
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "metrics.json"]
 
 
+@pytest.mark.slow
 def test_two_trainings_with_one_run_name_started_together_one_is_refused(busi_dir, tmp_path):
     root, _ = busi_dir
     cmd = [sys.executable, "train_unet_busi.py", "--data-dir", str(root), "--output-dir", str(tmp_path),

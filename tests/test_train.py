@@ -94,6 +94,7 @@ def test_two_epochs_then_resume_then_eval_only(busi_dir, tmp_path, capsys):
     assert "holds weights only" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_dice_per_image_flag_reaches_the_loss_and_the_checkpoint(busi_dir, tmp_path):
     root, _ = busi_dir
     assert T.Hyperparameters.dice_per_image is True  # the default since validation preferred it
@@ -212,6 +213,7 @@ def _wait_for(proc, text, timeout=120):
     raise AssertionError(f"never saw {text!r}; output:\n{seen}")
 
 
+@pytest.mark.slow
 def test_sigint_saves_latest_and_says_how_to_resume(busi_dir, tmp_path):
     root, _ = busi_dir
     proc = subprocess.Popen(_command(root, tmp_path, "--epochs", "30", "--run-name", "int"), cwd=ROOT,
@@ -229,6 +231,7 @@ def test_sigint_saves_latest_and_says_how_to_resume(busi_dir, tmp_path):
     assert int(history(tmp_path / "int")[-1]["epoch"]) == state["epoch"] + 1
 
 
+@pytest.mark.slow
 def test_sigkill_during_an_epoch_and_during_a_save_leaves_readable_checkpoints(busi_dir, tmp_path):
     root, _ = busi_dir
     # 1) SIGKILL in the middle of training
@@ -490,6 +493,7 @@ def test_report_figure_without_a_class_head(tmp_path):
     assert Image.open(tmp_path / "test_report.png").size[0] < 600  # one panel, not three
 
 
+@pytest.mark.slow
 def test_each_hyperparameter_is_defined_once_and_the_flags_help_and_saved_config_follow(busi_dir, tmp_path):
     """Edit two defaults and a comment at the top of a copy of the script: its --help, its flag defaults and the
     config saved in its checkpoint all change with them."""
@@ -566,6 +570,7 @@ def test_a_frozen_encoder_keeps_its_weights_and_gets_no_gradients_while_the_deco
     assert decoder and n_optimised == len(decoder)
 
 
+@pytest.mark.slow
 def test_a_pretrained_lite_encoder_trains_resumes_and_evaluates(busi_dir, tmp_path, capsys):
     """--encoder lite0: the same loop, checkpoints and tools; the encoder learns at --encoder-lr times --lr, and
     the scanner augmentation runs; a resumed run rebuilds the model from its checkpoint (no weights package
