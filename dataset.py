@@ -908,6 +908,16 @@ def concat(parts: list[dict]) -> dict:
             "sources": [s for p in parts for s in p["sources"]]}
 
 
+def of_sources(part: dict, names) -> dict:
+    """The images of a joined part (`concat`) that come from the sources `names`, in their order."""
+    keep = [i for i, s in enumerate(part["sources"]) if s in names]
+    if len(keep) == len(part["names"]):
+        return part
+    idx = torch.tensor(keep, dtype=torch.long)
+    return {**{k: part[k][idx.to(part[k].device)] for k in ("images", "masks", "labels", "full_sizes")},
+            **{k: [part[k][i] for i in keep] for k in ("names", "full_masks", "sources")}}
+
+
 def recorded_sources(config: dict, check_data: bool = True, given=None, run_dir: Path | None = None
                      ) -> tuple[list[str] | None, list[str] | None]:
     """The sources and splits a run or checkpoint records (absolute paths; runs from before that, as they were

@@ -2,6 +2,7 @@
 --eval-only and the end of training share (metrics.json, the per-image CSV, the report figure, the summary)."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -218,6 +219,24 @@ def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, 
     return fitted, summary
 
 
+SITE_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # coarse: a site's validation part holds few lesions
+MIN_LESIONS_FOR_THRESHOLD = 5  # fewer validation lesion scans keep the threshold the model came with
+
+
+def fit_threshold(model, val: dict, device, dtype, tta: bool, batch_size: int, current: float) -> tuple[float, dict]:
+    """The mask threshold of SITE_THRESHOLDS with the best validation lesion Dice (a missed lesion counts 0;
+    normal scans are the gate's to judge), ties to the one nearest `current`: (threshold, the record of the
+    fit). `current` stays when validation has fewer than MIN_LESIONS_FOR_THRESHOLD lesion scans."""
+    runs = evaluate_thresholds(model, val, device, dtype, SITE_THRESHOLDS, batch_size, tta)
+    dice = {t: round(runs[t][0]["lesion_dice"], 4) for t in SITE_THRESHOLDS}
+    n = runs[SITE_THRESHOLDS[0]][0]["n_lesion"]
+    chosen = current if n < MIN_LESIONS_FOR_THRESHOLD else max(SITE_THRESHOLDS,
+                                                                key=lambda t: (dice[t], -abs(t - current)))
+    return chosen, {"on": "validation", "n_lesion": n, "lesion_dice": {str(t): d for t, d in dice.items()},
+                    "before": current, **({} if n >= MIN_LESIONS_FOR_THRESHOLD else {
+                        "kept": f"fewer than {MIN_LESIONS_FOR_THRESHOLD} validation lesion scans"})}
+
+
 NO_TEST_PART = "no source's split has a test part (score best.pt with --eval-only on data it never saw)"
 
 
@@ -229,6 +248,14 @@ def fit_then_test(run_dir: Path, parts: dict, scanner_of: dict, device: torch.de
     (trust.gate_applies) and keeps `start`'s familiarity range (trust.site_entry)."""
     best, best_state = checkpoints.load_model(run_dir / "best.pt", device)
     best = best.to(memory_format=torch.channels_last)
+    if start is not None and "--threshold" not in getattr(hp, "explicit", ()):  # a site run: the site's threshold
+        threshold, fit = fit_threshold(best, parts["val"], device, utils.inference_dtype(device, hp.amp), hp.tta,
+                                       hp.eval_batch_size, hp.threshold)
+        print(f"mask threshold on the site's validation ({fit['n_lesion']} lesion scans): {threshold:g} "
+              f"(lesion Dice {fit['lesion_dice']})", flush=True)
+        best_state["config"] = {**best_state["config"], "threshold": threshold, "threshold_fit": fit}
+        hp, extra = argparse.Namespace(**{**vars(hp), "threshold": threshold}), {**extra, "config": best_state[
+            "config"]}
     fitted, val_summary = fit_and_describe(best, parts, device, utils.inference_dtype(device, hp.amp), hp.threshold,
                                            hp.tta, hp.eval_batch_size, hp.presence_keep, run_dir, scanner_of)
     if start is not None:
@@ -302,6 +329,21 @@ def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> b
         ax.legend(loc="upper left", title="10 bins; dot area: images", fontsize=8, title_fontsize=8)
     utils.save_figure(fig, path)
     return True
+
+
+def evaluate_checkpoint(hp, state: dict, model, part: dict, sources: list, run_dir: Path, device, config: dict) -> int:
+    """--eval-only: one evaluation. The "no lesion" gate empties masks at the hospitals it was fitted at (the
+    checkpoint's sources) and where trust.gate_applies says so; elsewhere it only marks."""
+    fitted, why_not = checkpoints.fitted_trust(state)
+    if why_not:
+        print(f"warning: {hp.checkpoint}: {why_not}", file=sys.stderr)
+    own = checkpoints.trained_on(state, sources)
+    report(model, part, run_dir, hp.eval_split, hp, device,
+           {"checkpoint": str(hp.checkpoint), "best_epoch": state.get("best_epoch"), "config": config,
+            "val_at_best": state.get("best_val"), "gate": "applied" if own or trust.gate_applies(
+                fitted, "auto") else "marked only (fitted at other hospitals)"},
+           fitted, "apply" if own else "auto")
+    return 0
 
 
 def report(model, data, run_dir, split, hp, device, extra, fitted_trust=None, gate_mode: str = "apply") -> dict:

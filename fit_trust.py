@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--presence-keep", type=utils.unit_fraction, default=None,
                         help="the 'no lesion' gate keeps this share of validation lesion scans (0: no gate; "
                              "default: the checkpoint's presence_keep, else 0.98)")
+    parser.add_argument("--threshold", type=utils.probability, default=None,
+                        help="the mask threshold to fit at (default: the checkpoint's; with a site's scans the "
+                             "checkpoint was not trained on, the one with the best lesion Dice on their validation)")
     parser.add_argument("--output", required=True, help="the new checkpoint (an existing file is never replaced); "
                         "the figures of the validation split (<stem>_calibration.png, <stem>_presence.png) are "
                         "written beside it, never over existing ones")
@@ -72,6 +75,17 @@ def main(argv=None) -> int:
         names = {n for n, _ in sources}
         splits = args.split_file or [s for s in splits or [] if "=" not in s or s.split("=", 1)[0] in names]
         parts, _ = dataset.load_parts(sources, splits, size, ".cache", None)
+        chosen = [n for n in str(config.get("select_on", "")).split(",") if n in names] or sorted(names)
+        parts = {k: dataset.of_sources(v, chosen) for k, v in parts.items()}  # the sources that chose best.pt
+        site = not checkpoints.trained_on(state, sources)  # another site's labelled scans: its own threshold, gate
+        if args.threshold is not None:
+            threshold = args.threshold
+            state = {**state, "config": {**config, "threshold": threshold}}
+        elif site and not args.familiarity_only:
+            threshold, fit = evaluation.fit_threshold(model, parts["val"], device, utils.inference_dtype(device),
+                                                      bool(config.get("tta")), 32, threshold)
+            print(f"mask threshold on the site's validation ({fit['n_lesion']} lesion scans): {threshold:g}")
+            state = {**state, "config": {**config, "threshold": threshold, "threshold_fit": fit}}
         keep = args.presence_keep if args.presence_keep is not None else float(config.get("presence_keep", 0.98))
         figure = out.with_name(out.stem + "_")
         if any(Path(f"{figure}{n}.png").exists() for n in ("calibration", "presence")):
@@ -90,7 +104,7 @@ def main(argv=None) -> int:
         fitted, summary = evaluation.fit_and_describe(model, parts, device, utils.inference_dtype(device), threshold,
                                                       bool(config.get("tta")), 32, keep, out.parent,
                                                       dataset.scanners(sources), prefix=out.stem + "_")
-        if not checkpoints.trained_on(state, sources):  # another site's labelled scans: its own gate
+        if site:
             fitted = trust.site_entry(fitted, state.get("trust"))
         checkpoints.save_checkpoint({**state, "trust": fitted}, out)
         evaluation.print_summary("validation with the fitted entry (in-sample for the gate and trust)", summary)

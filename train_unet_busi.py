@@ -66,8 +66,12 @@ class Hyperparameters:
     augment: NonNegativeFloat = 1.0     # strength of the on-device augmentation (0 = none; augment.AugmentConfig)
     scanner_augment: NonNegativeFloat = 1.0  # strength of the transforms that mimic other scanners (aspect,
                                              # speckle, blur, gain ramp; AugmentConfig.with_scanner); 0 = none
+    select_on: str = ""                 # the sources whose validation chooses best.pt, the gate and the trust score
+                                        # ('' = all; e.g. "SITE"); the others' validation is scored every epoch and
+                                        # logged as held out (trained on unless --repeat gives them 0)
     # evaluation
-    threshold: Probability = 0.5        # lesion probability threshold
+    threshold: Probability = 0.5        # lesion probability threshold (a site run fits it on the site's validation
+                                        # unless given)
     tta: bool = False                   # average with the left-right flipped image's prediction at evaluation
     presence_keep: UnitFraction = 0.98  # the "no lesion" gate empties the mask of a scan it judges lesion-free, at
                                         # the cut that keeps this share of validation lesion scans (0 = no gate)
@@ -264,21 +268,6 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
                     decoder_channels=unet.LITE_DECODER[:5 if args.full_res_decoder else 4])
 
 
-def evaluate_only(args, state: dict, model, part: dict, sources: list, run_dir: Path, device, config: dict) -> int:
-    """--eval-only: one evaluation. The "no lesion" gate empties masks at the hospitals it was fitted at (the
-    checkpoint's sources) and where trust.gate_applies says so; elsewhere it only marks."""
-    fitted, why_not = checkpoints.fitted_trust(state)
-    if why_not:
-        print(f"warning: {args.checkpoint}: {why_not}", file=sys.stderr)
-    own = checkpoints.trained_on(state, sources)
-    evaluation.report(model, part, run_dir, args.eval_split, args, device,
-                      {"checkpoint": str(args.checkpoint), "best_epoch": state.get("best_epoch"), "config": config,
-                       "val_at_best": state.get("best_val"), "gate": "applied" if own or trust.gate_applies(
-                           fitted, "auto") else "marked only (fitted at other hospitals)"},
-                      fitted, "apply" if own else "auto")
-    return 0
-
-
 def print_next_steps(run_dir: Path, sources: list) -> None:
     """What to do with the trained model, as commands to copy."""
     data_dir = sources[0][1]
@@ -317,11 +306,15 @@ def run(args) -> int:
     if device.type == "cpu":
         print(utils.describe_cpu(dtype), flush=True)
     if args.eval_only:
-        return evaluate_only(args, state, model, parts[args.eval_split], sources, run_dir, device, config)
+        return evaluation.evaluate_checkpoint(args, state, model, parts[args.eval_split], sources, run_dir, device,
+                                              config)
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----
     train = training.epoch_set(parts["train"], args.repeat, args.seed, device)
-    val = {**parts["val"], "images": parts["val"]["images"].to(device), "masks": parts["val"]["masks"].to(device)}
+    chosen = training.chosen_sources(args.select_on, [n for n, _ in sources])
+    own = {k: dataset.of_sources(v, chosen) for k, v in parts.items()}  # what chooses best.pt and is tested
+    val = training.on_device(own["val"], device)
+    held = {n: training.on_device(dataset.of_sources(parts["val"], [n]), device) for n, _ in sources if n not in chosen}
     trainer = training.Trainer(model, args, device, dtype, len(train["labels"]), args.compile)
     if state is not None:
         trainer.restore(state)
@@ -344,8 +337,9 @@ def run(args) -> int:
                 return 130
             val_summary, val_loss = training.validate(model, val, trainer.seg_loss, args, device,
                                                       utils.inference_dtype(device, args.amp))
+            held_out = training.score_held_out(model, held, args, device, utils.inference_dtype(device, args.amp))
             best_before = trainer.best_score
-            row, improved = trainer.end_epoch(*done, val_summary, val_loss, time.perf_counter() - t0)
+            row, improved = trainer.end_epoch(*done, val_summary, val_loss, time.perf_counter() - t0, held_out)
             if trainer.bad_epochs or improved or (epoch + 1) % log_every == 0 or epoch + 1 == args.epochs:
                 print(training.epoch_line(row, improved, trainer.bad_epochs, args.epochs, round(best_before, 5),
                                           args.epochs - epoch - 1 if epoch == first else 0), flush=True,
@@ -367,7 +361,7 @@ def run(args) -> int:
         raise ValueError("no epoch made a best.pt to evaluate (none finished with finite validation outputs)")
     print(f"best epoch {trainer.best_epoch} (validation score {trainer.best_score:.4f}); fitting the trust score, "
           f"the 'no lesion' gate and the calibration on train and validation", flush=True)
-    evaluation.fit_then_test(run_dir, parts, dataset.scanners(sources), device, args,  # a site run: what it came from
+    evaluation.fit_then_test(run_dir, own, dataset.scanners(sources), device, args,  # a site run: what it came from
                              args.init_from and checkpoints.load_checkpoint(args.init_from),
                              {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "config": config})
     print_next_steps(run_dir, sources)

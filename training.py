@@ -178,6 +178,27 @@ def validate(model, data, seg_loss, hp, device, dtype) -> tuple[dict, float]:
     return summary, float(total) / max(1, len(data["names"]))
 
 
+def on_device(part: dict, device) -> dict:
+    """A part with its images and masks on `device` (uint8 and bool: small enough for the whole run)."""
+    return {**part, "images": part["images"].to(device), "masks": part["masks"].to(device)}
+
+
+def chosen_sources(spec: str, names: list[str]) -> list[str]:
+    """The sources whose validation chooses best.pt (the `select_on` hyperparameter; '' = all of them)."""
+    wanted = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise ValueError(f"--select-on names {', '.join(unknown)}: not a source of this run (sources: "
+                         f"{', '.join(names)})")
+    return wanted or list(names)
+
+
+def score_held_out(model, held: dict[str, dict], hp, device, dtype) -> dict[str, dict]:
+    """Each held-out source's validation summary: scored every epoch for the record, it chooses nothing."""
+    return {source: evaluation.evaluate(model, part, device, dtype, hp.threshold, hp.eval_batch_size, hp.tta)[0]
+            for source, part in held.items()}
+
+
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C aborts at once."""
 
@@ -328,7 +349,7 @@ class Trainer:
         return float(loss_sum) / max(1, int(good_seen)), time.perf_counter() - t0, seen
 
     def end_epoch(self, train_loss: float, train_seconds: float, seen: int, val_summary: dict, val_loss: float,
-                  seconds: float) -> tuple[dict, bool]:
+                  seconds: float, held_out: dict | None = None) -> tuple[dict, bool]:
         """Record the finished epoch in the history; returns its row and whether it is the best so far.
 
         An epoch whose validation loss is not finite (its outputs overflowed) is never the best; MAX_BAD_EPOCHS
@@ -352,6 +373,14 @@ class Trainer:
                         f"{source}:val_missed": s["missed_lesions"], f"{source}:val_score": round(s["all_dice"], 5)})
             if "malignancy_auc" in s:
                 row[f"{source}:val_malignancy_auc"] = round(s["malignancy_auc"], 5)
+        for source, s in (held_out or {}).items():  # scored for the record (score_held_out): they choose nothing
+            fp_s = s["normal_fp_rate"]
+            row.update({f"{source}:held_out_lesion_dice": round(s["lesion_dice"], 5),
+                        f"{source}:held_out_missed": s["missed_lesions"],
+                        f"{source}:held_out_normal_fp_rate": round(fp_s, 5) if not math.isnan(fp_s) else "",
+                        f"{source}:held_out_score": round(s["all_dice"], 5)})
+            if "malignancy_auc" in s:
+                row[f"{source}:held_out_malignancy_auc"] = round(s["malignancy_auc"], 5)
         self.history.append(row)
         # An epoch that predicts nothing on every validation lesion scores 1 on each normal image: on a small
         # validation split that alone can win. Such an epoch is best only until one that finds a lesion comes.
@@ -385,6 +414,9 @@ def write_history(run_dir, history: list[dict], best_epoch: int | None = None) -
                                                                                else "") + " (selects best.pt)")
     for source in sources:
         ax2.plot(epochs, [h[f"{source}:val_score"] for h in history], ls=":", label=f"{source}: all-image Dice")
+    for source in [k.split(":")[0] for k in history[0] if k.endswith(":held_out_lesion_dice")]:
+        ax2.plot(epochs, [h[f"{source}:held_out_lesion_dice"] for h in history], ls="--",
+                 label=f"held out {source}: lesion Dice (chooses nothing)")
     if best_epoch is not None:
         ax2.axvline(best_epoch, color="grey", linestyle="--", linewidth=0.8, label=f"best.pt (epoch {best_epoch})")
     ax2.set(xlabel="epoch", ylabel="validation split, original resolution", title="Validation", ylim=(0, 1))
@@ -402,6 +434,8 @@ def epoch_line(row: dict, improved: bool, bad: int, epochs: int, best_before: fl
     star = " *" if improved else "  "
     why = " (best: the first epoch to find a validation lesion)" if improved and row["val_score"] < best_before else ""
     sources = "".join(f" | {k.split(':')[0]} {row[k]:.4f}" for k in row if k.endswith(":val_score"))
+    sources += "".join(f" | held out {k.split(':')[0]} Dice {row[k]:.4f} ({row[k[:-11] + 'missed']} missed)"
+                       for k in row if k.endswith(":held_out_lesion_dice"))
     return (f"{head} | val Dice {row['val_lesion_dice']:.4f} | val IoU {row['val_lesion_iou']:.4f} | val score "
             f"{row['val_score']:.4f}{star}{sources} | lr {row['lr']:.2e} | {row['seconds']:.1f} s | "
             f"{row['train_img_per_s']:.0f} img/s{why}"

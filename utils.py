@@ -113,7 +113,7 @@ def unit_fraction(text: str) -> float:
 
 
 def repeat_spec(text: str) -> str:
-    """'' or 'KEY=FACTOR,...' (KEY a class or source name, FACTOR > 0): checked, returned as given."""
+    """'' or 'KEY=FACTOR,...' (KEY a class or source name, FACTOR >= 0): checked, returned as given."""
     parse_repeat(text)
     return text
 
@@ -130,8 +130,8 @@ def parse_repeat(text: str) -> dict[str, float]:
             factor = float(value)
         except ValueError:
             factor = math.nan
-        if not key or not (math.isfinite(factor) and factor > 0):
-            raise argparse.ArgumentTypeError(f"{item!r} should be NAME=FACTOR with a factor > 0 (e.g. normal=4)")
+        if not key or not (math.isfinite(factor) and factor >= 0):  # 0: a source scored but never trained on
+            raise argparse.ArgumentTypeError(f"{item!r} should be NAME=FACTOR with a factor >= 0 (e.g. normal=4)")
         if factor > MAX_REPEAT:
             raise argparse.ArgumentTypeError(f"{item!r}: a factor above {MAX_REPEAT} (each image that often per "
                                              f"epoch) is refused")

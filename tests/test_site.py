@@ -18,6 +18,7 @@ from test_predict import IMAGE_SIZE, save_tiny_checkpoint, scan
 
 import checkpoints
 import dataset
+import evaluation
 import inference
 import trust
 import utils
@@ -242,13 +243,32 @@ def test_a_site_run_starts_from_the_checkpoint_records_the_site_and_its_gate_app
     assert record["sha256"] == utils.file_sha256(source) and record["site"] == ["siteB"]
     assert record["images"]["train"] > 0 and best["config"]["lr"] == train_unet_busi.RECIPES["site"]["lr"]
     assert best["config"]["image_size"] == 32 and best["trust"]["gate_scope"] == trust.SITE_GATE
+    # the mask threshold is the site's: the grid point with the best lesion Dice on its validation part
+    fit, chosen = best["config"]["threshold_fit"], best["config"]["threshold"]
+    model, _ = checkpoints.load_model(tmp_path / "site" / "best.pt")
+    val = dataset.load_parts([("siteB", site)], [str(tmp_path / "site" / "split.json")], 32, None, None)[0]["val"]
+    runs = evaluation.evaluate_thresholds(model, val, torch.device("cpu"), None, evaluation.SITE_THRESHOLDS)
+    dice = {t: round(runs[t][0]["lesion_dice"], 4) for t in evaluation.SITE_THRESHOLDS}
+    assert {float(t): d for t, d in fit["lesion_dice"].items()} == dice and fit["n_lesion"] == runs[0.5][0]["n_lesion"]
+    if fit["n_lesion"] >= evaluation.MIN_LESIONS_FOR_THRESHOLD:
+        assert dice[chosen] == max(dice.values()) and best["trust"]["threshold"] == chosen
+    else:
+        assert chosen == 0.5 and "kept" in fit
+    assert train_unet_busi.main(["--init-from", str(source), "--data-dir", str(site), "--epochs", "1",
+                                 "--threshold", "0.7", "--run-name", "given", *common]) == 0
+    given = checkpoints.load_checkpoint(tmp_path / "given" / "best.pt")["config"]
+    assert given["threshold"] == 0.7 and "threshold_fit" not in given  # a threshold given is kept
     start = checkpoints.load_checkpoint(source)["trust"]["familiarity"]  # a few patients do not refit the range
     assert torch.equal(best["trust"]["familiarity"]["precision"], start["precision"])
     # fit_trust.py on another site's labelled scans: its gate applies there too; on its own data it does not
     out = tmp_path / "refit.pt"
     assert fit_trust.main(["--checkpoint", str(source), "--data-dir", str(site), "--output", str(out),
                            "--device", "cpu"]) == 0
-    refit = checkpoints.load_checkpoint(out)["trust"]
+    refit = checkpoints.load_checkpoint(out)
+    assert refit["config"]["threshold_fit"]["on"] == "validation" and refit["trust"]["threshold"] == refit["config"][
+        "threshold"]
+    refit = refit["trust"]
     assert refit["gate_scope"] == trust.SITE_GATE and refit["familiarity"]["cut"] == start["cut"]
     assert fit_trust.main(["--checkpoint", str(source), "--output", str(tmp_path / "own.pt"), "--device", "cpu"]) == 0
-    assert checkpoints.load_checkpoint(tmp_path / "own.pt")["trust"].get("gate_scope") != trust.SITE_GATE
+    own = checkpoints.load_checkpoint(tmp_path / "own.pt")
+    assert own["trust"].get("gate_scope") != trust.SITE_GATE and "threshold_fit" not in own["config"]

@@ -180,6 +180,39 @@ def test_two_sources_validate_each_choose_on_their_mean_and_resume_from_another_
         moved.rename(bra)
 
 
+def test_a_held_out_source_is_scored_every_epoch_chooses_nothing_and_is_not_trained_on_at_repeat_0(
+        two_sources, tmp_path, capsys):
+    """Leave one hospital out: BRA's validation is logged each epoch beside BUSI's, best.pt, the gate and the test
+    are BUSI's alone, and --repeat BRA=0 keeps its scans out of training."""
+    busi, bra, split_file = two_sources
+    name = busi.name
+    code, err = _train_sources(tmp_path, capsys, busi, f"BRA={bra}", extra=(
+        "--split-file", f"BRA={split_file}", "--select-on", name, "--repeat", "normal=2,BRA=0", "--epochs", "2",
+        "--run-name", "held"))
+    assert code == 0, err
+    run = tmp_path / "runs" / "held"
+    busi_split = json.loads((run / "split_Dataset_BUSI_with_GT.json").read_text())
+    rows = history(run)
+    assert all("BRA:val_score" not in r and r["BRA:held_out_lesion_dice"] != "" for r in rows)
+    best = checkpoints.load_checkpoint(run / "best.pt")
+    assert best["config"]["select_on"] == name
+    # the logged figures are best.pt's own on BRA's validation part, and the selection score is BUSI's alone
+    model, _ = checkpoints.load_model(run / "best.pt")
+    val = dataset.load_parts([("BRA", bra)], [str(split_file)], 32, None, None)[0]["val"]
+    summary, _ = evaluation.evaluate(model, val, torch.device("cpu"), None, 0.5, 16)
+    row = rows[best["best_epoch"] - 1]
+    assert float(row["BRA:held_out_lesion_dice"]) == pytest.approx(summary["lesion_dice"], abs=1e-4)
+    assert int(row["BRA:held_out_missed"]) == summary["missed_lesions"]
+    assert float(row["val_score"]) == pytest.approx(best["best_val"]["all_dice"], abs=1e-4)
+    assert "per_source" not in best["best_val"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "per_source" not in metrics["val_fitted"] and metrics["val_fitted"]["n_images"] == len(busi_split["val"])
+    assert training.repeat_index(["benign"] * 4, ["A", "A", "BRA", "BRA"], "BRA=0", seed=0).tolist() == [0, 1]
+    code, err = _train_sources(tmp_path, capsys, busi, f"BRA={bra}", extra=(
+        "--split-file", f"BRA={split_file}", "--select-on", "NOPE", "--run-name", "nope"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--select-on names NOPE" in err, err
+
+
 def _train_sources(tmp_path, capsys, *data_dir, extra=()):
     capsys.readouterr()
     code = T.main(["--data-dir", *map(str, data_dir), "--output-dir", str(tmp_path / "runs"), "--cache-dir",
