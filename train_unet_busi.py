@@ -290,10 +290,7 @@ def run(args) -> int:
     dtype = utils.amp_dtype(device, args.amp)  # training; evaluation on a CPU stays fp32 (utils.inference_dtype)
 
     # ---- model ----
-    utils.seed_everything(args.seed, args.deterministic)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not args.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    utils.seed_everything(args.seed, args.deterministic, device)
     model = build_model(args, state).to(device, memory_format=torch.channels_last)
     config = {k: getattr(args, k) for k in HYPERPARAMETERS}
     config.update(data_dir=[dataset.source_spec(n, p) for n, p in sources], split_file=split_sources,
@@ -311,10 +308,8 @@ def run(args) -> int:
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----
     train = training.epoch_set(parts["train"], args.repeat, args.seed, device)
-    chosen = training.chosen_sources(args.select_on, [n for n, _ in sources])
-    own = {k: dataset.of_sources(v, chosen) for k, v in parts.items()}  # what chooses best.pt and is tested
+    own, held = training.select(parts, args.select_on, [n for n, _ in sources], device)  # own: what chooses
     val = training.on_device(own["val"], device)
-    held = {n: training.on_device(dataset.of_sources(parts["val"], [n]), device) for n, _ in sources if n not in chosen}
     trainer = training.Trainer(model, args, device, dtype, len(train["labels"]), args.compile)
     if state is not None:
         trainer.restore(state)

@@ -183,14 +183,16 @@ def on_device(part: dict, device) -> dict:
     return {**part, "images": part["images"].to(device), "masks": part["masks"].to(device)}
 
 
-def chosen_sources(spec: str, names: list[str]) -> list[str]:
-    """The sources whose validation chooses best.pt (the `select_on` hyperparameter; '' = all of them)."""
-    wanted = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in names]
+def select(parts: dict, select_on: str, names: list[str], device) -> tuple[dict, dict[str, dict]]:
+    """The parts of the sources whose validation chooses best.pt (the `select_on` hyperparameter; '' = all of
+    them), and each other source's validation part on `device`, to be scored as held out."""
+    chosen = [n.strip() for n in select_on.split(",") if n.strip()] or list(names)
+    unknown = [n for n in chosen if n not in names]
     if unknown:
         raise ValueError(f"--select-on names {', '.join(unknown)}: not a source of this run (sources: "
                          f"{', '.join(names)})")
-    return wanted or list(names)
+    own = {k: dataset.of_sources(v, chosen) for k, v in parts.items()}
+    return own, {n: on_device(dataset.of_sources(parts["val"], [n]), device) for n in names if n not in chosen}
 
 
 def score_held_out(model, held: dict[str, dict], hp, device, dtype) -> dict[str, dict]:

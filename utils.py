@@ -217,14 +217,18 @@ def explicit_dests(build_parser, argv) -> set[str]:
 # --------------------------------------------------------------------------------------------------------------
 # Reproducibility, device, mixed precision
 # --------------------------------------------------------------------------------------------------------------
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch (all devices); `deterministic` also pins cuDNN to deterministic kernels."""
+def seed_everything(seed: int, deterministic: bool = False, device=None) -> None:
+    """Seed python, numpy and torch (all devices); `deterministic` also pins cuDNN to deterministic kernels; on
+    a CUDA `device`, otherwise cuDNN's autotuner and TF32 matmuls (fast, not bit-reproducible)."""
     import numpy as np
     import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if deterministic:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
