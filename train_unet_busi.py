@@ -105,7 +105,7 @@ HYPERPARAMETERS = [f.name for f in dataclasses.fields(Hyperparameters)]
 FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "full_res_decoder", "base_channels",
                    "depth")  # what --resume may not change: the weights and the decoded data were made for them
 
-# The bundled sample (data/busi_sample, 30 images) is far too small for the recipe above: a new run on it uses
+# The bundled sample (data/busi_sample, 70 images) is far too small for the recipe above: a new run on it uses
 # these values instead (flags given still win), so that a first run learns visibly in about 2 CPU minutes.
 SAMPLE_RECIPE = {"encoder": "lite0", "pretrained": True, "image_size": 128, "epochs": 40, "batch_size": 8,
                  "lr": 1e-3, "warmup_epochs": 3, "repeat": "", "scanner_augment": 0.0}
