@@ -106,7 +106,7 @@ def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeyp
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     pump(root)
     assert errors == []
-    assert listed(app) == [it.name for it in items] and len(items) == 30
+    assert listed(app) == [it.name for it in items] and len(items) == 70
     assert app.index == 0 and app.listbox.curselection() == (0,)
     assert app.threshold == 0.5 and app.threshold_var.get() == 0.5  # the checkpoint's threshold
 
@@ -164,7 +164,7 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
     deadline = time.monotonic() + 60
     while app.busy and time.monotonic() < deadline:
         pump(root, 0.02)
-    assert len(items) == 30  # the bundled sample
+    assert len(items) == 70  # the bundled sample
     assert not app.busy and f"sorted {len(items)} images" in app.status
     assert len(app.cache) == len(items)
     entries = app.listbox_entries()
