@@ -113,6 +113,14 @@ def trust_of(extras: dict, fitted: dict, gate_mode: str = "apply") -> Judged:
     return Judged(scores, present, gate, lesion_free, near, out, (scores < fitted["review_below"]) | out)
 
 
+DISAGREE = "class head says normal, mask is not empty"  # a `check`: outputs that contradict each other
+
+
+def contradiction(predicted_class: str | None, outlined: bool) -> str:
+    """A prediction's `check` (predict's CSV column, the GUI's warning): '' or how its outputs disagree."""
+    return DISAGREE if predicted_class == "normal" and outlined else ""
+
+
 def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[1,S,S] probability map -> [H,W] at the image's own size (bilinear)."""
     return F.interpolate(prob[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]

@@ -71,6 +71,7 @@ import torch  # noqa: E402
 from matplotlib.backends.backend_tkagg import FigureCanvasTkAgg, NavigationToolbar2Tk  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
@@ -78,7 +79,7 @@ import dicom_io  # noqa: E402
 import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
 import unet  # noqa: E402
-from inference import predict_scans  # noqa: E402
+from inference import contradiction, predict_scans  # noqa: E402
 
 CLASS_FILTERS = ("all", *dataset.CLASSES)
 # Cyan and orange stay distinguishable on grey ultrasound and for red-green colour-blind viewers; the prediction
@@ -88,6 +89,21 @@ PRED_COLOUR = "#ff4000"
 CALIPER_COLOUR = "#ffe000"  # the two diameters: yellow, apart from both outlines
 REVIEW_MARK = "\u2691"  # a flag: trust below the review threshold
 OUT_OF_RANGE_BADGE = "\u26a0"  # a warning sign: unlike the scans the model was fitted on
+REGION_COLOUR = "#b0b0b0"  # the DICOM ultrasound region (what the model sees): a grey dashed box
+INFO_FONT = 11  # points, the two lines of facts above the panels
+CHAR_WIDTH = 0.62  # a DejaVu Sans character's mean width in ems, rounded up: how many fit a line
+
+
+def wrap_facts(facts: list[str], width: int, separator: str = "   |   ") -> list[str]:
+    """`facts` joined by `separator` into lines of at most `width` characters, never splitting a fact (a fact
+    longer than a line gets a line of its own)."""
+    lines: list[str] = []
+    for fact in facts:
+        if lines and len(lines[-1]) + len(separator) + len(fact) <= width:
+            lines[-1] += separator + fact
+        else:
+            lines.append(fact)
+    return lines
 SORT_CHUNK = 4  # images per inference step of a sort: few, so that the window keeps reacting between steps
 WINDOW_SIZE = "1400x800"
 TITLE = "BUSI prediction inspector"
@@ -363,8 +379,13 @@ class InspectorApp:
                                 Line2D([], [], color=PRED_COLOUR, lw=2.5, label="prediction")]
         self.legend = self.ax_overlay.legend(handles=self._legend_handles, loc="upper center", ncol=2,
                                              bbox_to_anchor=(0.5, -0.005), frameon=False, fontsize=11)
-        self.suptitle = self.figure.suptitle("", fontsize=12, y=0.99, linespacing=1.5)
+        self.region_box = self.ax_overlay.add_patch(Rectangle((0, 0), 1, 1, fill=False, ls="--", lw=1.0,
+                                                              ec=REGION_COLOUR, visible=False))
+        self.suptitle = self.figure.suptitle("", fontsize=INFO_FONT, y=0.99, linespacing=1.4)
+        self._facts: list[str] = []  # the shown image's name line and facts, wrapped to the figure's width
         self.canvas = FigureCanvasTkAgg(self.figure, master=self.figure_frame)
+        # a resized window wraps the facts again (after the canvas has resized the figure)
+        self.canvas.get_tk_widget().bind("<Configure>", lambda _e: self._wrap_info(), add="+")
         # Matplotlib's own toolbar: zoom and pan (a new image resets the view), home, save
         self.toolbar = NavigationToolbar2Tk(self.canvas, self.figure_frame, pack_toolbar=False)
         self.toolbar.update()
@@ -601,8 +622,9 @@ class InspectorApp:
 
     def _ask_images(self) -> None:
         patterns = " ".join(f"*{e} *{e.upper()}" for e in dataset.IMAGE_EXTENSIONS + dicom_io.DICOM_EXTENSIONS)
-        paths = filedialog.askopenfilenames(parent=self.root, title="Open images",
-                                            filetypes=[("Images", patterns), ("All files", "*")])
+        paths = filedialog.askopenfilenames(parent=self.root, title="Open images",  # DICOM files often have no
+                                            filetypes=[("Scans: images and DICOM (all files)", "*"),  # extension
+                                                       ("Images and DICOM by extension", patterns)])
         if paths:
             self.open_images(paths)
 
@@ -770,7 +792,12 @@ class InspectorApp:
         self.ax_prob.set_title("Lesion probability" if prediction is not None else "Lesion probability (no model)",
                                fontsize=11)
         self._set_contour("truth", truth, TRUTH_COLOUR)
-        self._legend_handles[0].set_label("ground truth" if truth is not None else "ground truth (none)")
+        self.ax_overlay.set_title("Ground truth vs prediction" if truth is not None else "Prediction", fontsize=11)
+        self._legend_handles[0].set_label("ground truth" if truth is not None else "")
+        if item.region is not None:  # (x0, y0, x1, y1), ends exclusive: the pixels the model sees
+            x0, y0, x1, y1 = item.region
+            self.region_box.set_bounds(x0 - 0.5, y0 - 0.5, x1 - x0, y1 - y0)
+        self.region_box.set_visible(item.region is not None)
         self._update_prediction()
         self.canvas.draw_idle()
         self.last_show_seconds = time.perf_counter() - start
@@ -788,6 +815,8 @@ class InspectorApp:
             self.dice = self.iou = None
         texts = self.legend.get_texts()
         texts[0].set_text(self._legend_handles[0].get_label())
+        for artist in (texts[0], self.legend.legend_handles[0]):  # no ground-truth entry without ground truth
+            artist.set_visible(truth is not None)
         texts[1].set_text(f"prediction (p > {self.threshold:.2f})" if mask is not None else "prediction (no model)")
         # Two lines: what the image is, then what the model made of it.
         facts = []
@@ -798,6 +827,9 @@ class InspectorApp:
         if prediction is not None and prediction.class_probs is not None:
             facts.append(f"P(malignant | lesion) {prediction.malignancy:.2f}   predicted class: "
                          f"{prediction.predicted_class}")
+        check = contradiction(prediction.predicted_class, bool(mask.any())) if prediction is not None else ""
+        if check:
+            facts.append(f"{OUT_OF_RANGE_BADGE} CHECK: {check}")
         if prediction is not None and prediction.out_of_range:
             facts.append(f"{OUT_OF_RANGE_BADGE} OUT OF RANGE (familiarity {prediction.familiarity:.1f}): unlike the "
                          f"scans the model was fitted on")
@@ -813,11 +845,30 @@ class InspectorApp:
         if self.size is not None:
             unit = "mm" if item.spacing is not None else "px (no pixel spacing)"
             facts.append(f"diameters {self.size.longest:.1f} x {self.size.perpendicular:.1f} {unit}")
+        if item.region is not None:
+            facts.append("dashed box: the ultrasound region (predicted alone)")
         if self.model is None:
             facts.append("no model loaded: use Load checkpoint...")
-        self.info_text = (f"{item.name}   \u2014   class: {item.label or 'unknown (no ground truth)'}\n"
-                          + "   |   ".join(facts))
+        self._facts = [f"{item.name}   \u2014   class: {item.label or 'unknown (no ground truth)'}", *facts]
+        self._wrap_info()
+
+    def _wrap_info(self) -> None:
+        """The name line, then the facts wrapped to the figure's present width (never cut off at its edges)."""
+        if not self._facts:
+            return
+        width_px = self.figure.get_figwidth() * self.figure.dpi
+        chars = max(40, int(width_px * 0.96 / (CHAR_WIDTH * INFO_FONT * self.figure.dpi / 72)))
+        lines = [self._facts[0], *wrap_facts(self._facts[1:], chars)]
+        self.info_text = "\n".join(lines)
         self.suptitle.set_text(self.info_text)
+        # the panels start below the facts and the panel titles: more lines, lower panels
+        height_px = self.figure.get_figheight() * self.figure.dpi
+        above = (len(lines) * 1.4 * INFO_FONT + 1.7 * 11) * self.figure.dpi / 72 + 10
+        top = min(0.87, 1 - above / height_px)
+        half = (top - 0.14) / 2  # the right column: image above, probability below, a title's gap between
+        self.ax_overlay.set_position((0.01, 0.07, 0.60, top - 0.07))
+        self.ax_image.set_position((0.635, 0.14 + half, 0.28, half))
+        self.ax_prob.set_position((0.635, 0.07, 0.28, half))
 
     def _draw_calipers(self, item: Item, mask: np.ndarray | None) -> None:
         """The longest diameter of the predicted lesion and the longest one perpendicular to it, with their
@@ -871,7 +922,8 @@ class InspectorApp:
             self._set_contour(key, None, "")
         for artist in self._calipers:
             artist.remove()
-        self._calipers, self.size = [], None
+        self._calipers, self.size, self._facts = [], None, []
+        self.region_box.set_visible(False)
         self.dice = self.iou = None
         self.path_var.set("")
         self.info_text = message

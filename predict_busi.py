@@ -140,7 +140,7 @@ import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
 import trust  # noqa: E402
 from dicom_io import gather_inputs  # noqa: E402
-from inference import ScanOutput, predict_scans  # noqa: E402
+from inference import ScanOutput, contradiction, predict_scans  # noqa: E402
 
 CSV_NAME = "predictions.csv"
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
@@ -155,7 +155,6 @@ ADAPT_HINT = ("the outlines, the 'no lesion' gate and the trust score were fitte
               "the model to these scans with  python adapt.py --checkpoint CKPT --scans FOLDER --output NEW.pt  "
               "(README, 'Your own scans')")
 OLDEST_FIELDS = CSV_FIELDS[:8]  # the columns of the first predictions.csv: any table of ours starts with them
-DISAGREE = "class head says normal, mask is not empty"  # the `check` column: outputs that contradict each other
 # _pred, never _mask: a prediction copied beside its scan must not pass for ground truth (dataset.MASK_RE)
 MASK_SUFFIX, OVERLAY_SUFFIX = (stem + ".png" for stem in dataset.PREDICTION_STEMS)
 OLD_MASK_SUFFIX = "_mask.png"  # what versions before _pred named their masks
@@ -356,7 +355,7 @@ class Result:
                 f"{self.max_probability:.4f}",
                 "" if self.malignancy_probability is None else f"{self.malignancy_probability:.4f}",
                 self.predicted_class or "", shown(self.mask), shown(self.overlay),
-                DISAGREE if self.predicted_class == "normal" and self.lesion_pixels else "",
+                contradiction(self.predicted_class, bool(self.lesion_pixels)),
                 "" if self.trust is None else f"{self.trust:.4f}", "REVIEW" if self.review else "",
                 "" if self.presence_probability is None else f"{self.presence_probability:.4f}",
                 NO_LESION if self.gated else LIKELY_LESION_FREE if self.lesion_free else ""] + self.size_columns() + \

@@ -514,3 +514,55 @@ def test_a_gate_fitted_elsewhere_keeps_the_outline_and_an_unfamiliar_image_gets_
     assert prediction.out_of_range and prediction.review and "OUT OF RANGE" in shipped.info_text
     assert gui.OUT_OF_RANGE_BADGE in shipped._entry(0)
     assert errors == []
+
+
+@pytest.mark.parametrize("geometry", ["1400x800", "1600x1000"])
+def test_the_facts_fit_the_window_an_unlabelled_scan_has_no_ground_truth_and_a_dicom_shows_its_region(
+        root, gui, checkpoint, errors, tmp_path, monkeypatch, geometry):
+    """Every fact (diameters, trust, the `check` warning, the region) stays inside the figure at common window
+    sizes; an opened scan gets no "ground truth" title or legend entry; a DICOM's ultrasound region is drawn."""
+    from fnmatch import fnmatch
+
+    from dicom_files import BORDER, sample_grey, wrapped_scan
+    app = gui.InspectorApp(root, checkpoint, [], "cpu")
+    root.geometry(geometry)
+    assert app.open_images([wrapped_scan(tmp_path / "scanner file.dcm")]) == 1
+    shown = app.cache[app.current.key]
+    shown.class_probs = np.array([0.0, 0.0, 1.0], dtype=np.float32)  # the class head says "normal" ...
+    app.set_threshold(0.05)  # ... beside an outline: what predict's `check` column flags
+    pump(root, 0.3)
+    for fact in ("CHECK: " + gui.contradiction("normal", True), "mm", "trust", "dashed box", "no ground truth"):
+        assert fact in app.info_text, (fact, app.info_text)
+    renderer = app.canvas.get_renderer()
+    text, fig = app.suptitle.get_window_extent(renderer), app.figure.bbox
+    assert fig.width > 700 and 0 <= text.x0 and text.x1 <= fig.width and text.y1 <= fig.height, (text, fig)
+    assert text.y0 >= app.ax_overlay.title.get_window_extent(renderer).y1 - 2  # above the panels' titles
+    assert app.ax_overlay.get_title() == "Prediction"
+    assert not app.legend.get_texts()[0].get_visible() and not app.legend.legend_handles[0].get_visible()
+    left, top = BORDER[0], BORDER[1]
+    h, w = sample_grey().shape
+    assert app.region_box.get_visible() and (app.region_box.get_x(), app.region_box.get_y(),
+                                              app.region_box.get_width(), app.region_box.get_height()) == (
+        left - 0.5, top - 0.5, w, h)
+    # a labelled scan: the ground truth is named again, and no region box is left over
+    app.open_images([])  # (nothing)
+    items, note = gui.dataset_items(SAMPLE, "test")
+    labelled = gui.InspectorApp(root, checkpoint, items[:1], "cpu", source=note)
+    pump(root, 0.2)
+    assert labelled.ax_overlay.get_title() == "Ground truth vs prediction" and labelled.legend.get_texts()[0].get_visible()
+    assert not labelled.region_box.get_visible()
+    # the open dialog's default filter lists extension-less DICOM files (the native dialog itself cannot be
+    # driven under a test, so its call is caught here and its filter applied to such a name)
+    asked = {}
+    monkeypatch.setattr(gui.filedialog, "askopenfilenames", lambda **kw: asked.update(kw) or "")
+    app._ask_images()
+    default = asked["filetypes"][0][1].split()
+    assert any(fnmatch("IM000001", p) for p in default) and any(fnmatch("scan.dcm", p) for p in default)
+    assert errors == []
+
+
+def test_facts_wrap_between_facts_never_inside_one(gui):
+    facts = ["Dice 0.812   IoU 0.700", "trust 0.93", "a fact much longer than the line it is given " * 2, "x"]
+    lines = gui.wrap_facts(facts, 40)
+    assert lines == ["Dice 0.812   IoU 0.700   |   trust 0.93", facts[2], "x"]
+    assert all(len(line) <= 40 for line in lines if line != facts[2])

@@ -330,4 +330,4 @@ def test_a_row_whose_class_says_normal_beside_a_lesion_mask_is_flagged(tmp_path,
                               "--output", str(tmp_path / "out"), "--quiet", "--device", "cpu"]) == 0
     (row,) = read_csv(tmp_path / "out" / "predictions.csv")
     assert (row["predicted_class"] == "normal") == normal and (int(row["lesion_pixels"]) > 0) == lesion
-    assert row["check"] == (predict_busi.DISAGREE if flagged else "")
+    assert row["check"] == (inference.DISAGREE if flagged else "")
