@@ -125,3 +125,45 @@ def test_the_project_imports_form_no_circle():
     for module in sorted(graph):
         walk(module, [module])
     assert circles == []
+
+
+def test_pip_install_e_makes_the_python_api_work_from_any_folder(tmp_path):
+    """`pip install -e .` (pyproject.toml lists every flat module; requirements.txt is its dependency list), then
+    the README's Python snippet in another folder. A copy of the project is installed into a fresh virtual
+    environment that sees this one's packages (no download: --no-deps, --no-build-isolation)."""
+    import shutil
+    import tomllib
+    from pathlib import Path
+
+    import pytest
+    pytest.importorskip("setuptools", reason="pip needs setuptools here to build the install without a download")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert set(config["tool"]["setuptools"]["py-modules"]) == {p.stem for p in MODULES}  # every module, no other
+    assert config["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
+    project = tmp_path / "project"
+    project.mkdir()
+    for path in [*MODULES, ROOT / "pyproject.toml", ROOT / "requirements.txt", ROOT / "README.md"]:
+        shutil.copy(path, project)
+    shutil.copytree(ROOT / "checkpoints", project / "checkpoints", ignore=lambda d, names: [
+        n for n in names if n.endswith(".pt") and n != "busi_busbra_lite0_192.pt" or n.endswith((".onnx", ".sha256"))])
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    parent = [p for p in sys.path if p.endswith("site-packages")]
+    (Path(site) / "parent.pth").write_text("\n".join(parent) + "\n")
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--disable-pip-version-check", "-e", str(project)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    snippet = ("from inference import Predictor\n"
+               "result = Predictor(backend='torch')(r'%s')\n"
+               "print(int(result.mask.sum()) > 0, result.trust is not None, result.size_mm)\n"
+               "import inference; print(inference.__file__)\n"
+               % (ROOT / "data" / "busi_sample" / "benign" / "benign (4).png"))
+    done = subprocess.run([str(python), "-c", snippet], cwd=elsewhere, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0 and done.stdout.startswith("True True None"), done.stderr[-2000:]
+    assert Path(done.stdout.split()[-1]).parent == project  # the installed folder's module, found from elsewhere
