@@ -652,13 +652,15 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: {len(results)} of {len(paths)} images written to {shown(out_dir)}/; {CSV_NAME} "
               f"lists exactly them", file=sys.stderr)
         return 130
-    print_summary(results, len(paths), failures, out_dir, threshold, fitted, args.gate)
+    print_summary(results, len(paths), failures, out_dir, threshold, fitted, args.gate,
+                  Path(args.checkpoint).resolve() == DEFAULT_CHECKPOINT.resolve())
     return 1 if failures else 0
 
 
 def print_summary(results: list[Result], n_inputs: int, failures: list[str], out_dir: Path, threshold: float,
-                  fitted: dict | None, gate_mode: str = "auto") -> None:
-    """What was written, how many scans to look at first, what the gate emptied, and what this is not."""
+                  fitted: dict | None, gate_mode: str = "auto", shipped: bool = True) -> None:
+    """What was written, how many scans to look at first, what the gate emptied, and what this is not (with the
+    shipped model's card where that model ran)."""
     print(f"{len(results)} of {n_inputs} images -> {shown(out_dir)}/ (masks, overlays, {CSV_NAME}; threshold "
           f"{threshold:g})" + (f"; {len(failures)} could not be read" if failures else ""))
     if fitted:
@@ -677,7 +679,9 @@ def print_summary(results: list[Result], n_inputs: int, failures: list[str], out
                   f"column, always flagged for review)")
             if results and out > len(results) / 2:
                 print(f"note: most of these scans are out of range: {ADAPT_HINT}")
-    print(f"research use only, not for clinical decisions: what the shipped model is and where it fails: {MODEL_CARD}")
+    print("research use only, not for clinical decisions" + (
+        f": what the shipped model is and where it fails: {MODEL_CARD}" if shipped else
+        " (this checkpoint's figures: the metrics.json and test report of the run that made it)"))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,8 @@ def test_masks_equal_an_independent_prediction_and_threshold_applies(tmp_path, c
         assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
                                   "--threshold", str(threshold), "--quiet"]) == 0
         rows = {r["file"]: r for r in read_csv(out / "predictions.csv")}
+        last = capsys.readouterr().out.strip().splitlines()[-1]  # another model than the shipped one: not its card
+        assert last.startswith("research use only") and "README.md" not in last and "metrics.json" in last
         for name in ("alpha.png", "photo.jpg", "deep.png", "large.png"):
             image = dataset.load_image(inputs / name)
             prob, expected = independent_mask(model, image, threshold)
