@@ -268,13 +268,13 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
                     decoder_channels=unet.LITE_DECODER[:5 if args.full_res_decoder else 4])
 
 
-def print_next_steps(run_dir: Path, sources: list) -> None:
-    """What to do with the trained model, as commands to copy."""
+def print_next_steps(run_dir: Path, sources: list, split: str) -> None:
+    """What to do with the trained model, as commands to copy (`split`: the one to look at)."""
     data_dir = sources[0][1]
     best, data = (shlex.quote(str(utils.shown_path(p.resolve()))) for p in (run_dir / "best.pt", data_dir))
     print(f"\nNext steps:\n"
           f"  look at its test predictions:  python inspect_busi_predictions_gui.py --checkpoint {best} "
-          f"--data-dir {data} --split test\n"
+          f"--data-dir {data} --split {split}\n"
           f"  predict on a folder of scans:  python predict_busi.py --checkpoint {best} --input SCANS/ "
           f"--output preds")
     if data_dir == dataset.SAMPLE_DIR:
@@ -359,7 +359,7 @@ def run(args) -> int:
     evaluation.fit_then_test(run_dir, own, dataset.scanners(sources), device, args,  # a site run: what it came from
                              args.init_from and checkpoints.load_checkpoint(args.init_from),
                              {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "config": config})
-    print_next_steps(run_dir, sources)
+    print_next_steps(run_dir, sources, "test" if len(own.get("test", {}).get("names", [])) else "val")
     return 0
 
 
