@@ -79,6 +79,21 @@ def summarize(records: list[dict], class_names=CLASSES) -> dict:
     return out
 
 
+def missed_and_outlined(scans) -> np.ndarray:
+    """[[share of lesion scans missed, share of normal scans outlined], ...] over every cut of a score below which
+    a mask is emptied (the mask's maximum probability, say), from `scans` as (has a lesion, outlined, score or
+    None); the first row is no cut at all. The trade-off that any "is anything there" decision offers."""
+    lesion = np.array([bool(s[0]) for s in scans])
+    outlined = np.array([bool(s[1]) for s in scans])
+    score = np.array([1.0 if s[2] is None else float(s[2]) for s in scans])
+    points = []
+    for cut in np.r_[-np.inf, np.unique(score)]:
+        kept = outlined & (score >= cut)
+        points.append([(~kept[lesion]).mean() if lesion.any() else np.nan,
+                       kept[~lesion].mean() if (~lesion).any() else np.nan])
+    return np.array(points)
+
+
 def classification_summary(records: list[dict], class_names) -> dict:
     """3-way accuracy and confusion matrix, and malignant-vs-benign ROC AUC on the lesion images."""
     k = len(class_names)

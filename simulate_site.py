@@ -63,6 +63,7 @@ import torch  # noqa: E402
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import evaluation  # noqa: E402
+import metrics  # noqa: E402
 import trust  # noqa: E402
 
 BUSBRA_PATIENT = r"^(bus_[0-9]+)-"
@@ -153,19 +154,6 @@ def label(run: dict) -> str:
             f"seed {run['seed']}")
 
 
-def curve(inputs: list) -> np.ndarray:
-    """[[missed lesion rate, normal scans outlined rate], ...] over every cut of the mask's maximum probability (a
-    mask is emptied below the cut): the trade-off a threshold on "is anything there" offers."""
-    lesion = np.array([i[0] != "normal" for i in inputs])
-    outlined = np.array([i[1] for i in inputs])
-    score = np.array([i[2] if i[2] is not None else 1.0 for i in inputs])
-    points = []
-    for cut in np.r_[-np.inf, np.unique(score)]:
-        kept = outlined & (score >= cut)
-        points.append([(~kept[lesion]).mean(), kept[~lesion].mean() if (~lesion).any() else np.nan])
-    return np.array(points)
-
-
 def table(files: list[str], figure: Path) -> int:
     """The Markdown table of simulation results, and the figure of their curves where the site has normal scans."""
     from matplotlib.figure import Figure
@@ -189,7 +177,8 @@ def table(files: list[str], figure: Path) -> int:
                   f"{normals} | {gated} | {'-' if out is None else f'{out:.0%}'} | {minutes} |")
             if g["n_normal"] and (run["kind"] == "unadapted" or (run["kind"] == "adapt" and run["alpha"] == 1.0)
                                   or (run["kind"] == "fine_tune" and run["patients"] >= 40)):  # a readable few
-                c = curve(run["score"]["curve_inputs"])
+                c = metrics.missed_and_outlined([(i[0] != "normal", i[1], i[2])
+                                                 for i in run["score"]["curve_inputs"]])
                 ax.plot(100 * c[:, 0], 100 * c[:, 1], lw=1.2, label=f"{site}: {label(run)}")
                 drawn += 1
     if drawn:

@@ -18,7 +18,7 @@ def _tree(path):
 
 # the commands
 SCRIPTS = {"train_unet_busi", "predict_busi", "inspect_busi_predictions_gui", "bench_busi", "export_onnx", "fit_trust",
-           "adapt", "simulate_site"}
+           "adapt", "simulate_site", "leave_one_out"}
 
 
 def test_no_module_imports_a_script():

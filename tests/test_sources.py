@@ -213,6 +213,39 @@ def test_a_held_out_source_is_scored_every_epoch_chooses_nothing_and_is_not_trai
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--select-on names NOPE" in err, err
 
 
+def test_leave_one_out_trains_each_direction_keeps_finished_runs_and_tables_them_with_the_seed_ensemble(
+        two_sources, tmp_path, capsys):
+    import leave_one_out
+    busi, bra, split_file = two_sources
+    work = tmp_path / "loho"
+    flags = " ".join([*TINY, "--epochs", "2", "--cache-dir", str(tmp_path / "cache")])
+    args = ["--busi", str(busi), "--busbra", str(bra), "--work-dir", str(work), "--recipe-flags", flags]
+    assert leave_one_out.main([*args, "--seeds", "1", "2"]) == 0, (work / "loho_busbra_s1.log").read_text()
+    runs = sorted(work.glob("loho_*_s?"))
+    assert [r.name for r in runs] == ["loho_busbra_s1", "loho_busbra_s2", "loho_busi_s1", "loho_busi_s2"]
+    held = history(work / "loho_busbra_s1")[0]
+    assert "Dataset_BUSI_with_GT:held_out_normal_fp_rate" in held and "BRA:held_out_lesion_dice" not in held
+    before = {r: (r / "best.pt").stat().st_mtime_ns for r in runs}
+    capsys.readouterr()
+    assert leave_one_out.main([*args, "--seeds", "1"]) == 0  # repeated: the finished runs are kept
+    assert capsys.readouterr().out.count("done already (kept)") == 2
+    assert before == {r: (r / "best.pt").stat().st_mtime_ns for r in runs}
+    assert leave_one_out.main(["--table", *map(str, runs), "--out", str(tmp_path / "loho.png")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "loho.png").is_file() and "| default | BRA | Dataset_BUSI_with_GT | 1 |" in out
+    # the ensemble row is the two seeds' models as one checkpoint, scored on the held-out validation split
+    checkpoints.export_checkpoint([work / "loho_busbra_s1" / "best.pt", work / "loho_busbra_s2" / "best.pt"],
+                                  tmp_path / "ens.pt", half=False)
+    model, _ = checkpoints.load_model(tmp_path / "ens.pt")
+    part = dataset.load_parts([("Dataset_BUSI_with_GT", busi)], [str(work / "loho_busbra_s1" /
+                              "split_Dataset_BUSI_with_GT.json")], 32, None, None, only="val")[0]["val"]
+    summary, _ = evaluation.evaluate(model, part, torch.device("cpu"), None, 0.5, 16)
+    row = next(line for line in out.splitlines() if line.startswith("| default | ") and "ensemble" not in line
+               and line.count("|") == 8)
+    assert row.split("|")[7].strip().endswith(f"/ {summary['lesion_dice']:.3f} ({summary['missed_lesions']} missed)")
+    assert leave_one_out.main(["--table", str(tmp_path / "cache")]) == 2  # not a run of this command: one line
+
+
 def _train_sources(tmp_path, capsys, *data_dir, extra=()):
     capsys.readouterr()
     code = T.main(["--data-dir", *map(str, data_dir), "--output-dir", str(tmp_path / "runs"), "--cache-dir",
