@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure

@@ -17,7 +17,10 @@ import tokenize
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
+
+if TYPE_CHECKING:  # for the annotations only: this module stays torch-free at import (--help is answered first)
+    import torch
 
 # No numpy or torch at import: the commands build their --help from this module before they load torch, which
 # takes seconds on a busy machine. Functions that need them import them (a no-op once loaded).

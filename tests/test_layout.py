@@ -167,3 +167,31 @@ def test_pip_install_e_makes_the_python_api_work_from_any_folder(tmp_path):
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert done.returncode == 0 and done.stdout.startswith("True True None"), done.stderr[-2000:]
     assert Path(done.stdout.split()[-1]).parent == project  # the installed folder's module, found from elsewhere
+
+
+def test_every_annotation_names_something_its_module_imports():
+    """`from __future__ import annotations` leaves annotations unchecked until asked: a name used there but never
+    imported breaks typing.get_type_hints (and any tool that reads them) without failing at import."""
+    import importlib
+    import inspect
+    import typing
+    broken = []
+    for path in MODULES:
+        module = importlib.import_module(path.stem)
+        typing_only = {}  # names imported under `if TYPE_CHECKING:` (kept out of the import on purpose)
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                for imp in (n for n in node.body if isinstance(n, ast.Import)):
+                    typing_only.update({a.asname or a.name: importlib.import_module(a.name) for a in imp.names})
+        for name, obj in vars(module).items():
+            members = [obj] if inspect.isfunction(obj) else [obj, *[m for m in vars(obj).values()
+                                                                   if inspect.isfunction(m)]] \
+                if inspect.isclass(obj) else []
+            for member in members:
+                if getattr(member, "__module__", None) != module.__name__:
+                    continue
+                try:
+                    typing.get_type_hints(member, localns=typing_only)
+                except NameError as exc:
+                    broken.append(f"{path.name}:{getattr(member, '__qualname__', name)}: {exc}")
+    assert broken == []
