@@ -250,8 +250,10 @@ def test_a_site_run_starts_from_the_checkpoint_records_the_site_and_its_gate_app
     runs = evaluation.evaluate_thresholds(model, val, torch.device("cpu"), None, evaluation.SITE_THRESHOLDS)
     dice = {t: round(runs[t][0]["lesion_dice"], 4) for t in evaluation.SITE_THRESHOLDS}
     assert {float(t): d for t, d in fit["lesion_dice"].items()} == dice and fit["n_lesion"] == runs[0.5][0]["n_lesion"]
-    if fit["n_lesion"] >= evaluation.MIN_LESIONS_FOR_THRESHOLD:
-        assert dice[chosen] == max(dice.values()) and best["trust"]["threshold"] == chosen
+    assert best["trust"]["threshold"] == chosen
+    if fit["n_lesion"] >= evaluation.MIN_LESIONS_FOR_THRESHOLD and \
+            max(dice.values()) - dice[0.5] >= evaluation.THRESHOLD_MIN_GAIN:
+        assert dice[chosen] == max(dice.values()) and "kept" not in fit
     else:
         assert chosen == 0.5 and "kept" in fit
     assert train_unet_busi.main(["--init-from", str(source), "--data-dir", str(site), "--epochs", "1",
@@ -272,3 +274,23 @@ def test_a_site_run_starts_from_the_checkpoint_records_the_site_and_its_gate_app
     assert fit_trust.main(["--checkpoint", str(source), "--output", str(tmp_path / "own.pt"), "--device", "cpu"]) == 0
     own = checkpoints.load_checkpoint(tmp_path / "own.pt")
     assert own["trust"].get("gate_scope") != trust.SITE_GATE and "threshold_fit" not in own["config"]
+
+
+def test_the_site_threshold_moves_only_for_a_clear_gain_on_the_sites_validation(shipped, tmp_path):
+    """Labelled scans whose outlines are the shipped model's own at 0.8 call for 0.8; outlines at 0.5 keep 0.5."""
+    model, _ = checkpoints.load_model(checkpoints.DEFAULT_CHECKPOINT)
+    scans = [p for p in sorted(SAMPLE.glob("malignant/*.png")) if "_mask" not in p.name][:8]
+    for cut in (0.8, 0.5):
+        site = tmp_path / f"site{cut}"
+        (site / "malignant").mkdir(parents=True)
+        for path in scans:
+            shutil.copy(path, site / "malignant" / path.name)
+            outline = shipped(path).probability > cut
+            Image.fromarray(outline.astype(np.uint8) * 255).save(site / "malignant" / f"{path.stem}_mask.png")
+        part = dataset.load_parts([("site", site)], None, 192, None, None, every_image=True)[0]["all"]
+        chosen, fit = evaluation.fit_threshold(model, part, torch.device("cpu"), None, False, 8, 0.5)
+        assert chosen == cut and fit["n_lesion"] == 8, fit
+        assert fit["lesion_dice"][str(cut)] >= max(fit["lesion_dice"].values()) - 1e-4
+    few = {k: v[:3] for k, v in part.items()}  # 3 lesion scans: too few to move it
+    chosen, fit = evaluation.fit_threshold(model, few, torch.device("cpu"), None, False, 8, 0.7)
+    assert chosen == 0.7 and "fewer than 5" in fit["kept"]
