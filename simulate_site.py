@@ -106,7 +106,8 @@ def run_adapt(checkpoint: str, files: list[str], alpha: float | None, out: Path)
 
 
 def patients(names: list[str], pattern: str | None, data_dir: Path) -> list[list[str]]:
-    """The site's training images grouped by patient (the pattern), else by near-duplicate group."""
+    """The site's training images grouped by patient (the pattern), else by near-duplicate group (a scan with no
+    near-duplicate is a patient of its own)."""
     import re
     if pattern:
         groups: dict[str, list[str]] = {}
@@ -116,7 +117,9 @@ def patients(names: list[str], pattern: str | None, data_dir: Path) -> list[list
         return [sorted(g) for _, g in sorted(groups.items())]
     samples = [s for s in dataset.discover_samples(data_dir) if s.image in set(names)]
     hashes = {s.image: dataset.perceptual_hash(dataset.load_sample(data_dir, s)[0]) for s in samples}
-    return sorted(sorted(g) for g in dataset.duplicate_groups(hashes))
+    groups = dataset.duplicate_groups(hashes)
+    grouped = {n for g in groups for n in g}
+    return sorted([sorted(g) for g in groups] + [[n] for n in hashes if n not in grouped])  # a lone scan too
 
 
 def fine_tune(args, site: Path, split: dict, chosen: list[list[str]], seed: int, tag: str) -> tuple[Path, float]:
@@ -140,6 +143,20 @@ def fine_tune(args, site: Path, split: dict, chosen: list[list[str]], seed: int,
     with open(work / f"{tag}.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     return work / tag / "best.pt", (time.perf_counter() - t0) / 60
+
+
+def fine_tune_facts(model, state, val: dict, run_dir: Path) -> dict:
+    """What a fine-tune chose (its threshold, fitted on its own validation part) and what that choice did: the
+    site's validation at 0.5 too, and the figures of any held-out source (the training hospital kept in the mix
+    or only watched) at the chosen epoch."""
+    import csv
+    threshold = float(state["config"]["threshold"])
+    summary, _ = evaluation.evaluate(model, val, torch.device("cpu"), None, 0.5, 32)
+    with open(run_dir / "history.csv", newline="") as f:
+        row = list(csv.DictReader(f))[state["best_epoch"] - 1]
+    held = {k: v for k, v in row.items() if ":held_out_" in k}
+    return {"threshold": threshold, "at_0.5": {k: summary[k] for k in ("lesion_dice", "missed_lesions")},
+            "held_out_at_best": held, "best_epoch": state["best_epoch"]}
 
 
 def label(run: dict) -> str:
@@ -244,7 +261,8 @@ def main(argv=None) -> int:
                 best, minutes = fine_tune(args, site, {}, chosen, seed, f"{out_path.stem}_n{n}_s{seed}")
                 model, state = checkpoints.load_model(best)
                 record("fine_tune", patients=n, seed=seed, images=sum(map(len, chosen)), minutes=minutes,
-                       recipe=args.recipe_flags or "site", score=score(model, state, val))
+                       recipe=args.recipe_flags or "site", score=score(model, state, val),
+                       **fine_tune_facts(model, state, val, best.parent))
     return 0
 
 

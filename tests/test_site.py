@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import io
 import shutil
 from pathlib import Path
@@ -294,3 +295,35 @@ def test_the_site_threshold_moves_only_for_a_clear_gain_on_the_sites_validation(
     few = {k: v[:3] for k, v in part.items()}  # 3 lesion scans: too few to move it
     chosen, fit = evaluation.fit_threshold(model, few, torch.device("cpu"), None, False, 8, 0.7)
     assert chosen == 0.7 and "fewer than 5" in fit["kept"]
+
+
+def test_the_simulation_fine_tunes_with_the_training_hospital_watched_and_records_its_choices(busi_dir, tmp_path,
+                                                                                           capsys):
+    """simulate_site.py: N labelled "patients" of the site, a fine-tune that also scores another source as held
+    out, the threshold it chose, the site's figures at 0.5 too, and the table of the results."""
+    import simulate_site
+    import train_unet_busi
+    from test_sources import make_bra_dir
+    root, _ = busi_dir
+    common = ["--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert train_unet_busi.main(["--data-dir", str(root), "--encoder", "none", "--image-size", "32",
+                                 "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--epochs", "1",
+                                 "--run-name", "src", *common]) == 0
+    other = make_bra_dir(tmp_path / "OTHER")
+    out = tmp_path / "sim.json"
+    flags = f"--epochs 2 --device cpu --cache-dir {tmp_path / 'cache'} --data-dir OTHER={other} --select-on SITE " \
+            f"--repeat normal=4,OTHER=0"
+    assert simulate_site.main(["--checkpoint", str(tmp_path / "src" / "best.pt"), "--site-data", str(root),
+                               "--no-unadapted", "--alphas", "--scan-counts", "--labelled", "3", "--seeds", "1",
+                               "--work-dir", str(tmp_path / "simruns"), "--recipe-flags", flags,
+                               "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    best = checkpoints.load_checkpoint(tmp_path / "simruns" / "sim_n3_s1" / "best.pt")
+    assert run["kind"] == "fine_tune" and run["threshold"] == best["config"]["threshold"]
+    assert run["best_epoch"] == best["best_epoch"] and "OTHER:held_out_lesion_dice" in run["held_out_at_best"]
+    assert set(run["at_0.5"]) == {"lesion_dice", "missed_lesions"}
+    if run["threshold"] == 0.5:
+        assert run["at_0.5"]["lesion_dice"] == run["score"]["no_gate"]["lesion_dice"]
+    capsys.readouterr()
+    assert simulate_site.main(["--table", str(out), "--out", str(tmp_path / "sim.png")]) == 0
+    assert "fine-tune" in capsys.readouterr().out
