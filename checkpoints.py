@@ -236,8 +236,26 @@ def site_record(init_from: str | None, sources: list, parts: dict, state: dict |
     return record
 
 
+def site_start(init_from: str | None, config: dict) -> dict | None:
+    """The checkpoint a site run started from (None for other runs): `--init-from`'s, or on a resume the one its
+    config records, which must still be the same file (its SHA-256)."""
+    if init_from is not None:
+        return load_checkpoint(init_from)
+    record = config.get("init_from")
+    if not record:
+        return None
+    path = Path(record["checkpoint"])
+    if not path.is_file() or utils.file_sha256(path) != record["sha256"]:
+        raise CheckpointError(f"this site run started from {path}, which is gone or has changed since (SHA-256): "
+                              f"its site threshold, gate and familiarity range need it; put it back")
+    return load_checkpoint(path)
+
+
 def trained_on(state: dict, sources: list) -> bool:
-    """Whether every source (name, folder) is one the checkpoint records it was trained and fitted on."""
-    recorded = {Path(p.split("=", 1)[-1]).resolve() for p in (state.get("config") or {}).get("data_dir") or []
-                if isinstance(p, str)}
+    """Whether every source (name, folder) is one the checkpoint records it was trained and fitted on: a source
+    it only scored as held out (outside its `select_on`) is not."""
+    config = state.get("config") or {}
+    chosen = set(utils.source_names(config.get("select_on", "")))
+    recorded = {Path(spec.split("=", 1)[-1]).resolve() for spec in config.get("data_dir") or []
+                if isinstance(spec, str) and (not chosen or spec.split("=", 1)[0] in chosen)}
     return all(Path(p).resolve() in recorded for _, p in sources)

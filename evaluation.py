@@ -236,7 +236,8 @@ def fit_threshold(model, val: dict, device, dtype, tta: bool, batch_size: int, c
     n = runs[current][0]["n_lesion"]
     best = max(SITE_THRESHOLDS, key=lambda t: (dice[t], -abs(t - current)))
     why = (f"fewer than {MIN_LESIONS_FOR_THRESHOLD} validation lesion scans" if n < MIN_LESIONS_FOR_THRESHOLD else
-           f"no threshold adds {THRESHOLD_MIN_GAIN} lesion Dice" if dice[best] - dice[current] < THRESHOLD_MIN_GAIN
+           f"no threshold adds {THRESHOLD_MIN_GAIN} lesion Dice" if round(dice[best] - dice[current], 4) <
+           THRESHOLD_MIN_GAIN
            else None)
     record = {"on": "validation", "n_lesion": n, "before": current, "lesion_dice": {str(t): d for t, d in dice.items()}}
     return (current, {**record, "kept": why}) if why else (best, record)

@@ -63,6 +63,13 @@ def main(argv=None) -> int:
         out = Path(args.output)
         if out.exists():
             raise ValueError(f"{out} exists: give a new file name (nothing is overwritten)")
+        if args.familiarity_only and args.threshold is not None:
+            raise ValueError("--familiarity-only keeps the trust entry fitted at the checkpoint's threshold: drop "
+                             "--threshold, or refit it all without --familiarity-only")
+        figure = out.with_name(out.stem + "_")
+        if any(Path(f"{figure}{n}.png").exists() for n in ("calibration", "presence")):
+            raise ValueError(f"{figure}calibration.png or {figure}presence.png exists: give a new --output name "
+                             f"(nothing is overwritten)")
         device = utils.pick_device(args.device)
         model, state = checkpoints.load_model(args.checkpoint, device)
         config = state.get("config") or {}
@@ -75,22 +82,20 @@ def main(argv=None) -> int:
         names = {n for n, _ in sources}
         splits = args.split_file or [s for s in splits or [] if "=" not in s or s.split("=", 1)[0] in names]
         parts, _ = dataset.load_parts(sources, splits, size, ".cache", None)
-        chosen = [n for n in str(config.get("select_on", "")).split(",") if n in names] or sorted(names)
+        chosen = [n for n in utils.source_names(config.get("select_on", "")) if n in names] or sorted(names)
         parts = {k: dataset.of_sources(v, chosen) for k, v in parts.items()}  # the sources that chose best.pt
-        site = not checkpoints.trained_on(state, sources)  # another site's labelled scans: its own threshold, gate
+        # another site's labelled scans: its own threshold and gate
+        site = not checkpoints.trained_on(state, [(n, p) for n, p in sources if n in chosen])
         if args.threshold is not None:
             threshold = args.threshold
-            state = {**state, "config": {**config, "threshold": threshold}}
+            state = {**state, "config": {**{k: v for k, v in config.items() if k != "threshold_fit"},
+                                         "threshold": threshold}}
         elif site and not args.familiarity_only:
             threshold, fit = evaluation.fit_threshold(model, parts["val"], device, utils.inference_dtype(device),
                                                       bool(config.get("tta")), 32, threshold)
             print(f"mask threshold on the site's validation ({fit['n_lesion']} lesion scans): {threshold:g}")
             state = {**state, "config": {**config, "threshold": threshold, "threshold_fit": fit}}
         keep = args.presence_keep if args.presence_keep is not None else float(config.get("presence_keep", 0.98))
-        figure = out.with_name(out.stem + "_")
-        if any(Path(f"{figure}{n}.png").exists() for n in ("calibration", "presence")):
-            raise ValueError(f"{figure}calibration.png or {figure}presence.png exists: give a new --output name "
-                             f"(nothing is overwritten)")
         if args.familiarity_only:
             fitted, why_not = checkpoints.fitted_trust(state)
             if why_not:

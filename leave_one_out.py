@@ -9,9 +9,10 @@ BUSI's held out (`--select-on`, `--repeat OTHER=0`, the committed splits), per s
 [_<lever>]_s<seed>. A run's history.csv logs the held-out hospital's figures at every epoch; they never choose its
 checkpoint. A run that exists is kept (a killed one is resumed). --table prints, per run and per lever, the held-out
 figures at the epoch the run's own validation chose, their mean over the two directions (what a recipe choice is
-made on) beside the in-hospital validation (the floor), and the ensemble of a lever's seeds; it draws the held-out
-lesion Dice per epoch and, on BUSI's validation scans, normal scans outlined against lesions missed. No test part is
-read. Research use only.
+made on) beside the in-hospital validation (the floor), and the ensemble of a lever's seeds (threshold 0.5, no
+TTA); it draws the held-out lesion Dice per epoch and, on BUSI's validation scans, normal scans outlined against
+lesions missed. The table reads no test part (a run trained on BUSI still ends, as every run does, with one
+evaluation of BUSI test in its own folder; it chooses nothing here). Research use only.
 """
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def train(args) -> int:
                 print(f"{run}: done already (kept)", flush=True)
                 continue
             command = [sys.executable, str(HERE / "train_unet_busi.py")]
-            if (run / "latest.pt").is_file():
-                command += ["--resume", str(run)]
+            if (run / "latest.pt").is_file():  # (the flags again: a resume takes no Settings from the run)
+                command += ["--resume", str(run), *shlex.split(args.recipe_flags)]
             else:
                 command += ["--data-dir", str(folders[direction]), str(folders[other]), "--select-on",
                             names[direction], "--repeat", f"normal=4,{names[other]}=0", "--seed", str(seed),
@@ -186,7 +187,9 @@ def table(folders: list[str], out: Path | None) -> int:
                 summary, _ = scored(model, val_part(rs[0], "held", cache))
                 ensembles[d] = f"{summary['lesion_dice']:.3f} ({summary['missed_lesions']} missed)"
         seeds = sorted({r["seed"] for rs in by_direction.values() for r in rs})
-        print(f"| {lever} | {np.nanmean(list(means.values())):.3f} | {means['busi']:.3f} | {means['busbra']:.3f} | "
+        shown = {d: "-" if np.isnan(v) else f"{v:.3f}" for d, v in means.items()}
+        both = f"{np.mean(list(means.values())):.3f}" if "-" not in shown.values() else "- (one direction)"
+        print(f"| {lever} | {both} | {shown['busi']} | {shown['busbra']} | "
               f"{own:.3f} | {', '.join(map(str, seeds))} | {ensembles.get('busi', '-')} / "
               f"{ensembles.get('busbra', '-')} |")
     if out is not None:

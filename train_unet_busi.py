@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import utils  # (torch-free: the flags and --help come from here before torch loads, below)
-from utils import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, RepeatSpec, UnitFraction
+from utils import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, RepeatSpec, SourceList, UnitFraction
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Hyperparameters:
     augment: NonNegativeFloat = 1.0     # strength of the on-device augmentation (0 = none; augment.AugmentConfig)
     scanner_augment: NonNegativeFloat = 1.0  # strength of the transforms that mimic other scanners (aspect,
                                              # speckle, blur, gain ramp; AugmentConfig.with_scanner); 0 = none
-    select_on: str = ""                 # the sources whose validation chooses best.pt, the gate and the trust score
+    select_on: SourceList = ""          # the sources whose validation chooses best.pt, the gate and the trust score
                                         # ('' = all; e.g. "SITE"); the others' validation is scored every epoch and
                                         # logged as held out (trained on unless --repeat gives them 0)
     # evaluation
@@ -102,8 +102,9 @@ class Settings:
 
 
 HYPERPARAMETERS = [f.name for f in dataclasses.fields(Hyperparameters)]
-FIXED_FOR_A_RUN = ("encoder", "image_size", "input_norm", "full_res_decoder", "base_channels",
-                   "depth")  # what --resume may not change: the weights and the decoded data were made for them
+ARCHITECTURE = ("encoder", "image_size", "input_norm", "full_res_decoder", "base_channels", "depth")
+FIXED_FOR_A_RUN = (*ARCHITECTURE, "select_on")  # what --resume may not change: the weights, the decoded data and
+                                                # best.pt were made for them
 
 # The bundled sample (data/busi_sample, 70 images) is far too small for the recipe above: a new run on it uses
 # these values instead (flags given still win), so that a first run learns visibly in about 2 CPU minutes.
@@ -201,7 +202,7 @@ def open_run(args) -> tuple[dict | None, Path]:
         sample = [p for _, p in dataset.resolve_sources(args.data_dir, announce=False)] == [dataset.SAMPLE_DIR]
         if args.init_from is not None:
             args.recipe = args.recipe or "site"
-            checkpoints.adopt_architecture(args, checkpoints.load_checkpoint(args.init_from), FIXED_FOR_A_RUN)
+            checkpoints.adopt_architecture(args, checkpoints.load_checkpoint(args.init_from), ARCHITECTURE)
         for name, recipe in (("sample recipe (SAMPLE_RECIPE, for the bundled sample only)", SAMPLE_RECIPE if sample
                               and args.init_from is None else {}),
                              (f"recipe {args.recipe}", RECIPES.get(args.recipe, {}))):
@@ -218,8 +219,8 @@ def open_run(args) -> tuple[dict | None, Path]:
                 flag = "--" + key.replace("_", "-")
                 if flag in args.explicit and key in saved and getattr(args, key) != saved[key]:
                     raise ValueError(f"{flag} {getattr(args, key)} differs from the run's {saved[key]} "
-                                     f"({run_dir}): a run's architecture and input size cannot change mid-run; "
-                                     f"drop {flag}, or start a new run")
+                                     f"({run_dir}): a run's architecture, input size and choosing sources cannot "
+                                     f"change mid-run; drop {flag}, or start a new run")
         for key in HYPERPARAMETERS:
             if key in saved and "--" + key.replace("_", "-") not in args.explicit:
                 setattr(args, key, saved[key])
@@ -308,7 +309,7 @@ def run(args) -> int:
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----
     train = training.epoch_set(parts["train"], args.repeat, args.seed, device)
-    own, held = training.select(parts, args.select_on, [n for n, _ in sources], device)  # own: what chooses
+    own, held = training.select(parts, args.select_on, [n for n, _ in sources], device, args.repeat)  # own: chooses
     val = training.on_device(own["val"], device)
     trainer = training.Trainer(model, args, device, dtype, len(train["labels"]), args.compile)
     if state is not None:
@@ -357,7 +358,7 @@ def run(args) -> int:
     print(f"best epoch {trainer.best_epoch} (validation score {trainer.best_score:.4f}); fitting the trust score, "
           f"the 'no lesion' gate and the calibration on train and validation", flush=True)
     evaluation.fit_then_test(run_dir, own, dataset.scanners(sources), device, args,  # a site run: what it came from
-                             args.init_from and checkpoints.load_checkpoint(args.init_from),
+                             checkpoints.site_start(args.init_from, config),
                              {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "config": config})
     print_next_steps(run_dir, sources, "test" if len(own.get("test", {}).get("names", [])) else "val")
     return 0

@@ -184,14 +184,18 @@ def on_device(part: dict, device) -> dict:
     return {**part, "images": part["images"].to(device), "masks": part["masks"].to(device)}
 
 
-def select(parts: dict, select_on: str, names: list[str], device) -> tuple[dict, dict[str, dict]]:
+def select(parts: dict, select_on: str, names: list[str], device, repeat: str = "") -> tuple[dict, dict[str, dict]]:
     """The parts of the sources whose validation chooses best.pt (the `select_on` hyperparameter; '' = all of
     them), and each other source's validation part on `device`, to be scored as held out."""
-    chosen = [n.strip() for n in select_on.split(",") if n.strip()] or list(names)
+    chosen = utils.source_names(select_on) or list(names)
     unknown = [n for n in chosen if n not in names]
     if unknown:
         raise ValueError(f"--select-on names {', '.join(unknown)}: not a source of this run (sources: "
                          f"{', '.join(names)})")
+    untrained = [n for n in chosen if utils.parse_repeat(repeat).get(n) == 0]
+    if untrained:
+        raise ValueError(f"--repeat {repeat!r} trains on none of {', '.join(untrained)}, which --select-on lets "
+                         f"choose best.pt: name the sources it trains on, or give them a factor above 0")
     own = {k: dataset.of_sources(v, chosen) for k, v in parts.items()}
     return own, {n: on_device(dataset.of_sources(parts["val"], [n]), device) for n in names if n not in chosen}
 
@@ -402,7 +406,7 @@ def write_history(run_dir, history: list[dict], best_epoch: int | None = None) -
     every epoch."""
     if not history:
         return
-    fields = list(history[0])
+    fields = list(dict.fromkeys(k for h in history for k in h))  # (a resumed run's rows share the first's columns)
     utils.write_csv(run_dir / "history.csv", fields, [[h.get(k, "") for k in fields] for h in history])
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(11, 4.6))

@@ -121,6 +121,16 @@ def repeat_spec(text: str) -> str:
     return text
 
 
+def source_names(text: str) -> list[str]:
+    """['A', 'B'] from 'A, B' (a `select_on` value; '' = none named)."""
+    return [n.strip() for n in str(text).split(",") if n.strip()]
+
+
+def source_list(text: str) -> str:
+    """A `select_on` value, normalised: 'A,B' from 'A, B'."""
+    return ",".join(source_names(text))
+
+
 MAX_REPEAT = 100  # an image drawn more often per epoch is a typo (normal=1e9 asked for 48 GB), not a recipe
 
 
@@ -145,6 +155,7 @@ def parse_repeat(text: str) -> dict[str, float]:
 PositiveInt = Annotated[int, positive_int]
 UnitFraction = Annotated[float, unit_fraction]
 RepeatSpec = Annotated[str, repeat_spec]
+SourceList = Annotated[str, source_list]
 NonNegativeFloat = Annotated[float, non_negative_float]
 PositiveFloat = Annotated[float, positive_float]
 Probability = Annotated[float, probability]

@@ -257,6 +257,11 @@ def test_a_site_run_starts_from_the_checkpoint_records_the_site_and_its_gate_app
         assert dice[chosen] == max(dice.values()) and "kept" not in fit
     else:
         assert chosen == 0.5 and "kept" in fit
+    # a resumed site run still ends as a site run: the site's threshold and gate (the start file is found again)
+    assert train_unet_busi.main(["--resume", str(tmp_path / "site"), "--epochs", "2", "--cache-dir",
+                                 str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    resumed = checkpoints.load_checkpoint(tmp_path / "site" / "best.pt")
+    assert resumed["trust"]["gate_scope"] == trust.SITE_GATE and "threshold_fit" in resumed["config"]
     assert train_unet_busi.main(["--init-from", str(source), "--data-dir", str(site), "--epochs", "1",
                                  "--threshold", "0.7", "--run-name", "given", *common]) == 0
     given = checkpoints.load_checkpoint(tmp_path / "given" / "best.pt")["config"]
@@ -273,6 +278,9 @@ def test_a_site_run_starts_from_the_checkpoint_records_the_site_and_its_gate_app
     refit = refit["trust"]
     assert refit["gate_scope"] == trust.SITE_GATE and refit["familiarity"]["cut"] == start["cut"]
     assert fit_trust.main(["--checkpoint", str(source), "--output", str(tmp_path / "own.pt"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert fit_trust.main(["--checkpoint", str(source), "--output", str(tmp_path / "x.pt"), "--familiarity-only",
+                           "--threshold", "0.6"]) == 2 and "--familiarity-only keeps" in capsys.readouterr().err
     own = checkpoints.load_checkpoint(tmp_path / "own.pt")
     assert own["trust"].get("gate_scope") != trust.SITE_GATE and "threshold_fit" not in own["config"]
 

@@ -208,6 +208,16 @@ def test_a_held_out_source_is_scored_every_epoch_chooses_nothing_and_is_not_trai
     metrics = json.loads((run / "metrics.json").read_text())
     assert "per_source" not in metrics["val_fitted"] and metrics["val_fitted"]["n_images"] == len(busi_split["val"])
     assert training.repeat_index(["benign"] * 4, ["A", "A", "BRA", "BRA"], "BRA=0", seed=0).tolist() == [0, 1]
+    # a held-out source is not one the checkpoint was trained on (its gate does not apply there by default)
+    assert checkpoints.trained_on(best, [(name, busi)]) and not checkpoints.trained_on(best, [("BRA", bra)])
+    # a resume keeps the sources that choose; a chosen source must be trained on
+    capsys.readouterr()
+    assert T.main(["--resume", str(run), "--select-on", "BRA", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "choosing sources cannot change" in err, err
+    code, err = _train_sources(tmp_path, capsys, busi, f"BRA={bra}", extra=(
+        "--split-file", f"BRA={split_file}", "--select-on", "BRA", "--repeat", "BRA=0", "--run-name", "untrained"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "trains on none of BRA" in err, err
     code, err = _train_sources(tmp_path, capsys, busi, f"BRA={bra}", extra=(
         "--split-file", f"BRA={split_file}", "--select-on", "NOPE", "--run-name", "nope"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--select-on names NOPE" in err, err
