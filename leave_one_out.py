@@ -167,13 +167,13 @@ def table(folders: list[str], out: Path | None) -> int:
               f"{r['held_peak'][1]} ({r['held_peak'][0]:.3f}) | {r['minutes']:.0f} |")
         groups.setdefault(run["lever"], {}).setdefault(run["direction"], []).append(run)
     print("\n| lever | held-out lesion Dice, mean of the two directions | BUSI -> BUS-BRA | BUS-BRA -> BUSI | "
-          "own validation (floor) | seeds | ensemble of the seeds (BUSI -> BUS-BRA / BUS-BRA -> BUSI) |")
+          "own validation, mean of the directions (floor) | seeds | ensemble of the seeds (BUSI -> BUS-BRA / BUS-BRA -> BUSI) |")
     print("|---|---|---|---|---|---|---|")
     curves = {}
     for lever, by_direction in sorted(groups.items()):
         means = {d: np.mean([r["row"]["held_dice"] for r in by_direction.get(d, [])]) if d in by_direction
                  else float("nan") for d in DIRECTIONS}
-        own = np.mean([r["row"]["own_val"] for rs in by_direction.values() for r in rs])
+        own = np.mean([np.mean([r["row"]["own_val"] for r in rs]) for rs in by_direction.values()])
         ensembles = {}
         for d, rs in by_direction.items():
             models = [checkpoints.load_model(r["folder"] / "best.pt")[0] for r in rs]
