@@ -5,9 +5,9 @@ write the checkpoint with them as a NEW file (training does this itself at its e
     python fit_trust.py --checkpoint OLD.pt --data-dir PATH/Dataset_BUSI_with_GT PATH/BUS-BRA --output NEW.pt
     python fit_trust.py --checkpoint OLD.pt --data-dir SITE --split-file SITE_split.json --output SITE.pt
 
-With a site's own labelled scans (data the checkpoint was not trained on), the gate, trust score and calibration
-are fitted on them (the familiarity range stays the checkpoint's), and the "no lesion" gate then empties masks by
-default (its scope: the site).
+With a site's own labelled scans (data the checkpoint was not trained on), the mask threshold (where a clear gain
+says so; evaluation.fit_threshold), the gate, trust score and calibration are fitted on them (the familiarity range
+stays the checkpoint's), and the "no lesion" gate then empties masks by default (its scope: the site).
 """
 from __future__ import annotations
 
