@@ -243,6 +243,16 @@ def fit_threshold(model, val: dict, device, dtype, tta: bool, batch_size: int, c
     return (current, {**record, "kept": why}) if why else (best, record)
 
 
+def site_threshold(model, val: dict, device, dtype, batch_size: int, config: dict) -> dict:
+    """A run config with the mask threshold refitted on a site's validation part (`fit_threshold`, from the
+    config's threshold and TTA) and the record of that fit, said in one line."""
+    threshold, fit = fit_threshold(model, val, device, dtype, bool(config.get("tta")), batch_size,
+                                   float(config.get("threshold", 0.5)))
+    print(f"mask threshold on the site's validation ({fit['n_lesion']} lesion scans): {threshold:g} (lesion Dice "
+          f"{fit['lesion_dice']}{'; kept: ' + fit['kept'] if 'kept' in fit else ''})", flush=True)
+    return {**config, "threshold": threshold, "threshold_fit": fit}
+
+
 NO_TEST_PART = "no source's split has a test part (score best.pt with --eval-only on data it never saw)"
 
 
@@ -255,13 +265,10 @@ def fit_then_test(run_dir: Path, parts: dict, scanner_of: dict, device: torch.de
     best, best_state = checkpoints.load_model(run_dir / "best.pt", device)
     best = best.to(memory_format=torch.channels_last)
     if start is not None and "--threshold" not in getattr(hp, "explicit", ()):  # a site run: the site's threshold
-        threshold, fit = fit_threshold(best, parts["val"], device, utils.inference_dtype(device, hp.amp), hp.tta,
-                                       hp.eval_batch_size, hp.threshold)
-        print(f"mask threshold on the site's validation ({fit['n_lesion']} lesion scans): {threshold:g} "
-              f"(lesion Dice {fit['lesion_dice']})", flush=True)
-        best_state["config"] = {**best_state["config"], "threshold": threshold, "threshold_fit": fit}
-        hp, extra = argparse.Namespace(**{**vars(hp), "threshold": threshold}), {**extra, "config": best_state[
-            "config"]}
+        best_state["config"] = site_threshold(best, parts["val"], device, utils.inference_dtype(device, hp.amp),
+                                              hp.eval_batch_size, best_state["config"])
+        hp = argparse.Namespace(**{**vars(hp), "threshold": best_state["config"]["threshold"]})
+        extra = {**extra, "config": best_state["config"]}
     fitted, val_summary = fit_and_describe(best, parts, device, utils.inference_dtype(device, hp.amp), hp.threshold,
                                            hp.tta, hp.eval_batch_size, hp.presence_keep, run_dir, scanner_of)
     if start is not None:

@@ -91,10 +91,9 @@ def main(argv=None) -> int:
             state = {**state, "config": {**{k: v for k, v in config.items() if k != "threshold_fit"},
                                          "threshold": threshold}}
         elif site and not args.familiarity_only:
-            threshold, fit = evaluation.fit_threshold(model, parts["val"], device, utils.inference_dtype(device),
-                                                      bool(config.get("tta")), 32, threshold)
-            print(f"mask threshold on the site's validation ({fit['n_lesion']} lesion scans): {threshold:g}")
-            state = {**state, "config": {**config, "threshold": threshold, "threshold_fit": fit}}
+            state = {**state, "config": evaluation.site_threshold(model, parts["val"], device,
+                                                                  utils.inference_dtype(device), 32, config)}
+            threshold = state["config"]["threshold"]
         keep = args.presence_keep if args.presence_keep is not None else float(config.get("presence_keep", 0.98))
         if args.familiarity_only:
             fitted, why_not = checkpoints.fitted_trust(state)
