@@ -204,7 +204,7 @@ def check_resumable(state: dict, path: Path) -> None:
     if "optimizer" not in state:  # an exported model (or ensemble): weights only
         raise ValueError(f"{path} holds weights only (an exported model), not a training run to resume: "
                          f"evaluate it with --eval-only --checkpoint {path}")
-    if "train_model" in state:
+    if "train_model" in state and "swa_averaged" not in state:  # (an SWA run keeps both and goes on)
         raise ValueError(f"{path} was trained with --ema, an option since removed (it measured no gain): "
                          f"evaluate its best.pt with --eval-only, or start a new run")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import utils  # (torch-free: the flags and --help come from here before torch loads, below)
-from utils import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, RepeatSpec, SourceList, UnitFraction
+from utils import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, RepeatSpec, SourceList, UnitFraction
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Hyperparameters:
                                         # per_image: each image to zero mean, unit std (blind to gain/contrast)
     full_res_decoder: bool = False      # LiteUNet: a last decoder stage at full resolution (off: half-size logits,
                                         # upsampled; 23 % fewer FLOPs, validation level over 3 seeds, RESULTS.md)
+    decoder_norm: Literal["batch", "group", "instance"] = "batch"  # LiteUNet's decoder norm layer; group/instance:
+                                        # per image, no running statistics of the training scanners (unet.norm_layer)
     base_channels: PositiveInt = 16     # width of the first U-Net stage; doubles at every level (UNet only)
     depth: PositiveInt = 4              # number of down-sampling steps (UNet only)
     # optimisation
@@ -49,6 +51,9 @@ class Hyperparameters:
     encoder_lr: NonNegativeFloat = 1.0  # the encoder's learning rate as a fraction of lr (0 = frozen encoder)
     weight_decay: NonNegativeFloat = 1e-4  # AdamW weight decay
     warmup_epochs: NonNegativeFloat = 2    # linear warm-up length; avoids early BatchNorm/Adam blow-ups at this LR
+    swa_epochs: NonNegativeInt = 0      # average the weights (and BatchNorm statistics) of the last N epochs' ends
+                                        # (SWA): from the first of them on, validation, best.pt and the test score
+                                        # the average (0 = none)
     seed: int = 42                      # seeds python, numpy, torch and the augmentation generators
     # loss
     bce_weight: NonNegativeFloat = 1.0  # loss = bce_weight BCE + dice_weight (1 - soft Dice) + the terms below
@@ -102,7 +107,7 @@ class Settings:
 
 
 HYPERPARAMETERS = [f.name for f in dataclasses.fields(Hyperparameters)]
-ARCHITECTURE = ("encoder", "image_size", "input_norm", "full_res_decoder", "base_channels", "depth")
+ARCHITECTURE = ("encoder", "image_size", "input_norm", "full_res_decoder", "decoder_norm", "base_channels", "depth")
 FIXED_FOR_A_RUN = (*ARCHITECTURE, "select_on")  # what --resume may not change: the weights, the decoded data and
                                                 # best.pt were made for them
 
@@ -264,8 +269,11 @@ def build_model(args, state: dict | None) -> torch.nn.Module:
     heads = {"num_classes": 3 if args.cls_weight > 0 else 0, "deep_supervision": args.deep_supervision > 0,
              "input_norm": args.input_norm}
     if args.encoder == "none":
+        if args.decoder_norm != "batch":
+            raise ValueError("--decoder-norm applies to a LiteUNet's decoder; the plain UNet (--encoder none) keeps "
+                             "BatchNorm")
         return UNet(1, 1, args.base_channels, args.depth, **heads)
-    return LiteUNet(args.encoder, pretrained=args.pretrained, **heads,
+    return LiteUNet(args.encoder, pretrained=args.pretrained, **heads, decoder_norm=args.decoder_norm,
                     decoder_channels=unet.LITE_DECODER[:5 if args.full_res_decoder else 4])
 
 
@@ -331,9 +339,10 @@ def run(args) -> int:
                 print(f"interrupted at epoch {epoch + 1}, step {trainer.step}/{trainer.steps}: saved "
                       f"{run_dir / 'latest.pt'}.\n{resume_hint}", file=sys.stderr, flush=True)
                 return 130
-            val_summary, val_loss = training.validate(model, val, trainer.seg_loss, args, device,
+            scored = trainer.scored_model()  # (the SWA average in the last --swa-epochs)
+            val_summary, val_loss = training.validate(scored, val, trainer.seg_loss, args, device,
                                                       utils.inference_dtype(device, args.amp))
-            held_out = training.score_held_out(model, held, args, device, utils.inference_dtype(device, args.amp))
+            held_out = training.score_held_out(scored, held, args, device, utils.inference_dtype(device, args.amp))
             best_before = trainer.best_score
             row, improved = trainer.end_epoch(*done, val_summary, val_loss, time.perf_counter() - t0, held_out)
             if trainer.bad_epochs or improved or (epoch + 1) % log_every == 0 or epoch + 1 == args.epochs:

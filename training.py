@@ -2,6 +2,7 @@
 validation, stop requests, non-finite-loss bookkeeping, the exact training state in a checkpoint, the curves."""
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import sys
@@ -281,6 +282,9 @@ class Trainer:
         self.bad_epochs = 0  # epochs in a row with a non-finite validation loss (not saved, see end_epoch)
         self.partial = {"loss_sum": 0.0, "good_seen": 0, "seen": 0, "seconds": 0.0}  # of an epoch stopped mid-way
         self.carried_seconds = 0.0  # the current epoch's seconds before a resume
+        # SWA: the running mean of the weights at the ends of the epochs from `swa_from` (0-based) on
+        self.swa_from = hp.epochs - min(hp.swa_epochs, hp.epochs) if getattr(hp, "swa_epochs", 0) else None
+        self.average, self.averaged, self.average_model = None, 0, None
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's training state."""
@@ -292,6 +296,10 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.best_score, self.best_epoch, self.best_val = state["best_score"], state["best_epoch"], state.get("best_val")
         self.best_found = state.get("best_found_lesion", True)  # runs saved before the rule ranked by score alone
+        if "train_model" in state:  # an SWA run: "model" holds the average, "train_model" the weights trained on
+            self.model.load_state_dict(state["train_model"])
+            self.average = {k: v.to(self.device) for k, v in state["model"].items()}
+            self.averaged = state["swa_averaged"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.param_gen.set_state(rng["param_gen"])
@@ -307,7 +315,8 @@ class Trainer:
             rng["noise_gen"] = self.noise_gen.get_state()
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": checkpoints.CHECKPOINT_FORMAT, "model": self.model.state_dict(),
+        swa = {"train_model": self.model.state_dict(), "swa_averaged": self.averaged} if self.average else {}
+        return {"format": checkpoints.CHECKPOINT_FORMAT, "model": self.average or self.model.state_dict(), **swa,
                 "model_config": self.model.config,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "epoch_perm": self.perm,
@@ -354,6 +363,26 @@ class Trainer:
         bar.close()
         self.step, self.perm = 0, None
         return float(loss_sum) / max(1, int(good_seen)), time.perf_counter() - t0, seen
+
+    def scored_model(self) -> torch.nn.Module:
+        """The model a finished epoch is validated and saved as: its weights, or from the first SWA epoch on the
+        running mean of the weights at the epochs' ends (BatchNorm statistics averaged alike, not re-estimated:
+        at the end of the cosine schedule the weights barely move). Call once per finished epoch."""
+        if self.swa_from is None or self.epoch < self.swa_from:
+            return self.model
+        weights = self.model.state_dict()
+        self.averaged += 1
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in weights.items()}
+        for k, v in weights.items():
+            if v.is_floating_point():
+                self.average[k] += (v.detach() - self.average[k]) / self.averaged
+            else:  # (BatchNorm's step counters)
+                self.average[k].copy_(v)
+        if self.average_model is None:
+            self.average_model = copy.deepcopy(self.model)
+        self.average_model.load_state_dict(self.average)
+        return self.average_model
 
     def end_epoch(self, train_loss: float, train_seconds: float, seen: int, val_summary: dict, val_loss: float,
                   seconds: float, held_out: dict | None = None) -> tuple[dict, bool]:

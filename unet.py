@@ -22,6 +22,7 @@ def check_input_size(height: int, width: int, multiple: int, why: str) -> None:
 
 
 INPUT_NORMS = ("fixed", "per_image")  # fixed: as the model's own (UNet: [0, 1]; Lite: as trained on ImageNet)
+DECODER_NORMS = ("batch", "group", "instance")  # the decoder's normalisation layer (norm_layer)
 
 
 def record_input_norm(config: dict, mode: str) -> str:
@@ -32,6 +33,18 @@ def record_input_norm(config: dict, mode: str) -> str:
     if mode != "fixed":
         config["input_norm"] = mode
     return mode
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """BatchNorm, or a per-image norm that keeps no running statistics of the training scanners: GroupNorm with
+    8 groups ("group") or one group per channel ("instance", as GroupNorm: affine, exportable)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    if kind == "instance":
+        return nn.GroupNorm(channels, channels)
+    raise ValueError(f"decoder_norm must be one of {DECODER_NORMS}, got {kind!r}")
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:
@@ -56,16 +69,17 @@ def decode(model: nn.Module, deepest: torch.Tensor, skips: list[torch.Tensor], w
 
 
 class DoubleConv(nn.Module):
-    """(3x3 conv -> BatchNorm -> ReLU) twice; the basic U-Net stage."""
+    """(3x3 conv -> norm (BatchNorm unless `norm` names another, norm_layer) -> ReLU) twice; the basic U-Net
+    stage."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch"):
         super().__init__()
         self.block = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),  # BN supplies the bias
-            nn.BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),  # the norm supplies the bias
+            norm_layer(norm, out_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(norm, out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -385,10 +399,10 @@ def load_lite_weights(encoder: LiteEncoder, state: dict[str, torch.Tensor]) -> N
 class LiteUp(nn.Module):
     """2x2 transposed conv (doubles the resolution) to `out` channels, concat with the skip, then DoubleConv."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm: str = "batch"):
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.conv = DoubleConv(out_channels + skip_channels, out_channels)
+        self.conv = DoubleConv(out_channels + skip_channels, out_channels, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
@@ -414,7 +428,8 @@ class LiteUNet(nn.Module):
 
     def __init__(self, encoder: str = "lite0", pretrained: bool = True, in_channels: int = 1, out_channels: int = 1,
                  num_classes: int = 0, deep_supervision: bool = False,
-                 decoder_channels: tuple[int, ...] | list[int] = LITE_DECODER, input_norm: str = "fixed"):
+                 decoder_channels: tuple[int, ...] | list[int] = LITE_DECODER, input_norm: str = "fixed",
+                 decoder_norm: str = "batch"):
         super().__init__()
         decoder_channels = [int(c) for c in decoder_channels]
         if len(decoder_channels) not in (4, 5) or min(decoder_channels) < 1:
@@ -424,12 +439,15 @@ class LiteUNet(nn.Module):
                            out_channels=out_channels, num_classes=num_classes, deep_supervision=bool(deep_supervision),
                            decoder_channels=decoder_channels)
         self.input_norm = record_input_norm(self.config, input_norm)
+        if decoder_norm != "batch":  # (recorded only then: older checkpoints' configs still match exactly)
+            self.config["decoder_norm"] = decoder_norm
         self.encoder = LiteEncoder(encoder, in_channels)
         if pretrained:
             load_lite_weights(self.encoder, lite_state_dict(encoder))
         skips = [in_channels] + self.encoder.channels[:-1]  # full resolution (the input), strides 2, 4, 8, 16
         inputs = [self.encoder.channels[-1]] + decoder_channels[:-1]
-        self.ups = nn.ModuleList(LiteUp(inputs[i], skips[-1 - i], c) for i, c in enumerate(decoder_channels))
+        self.ups = nn.ModuleList(LiteUp(inputs[i], skips[-1 - i], c, decoder_norm)
+                                 for i, c in enumerate(decoder_channels))
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=1)
         self.classifier = ClassHead(self.encoder.channels[-1], num_classes) if num_classes > 0 else None
         self.aux_heads = (nn.ModuleList(nn.Conv2d(c, out_channels, kernel_size=1) for c in decoder_channels[:-1])

@@ -68,6 +68,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def positive_int_list(text: str) -> list[int]:
     """'1,2' -> [1, 2]: comma-separated positive integers (thread counts)."""
     try:
@@ -153,6 +160,7 @@ def parse_repeat(text: str) -> dict[str, float]:
 
 
 PositiveInt = Annotated[int, positive_int]
+NonNegativeInt = Annotated[int, non_negative_int]
 UnitFraction = Annotated[float, unit_fraction]
 RepeatSpec = Annotated[str, repeat_spec]
 SourceList = Annotated[str, source_list]

@@ -134,6 +134,64 @@ def test_resume_is_exact_on_cpu(busi_dir, tmp_path):
         for h, h2 in zip(history(tmp_path / "split"), history(tmp_path / "straight"))]
 
 
+def test_swa_saves_and_scores_the_mean_of_the_last_epochs_and_resumes_exactly(busi_dir, tmp_path):
+    """--swa-epochs 2 of 3: latest.pt's "model" is the mean of the weights at the ends of epochs 2 and 3 (the
+    weights trained on are kept beside it), the epoch-3 validation row scores that mean, and a run stopped after
+    epoch 2 and resumed ends bit for bit where the straight run does."""
+    root, _ = busi_dir
+    assert train(root, tmp_path, "--epochs", "3", "--swa-epochs", "2", "--run-name", "straight") == 0
+    assert train(root, tmp_path, "--epochs", "3", "--swa-epochs", "2", "--run-name", "split", "--stop-after", "2") == 0
+    at2 = torch.load(tmp_path / "split" / "latest.pt", weights_only=True)
+    assert at2["swa_averaged"] == 1 and all(torch.equal(at2["model"][k], at2["train_model"][k]) for k in at2["model"])
+    assert train(root, tmp_path, "--resume", str(tmp_path / "split")) == 0
+    a = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "latest.pt", weights_only=True)
+    assert a["swa_averaged"] == 2
+    assert all(torch.equal(a[w][k], b[w][k]) for w in ("model", "train_model") for k in a[w])
+    floats = [k for k, v in a["model"].items() if v.is_floating_point()]
+    assert any(not torch.equal(a["model"][k], a["train_model"][k]) for k in floats)
+    for k in floats:  # the running mean of the two epochs' ends
+        torch.testing.assert_close(a["model"][k], (at2["train_model"][k] + a["train_model"][k]) / 2)
+    assert history(tmp_path / "straight") == [
+        {**h, "seconds": h2["seconds"], "train_img_per_s": h2["train_img_per_s"]}
+        for h, h2 in zip(history(tmp_path / "split"), history(tmp_path / "straight"))]
+    # the last row scored the average: validating latest.pt's "model" gives its loss, the trained weights do not
+    import argparse
+
+    import dataset
+    from losses import BCEDiceLoss
+    val = set(json.loads((tmp_path / "straight" / "split.json").read_text())["val"])
+    data = dataset.build_cache(root, [x for x in dataset.discover_samples(root) if x.image in val], 32, None,
+                               progress=False)
+    hp = argparse.Namespace(**{**a["config"], "eval_batch_size": 16})
+    losses = []
+    for weights in ("model", "train_model"):
+        model = checkpoints.build_model({**a, "model": a[weights]}, "latest.pt")
+        seg_loss = BCEDiceLoss(hp.bce_weight, hp.dice_weight, dice_per_image=hp.dice_per_image)
+        losses.append(training.validate(model, data, seg_loss, hp, torch.device("cpu"), None)[1])
+    last = float(history(tmp_path / "straight")[-1]["val_loss"])
+    assert losses[0] == pytest.approx(last, abs=2e-5) and abs(losses[1] - last) > 1e-4
+
+
+def test_decoder_norm_builds_norms_without_running_statistics(tmp_path):
+    """--decoder-norm group / instance: the LiteUNet decoder's norm layers are GroupNorms (8 groups, or one per
+    channel) and the model's config records it, so a checkpoint rebuilds the same layers; the encoder keeps its
+    BatchNorm; batch is the default and leaves the config as before."""
+    from unet import LiteUNet
+    for kind, groups in (("group", lambda c: 8), ("instance", lambda c: c)):
+        model = LiteUNet("lite0", pretrained=False, decoder_norm=kind)
+        norms = [m for m in model.ups.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert norms and all(m.num_groups == groups(m.num_channels) for m in norms)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.ups.modules())
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder.modules())
+        rebuilt = model_from_config(model.config, pretrained=False)
+        rebuilt.load_state_dict(model.state_dict())
+        assert rebuilt.config["decoder_norm"] == kind
+    assert "decoder_norm" not in LiteUNet("lite0", pretrained=False).config
+    with pytest.raises(ValueError, match="decoder_norm must be one of"):
+        LiteUNet("lite0", pretrained=False, decoder_norm="layer")
+
+
 @pytest.mark.parametrize("flags,reason", [
     (["--epochs", "-1"], "positive integer"),
     (["--batch-size", "0"], "positive integer"),
@@ -142,6 +200,8 @@ def test_resume_is_exact_on_cpu(busi_dir, tmp_path):
     (["--device", "tpu9"], "unknown device"),
     (["--lr", "nan"], "finite"),
     (["--eval-only"], "needs --checkpoint"),
+    (["--swa-epochs", "-1"], "integer >= 0"),
+    (["--decoder-norm", "layer"], "invalid choice"),
 ])
 def test_bad_flags_are_refused_by_argparse_with_the_reason(flags, reason, capsys):
     with pytest.raises(SystemExit) as info:
