@@ -121,8 +121,8 @@ def refit_familiarity(model, images: torch.Tensor, device, batch_size: int, site
 
 def adapt(checkpoint: Path, scans: list[np.ndarray], alpha: float, site: str, device, batch_size: int) -> dict:
     """The adapted checkpoint dict (weights in the source file's dtypes)."""
-    model, state = checkpoints.load_model(checkpoint, device)
-    size = int((state.get("config") or {}).get("image_size", 256))
+    loaded = checkpoints.load_model(checkpoint, device)
+    model, state, size = loaded.model, loaded.state, loaded.image_size
     images = torch.from_numpy(np.stack([dataset.resize_image(s, size) for s in scans]))[:, None]
     if not renormalise(model, images, alpha, batch_size):
         raise ValueError(f"{checkpoint} has no normalisation layers to adapt")
@@ -131,7 +131,7 @@ def adapt(checkpoint: Path, scans: list[np.ndarray], alpha: float, site: str, de
               "source_sha256": utils.file_sha256(checkpoint),
               "note": "normalisation statistics and familiarity re-estimated on the site's unlabelled scans; the "
                       "'no lesion' gate and the trust score were fitted on other hospitals"}
-    fitted, _ = checkpoints.fitted_trust(state)
+    fitted = loaded.trust
     adapted = {**state, "model": weights, "adaptation": record}
     if fitted is not None:
         adapted["trust"] = {**fitted, "gate_scope": "other hospitals",

@@ -540,11 +540,9 @@ def bench_backends(args, data_dir: Path) -> dict:
         chosen, _ = dataset.choose_split(data_dir, samples)
         samples = [s for s in samples if s.image in set(chosen[args.split])]
     paths = [data_dir / s.image for s in samples]
-    model, state = checkpoints.load_model(args.checkpoint)
-    data = onnx_backend.export(model, state)
-    fitted, _ = checkpoints.fitted_trust(state)
-    config = state.get("config") or {}
-    size, threshold = int(config.get("image_size", 256)), float(config.get("threshold", 0.5))
+    loaded = checkpoints.load_model(args.checkpoint)
+    data = onnx_backend.export(loaded)
+    model, fitted, size, threshold = loaded.model, loaded.trust, loaded.image_size, loaded.threshold
     cpu = torch.device("cpu")
 
     def one_pass(engine):

@@ -2,10 +2,13 @@
 wrong with a bad file, the model a checkpoint describes, and the export of slim (and ensemble) models."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,6 +18,7 @@ import utils
 from utils import DEFAULT_CHECKPOINT, torch_save  # noqa: F401 (the shipped model: every tool's default)
 
 CHECKPOINT_FORMAT = "busi-unet-v1"
+LEGACY_IMAGE_SIZE = 256  # the input size of checkpoints whose config does not record one (the earliest runs)
 
 
 class CheckpointError(Exception):
@@ -131,11 +135,38 @@ def build_model(state: dict, path: str | os.PathLike = "checkpoint") -> torch.nn
     return model
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Load a checkpoint into a ready-to-use model in eval mode on `device`; also returns the checkpoint dict."""
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to predict, with what every tool needs of its checkpoint, read from it here and nowhere else."""
+    model: Any                # a torch.nn.Module in eval mode, or an onnx_backend.OnnxModel
+    state: dict               # the checkpoint dict (an ONNX export's: its metadata)
+    image_size: int           # the square input size the model was trained at
+    threshold: float          # the lesion probability threshold: the checkpoint's, or one a tool was given
+    trust: dict | None        # the fitted trust score, calibration and "no lesion" gate (fitted_trust)
+    why_no_trust: str | None  # why `trust` is None
+
+    def at_threshold(self, threshold: float | None) -> LoadedModel:
+        """The same model at another threshold (None: the checkpoint's)."""
+        return self if threshold is None else dataclasses.replace(self, threshold=float(threshold))
+
+
+def input_size(state: dict) -> int:
+    """The square input size a checkpoint's model was trained at."""
+    return int((state.get("config") or {}).get("image_size", LEGACY_IMAGE_SIZE))
+
+
+def loaded(model, state: dict) -> LoadedModel:
+    """The LoadedModel of a built model and its checkpoint dict."""
+    fitted, why_not = fitted_trust(state)
+    return LoadedModel(model, state, input_size(state), float((state.get("config") or {}).get("threshold", 0.5)),
+                       fitted, why_not)
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a checkpoint into a ready-to-use torch model in eval mode on `device` (onnx_backend.load also offers
+    onnxruntime)."""
     state = load_checkpoint(path)
-    model = build_model(state, path).to(device).eval()
-    return model, state
+    return loaded(build_model(state, path).to(device).eval(), state)
 
 
 def export_checkpoint(src, dst: str | os.PathLike, half: bool = True) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -243,14 +244,17 @@ def fit_threshold(model, val: dict, device, dtype, tta: bool, batch_size: int, c
     return (current, {**record, "kept": why}) if why else (best, record)
 
 
-def site_threshold(model, val: dict, device, dtype, batch_size: int, config: dict) -> dict:
-    """A run config with the mask threshold refitted on a site's validation part (`fit_threshold`, from the
-    config's threshold and TTA) and the record of that fit, said in one line."""
-    threshold, fit = fit_threshold(model, val, device, dtype, bool(config.get("tta")), batch_size,
-                                   float(config.get("threshold", 0.5)))
+def site_threshold(loaded: checkpoints.LoadedModel, val: dict, device, dtype, batch_size: int
+                   ) -> checkpoints.LoadedModel:
+    """The model at the mask threshold refitted on a site's validation part (`fit_threshold`, from its threshold,
+    with the config's TTA), its config holding the threshold and the record of that fit, said in one line."""
+    config = loaded.state["config"]
+    threshold, fit = fit_threshold(loaded.model, val, device, dtype, bool(config.get("tta")), batch_size,
+                                   loaded.threshold)
     print(f"mask threshold on the site's validation ({fit['n_lesion']} lesion scans): {threshold:g} (lesion Dice "
           f"{fit['lesion_dice']}{'; kept: ' + fit['kept'] if 'kept' in fit else ''})", flush=True)
-    return {**config, "threshold": threshold, "threshold_fit": fit}
+    config = {**config, "threshold": threshold, "threshold_fit": fit}
+    return dataclasses.replace(loaded.at_threshold(threshold), state={**loaded.state, "config": config})
 
 
 NO_TEST_PART = "no source's split has a test part (score best.pt with --eval-only on data it never saw)"
@@ -262,12 +266,13 @@ def fit_then_test(run_dir: Path, parts: dict, scanner_of: dict, device: torch.de
     on train and validation, store them in it, then test it ONCE on the sources that have a test part
     (metrics.json either way). A site run (`start`: the checkpoint it started from) fits its gate for the site
     (trust.gate_applies) and keeps `start`'s familiarity range (trust.site_entry)."""
-    best, best_state = checkpoints.load_model(run_dir / "best.pt", device)
-    best = best.to(memory_format=torch.channels_last)
+    loaded = checkpoints.load_model(run_dir / "best.pt", device)
+    best, best_state = loaded.model.to(memory_format=torch.channels_last), loaded.state  # (in place)
     if start is not None and "--threshold" not in getattr(hp, "explicit", ()):  # a site run: the site's threshold
-        best_state["config"] = site_threshold(best, parts["val"], device, utils.inference_dtype(device, hp.amp),
-                                              hp.eval_batch_size, best_state["config"])
-        hp = argparse.Namespace(**{**vars(hp), "threshold": best_state["config"]["threshold"]})
+        loaded = site_threshold(loaded, parts["val"], device, utils.inference_dtype(device, hp.amp),
+                                hp.eval_batch_size)
+        best_state["config"] = loaded.state["config"]
+        hp = argparse.Namespace(**{**vars(hp), "threshold": loaded.threshold})
         extra = {**extra, "config": best_state["config"]}
     fitted, val_summary = fit_and_describe(best, parts, device, utils.inference_dtype(device, hp.amp), hp.threshold,
                                            hp.tta, hp.eval_batch_size, hp.presence_keep, run_dir, scanner_of)
@@ -344,10 +349,11 @@ def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> b
     return True
 
 
-def evaluate_checkpoint(hp, state: dict, model, part: dict, sources: list, run_dir: Path, device, config: dict) -> int:
+def evaluate_checkpoint(hp, loaded: checkpoints.LoadedModel, part: dict, sources: list, run_dir: Path, device,
+                        config: dict) -> int:
     """--eval-only: one evaluation. The "no lesion" gate empties masks at the hospitals it was fitted at (the
     checkpoint's sources) and where trust.gate_applies says so; elsewhere it only marks."""
-    fitted, why_not = checkpoints.fitted_trust(state)
+    model, state, fitted, why_not = loaded.model, loaded.state, loaded.trust, loaded.why_no_trust
     if why_not:
         print(f"warning: {hp.checkpoint}: {why_not}", file=sys.stderr)
     own = checkpoints.trained_on(state, sources)

@@ -79,16 +79,13 @@ def main(argv=None) -> int:
         if not scans:
             raise ValueError(f"no scans to check the export on in {utils.printable(args.check_images)}")
         onnx_backend.require("onnxruntime", "checking the export")
-        model, state = checkpoints.load_model(args.checkpoint)
+        loaded = checkpoints.load_model(args.checkpoint)
         start = time.perf_counter()
-        data = onnx_backend.export(model, state, onnx_backend.file_sha256(args.checkpoint))
+        data = onnx_backend.export(loaded, onnx_backend.file_sha256(args.checkpoint))
         seconds = time.perf_counter() - start
-        config = state.get("config") or {}
-        size, threshold = int(config.get("image_size", 256)), float(config.get("threshold", 0.5))
         images = [dataset.load_image(p) for p in scans]
-        fitted, _ = checkpoints.fitted_trust(state)
         engine = onnx_backend.OnnxModel(data, args.threads)
-        figures = evaluation.parity(model, engine, images, size, threshold, fitted)
+        figures = evaluation.parity(loaded.model, engine, images, loaded.image_size, loaded.threshold, loaded.trust)
     except (checkpoints.CheckpointError, dataset.DataError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
@@ -108,7 +105,8 @@ def main(argv=None) -> int:
         print(f"error: cannot write {utils.printable(out)}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(f"wrote {utils.printable(out)} ({len(data) / 1e6:.1f} MB, exported in {seconds:.1f} s): input 'image' "
-          f"float32 [N,1,{size},{size}], outputs {', '.join(engine.outputs)}; threshold {threshold:g}; "
+          f"float32 [N,1,{loaded.image_size},{loaded.image_size}], outputs {', '.join(engine.outputs)}; threshold "
+          f"{loaded.threshold:g}; "
           f"metadata: {', '.join(sorted(engine.metadata))}")
     return 0
 

@@ -71,9 +71,9 @@ def main(argv=None) -> int:
             raise ValueError(f"{figure}calibration.png or {figure}presence.png exists: give a new --output name "
                              f"(nothing is overwritten)")
         device = utils.pick_device(args.device)
-        model, state = checkpoints.load_model(args.checkpoint, device)
+        loaded = checkpoints.load_model(args.checkpoint, device)
+        model, state, size, threshold = loaded.model, loaded.state, loaded.image_size, loaded.threshold
         config = state.get("config") or {}
-        size, threshold = int(config.get("image_size", 256)), float(config.get("threshold", 0.5))
         recorded, splits = dataset.recorded_sources(config, check_data=not args.data_dir)
         sources = dataset.resolve_sources(args.data_dir or recorded, announce=False) if args.data_dir or recorded \
             else None
@@ -91,12 +91,11 @@ def main(argv=None) -> int:
             state = {**state, "config": {**{k: v for k, v in config.items() if k != "threshold_fit"},
                                          "threshold": threshold}}
         elif site and not args.familiarity_only:
-            state = {**state, "config": evaluation.site_threshold(model, parts["val"], device,
-                                                                  utils.inference_dtype(device), 32, config)}
-            threshold = state["config"]["threshold"]
+            loaded = evaluation.site_threshold(loaded, parts["val"], device, utils.inference_dtype(device), 32)
+            state, threshold = loaded.state, loaded.threshold
         keep = args.presence_keep if args.presence_keep is not None else float(config.get("presence_keep", 0.98))
         if args.familiarity_only:
-            fitted, why_not = checkpoints.fitted_trust(state)
+            fitted, why_not = loaded.trust, loaded.why_no_trust
             if why_not:
                 raise ValueError(f"{args.checkpoint}: {why_not}")
             familiar = evaluation.fit_familiarity(model, parts["train"], parts["val"], device,

@@ -251,12 +251,11 @@ class Predictor:
         if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
             raise ValueError(f"threshold must be strictly between 0 and 1, got {threshold!r}")
         self.device = utils.pick_device(device)  # the tools' check: an unknown or missing device is one line
-        self.model, state = onnx_backend.load(checkpoint or checkpoints.DEFAULT_CHECKPOINT, self.device, backend)
-        config = state.get("config") or {}
-        self.image_size = int(config.get("image_size", 256))
-        self.threshold = float(threshold if threshold is not None else config.get("threshold", 0.5))
+        self.loaded = onnx_backend.load(checkpoint or checkpoints.DEFAULT_CHECKPOINT, self.device,
+                                        backend).at_threshold(threshold)
+        self.model, self.image_size, self.threshold = self.loaded.model, self.loaded.image_size, self.loaded.threshold
         self.tta = tta
-        self.fitted_trust, self.why_no_trust = checkpoints.fitted_trust(state)
+        self.fitted_trust, self.why_no_trust = self.loaded.trust, self.loaded.why_no_trust
 
     def __call__(self, image: str | os.PathLike | np.ndarray, frame: int | None = None,
                  pixel_spacing: float | None = None) -> Prediction:

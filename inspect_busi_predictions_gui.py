@@ -253,7 +253,7 @@ class InspectorApp:
         self.source = source
         self.model = None
         self.checkpoint: Path | None = None
-        self.image_size = 256
+        self.image_size = checkpoints.LEGACY_IMAGE_SIZE  # (set by the model load_checkpoint loads)
         self.threshold = 0.5
         self.items: list[Item] = list(items)
         self.visible: list[int] = []   # indices into self.items, in list order
@@ -416,22 +416,21 @@ class InspectorApp:
     def load_checkpoint(self, path: str | os.PathLike) -> bool:
         """Use another model; a bad file leaves the current one (or none) in place and shows why."""
         try:
-            model, state = onnx_backend.load(path, self.device, self.backend)
+            loaded = onnx_backend.load(path, self.device, self.backend)
         except checkpoints.CheckpointError as exc:
             self.show_error(utils.printable(exc))
             return False
         except (RuntimeError, ValueError, OSError) as exc:  # e.g. out of memory on the device
             self.show_error(f"cannot load checkpoint {path}: {exc}")
             return False
-        config = state.get("config") or {}
-        self.model, self.checkpoint = model, Path(path)
-        self.image_size = int(config.get("image_size", 256))
-        self.fitted_trust, why_not = checkpoints.fitted_trust(state)
+        self.model, self.checkpoint = loaded.model, Path(path)
+        self.image_size = loaded.image_size
+        self.fitted_trust, why_not = loaded.trust, loaded.why_no_trust
         self.cache.clear()
         self._dice_memo.clear()
         self._generation += 1
-        self.set_threshold(float(config.get("threshold", 0.5)), redraw=False)
-        self.set_status(f"model {self.checkpoint.name}: {unet.describe(model.config)}, {self.image_size}px"
+        self.set_threshold(loaded.threshold, redraw=False)
+        self.set_status(f"model {self.checkpoint.name}: {unet.describe(loaded.model.config)}, {self.image_size}px"
                         + (f" | {self.source}" if self.source else "") + (" | no trust scores" if why_not else ""))
         if self.sort_mode != "name":  # the old order was this model's, not the new one's
             self.sort_by_name()

@@ -113,7 +113,7 @@ def read_run(folder: Path) -> dict:
     return {"folder": folder, "direction": match.group(1), "lever": match.group(2) or "default", "splits": splits,
             "seed": int(match.group(3)), "history": history, "best_epoch": state["best_epoch"], "state": state,
             "own": (chosen[0], Path(sources[chosen[0]])), "held": (held[0], Path(sources[held[0]])),
-            "image_size": int(config["image_size"])}
+            "image_size": checkpoints.input_size(state)}
 
 
 def val_part(run: dict, which: str, cache: dict) -> dict:
@@ -176,7 +176,7 @@ def table(folders: list[str], out: Path | None) -> int:
         own = np.mean([np.mean([r["row"]["own_val"] for r in rs]) for rs in by_direction.values()])
         ensembles = {}
         for d, rs in by_direction.items():
-            models = [checkpoints.load_model(r["folder"] / "best.pt")[0] for r in rs]
+            models = [checkpoints.load_model(r["folder"] / "best.pt").model for r in rs]
             model = models[0] if len(models) == 1 else unet.UNetEnsemble(models)
             busi = "held" if d == "busbra" else "own"
             _, records = scored(model, val_part(rs[0], busi, cache))  # BUSI's normal scans: the curve

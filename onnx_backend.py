@@ -131,12 +131,12 @@ def from_json(text: str):
     return restore(json.loads(text))
 
 
-def export(model: torch.nn.Module, state: dict, checkpoint_sha256: str = "") -> bytes:
+def export(loaded: checkpoints.LoadedModel, checkpoint_sha256: str = "") -> bytes:
     """The serialised ONNX model of a loaded checkpoint: input `image` float32 [N,1,S,S] at the training size S
     (a fixed size: another one is refused by onnxruntime, not silently mis-padded, see below), outputs OUTPUTS
     (no class_logits without a class head), metadata as described in the module docstring."""
     onnx = require("onnx", "exporting to ONNX")
-    size = int((state.get("config") or {}).get("image_size", 256))
+    model, state, size = loaded.model, loaded.state, loaded.image_size
     graph = _Graph(model.float().eval())
     outputs = [name for name in OUTPUTS if name != "class_logits" or model.config.get("num_classes")]
     buffer = io.BytesIO()
@@ -151,7 +151,7 @@ def export(model: torch.nn.Module, state: dict, checkpoint_sha256: str = "") -> 
                           dynamo=False)
     proto = onnx.load_from_string(buffer.getvalue())
     meta = {"busi.format": str(EXPORT_FORMAT), "busi.checkpoint_sha256": checkpoint_sha256,
-            "image_size": str(size), "threshold": str(float((state.get("config") or {}).get("threshold", 0.5))),
+            "image_size": str(size), "threshold": str(loaded.threshold),
             "preprocessing": PREPROCESSING, "postprocessing": POSTPROCESSING,
             "classes": json.dumps(["benign", "malignant", "normal"])}
     meta.update({key: to_json(value) for key, value in state.items() if key not in TRAINING_STATE})
@@ -218,13 +218,13 @@ def cached_model(checkpoint: Path, state: dict, sha: str, threads: int | None = 
         if not _ours(path, sha):
             print(f"note: {utils.printable(path)} is not the ONNX export of {utils.printable(checkpoint.name)}; it "
                   f"is left alone, and the model is exported in memory", file=sys.stderr)
-            return OnnxModel(export(checkpoints.build_model(state, checkpoint), state, sha), threads)
+            return OnnxModel(export(checkpoints.loaded(checkpoints.build_model(state, checkpoint), state), sha), threads)
         why = "its bytes differ from the SHA-256 recorded beside it" if sidecar_path(path).exists() else \
             "no SHA-256 of it is recorded beside it"
         print(f"note: the cached ONNX export {utils.printable(path)} cannot be trusted ({why}); exporting it again",
               file=sys.stderr)
         replace = True
-    data = export(checkpoints.build_model(state, checkpoint), state, sha)
+    data = export(checkpoints.loaded(checkpoints.build_model(state, checkpoint), state), sha)
     try:
         utils.atomic_write(path, data, replace=replace)
     except FileExistsError:  # another process exported it meanwhile; this one's bytes are the same export
@@ -311,7 +311,7 @@ class OnnxModel:
 
 def load(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", backend: str = "auto",
          threads: int | None = None):
-    """(model, checkpoint dict) for a tool to run: the torch model, or an `OnnxModel`.
+    """The checkpoints.LoadedModel a tool runs: the torch model, or an `OnnxModel`.
 
     `backend` "auto": onnxruntime on the CPU where it is installed (and onnx, unless the export is cached), else
     torch, silently; "onnx": onnxruntime or a BackendError; "torch": the torch model. `checkpoint` may be an
@@ -337,7 +337,7 @@ def load(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", back
         problem = checkpoints.checkpoint_problem(state)
         if problem:
             raise BackendError(f"{utils.printable(path)}: its metadata is damaged or not this project's: {problem}")
-        return model, state
+        return checkpoints.loaded(model, state)
     if backend == "onnx" and device.type != "cpu":
         raise BackendError(f"the onnx backend runs on the CPU; on {device} use the torch backend")
     if backend == "torch" or (backend == "auto" and (device.type != "cpu" or not installed("onnxruntime"))):
@@ -348,6 +348,6 @@ def load(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", back
     cached = cache_path(path, sha)
     if not (cached.exists() and _verified(cached)) and not installed("onnx"):  # onnx is needed only to export
         if backend == "auto":
-            return checkpoints.build_model(state, path).to(device).eval(), state
+            return checkpoints.loaded(checkpoints.build_model(state, path).to(device).eval(), state)
         require("onnx", "the onnx backend (to export the checkpoint on first use)")
-    return cached_model(path, state, sha, threads), state
+    return checkpoints.loaded(cached_model(path, state, sha, threads), state)

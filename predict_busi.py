@@ -604,7 +604,7 @@ def main(argv=None) -> int:
         return 2
     made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # removed again if nothing is written
     try:
-        model, state = onnx_backend.load(args.checkpoint, device, args.backend)
+        loaded = onnx_backend.load(args.checkpoint, device, args.backend).at_threshold(args.threshold)
         out_dir.mkdir(parents=True, exist_ok=True)
     except checkpoints.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -618,22 +618,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: nothing written", file=sys.stderr)
         return 130
-    config = state.get("config") or {}
-    image_size = int(config.get("image_size", 256))
-    threshold = args.threshold if args.threshold is not None else float(config.get("threshold", 0.5))
-    fitted, why_not = checkpoints.fitted_trust(state)
-    if why_not:
-        print(f"warning: {shown(args.checkpoint)}: {why_not}", file=sys.stderr)
-    elif fitted.get("no_right_outline"):
+    if loaded.why_no_trust:
+        print(f"warning: {shown(args.checkpoint)}: {loaded.why_no_trust}", file=sys.stderr)
+    elif loaded.trust.get("no_right_outline"):
         print(f"warning: {shown(args.checkpoint)}: {trust.NO_RIGHT_OUTLINE}", file=sys.stderr)
     stop = threading.Event()
     try:
         with stop_on_signals(stop):
             for note in notes:
                 print(note, file=sys.stderr)
-            results, failures = run(paths, model, image_size, device, threshold, out_dir, args.batch_size,
-                                    args.tta, progress=not args.quiet, replaceable=replaceable, stop=stop,
-                                    fitted_trust=fitted, frames=frames, pixel_spacing=args.pixel_spacing,
+            results, failures = run(paths, loaded.model, loaded.image_size, device, loaded.threshold, out_dir,
+                                    args.batch_size, args.tta, progress=not args.quiet, replaceable=replaceable,
+                                    stop=stop, fitted_trust=loaded.trust, frames=frames, pixel_spacing=args.pixel_spacing,
                                     gate_mode=args.gate)
         for message in skipped["broken"]:  # a lost scan: named, and the exit code says not all were done
             print(f"error: {message}", file=sys.stderr)
@@ -652,7 +648,7 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: {len(results)} of {len(paths)} images written to {shown(out_dir)}/; {CSV_NAME} "
               f"lists exactly them", file=sys.stderr)
         return 130
-    print_summary(results, len(paths), failures, out_dir, threshold, fitted, args.gate,
+    print_summary(results, len(paths), failures, out_dir, loaded.threshold, loaded.trust, args.gate,
                   Path(args.checkpoint).resolve() == DEFAULT_CHECKPOINT.resolve())
     return 1 if failures else 0
 

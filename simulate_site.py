@@ -70,13 +70,12 @@ BUSBRA_PATIENT = r"^(bus_[0-9]+)-"
 HERE = Path(__file__).resolve().parent
 
 
-def score(model, state, val: dict) -> dict:
+def score(loaded: checkpoints.LoadedModel, val: dict) -> dict:
     """The validation figures of one configuration, without a gate and with the default gate rule."""
-    fitted, _ = checkpoints.fitted_trust(state)
     out = {}
-    for rule in ("mark", "auto") if trust.gate_applies(fitted, "auto") else ("mark",):
-        summary, records = evaluation.evaluate(model, val, torch.device("cpu"), None, float(
-            (state.get("config") or {}).get("threshold", 0.5)), 32, fitted_trust=fitted, gate_mode=rule)
+    for rule in ("mark", "auto") if trust.gate_applies(loaded.trust, "auto") else ("mark",):
+        summary, records = evaluation.evaluate(loaded.model, val, torch.device("cpu"), None, loaded.threshold, 32,
+                                               fitted_trust=loaded.trust, gate_mode=rule)
         key = "no_gate" if rule == "mark" else "default_gate"
         out[key] = {k: summary[k] for k in ("lesion_dice", "missed_lesions", "n_lesion", "normal_fp_rate",
                                            "all_dice")}
@@ -93,7 +92,7 @@ def score(model, state, val: dict) -> dict:
 
 def run_adapt(checkpoint: str, files: list[str], alpha: float | None, out: Path):
     """adapt.py on `files` (its default alpha for None; its minimum scan count lowered to what is asked): (the
-    adapted model, its checkpoint dict, minutes)."""
+    adapted model, minutes)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)  # the simulation's own file of an earlier, interrupted run
     command = [sys.executable, str(HERE / "adapt.py"), "--checkpoint", checkpoint, "--output", str(out),
@@ -101,8 +100,7 @@ def run_adapt(checkpoint: str, files: list[str], alpha: float | None, out: Path)
                "--scans", *files]
     t0 = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    model, state = checkpoints.load_model(out)
-    return model, state, (time.perf_counter() - t0) / 60
+    return checkpoints.load_model(out), (time.perf_counter() - t0) / 60
 
 
 def patients(names: list[str], pattern: str | None, data_dir: Path) -> list[list[str]]:
@@ -145,17 +143,17 @@ def fine_tune(args, site: Path, split: dict, chosen: list[list[str]], seed: int,
     return work / tag / "best.pt", (time.perf_counter() - t0) / 60
 
 
-def fine_tune_facts(model, state, val: dict, run_dir: Path) -> dict:
+def fine_tune_facts(loaded: checkpoints.LoadedModel, val: dict, run_dir: Path) -> dict:
     """What a fine-tune chose (its threshold, fitted on its own validation part) and what that choice did: the
     site's validation at 0.5 too, and the figures of any held-out source (the training hospital kept in the mix
     or only watched) at the chosen epoch."""
     import csv
-    threshold = float(state["config"]["threshold"])
-    summary, _ = evaluation.evaluate(model, val, torch.device("cpu"), None, 0.5, 32)
+    state = loaded.state
+    summary, _ = evaluation.evaluate(loaded.model, val, torch.device("cpu"), None, 0.5, 32)
     with open(run_dir / "history.csv", newline="") as f:
         row = list(csv.DictReader(f))[state["best_epoch"] - 1]
     held = {k: v for k, v in row.items() if ":held_out_" in k}
-    return {"threshold": threshold, "at_0.5": {k: summary[k] for k in ("lesion_dice", "missed_lesions")},
+    return {"threshold": loaded.threshold, "at_0.5": {k: summary[k] for k in ("lesion_dice", "missed_lesions")},
             "held_out_at_best": held, "best_epoch": state["best_epoch"]}
 
 
@@ -220,8 +218,8 @@ def main(argv=None) -> int:
         print("error: --checkpoint and --site-data are needed (or --table)", file=sys.stderr)
         return 2
     site = Path(args.site_data)
-    source_model, source_state = checkpoints.load_model(args.checkpoint)
-    size = int(source_state["config"]["image_size"])
+    source = checkpoints.load_model(args.checkpoint)
+    size = source.image_size
     parts, _ = dataset.load_parts([("SITE", site)], [args.site_split] if args.site_split else None, size, ".cache",
                                   None)
     val, train = parts["val"], parts["train"]
@@ -239,17 +237,17 @@ def main(argv=None) -> int:
         utils.write_json(out_path, results)
 
     if args.unadapted:
-        record("unadapted", score=score(source_model, source_state, val))
+        record("unadapted", score=score(source, val))
     files = [str(site / n) for n in train["names"]]  # the site's own scans, unlabelled
     work = Path(args.work_dir)
     for alpha in args.alphas:
-        model, state, minutes = run_adapt(args.checkpoint, files, alpha, work / f"{out_path.stem}_a{alpha:g}.pt")
-        record("adapt", alpha=alpha, scans=len(files), score=score(model, state, val), minutes=minutes)
+        adapted, minutes = run_adapt(args.checkpoint, files, alpha, work / f"{out_path.stem}_a{alpha:g}.pt")
+        record("adapt", alpha=alpha, scans=len(files), score=score(adapted, val), minutes=minutes)
     for count in args.scan_counts:
         for seed in args.seeds:
             pick = sorted(random.Random(seed).sample(files, min(count, len(files))))
-            model, state, _ = run_adapt(args.checkpoint, pick, None, work / f"{out_path.stem}_n{count}_s{seed}.pt")
-            record("adapt_n", scans=count, seed=seed, score=score(model, state, val))
+            adapted, _ = run_adapt(args.checkpoint, pick, None, work / f"{out_path.stem}_n{count}_s{seed}.pt")
+            record("adapt_n", scans=count, seed=seed, score=score(adapted, val))
     if args.labelled:
         names = [n for n in train["names"]]
         pattern = args.patient_pattern or (BUSBRA_PATIENT if any(
@@ -259,10 +257,10 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 chosen = random.Random(seed).sample(groups, min(n, len(groups)))
                 best, minutes = fine_tune(args, site, {}, chosen, seed, f"{out_path.stem}_n{n}_s{seed}")
-                model, state = checkpoints.load_model(best)
+                tuned = checkpoints.load_model(best)
                 record("fine_tune", patients=n, seed=seed, images=sum(map(len, chosen)), minutes=minutes,
-                       recipe=args.recipe_flags or "site", score=score(model, state, val),
-                       **fine_tune_facts(model, state, val, best.parent))
+                       recipe=args.recipe_flags or "site", score=score(tuned, val),
+                       **fine_tune_facts(tuned, val, best.parent))
     return 0
 
 

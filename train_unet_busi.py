@@ -312,8 +312,8 @@ def run(args) -> int:
     if device.type == "cpu":
         print(utils.describe_cpu(dtype), flush=True)
     if args.eval_only:
-        return evaluation.evaluate_checkpoint(args, state, model, parts[args.eval_split], sources, run_dir, device,
-                                              config)
+        return evaluation.evaluate_checkpoint(args, checkpoints.loaded(model, state), parts[args.eval_split], sources,
+                                              run_dir, device, config)
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----
     train = training.epoch_set(parts["train"], args.repeat, args.seed, device)

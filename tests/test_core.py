@@ -386,12 +386,12 @@ def _tiny_checkpoint(path, **config):
 
 def test_checkpoint_round_trip_and_export(tmp_path):
     model = _tiny_checkpoint(tmp_path / "a.pt", image_size=32)
-    loaded, state = checkpoints.load_model(tmp_path / "a.pt")
+    loaded = checkpoints.load_model(tmp_path / "a.pt").model
     x = torch.rand(1, 1, 32, 32)
     model.eval()
     assert torch.allclose(loaded(x)[0], model(x)[0])
     checkpoints.export_checkpoint(tmp_path / "a.pt", tmp_path / "slim.pt")
-    slim, _ = checkpoints.load_model(tmp_path / "slim.pt")
+    slim = checkpoints.load_model(tmp_path / "slim.pt").model
     assert torch.allclose(slim(x)[0], model(x)[0], atol=0.05)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
@@ -437,13 +437,14 @@ def test_ensemble_checkpoint_is_the_mean_of_its_members_and_loads_like_one_model
     members = [_tiny_checkpoint(tmp_path / f"m{i}.pt", image_size=32, threshold=0.5) for i in range(3)]
     slim = checkpoints.export_checkpoint([tmp_path / f"m{i}.pt" for i in range(3)], tmp_path / "ens.pt")
     assert slim["model_config"]["members"] == 3 and len(slim["members"]) == 3
-    ensemble, state = checkpoints.load_model(tmp_path / "ens.pt")
+    loaded_ = checkpoints.load_model(tmp_path / "ens.pt")
+    ensemble, state = loaded_.model, loaded_.state
     assert isinstance(ensemble, UNetEnsemble) and state["config"]["image_size"] == 32
     assert ensemble.config == dict(members[0].config, members=3) and ensemble.size_multiple == 4
     x = torch.rand(2, 1, 32, 32)
     for i in range(3):  # each member exported alone: the same fp16-rounded weights as inside the ensemble
         checkpoints.export_checkpoint(tmp_path / f"m{i}.pt", tmp_path / f"s{i}.pt")
-    singles = [checkpoints.load_model(tmp_path / f"s{i}.pt")[0](x) for i in range(3)]
+    singles = [checkpoints.load_model(tmp_path / f"s{i}.pt").model(x) for i in range(3)]
     seg, cls = ensemble(x)
     assert torch.allclose(seg, torch.stack([s for s, _ in singles]).mean(0), atol=1e-6)
     assert torch.allclose(cls, torch.stack([c for _, c in singles]).mean(0), atol=1e-6)
@@ -468,7 +469,8 @@ def test_ensemble_export_refuses_members_that_do_not_fit_together(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="ensemble already"):
         checkpoints.export_checkpoint([tmp_path / "e.pt", tmp_path / "a.pt"], tmp_path / "ee.pt")
     checkpoints.export_checkpoint(tmp_path / "e.pt", tmp_path / "e2.pt")  # re-exporting one ensemble keeps it whole
-    model, state = checkpoints.load_model(tmp_path / "e2.pt")
+    loaded_ = checkpoints.load_model(tmp_path / "e2.pt")
+    model, state = loaded_.model, loaded_.state
     assert isinstance(model, UNetEnsemble) and len(state["members"]) == 2
     state = torch.load(tmp_path / "e.pt", weights_only=True)
     state["model_config"]["members"] = 0

@@ -81,7 +81,7 @@ def pump(root, seconds: float = 0.0) -> None:
 
 def expected_probability(checkpoint, image: np.ndarray) -> np.ndarray:
     """The probability map at the image's size, computed here from the model alone."""
-    model, _ = checkpoints.load_model(checkpoint)
+    model = checkpoints.load_model(checkpoint).model
     x = torch.from_numpy(np.array(dataset.resize_image(image, IMAGE_SIZE))).float().div(255)[None, None]
     with torch.no_grad():
         prob = torch.sigmoid(model(x)[0])

@@ -52,6 +52,17 @@ def test_files_are_replaced_atomically_in_one_place():
     assert users == ["utils.py"]
 
 
+def test_a_loaded_model_is_read_from_its_checkpoint_in_one_place():
+    """A model's input size, threshold and fitted trust entry come from checkpoints.loaded (a LoadedModel) alone:
+    no tool reads those checkpoint keys or calls fitted_trust itself."""
+    import re
+    reads = re.compile(r"""fitted_trust\(|get\(["'](image_size|threshold)["']|config["']?\]?\[["'](image_size|threshold)""")
+    offenders = [f"{path.name}:{n}" for path in MODULES if path.name != "checkpoints.py"
+                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if reads.search(line) and "bundle" not in line]  # (a tensor bundle records its own size)
+    assert offenders == []
+
+
 def test_every_training_flag_sits_in_its_section_of_help():
     """--help groups the flags by the comment lines over the fields; a field's comment running on to a second
     line is not a heading of its own."""
@@ -64,8 +75,8 @@ def test_every_training_flag_sits_in_its_section_of_help():
                 "data and output": "data_dir", "hardware": "device"}
     groups = {g.title: {a.dest for a in g._group_actions} for g in parser._action_groups}
     assert set(sections) <= set(groups)
-    expected = {"model": {"encoder", "pretrained", "image_size", "input_norm", "full_res_decoder", "base_channels",
-                          "depth"}}
+    expected = {"model": {"encoder", "pretrained", "image_size", "input_norm", "full_res_decoder", "decoder_norm",
+                          "base_channels", "depth"}}
     assert groups["model"] == expected["model"]
     fields = [f.name for cls in (T.Hyperparameters, T.Settings) for f in dataclasses.fields(cls)]
     placed = {dest for title, dests in groups.items() if title in sections for dest in dests}

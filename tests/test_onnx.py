@@ -39,8 +39,9 @@ def shipped(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shipped")
     copy = folder / "model.pt"
     shutil.copy(checkpoints.DEFAULT_CHECKPOINT, copy)
-    engine, state = onnx_backend.load(copy, "cpu", "onnx", threads=1)
-    model, _ = checkpoints.load_model(copy)
+    loaded_ = onnx_backend.load(copy, "cpu", "onnx", threads=1)
+    engine, state = loaded_.model, loaded_.state
+    model = checkpoints.load_model(copy).model
     return {"checkpoint": copy, "onnx": engine, "torch": model, "state": state,
             "cached": onnx_backend.cache_path(copy, onnx_backend.file_sha256(copy))}
 
@@ -94,7 +95,7 @@ def test_cached_export_is_reused_and_keyed_by_the_checkpoint(shipped, tmp_path, 
     state = checkpoints.load_checkpoint(shipped["checkpoint"])
     checkpoints.save_checkpoint({**state, "config": {**state["config"], "threshold": 0.25}}, changed)
     shutil.copy(shipped["cached"], tmp_path / shipped["cached"].name)  # the old export beside it: not used
-    engine, _ = onnx_backend.load(changed, "cpu", "onnx", threads=1)
+    engine = onnx_backend.load(changed, "cpu", "onnx", threads=1).model
     assert float(engine.metadata["threshold"]) == 0.25
     assert sorted(p.name for p in tmp_path.glob("*.onnx")) == sorted(
         {shipped["cached"].name, onnx_backend.cache_path(changed, onnx_backend.file_sha256(changed)).name})
@@ -105,7 +106,7 @@ def test_a_foreign_file_at_the_cache_name_is_left_alone(shipped, tmp_path, capsy
     shutil.copy(shipped["checkpoint"], copy)
     foreign = onnx_backend.cache_path(copy, onnx_backend.file_sha256(copy))
     foreign.write_bytes(b"not an onnx model")
-    engine, _ = onnx_backend.load(copy, "cpu", "onnx", threads=1)
+    engine = onnx_backend.load(copy, "cpu", "onnx", threads=1).model
     assert foreign.read_bytes() == b"not an onnx model" and "left alone" in capsys.readouterr().err
     assert engine.outputs[:2] == ["mask_logits", "class_logits"]
 
@@ -130,7 +131,7 @@ def test_a_damaged_cached_export_is_exported_again_with_a_note(shipped, tmp_path
         expected = shipped["torch"](scan)[0]
     assert not torch.allclose(damaged(scan)[0], expected, atol=1e-3)
     capsys.readouterr()
-    engine, _ = onnx_backend.load(copy, "cpu", "onnx", threads=1)
+    engine = onnx_backend.load(copy, "cpu", "onnx", threads=1).model
     err = capsys.readouterr().err
     assert "cannot be trusted" in err and "differ" in err and len(err.strip().splitlines()) == 1
     assert torch.allclose(engine(scan)[0], expected, atol=1e-3)
@@ -171,7 +172,7 @@ def test_predict_backends_write_the_same_masks_and_rows(shipped, tmp_path, capsy
 def test_without_onnxruntime_the_torch_path_runs_silently_and_asking_names_the_package(
         shipped, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails, find_spec finds nothing
-    model, _ = onnx_backend.load(shipped["checkpoint"], "cpu", "auto")
+    model = onnx_backend.load(shipped["checkpoint"], "cpu", "auto").model
     assert isinstance(model, torch.nn.Module) and capsys.readouterr() == ("", "")
     with pytest.raises(onnx_backend.BackendError, match=r"onnxruntime.*pip install onnxruntime==") as caught:
         inference.Predictor(shipped["checkpoint"], backend="onnx")
@@ -187,7 +188,7 @@ def test_backend_choices_that_cannot_run_are_one_line_errors(shipped, tmp_path):
         onnx_backend.load(shipped["checkpoint"], "cuda", "onnx")
     with pytest.raises(onnx_backend.BackendError, match="ONNX model"):
         onnx_backend.load(shipped["cached"], "cpu", "torch")
-    model, _ = onnx_backend.load(shipped["checkpoint"], "meta", "auto")  # not the CPU: torch, as on a GPU
+    model = onnx_backend.load(shipped["checkpoint"], "meta", "auto").model  # not the CPU: torch, as on a GPU
     assert isinstance(model, torch.nn.Module)
     damaged = tmp_path / "damaged.onnx"
     damaged.write_bytes(shipped["cached"].read_bytes()[:100_000])

@@ -143,7 +143,7 @@ def test_odd_inputs_with_a_corrupt_file_via_the_command_line(tmp_path, checkpoin
 def test_masks_equal_an_independent_prediction_and_threshold_applies(tmp_path, checkpoint, capsys):
     inputs = tmp_path / "in"
     make_odd_inputs(inputs)
-    model, _ = checkpoints.load_model(checkpoint)
+    model = checkpoints.load_model(checkpoint).model
     for threshold in (0.5, 0.52):
         out = tmp_path / f"out{threshold}"
         assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
@@ -265,7 +265,8 @@ SHIPPED = checkpoints.DEFAULT_CHECKPOINT
 
 def test_shipped_model_fits_its_budget_and_loads():
     assert SHIPPED.stat().st_size < 15e6  # the shipped model's budget: 15 MB
-    model, state = checkpoints.load_model(SHIPPED)
+    loaded_ = checkpoints.load_model(SHIPPED)
+    model, state = loaded_.model, loaded_.state
     assert state["config"]["image_size"] % model.size_multiple == 0
 
 

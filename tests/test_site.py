@@ -246,7 +246,7 @@ def test_a_site_run_starts_from_the_checkpoint_records_the_site_and_its_gate_app
     assert best["config"]["image_size"] == 32 and best["trust"]["gate_scope"] == trust.SITE_GATE
     # the mask threshold is the site's: the grid point with the best lesion Dice on its validation part
     fit, chosen = best["config"]["threshold_fit"], best["config"]["threshold"]
-    model, _ = checkpoints.load_model(tmp_path / "site" / "best.pt")
+    model = checkpoints.load_model(tmp_path / "site" / "best.pt").model
     val = dataset.load_parts([("siteB", site)], [str(tmp_path / "site" / "split.json")], 32, None, None)[0]["val"]
     runs = evaluation.evaluate_thresholds(model, val, torch.device("cpu"), None, evaluation.SITE_THRESHOLDS)
     dice = {t: round(runs[t][0]["lesion_dice"], 4) for t in evaluation.SITE_THRESHOLDS}
@@ -287,7 +287,7 @@ def test_a_site_run_starts_from_the_checkpoint_records_the_site_and_its_gate_app
 
 def test_the_site_threshold_moves_only_for_a_clear_gain_on_the_sites_validation(shipped, tmp_path):
     """Labelled scans whose outlines are the shipped model's own at 0.8 call for 0.8; outlines at 0.5 keep 0.5."""
-    model, _ = checkpoints.load_model(checkpoints.DEFAULT_CHECKPOINT)
+    model = checkpoints.load_model(checkpoints.DEFAULT_CHECKPOINT).model
     scans = [p for p in sorted(SAMPLE.glob("malignant/*.png")) if "_mask" not in p.name][:8]
     for cut in (0.8, 0.5):
         site = tmp_path / f"site{cut}"

@@ -197,7 +197,7 @@ def test_a_held_out_source_is_scored_every_epoch_chooses_nothing_and_is_not_trai
     best = checkpoints.load_checkpoint(run / "best.pt")
     assert best["config"]["select_on"] == name
     # the logged figures are best.pt's own on BRA's validation part, and the selection score is BUSI's alone
-    model, _ = checkpoints.load_model(run / "best.pt")
+    model = checkpoints.load_model(run / "best.pt").model
     val = dataset.load_parts([("BRA", bra)], [str(split_file)], 32, None, None)[0]["val"]
     summary, _ = evaluation.evaluate(model, val, torch.device("cpu"), None, 0.5, 16)
     row = rows[best["best_epoch"] - 1]
@@ -246,7 +246,7 @@ def test_leave_one_out_trains_each_direction_keeps_finished_runs_and_tables_them
     # the ensemble row is the two seeds' models as one checkpoint, scored on the held-out validation split
     checkpoints.export_checkpoint([work / "loho_busbra_s1" / "best.pt", work / "loho_busbra_s2" / "best.pt"],
                                   tmp_path / "ens.pt", half=False)
-    model, _ = checkpoints.load_model(tmp_path / "ens.pt")
+    model = checkpoints.load_model(tmp_path / "ens.pt").model
     part = dataset.load_parts([("Dataset_BUSI_with_GT", busi)], [str(work / "loho_busbra_s1" /
                               "split_Dataset_BUSI_with_GT.json")], 32, None, None, only="val")[0]["val"]
     summary, _ = evaluation.evaluate(model, part, torch.device("cpu"), None, 0.5, 16)
@@ -523,7 +523,8 @@ def test_evaluation_scores_the_gated_masks(gated_checkpoints, busi_dir):
     samples = dataset.discover_samples(root)
     data = dataset.build_cache(root, samples, 32, None, progress=False)
     for name, path in gated_checkpoints.items():
-        model, state = checkpoints.load_model(path)
+        loaded_ = checkpoints.load_model(path)
+        model, state = loaded_.model, loaded_.state
         summary, records = evaluation.evaluate(model, data, torch.device("cpu"), fitted_trust=state["trust"])
         assert all(r["gated"] == (name == "all") for r in records)
         if name == "all":  # every mask emptied: no normal scan outlined, every lesion missed

@@ -503,7 +503,8 @@ def test_deep_supervision_adds_the_weighted_mean_of_the_coarse_losses(busi_dir, 
 
     root, _ = busi_dir
     assert train(root, tmp_path, "--epochs", "1", "--depth", "2", "--deep-supervision", "0.5", "--run-name", "ds") == 0
-    net, state = checkpoints.load_model(tmp_path / "ds" / "best.pt")
+    loaded_ = checkpoints.load_model(tmp_path / "ds" / "best.pt")
+    net, state = loaded_.model, loaded_.state
     assert net.config["deep_supervision"] is True and state["config"]["deep_supervision"] == 0.5
     assert net(torch.rand(1, 1, 32, 32))[0].shape == (1, 1, 32, 32)
 
