@@ -551,9 +551,9 @@ def bench_backends(args, data_dir: Path) -> dict:
         for i in range(0, len(paths), args.batch_size):
             images = [dataset.load_image(p) for p in paths[i:i + args.batch_size]]
             for output in inference.predict_images(engine, images, size, cpu, None, args.batch_size,
-                                                   fitted_trust=fitted):
+                                                   fitted_trust=fitted, threshold=threshold):
                 outputs.append(output)
-                _ = output[0].numpy() > threshold  # the mask
+                _ = output.mask  # the mask
         return time.perf_counter() - start, outputs
 
     figures = {"images": len(paths), "checkpoint": str(args.checkpoint), "batch_size": args.batch_size, "runs": []}

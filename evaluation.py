@@ -62,15 +62,16 @@ def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device
     cuts = torch.tensor(list(thresholds), dtype=torch.float32, device=device).view(-1, 1, 1)
     counts, class_probs, trust_rows, raw_malignancy, i = [], [], [], [], 0
     with_trust = fitted_trust is not None or trust_inputs is not None
-    for probs, cls, outputs, *extras in predict_batches(model, data["images"], device, dtype, batch_size, tta,
-                                                        with_logits=True, with_aux=with_aux, with_trust=with_trust):
+    for batch in predict_batches(model, data["images"], device, dtype, batch_size, tta, with_logits=True,
+                                 with_aux=with_aux, with_trust=with_trust):
+        probs, cls = batch.seg, batch.cls
         if on_logits is not None:
-            on_logits(i, outputs)
+            on_logits(i, batch.logits)
         if trust_inputs is not None:
-            trust_inputs.append({k: None if v is None else v.cpu() for k, v in extras[0].items()})
+            trust_inputs.append({k: None if v is None else v.cpu() for k, v in batch.extras.items()})
         gate = None
         if fitted_trust is not None:
-            judged = inference.trust_of(extras[0], fitted_trust, gate_mode)
+            judged = inference.trust_of(batch.extras, fitted_trust, gate_mode)
             gate = judged.gated
             if cls is not None:
                 raw_malignancy += metrics.malignancy_probability(cls).cpu().tolist()
@@ -143,7 +144,7 @@ def fit_trust(model: torch.nn.Module, train: dict, val: dict, device: torch.devi
     gate (`trust.fit_presence`) on the validation split as it is, keeping that share of its lesion scans."""
     if len(val["names"]) == 0 or len(train["names"]) == 0:
         raise ValueError("the trust score needs training and validation images to be fitted on")
-    train_extras = [{k: extras[k].cpu() for k in ("deep", "texture")} for *_, extras in
+    train_extras = [{k: b.extras[k].cpu() for k in ("deep", "texture")} for b in
                     predict_batches(model, train["images"], device, dtype, batch_size, with_trust=True)]
     train_deep = torch.cat([e["deep"] for e in train_extras])
     inputs: list[dict] = []
@@ -153,9 +154,9 @@ def fit_trust(model: torch.nn.Module, train: dict, val: dict, device: torch.devi
     for copy in range(trust.SHIFTED_COPIES):
         images, masks = shifted_copy(val, copy)
         i = 0
-        for probs, _, extras in predict_batches(model, images, device, dtype, batch_size, tta, with_trust=True):
-            inputs.append({k: None if v is None else v.cpu() for k, v in extras.items()})
-            for pred in (probs[:, 0] > threshold).cpu():
+        for batch in predict_batches(model, images, device, dtype, batch_size, tta, with_trust=True):
+            inputs.append({k: None if v is None else v.cpu() for k, v in batch.extras.items()})
+            for pred in (batch.seg[:, 0] > threshold).cpu():
                 truth = masks[i]
                 inter, n_pred, n_gt = int((pred & truth).sum()), int(pred.sum()), int(truth.sum())
                 fit_records.append({"label": dataset.CLASSES[labels[i]] if n_gt else "normal", "pred_pixels": n_pred,
@@ -525,30 +526,29 @@ def parity(torch_model, onnx_model, images: list[np.ndarray], image_size: int, t
     """How far apart the two models' predictions are on `images` (grey uint8 arrays), each at the scan's own size
     through predict_images, as predict writes them (`compare`)."""
     runs = [list(predict_images(m, images, image_size, torch.device("cpu"), None, batch_size,
-                                fitted_trust=fitted_trust)) for m in (torch_model, onnx_model)]
+                                fitted_trust=fitted_trust, threshold=threshold)) for m in (torch_model, onnx_model)]
     return compare(*runs, threshold)
 
 
 def compare(first: list, second: list, threshold: float) -> dict:
-    """Two runs of predict_images on the same scans, (probability map, class probabilities, trust, ...)
-    per scan: pixels whose masks differ, per-image Dice of the two masks, the largest probability difference, the
-    predicted classes, the largest malignancy and trust differences."""
+    """Two runs of predict_images (inference.Prediction per scan) on the same scans: pixels whose masks (the
+    probability above `threshold`) differ, per-image Dice of the two masks, the largest probability difference,
+    the predicted classes, the largest malignancy and trust differences."""
     differing = pixels = classes_agree = compared = 0
     dice, prob_diff, malignancy_diff, trust_diff = [], 0.0, 0.0, 0.0
     for one, other in zip(first, second):
-        (p, c, s), (q, d, t) = one[:3], other[:3]
-        a, b = p.numpy() > threshold, q.numpy() > threshold
+        a, b = one.probability > threshold, other.probability > threshold
         differing += int((a != b).sum())
         pixels += a.size
         both = int(a.sum() + b.sum())
         dice.append(1.0 if both == 0 else 2 * int((a & b).sum()) / both)
-        prob_diff = max(prob_diff, float((p - q).abs().max()))
-        if c is not None:
-            classes_agree, compared = classes_agree + int(c.argmax() == d.argmax()), compared + 1
-            malignancy_diff = max(malignancy_diff, abs(float(metrics.malignancy_probability(c))
-                                                       - float(metrics.malignancy_probability(d))))
-        if s is not None:
-            trust_diff = max(trust_diff, abs(s - t))
+        prob_diff = max(prob_diff, float(np.abs(one.probability - other.probability).max()))
+        if one.class_probabilities is not None:
+            classes_agree += int(one.predicted_class == other.predicted_class)
+            compared += 1
+            malignancy_diff = max(malignancy_diff, abs(one.malignancy_probability - other.malignancy_probability))
+        if one.trust is not None:
+            trust_diff = max(trust_diff, abs(one.trust - other.trust))
     return {"images": len(first), "pixels": pixels, "differing_pixels": differing,
             "pixel_agreement": 1 - differing / max(1, pixels), "min_dice": min(dice, default=1.0),
             "max_probability_difference": prob_diff, "class_agreement": classes_agree / compared if compared else 1.0,

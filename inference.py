@@ -3,6 +3,7 @@ each image's own size and class probabilities out (`predict_scans`: the same for
 alone is predicted); and `Predictor`, the same for one scan from Python."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -28,16 +29,24 @@ from utils import autocast
 NO_SPACING_ARRAY = "none: an array records no pixel spacing (pixel_spacing=MM gives it)"
 
 
+class Batch(NamedTuple):
+    """One batch from `predict_batches` (on the device)."""
+    seg: torch.Tensor  # float32 [b,1,S,S] lesion probabilities
+    cls: torch.Tensor | None  # [b,C] class probabilities; None without a class head
+    logits: tuple | None = None  # with_logits: the model's raw outputs for the unflipped input
+    extras: dict | None = None  # with_trust: what trust.image_features reads (predict_batches)
+
+
 @torch.inference_mode()
 def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
                     batch_size: int = 32, tta: bool = False, with_logits: bool = False,
                     with_aux: bool = False, with_trust: bool = False, flipped_twin: bool = True):
-    """Yield (probabilities float32 [b,1,S,S] on `device`, class probabilities [b,C] or None) per batch.
+    """Yield a `Batch` per batch: probabilities float32 [b,1,S,S] on `device`, class probabilities [b,C] or None.
 
     `images` are uint8 [N,1,S,S] on any device. `tta` averages with the left-right flipped prediction.
-    `with_logits` adds an item, the model's raw outputs for the unflipped input (mask logits, class logits
+    `with_logits` fills `logits`, the model's raw outputs for the unflipped input (mask logits, class logits
     or None[, deep-supervision logits when `with_aux`]), so a caller can compute a loss from the same forward
-    pass. `with_trust` runs the flipped twin too and adds a last item, what `trust.image_features` reads:
+    pass. `with_trust` runs the flipped twin too and fills `extras`, what `trust.image_features` reads:
     {"seg", "cls": the unflipped pass's probabilities, "flipped": the twin's, flipped back, "deep": the pooled
     deepest features [b,C], "texture": the unflipped pass's texture statistics [b,2C] (familiarity)};
     `flipped_twin=False` leaves the twin out (no "flipped"; for what needs the features alone, at half the cost).
@@ -70,7 +79,7 @@ def predict_batches(model: torch.nn.Module, images: torch.Tensor, device: torch.
                     if tta:
                         seg = (seg + flipped) / 2
                         cls = None if cls is None else (cls + torch.softmax(cls_f.float(), 1)) / 2
-            yield (seg, cls) + ((outputs,) if with_logits else ()) + ((extras,) if with_trust else ())
+            yield Batch(seg, cls, outputs if with_logits else None, extras)
     finally:
         for hook in hooks:
             hook.remove()
@@ -90,12 +99,12 @@ class Judged(NamedTuple):
 def texture_of(model: torch.nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
                batch_size: int = 32) -> torch.Tensor:
     """[N,2C] on the CPU: the texture statistics (familiarity) of uint8 images [N,1,S,S], one pass, no twin."""
-    return torch.cat([extras["texture"].cpu() for *_, extras in
+    return torch.cat([b.extras["texture"].cpu() for b in
                       predict_batches(model, images, device, dtype, batch_size, with_trust=True, flipped_twin=False)])
 
 
 def trust_of(extras: dict, fitted: dict, gate_mode: str = "apply") -> Judged:
-    """`Judged` of one batch from `predict_batches(..., with_trust=True)`'s last item: the trust score at the mask
+    """`Judged` of one batch from `predict_batches(..., with_trust=True)`'s `extras`: the trust score at the mask
     threshold it was fitted at (of the outline as shown: emptied where the gate applies), the probability that a
     lesion is present, which scans the "no lesion" gate judges lesion-free and whether it empties their masks
     (`gate_mode`, trust.gate_applies), and how familiar each scan is. A scan out of range is always reviewed."""
@@ -126,90 +135,41 @@ def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tens
     return F.interpolate(prob[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
 
 
-class ScanOutput(NamedTuple):
-    """One scan's outputs from `predict_images` (the trust fields are None without a fitted trust entry)."""
-    probability: torch.Tensor  # [H,W] float32 on the CPU at the scan's own size, as the model gave it
-    classes: torch.Tensor | None  # [3] class probabilities (benign, malignant, normal), calibrated where fitted
-    trust: float | None = None
-    presence: float | None = None
-    gated: bool = False  # the "no lesion" gate empties this scan's mask (the probability map is left as it is)
-    lesion_free: bool = False  # the gate judges it lesion-free (marked, whether or not the mask is emptied)
-    familiarity: float | None = None  # <= 1: like the scans the model was fitted on; > 1: out of range
-    out_of_range: bool = False
-    review: bool | None = None  # look at this one first: low trust, or out of range
-
-    @property
-    def marked_only(self) -> bool:
-        """The gate judged the scan lesion-free but does not apply here: marked, its mask kept."""
-        return self.lesion_free and not self.gated
-
-
-def predict_images(model, images: list[np.ndarray], image_size: int, device: torch.device,
-                   dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
-                   fitted_trust: dict | None = None, gate_mode: str = "auto"):
-    """Yield a `ScanOutput` per image.
-
-    `images` are grey uint8 HxW arrays of any size; they are squashed to the model's square input as in training.
-    `fitted_trust` (a checkpoint's "trust" entry) adds the trust score (one more, flipped, pass), the "no lesion"
-    gate (`gate_mode`: where it empties masks, trust.gate_applies) and familiarity, and calibrates the class
-    probabilities.
-    """
-    if not images:
-        return
-    batch = torch.from_numpy(np.stack([dataset.resize_image(img, image_size) for img in images]))[:, None]
-    i = 0
-    for probs, cls, *extras in predict_batches(model, batch, device, dtype, batch_size, tta,
-                                               with_trust=fitted_trust is not None):
-        judged = trust_of(extras[0], fitted_trust, gate_mode) if extras else None
-        cls = None if cls is None else trust.calibrated(cls, fitted_trust)
-        for j in range(probs.shape[0]):
-            h, w = images[i].shape
-            prob = probs_to_original(probs[j], h, w).cpu()
-            classes = None if cls is None else cls[j].float().cpu()
-            if judged is None:
-                yield ScanOutput(prob, classes)
-            else:
-                yield ScanOutput(prob, classes, float(judged.trust[j]),
-                                 None if judged.presence is None else float(judged.presence[j]),
-                                 bool(judged.gated[j]), bool(judged.lesion_free[j]),
-                                 None if judged.familiarity is None else float(judged.familiarity[j]),
-                                 bool(judged.out_of_range[j]), bool(judged.review[j]))
-            i += 1
-
-
-def predict_scans(model, scans: list[dicom_io.Scan], image_size: int, device: torch.device,
-                  dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
-                  fitted_trust: dict | None = None, gate_mode: str = "auto"):
-    """`predict_images` for scans: each one's ultrasound region alone is predicted (the scanner's text and colour
-    bar never reach the model), and its probability map is placed back in the whole frame (0 outside it)."""
-    outputs = predict_images(model, [s.model_input() for s in scans], image_size, device, dtype, batch_size, tta,
-                             fitted_trust, gate_mode)
-    for scan, out in zip(scans, outputs):
-        yield out if scan.region is None else out._replace(
-            probability=torch.from_numpy(scan.full_frame(out.probability.numpy())))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The Python API: a loaded model that predicts scans
-# --------------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Prediction:
-    """One scan's prediction, at the scan's own size as displayed."""
+    """One scan's prediction at the scan's own size as displayed: what `predict_images` / `predict_scans` make,
+    predict writes, the GUI shows, `Predictor` returns and `evaluation.compare` compares (the trust fields are
+    None without a fitted trust entry)."""
 
-    probability: np.ndarray  # float32 HxW: lesion probability of each pixel
-    mask: np.ndarray  # bool HxW: probability above the threshold
-    class_probabilities: dict[str, float] | None  # benign / malignant / normal (class head), None without one
+    probability: np.ndarray  # float32 HxW: lesion probability of each pixel (0 outside a DICOM's region)
+    class_probabilities: dict[str, float] | None  # benign / malignant / normal (class head, calibrated where
+                                                  # fitted), None without one
+    threshold: float = 0.5  # the probability above which a pixel is in `mask`
     trust: float | None = None  # fitted probability that the outline is right (trust.py); None: not available
-    review: bool | None = None  # trust below the checkpoint's review threshold: look at this one first
+    review: bool | None = None  # trust below the checkpoint's review cut, or out of range: look at this one first
     presence_probability: float | None = None  # fitted probability that a lesion is present; None: no gate
     gated: bool = False  # the "no lesion" gate judged the scan lesion-free and emptied its mask
-    lesion_free: bool = False  # the gate judges it lesion-free; with the gate not applied, the mask is kept
+    lesion_free: bool = False  # the gate judges it lesion-free (whether or not it empties the mask: gated)
     familiarity: float | None = None  # <= 1: like the scans the model was fitted on; None: not fitted
     out_of_range: bool | None = None  # unlike them: outlines, gate and trust were fitted on other scans
     spacing_mm: tuple[float, float] | None = None  # (x, y) size of a pixel in mm; None: unknown
     spacing_source: str = ""  # where the spacing comes from, or "none: why"
     region: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) of a DICOM's ultrasound region, predicted
     frame: int | None = None  # the frame of a multi-frame DICOM file
+
+    def mask_at(self, threshold: float) -> np.ndarray:
+        """bool HxW: probability above `threshold`, empty where the "no lesion" gate emptied the mask."""
+        return (self.probability > threshold) & (not self.gated)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The mask at the prediction's threshold."""
+        return self.mask_at(self.threshold)
+
+    @property
+    def marked_only(self) -> bool:
+        """The gate judged the scan lesion-free but does not apply here: marked, its mask kept."""
+        return self.lesion_free and not self.gated
 
     @property
     def size_mm(self) -> metrics.LesionSize | None:
@@ -225,7 +185,62 @@ class Prediction:
         return float(metrics.malignancy_probability(torch.tensor([self.class_probabilities[c]
                                                                   for c in dataset.CLASSES])))
 
+    @property
+    def predicted_class(self) -> str | None:
+        """The class head's most probable class."""
+        if self.class_probabilities is None:
+            return None
+        return dataset.CLASSES[int(np.argmax([self.class_probabilities[c] for c in dataset.CLASSES]))]
 
+
+def predict_images(model, images: list[np.ndarray], image_size: int, device: torch.device,
+                   dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
+                   fitted_trust: dict | None = None, gate_mode: str = "auto", threshold: float = 0.5):
+    """Yield a `Prediction` per image (its mask at `threshold`).
+
+    `images` are grey uint8 HxW arrays of any size; they are squashed to the model's square input as in training.
+    `fitted_trust` (a checkpoint's "trust" entry) adds the trust score (one more, flipped, pass), the "no lesion"
+    gate (`gate_mode`: where it empties masks, trust.gate_applies) and familiarity, and calibrates the class
+    probabilities.
+    """
+    if not images:
+        return
+    batch = torch.from_numpy(np.stack([dataset.resize_image(img, image_size) for img in images]))[:, None]
+    i = 0
+    for out in predict_batches(model, batch, device, dtype, batch_size, tta, with_trust=fitted_trust is not None):
+        judged = None if out.extras is None else trust_of(out.extras, fitted_trust, gate_mode)
+        cls = None if out.cls is None else trust.calibrated(out.cls, fitted_trust)
+        for j in range(out.seg.shape[0]):
+            h, w = images[i].shape
+            prob = probs_to_original(out.seg[j], h, w).cpu().numpy()
+            classes = None if cls is None else dict(zip(dataset.CLASSES, map(float, cls[j].float().cpu().tolist())))
+            if judged is None:
+                yield Prediction(prob, classes, threshold)
+            else:
+                yield Prediction(prob, classes, threshold, float(judged.trust[j]), bool(judged.review[j]),
+                                 None if judged.presence is None else float(judged.presence[j]),
+                                 bool(judged.gated[j]), bool(judged.lesion_free[j]),
+                                 None if judged.familiarity is None else float(judged.familiarity[j]),
+                                 None if judged.familiarity is None else bool(judged.out_of_range[j]))
+            i += 1
+
+
+def predict_scans(model, scans: list[dicom_io.Scan], image_size: int, device: torch.device,
+                  dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
+                  fitted_trust: dict | None = None, gate_mode: str = "auto", threshold: float = 0.5):
+    """`predict_images` for scans: each one's ultrasound region alone is predicted (the scanner's text and colour
+    bar never reach the model), and its probability map is placed back in the whole frame (0 outside it); the
+    prediction carries the scan's spacing, region and frame."""
+    outputs = predict_images(model, [s.model_input() for s in scans], image_size, device, dtype, batch_size, tta,
+                             fitted_trust, gate_mode, threshold)
+    for scan, out in zip(scans, outputs):
+        yield dataclasses.replace(out, probability=scan.full_frame(out.probability), spacing_mm=scan.spacing,
+                                  spacing_source=scan.spacing_source, region=scan.region, frame=scan.frame)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Python API: a loaded model that predicts scans
+# --------------------------------------------------------------------------------------------------------------
 class Predictor:
     """A trained model ready to predict, for notebooks and scripts (research use only):
 
@@ -270,11 +285,5 @@ class Predictor:
         else:  # converted as the file loader converts the same pixels, or refused (ValueError)
             scan = dicom_io.with_spacing(dicom_io.Scan(dataset.grey_from_array(image), spacing_source=NO_SPACING_ARRAY),
                                          pixel_spacing)
-        out = next(predict_scans(self.model, [scan], self.image_size, self.device, tta=self.tta,
-                                 fitted_trust=self.fitted_trust, gate_mode=self.gate))
-        prob = out.probability.numpy()
-        classes = None if out.classes is None else dict(zip(dataset.CLASSES, map(float, out.classes.tolist())))
-        return Prediction(prob, (prob > self.threshold) & (not out.gated), classes, out.trust, out.review,
-                          out.presence, out.gated, out.lesion_free, out.familiarity,
-                          None if out.familiarity is None else out.out_of_range,
-                          scan.spacing, scan.spacing_source, scan.region, scan.frame)
+        return next(predict_scans(self.model, [scan], self.image_size, self.device, tta=self.tta,
+                                  fitted_trust=self.fitted_trust, gate_mode=self.gate, threshold=self.threshold))

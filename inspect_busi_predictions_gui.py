@@ -17,6 +17,7 @@ its pixel spacing, else pixels).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -79,7 +80,7 @@ import dicom_io  # noqa: E402
 import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
 import unet  # noqa: E402
-from inference import contradiction, predict_scans  # noqa: E402
+from inference import Prediction, contradiction, predict_scans  # noqa: E402
 
 CLASS_FILTERS = ("all", *dataset.CLASSES)
 # Cyan and orange stay distinguishable on grey ultrasound and for red-green colour-blind viewers; the prediction
@@ -149,46 +150,18 @@ class Item:
         return scan.image, None
 
 
-@dataclass
-class Prediction:
-    """The cached model output for one image, at the image's own resolution."""
+def packed_truth(truth: np.ndarray | None) -> np.ndarray | None:
+    """np.packbits of a bool ground truth: 1/8 of the memory while it waits in the cache."""
+    return None if truth is None else np.packbits(truth)
 
-    prob: np.ndarray                # float16 HxW: half the memory of float32, far finer than the slider's 0.01
-    class_probs: np.ndarray | None  # (3,) softmax over dataset.CLASSES, None without a class head
-    truth_bits: np.ndarray | None   # np.packbits of the bool ground truth (1/8 of the memory), None without truth
-    trust: float | None = None      # fitted probability that the outline is right (trust.py); None: not available
-    review: bool = False            # trust below the checkpoint's review threshold
-    presence: float | None = None   # fitted probability that a lesion is present (None: no "no lesion" gate)
-    gated: bool = False             # the "no lesion" gate judged the scan lesion-free: its mask is empty
-    lesion_free: bool = False       # ... judged lesion-free where the gate does not apply: the mask is kept
-    out_of_range: bool = False      # unlike the scans the model was fitted on (always reviewed)
-    familiarity: float | None = None  # <= 1: like them; None: not fitted
 
-    def mask(self, threshold: float) -> np.ndarray:
-        """The predicted mask at `threshold`: empty where the "no lesion" gate says so."""
-        return (self.prob > threshold) & (not self.gated)
-
-    def truth(self) -> np.ndarray | None:
-        if self.truth_bits is None:
-            return None
-        h, w = self.prob.shape
-        return np.unpackbits(self.truth_bits, count=h * w).reshape(h, w).astype(bool)
-
-    def metrics(self, threshold: float) -> tuple[float, float] | None:
-        """(Dice, IoU) of the mask at `threshold` against the ground truth, or None without ground truth."""
-        truth = self.truth()
-        if truth is None:
-            return None
-        return metrics.dice_iou(torch.from_numpy(self.mask(threshold)), torch.from_numpy(truth))
-
-    @property
-    def malignancy(self) -> float | None:
-        return None if self.class_probs is None else float(metrics.malignancy_probability(
-            torch.from_numpy(self.class_probs)))
-
-    @property
-    def predicted_class(self) -> str | None:
-        return None if self.class_probs is None else dataset.CLASSES[int(np.argmax(self.class_probs))]
+def dice_iou_at(prediction: Prediction, truth_bits: np.ndarray | None, threshold: float) -> tuple[float, float] | None:
+    """(Dice, IoU) of the prediction's mask at `threshold` against its packed ground truth; None without truth."""
+    if truth_bits is None:
+        return None
+    h, w = prediction.probability.shape
+    truth = np.unpackbits(truth_bits, count=h * w).reshape(h, w).astype(bool)
+    return metrics.dice_iou(torch.from_numpy(prediction.mask_at(threshold)), torch.from_numpy(truth))
 
 
 def file_items(path: Path, check: bool = False) -> list[Item]:
@@ -258,7 +231,10 @@ class InspectorApp:
         self.items: list[Item] = list(items)
         self.visible: list[int] = []   # indices into self.items, in list order
         self.index = -1                # position in self.visible of the shown image
+        # Item.key -> the model's prediction (its map in float16: half the memory, far finer than the slider's
+        # 0.01) and the item's packed ground truth (packed_truth; None without truth)
         self.cache: dict[str, Prediction] = {}
+        self.truth_bits: dict[str, np.ndarray | None] = {}
         self._dice_memo: dict[tuple[str, float], float | None] = {}
         self.dice: float | None = None
         self.iou: float | None = None
@@ -427,6 +403,7 @@ class InspectorApp:
         self.image_size = loaded.image_size
         self.fitted_trust, why_not = loaded.trust, loaded.why_no_trust
         self.cache.clear()
+        self.truth_bits.clear()
         self._dice_memo.clear()
         self._generation += 1
         self.set_threshold(loaded.threshold, redraw=False)
@@ -640,14 +617,11 @@ class InspectorApp:
         """Run the model once over `items` (already decoded) and cache the results."""
         scans = [dicom_io.Scan(image, item.region) for item, (image, _) in zip(items, loaded)]
         outputs = predict_scans(self.model, scans, self.image_size, self.device, utils.inference_dtype(self.device),
-                                SORT_CHUNK, fitted_trust=self.fitted_trust, gate_mode=self.gate)
+                                SORT_CHUNK, fitted_trust=self.fitted_trust, gate_mode=self.gate,
+                                threshold=self.threshold)
         for item, (_, truth), out in zip(items, loaded, outputs):
-            self.cache[item.key] = Prediction(
-                prob=out.probability.numpy().astype(np.float16),
-                class_probs=None if out.classes is None else out.classes.numpy().astype(np.float32),
-                truth_bits=None if truth is None else np.packbits(truth), trust=out.trust, review=bool(out.review),
-                presence=out.presence, gated=out.gated, lesion_free=out.marked_only,
-                out_of_range=out.out_of_range, familiarity=out.familiarity)
+            self.cache[item.key] = dataclasses.replace(out, probability=out.probability.astype(np.float16))
+            self.truth_bits[item.key] = packed_truth(truth)
             self._relabel(item)
 
     def _predict_chunks(self, todo: list[int]):
@@ -683,7 +657,7 @@ class InspectorApp:
             return None
         memo = (key, self.threshold)
         if memo not in self._dice_memo:  # re-filtering a sorted list must not redo hundreds of full-size masks
-            metrics = prediction.metrics(self.threshold)
+            metrics = dice_iou_at(prediction, self.truth_bits[key], self.threshold)
             self._dice_memo[memo] = None if metrics is None else metrics[0]
         return self._dice_memo[memo]
 
@@ -692,7 +666,8 @@ class InspectorApp:
         self.filter_class(self.class_filter, show=False)
         self.select(0)  # the top of the new order: the worst Dice, or the lowest trust
         order = f"Dice at threshold {self.threshold:.2f}, worst" if mode == "dice" else "trust, lowest"
-        flagged = sum(self.cache[self.items[i].key].review for i in self.visible if self.items[i].key in self.cache)
+        flagged = sum(bool(self.cache[self.items[i].key].review) for i in self.visible
+                      if self.items[i].key in self.cache)
         self.set_status(f"sorted {len(self.visible)} images by {order} first{self._summary()}"
                         + (f" | {flagged} flagged for review" if self.fitted_trust is not None else ""))
 
@@ -703,7 +678,7 @@ class InspectorApp:
                   for d in [self._dice_of(i)] if d is not None]
         normal = [self.cache[self.items[i].key] for i in self.visible
                   if self.items[i].label == "normal" and self.items[i].key in self.cache]
-        fp = sum(bool(p.mask(self.threshold).any()) for p in normal)
+        fp = sum(bool(p.mask_at(self.threshold).any()) for p in normal)
         return ((f" | lesion Dice {np.mean(lesion):.3f} (n={len(lesion)})" if lesion else "")
                 + (f" | normal FP {fp} of {len(normal)}" if normal else ""))
 
@@ -784,7 +759,7 @@ class InspectorApp:
         self.ax_image.set_title(f"Image ({w}\u00d7{h})", fontsize=11)
         self.toolbar.update()  # a new image: zoom and pan start from its full view
         prediction = self.cache.get(item.key)
-        prob = prediction.prob.astype(np.float32) if prediction is not None else np.zeros((h, w), np.float32)
+        prob = prediction.probability.astype(np.float32) if prediction is not None else np.zeros((h, w), np.float32)
         self.im_prob.set_data(prob)
         self.im_prob.set_visible(prediction is not None)  # an empty panel, not a map of zeros, without a model
         self._fit(self.im_prob, self.ax_prob, w, h)
@@ -805,7 +780,7 @@ class InspectorApp:
         """Outline, metrics and texts for the shown image at the current threshold."""
         item, image, truth = self._shown
         prediction = self.cache.get(item.key)
-        mask = prediction.mask(self.threshold) if prediction is not None else None
+        mask = prediction.mask_at(self.threshold) if prediction is not None else None
         self._set_contour("pred", mask, PRED_COLOUR)
         self._draw_calipers(item, mask)
         if prediction is not None and truth is not None:
@@ -823,8 +798,8 @@ class InspectorApp:
             facts.append(f"Dice {self.dice:.3f}   IoU {self.iou:.3f}")
         elif prediction is not None:
             facts.append("no ground truth: prediction only")
-        if prediction is not None and prediction.class_probs is not None:
-            facts.append(f"P(malignant | lesion) {prediction.malignancy:.2f}   predicted class: "
+        if prediction is not None and prediction.class_probabilities is not None:
+            facts.append(f"P(malignant | lesion) {prediction.malignancy_probability:.2f}   predicted class: "
                          f"{prediction.predicted_class}")
         check = contradiction(prediction.predicted_class, bool(mask.any())) if prediction is not None else ""
         if check:
@@ -836,10 +811,10 @@ class InspectorApp:
             facts.append(f"trust {prediction.trust:.2f}" + (f" {REVIEW_MARK} REVIEW" + (
                 "" if prediction.out_of_range else f" (below {self.fitted_trust['review_below']:.2f})")
                 if prediction.review else ""))
-        if prediction is not None and prediction.presence is not None:
-            facts.append(f"lesion present {prediction.presence:.2f}"
+        if prediction is not None and prediction.presence_probability is not None:
+            facts.append(f"lesion present {prediction.presence_probability:.2f}"
                          + (" — judged lesion-free: mask emptied" if prediction.gated else
-                            " — likely lesion-free (gate fitted elsewhere: mask kept)" if prediction.lesion_free
+                            " — likely lesion-free (gate fitted elsewhere: mask kept)" if prediction.marked_only
                             else ""))
         if self.size is not None:
             unit = "mm" if item.spacing is not None else "px (no pixel spacing)"

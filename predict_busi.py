@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import csv
 import hashlib
+import math
 import os
 import signal
 import sys
@@ -140,7 +141,7 @@ import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
 import trust  # noqa: E402
 from dicom_io import gather_inputs  # noqa: E402
-from inference import ScanOutput, contradiction, predict_scans  # noqa: E402
+from inference import Prediction, contradiction, predict_scans  # noqa: E402
 
 CSV_NAME = "predictions.csv"
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
@@ -349,6 +350,16 @@ class Result:
     spacing_source: str = dicom_io.NO_SPACING_IMAGE
     size: metrics.LesionSize | None = None  # in mm; None without spacing or for an empty mask
 
+    @classmethod
+    def of(cls, prediction: Prediction, file: str, mask: str, overlay: str) -> Result:
+        """The row of a written prediction (its figures only: the maps are not kept)."""
+        height, width = prediction.probability.shape
+        return cls(file, width, height, int(prediction.mask.sum()), float(prediction.probability.max()),
+                   prediction.malignancy_probability, prediction.predicted_class, mask, overlay, prediction.trust,
+                   bool(prediction.review), prediction.presence_probability, prediction.gated,
+                   prediction.marked_only, prediction.familiarity, bool(prediction.out_of_range), prediction.frame,
+                   prediction.region, prediction.spacing_mm, prediction.spacing_source, prediction.size_mm)
+
     def row(self) -> list:
         fraction = self.lesion_pixels / (self.width * self.height)
         return [shown(self.file), self.width, self.height, self.lesion_pixels, f"{fraction:.6f}",
@@ -418,22 +429,20 @@ def _chunks(paths: list[Path], stems: list[str], batch_size: int):
 def _check_finite(good: list, predictions: list, written: int) -> None:
     """Raise NonFiniteOutput, naming the first image whose probability map or class probabilities hold NaN or
     inf: its empty mask and `nan` row would pass for a prediction."""
-    for (_, path, _, _), (prob, cls, *_) in zip(good, predictions):
-        if not (bool(torch.isfinite(prob).all()) and (cls is None or bool(torch.isfinite(cls).all()))):
+    for (_, path, _, _), prediction in zip(good, predictions):
+        classes = prediction.class_probabilities
+        if not (bool(np.isfinite(prediction.probability).all())
+                and (classes is None or all(math.isfinite(v) for v in classes.values()))):
             raise NonFiniteOutput(f"the model's outputs are not finite (NaN or inf) for {shown(path)} (damaged "
                                   f"weights?); " + (f"{CSV_NAME} lists the {written} images written before it"
                                                     if written else "nothing was written"))
 
 
-def _write_outputs(image: np.ndarray, out: ScanOutput, threshold: float, stem: str, out_dir: Path,
-                   display_name: str, replaceable: set[str] = frozenset(),
-                   scan: dicom_io.Scan | None = None) -> Result:
-    """Threshold one probability map (an empty mask where the "no lesion" gate says so), write its mask and
-    overlay PNGs (atomically, both or neither), and measure the mask where `scan` knows its pixel spacing; runs
-    in an I/O thread (numpy only)."""
-    scan = scan or dicom_io.Scan(image)
-    prob, cls = out.probability.numpy(), out.classes
-    mask = (prob > threshold) & (not out.gated)
+def _write_outputs(image: np.ndarray, prediction: Prediction, stem: str, out_dir: Path, display_name: str,
+                   replaceable: set[str] = frozenset()) -> Result:
+    """Write one prediction's mask (empty where the "no lesion" gate says so) and overlay PNGs (atomically, both
+    or neither); runs in an I/O thread (numpy only)."""
+    mask = prediction.mask
     mask_name, overlay_name = output_names(stem)
     mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
     overlay_png = Image.fromarray(overlay_image(image, mask))
@@ -441,15 +450,7 @@ def _write_outputs(image: np.ndarray, out: ScanOutput, threshold: float, stem: s
     utils.atomic_write_all([(out_dir / mask_name, lambda f: mask_png.save(f, format="PNG", compress_level=1)),
                             (out_dir / overlay_name, lambda f: overlay_png.save(f, format="PNG", compress_level=3))],
                            replaceable)
-    malignancy = predicted = None
-    if cls is not None:
-        malignancy = float(metrics.malignancy_probability(cls))
-        predicted = dataset.CLASSES[int(cls.argmax())]
-    size = None if scan.spacing is None else metrics.lesion_size(mask, scan.spacing)
-    return Result(display_name, image.shape[1], image.shape[0], int(mask.sum()), float(prob.max()),
-                  malignancy, predicted, mask_name, overlay_name, out.trust, bool(out.review), out.presence,
-                  out.gated, out.marked_only, out.familiarity, out.out_of_range,
-                  scan.frame, scan.region, scan.spacing, scan.spacing_source, size)
+    return Result.of(prediction, display_name, mask_name, overlay_name)
 
 
 def _load(path: Path, frame: int | None = None,
@@ -512,8 +513,8 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
     bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress or not utils.interactive(),
                dynamic_ncols=True)
 
-    def write(index: int, scan: dicom_io.Scan, *args) -> None:
-        result = _write_outputs(*args, replaceable, scan=scan)
+    def write(index: int, *args) -> None:
+        result = _write_outputs(*args, replaceable)
         rows[index] = result.row()
         done[index] = result
 
@@ -543,10 +544,10 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                 if stop.is_set():
                     break  # drop the decoded images: nothing of theirs was written
                 predictions = list(predict_scans(model, [g[3] for g in good], image_size, device, dtype,
-                                                 batch_size, tta, fitted_trust, gate_mode))
+                                                 batch_size, tta, fitted_trust, gate_mode, threshold))
                 _check_finite(good, predictions, len(done))
-                jobs = [pool.submit(write, index, scan, scan.image, out, threshold, stem, out_dir, names[index])
-                        for (index, path, stem, scan), out in zip(good, predictions)]
+                jobs = [pool.submit(write, index, scan.image, prediction, stem, out_dir, names[index])
+                        for (index, path, stem, scan), prediction in zip(good, predictions)]
                 del loaded, good, predictions  # the chunk's images now live only until their files are written
                 for job in jobs:
                     job.result()

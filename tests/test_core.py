@@ -359,8 +359,8 @@ def test_evaluate_thresholds_match_dice_iou_on_each_resized_prediction(busi_dir)
     model = UNet(1, 1, base_channels=4, depth=2, num_classes=3).eval()
     thresholds = [0.3, 0.5, 0.7]
     results = evaluation.evaluate_thresholds(model, cache, torch.device("cpu"), None, thresholds, batch_size=3)
-    probs = torch.cat([p for p, _ in inference.predict_batches(model, cache["images"], torch.device("cpu"))])
-    cls = torch.cat([c for _, c in inference.predict_batches(model, cache["images"], torch.device("cpu"))])
+    probs = torch.cat([b.seg for b in inference.predict_batches(model, cache["images"], torch.device("cpu"))])
+    cls = torch.cat([b.cls for b in inference.predict_batches(model, cache["images"], torch.device("cpu"))])
     for t in thresholds:
         summary, records = results[t]
         assert [r["file"] for r in records] == cache["names"]

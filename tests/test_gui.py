@@ -5,6 +5,7 @@ Every number the window shows is checked against values computed here independen
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -92,7 +93,7 @@ def expected_metrics(app, threshold: float):
     """Dice/IoU of the shown image from its cached map, with the truth loaded afresh from disk."""
     item = app.current
     _, truth = dataset.load_sample(item.data_dir, item.sample)
-    prob = app.cache[item.key].prob
+    prob = app.cache[item.key].probability
     return metrics.dice_iou(torch.from_numpy(prob > threshold), torch.from_numpy(truth))
 
 
@@ -123,7 +124,7 @@ def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeyp
     # The cached map is the model's output at the image's own size ...
     item = app.current
     image, truth = dataset.load_sample(item.data_dir, item.sample)
-    cached = app.cache[item.key].prob
+    cached = app.cache[item.key].probability
     assert cached.shape == image.shape == truth.shape
     np.testing.assert_allclose(cached.astype(np.float32), expected_probability(checkpoint, image), atol=2e-3)
     # ... and the Dice/IoU shown are computed from it at full resolution.
@@ -174,7 +175,7 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
     for i in app.visible:
         item = app.items[i]
         _, truth = dataset.load_sample(item.data_dir, item.sample)
-        expected[item.name] = metrics.dice_iou(torch.from_numpy(app.cache[item.key].prob > 0.55),
+        expected[item.name] = metrics.dice_iou(torch.from_numpy(app.cache[item.key].probability > 0.55),
                                              torch.from_numpy(truth))[0]
     assert [app.items[i].name for i in app.visible] == sorted(expected, key=lambda n: expected[n])
     for entry, i in zip(entries, app.visible):
@@ -183,7 +184,7 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
     # the summary as the README reports it: lesion Dice over benign + malignant, normal FP as a count
     lesion = [expected[app.items[i].name] for i in app.visible if app.items[i].label != "normal"]
     normals = [i for i in app.visible if app.items[i].label == "normal"]
-    fp = sum(bool((app.cache[app.items[i].key].prob > 0.55).any()) for i in normals)
+    fp = sum(bool((app.cache[app.items[i].key].probability > 0.55).any()) for i in normals)
     assert f"lesion Dice {np.mean(lesion):.3f} (n={len(lesion)})" in app.status
     assert f"normal FP {fp} of {len(normals)}" in app.status
 
@@ -238,8 +239,8 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     pump(root)
     assert app.current.name == "new scan.jpg" and listed(app)[app.index] == "new scan.jpg"
     assert app.dice is None and app.iou is None and "no ground truth" in app.info_text
-    assert app.cache[app.current.key].prob.shape == (77, 123)
-    np.testing.assert_allclose(app.cache[app.current.key].prob.astype(np.float32),
+    assert app.cache[app.current.key].probability.shape == (77, 123)
+    np.testing.assert_allclose(app.cache[app.current.key].probability.astype(np.float32),
                                expected_probability(checkpoint, dataset.load_image(good)), atol=2e-3)
     app.set_threshold(0.7)  # works without truth too
     assert app.threshold == 0.7 and app.dice is None
@@ -259,7 +260,7 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     checkpoints.export_checkpoint([checkpoint, checkpoint], tmp_path / "ens.pt")  # an ensemble loads like one model
     assert app.load_checkpoint(tmp_path / "ens.pt") is True and "ensemble of 2 x UNet" in app.status
     item = app.current
-    np.testing.assert_allclose(app.cache[item.key].prob.astype(np.float32), expected_probability(
+    np.testing.assert_allclose(app.cache[item.key].probability.astype(np.float32), expected_probability(
         checkpoint, dataset.load_sample(item.data_dir, item.sample)[0]), atol=5e-3)
 
 
@@ -420,7 +421,7 @@ def test_presence_probability_and_the_no_lesion_gate_in_the_window(root, gui, ch
     app = gui.InspectorApp(root, tmp_path / "gated.pt", lesion, "cpu", source=note)
     shown = app.cache[app.current.key]
     assert shown.gated and "judged lesion-free: mask emptied" in app.info_text
-    assert f"lesion present {shown.presence:.2f}" in app.info_text and app.dice == 0.0
+    assert f"lesion present {shown.presence_probability:.2f}" in app.info_text and app.dice == 0.0
     assert "pred" not in app._contours  # no outline drawn
     assert app.load_checkpoint(checkpoint)  # without a gate: the outline is back, no presence line
     assert not app.cache[app.current.key].gated and "lesion present" not in app.info_text and app.dice > 0
@@ -488,7 +489,7 @@ def test_a_dicom_file_and_a_cine_loop_open_with_the_two_diameters_drawn(root, gu
     assert labels == [f"{size.longest:.1f} mm", f"{size.perpendicular:.1f} mm"] and "mm" in app.info_text
     app.select(30)
     pump(root)
-    assert app.current.frame == 30 and app.cache[app.current.key].prob.shape == (240, 320)
+    assert app.current.frame == 30 and app.cache[app.current.key].probability.shape == (240, 320)
     assert app.size is None or all(t.endswith(" px") for t in (a.get_text() for a in app._calipers[1::2]))
 
 
@@ -503,7 +504,7 @@ def test_a_gate_fitted_elsewhere_keeps_the_outline_and_an_unfamiliar_image_gets_
     lesion = [it for it in items if it.label != "normal"][:1]
     app = gui.InspectorApp(root, tmp_path / "elsewhere.pt", lesion, "cpu", source=note)
     shown = app.cache[app.current.key]
-    assert shown.lesion_free and not shown.gated and "likely lesion-free" in app.info_text and app.dice > 0
+    assert shown.marked_only and not shown.gated and "likely lesion-free" in app.info_text and app.dice > 0
     applied = gui.InspectorApp(root, tmp_path / "elsewhere.pt", lesion, "cpu", source=note, gate="apply")
     assert applied.cache[applied.current.key].gated and "mask emptied" in applied.info_text
     import matplotlib
@@ -527,8 +528,8 @@ def test_the_facts_fit_the_window_an_unlabelled_scan_has_no_ground_truth_and_a_d
     app = gui.InspectorApp(root, checkpoint, [], "cpu")
     root.geometry(geometry)
     assert app.open_images([wrapped_scan(tmp_path / "scanner file.dcm")]) == 1
-    shown = app.cache[app.current.key]
-    shown.class_probs = np.array([0.0, 0.0, 1.0], dtype=np.float32)  # the class head says "normal" ...
+    app.cache[app.current.key] = dataclasses.replace(  # the class head says "normal" ...
+        app.cache[app.current.key], class_probabilities={"benign": 0.0, "malignant": 0.0, "normal": 1.0})
     app.set_threshold(0.05)  # ... beside an outline: what predict's `check` column flags
     pump(root, 0.3)
     for fact in ("CHECK: " + gui.contradiction("normal", True), "mm", "trust", "dashed box", "no ground truth"):

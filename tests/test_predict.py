@@ -47,7 +47,7 @@ def tiny_trust(model, threshold: float) -> dict:
     """A trust entry fitted by trust.fit on the model's own outputs for synthetic scans, with made-up outcomes
     (Dice 0, 0.25, ... per scan): a real entry of the right shape, not a meaningful score."""
     images = torch.from_numpy(np.stack([scan(IMAGE_SIZE, IMAGE_SIZE, seed=s) for s in range(12)]))[:, None]
-    batches = [b[-1] for b in inference.predict_batches(model, images, torch.device("cpu"), with_trust=True)]
+    batches = [b.extras for b in inference.predict_batches(model, images, torch.device("cpu"), with_trust=True)]
     inputs = {k: None if batches[0][k] is None else torch.cat([b[k] for b in batches]) for k in batches[0]}
     records = [{"label": ("benign", "malignant", "normal")[i % 3], "dice": (i % 4) / 4,
                 "pred_pixels": int((inputs["seg"][i] > threshold).sum())} for i in range(12)]

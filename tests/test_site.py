@@ -132,7 +132,7 @@ def gated_checkpoint(path, scope: str | None = None):
     state["trust"]["presence"] = {"weights": torch.tensor([1.0, 0.0]), "bias": 0.0, "cut": 2.0}
     model = checkpoints.build_model(state).eval()  # and a familiarity range fitted on 24 synthetic scans
     images = torch.from_numpy(np.stack([scan(IMAGE_SIZE, IMAGE_SIZE, seed=s) for s in range(24)]))[:, None]
-    texture = torch.cat([b[-1]["texture"] for b in inference.predict_batches(model, images, torch.device("cpu"),
+    texture = torch.cat([b.extras["texture"] for b in inference.predict_batches(model, images, torch.device("cpu"),
                                                                              with_trust=True)])
     state["trust"]["familiarity"] = trust.fit_familiarity(texture[::2], texture[1::2], ["synthetic"] * 12, "tests")
     if scope:
