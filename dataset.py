@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import utils
-from utils import DEFAULT_SPLIT_FILE, atomic_write
+from utils import CLASSES, DEFAULT_SPLIT_FILE, atomic_write  # noqa: F401 (CLASSES: dataset.CLASSES for its users)
 
-CLASSES = ("benign", "malignant", "normal")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 # DOTALL and \Z: a name with a newline in it is still one name ($ would also match before a trailing newline)

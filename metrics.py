@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dataset import CLASSES
+from utils import CLASSES
 
 
 def dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:

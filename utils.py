@@ -34,6 +34,8 @@ except ImportError:  # Windows
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO_DIR / "checkpoints" / "busi_busbra_lite0_192.pt"  # the shipped model
 DEFAULT_SPLIT_FILE = REPO_DIR / "splits" / "busi_split.json"  # the committed leakage-safe split of BUSI
+CLASSES = ("benign", "malignant", "normal")  # BUSI's folders, the class head's outputs in this order (here, torch-free,
+                                             # so that the maths can name them without the data layer)
 
 
 def answer_help_early(build_parser, argv: list[str] | None = None) -> None:

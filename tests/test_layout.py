@@ -63,6 +63,23 @@ def test_a_loaded_model_is_read_from_its_checkpoint_in_one_place():
     assert offenders == []
 
 
+def test_the_maths_and_the_model_import_no_data_layer():
+    """The bottom of the import graph: the maths (metrics, trust, losses, augment) and the model (unet) import
+    neither the data layer (dataset, dicom_io) nor anything above it; the class names they need live in utils."""
+    bottom = {"metrics", "trust", "losses", "augment", "unet"}
+    allowed = bottom | {"utils"}
+    project = {p.stem for p in MODULES}
+    offenders = []
+    for path in MODULES:
+        if path.stem not in bottom:
+            continue
+        for node in ast.walk(_tree(path)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            offenders += [f"{path.name} imports {n}" for n in names if n in project and n not in allowed]
+    assert offenders == []
+
+
 def test_every_training_flag_sits_in_its_section_of_help():
     """--help groups the flags by the comment lines over the fields; a field's comment running on to a second
     line is not a heading of its own."""
