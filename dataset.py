@@ -32,6 +32,14 @@ IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 # DOTALL and \Z: a name with a newline in it is still one name ($ would also match before a trailing newline)
 # the stems predict_busi.py gives its outputs (<stem>_pred.png, <stem>_overlay.png): never a scan, never a label
 PREDICTION_STEMS = ("_pred", "_overlay")
+# predict_busi.py's table of what it wrote: its name and columns, written there and read here (predictions_listed)
+PREDICTIONS_CSV = "predictions.csv"
+PREDICTIONS_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
+                      "malignancy_probability", "predicted_class", "mask", "overlay", "check", "trust", "review",
+                      "presence_probability", "no_lesion", "frame", "region", "pixel_spacing_mm", "spacing_source",
+                      "area_mm2", "longest_diameter_mm", "perpendicular_diameter_mm", "familiarity", "out_of_range")
+OLDEST_PREDICTIONS_FIELDS = PREDICTIONS_FIELDS[:8]  # the first table's columns: any table of ours starts with them
+OLD_MASK_SUFFIX = "_mask.png"  # what predict_busi.py versions before _pred named their masks
 MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?\Z", re.DOTALL)
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 SPLIT_SEED = 0
@@ -186,19 +194,33 @@ def earlier_prediction(path: Path, listed: dict[Path, set] | None = None) -> str
             return f"predict_busi.py's output for {base}"
     listed = {} if listed is None else listed
     if path.parent not in listed:
-        listed[path.parent] = _listed_outputs(path.parent / "predictions.csv")
-    return "listed as an output in predictions.csv" if path.name in listed[path.parent] else None
+        try:
+            listed[path.parent] = predictions_listed(path.parent / PREDICTIONS_CSV)
+        except (OSError, ValueError):  # none there, or not a table of predict_busi.py's: nothing is listed
+            listed[path.parent] = set()
+    return f"listed as an output in {PREDICTIONS_CSV}" if path.name in listed[path.parent] else None
 
 
-def _listed_outputs(table: Path) -> set:
-    """The mask and overlay file names a predictions.csv lists (none when there is no such table)."""
+def predictions_listed(table: Path) -> set[str]:
+    """The files a table of predict_busi.py's (its predictions.csv) lists, as they appear in it: the mask and
+    overlay columns; a table of a version before those columns lists <stem>_mask.png and <stem>_overlay.png.
+    OSError where it cannot be read, ValueError (UnicodeDecodeError and csv.Error included) where it is no such
+    table."""
     import csv
 
-    try:
-        with open(table, newline="", encoding="utf-8") as f:
-            return {row.get(k) for row in csv.DictReader(f) for k in ("mask", "overlay")}
-    except (OSError, ValueError, csv.Error):  # none there, or not a table: nothing is listed
-        return set()
+    with open(table, newline="", encoding="utf-8") as f:
+        try:
+            reader = csv.DictReader(f)
+            if list((reader.fieldnames or [])[:len(OLDEST_PREDICTIONS_FIELDS)]) != list(OLDEST_PREDICTIONS_FIELDS):
+                raise ValueError(f"{table} is not a table written by predict_busi.py")
+            listed = set()
+            for row in reader:
+                stem = Path(row["file"] or "").stem
+                listed.update((row.get("mask") or stem + OLD_MASK_SUFFIX,
+                               row.get("overlay") or stem + PREDICTION_STEMS[1] + ".png"))
+            return listed
+        except csv.Error as exc:
+            raise ValueError(f"{table}: {exc}") from None
 
 
 def _mask_order(path: str) -> int:

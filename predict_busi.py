@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import hashlib
 import math
 import os
@@ -143,22 +142,16 @@ import trust  # noqa: E402
 from dicom_io import gather_inputs  # noqa: E402
 from inference import Prediction, contradiction, predict_scans  # noqa: E402
 
-CSV_NAME = "predictions.csv"
+CSV_NAME, CSV_FIELDS = dataset.PREDICTIONS_CSV, dataset.PREDICTIONS_FIELDS  # (the format: dataset.py)
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
-CSV_FIELDS = ("file", "width", "height", "lesion_pixels", "lesion_fraction", "max_probability",
-              "malignancy_probability", "predicted_class", "mask", "overlay", "check", "trust", "review",
-              "presence_probability", "no_lesion", "frame", "region", "pixel_spacing_mm", "spacing_source",
-              "area_mm2", "longest_diameter_mm", "perpendicular_diameter_mm", "familiarity", "out_of_range")
 NO_LESION = "mask emptied"  # the `no_lesion` column: the "no lesion" gate judged the scan lesion-free
 LIKELY_LESION_FREE = "likely lesion-free"  # ... where the gate does not apply (trust.gate_applies): mask kept
 OUT_OF_RANGE = "OUT OF RANGE"  # the `out_of_range` column: unlike the scans the model was fitted on
 ADAPT_HINT = ("the outlines, the 'no lesion' gate and the trust score were fitted on other hospitals' scans: adapt "
               "the model to these scans with  python adapt.py --checkpoint CKPT --scans FOLDER --output NEW.pt  "
               "(README, 'Your own scans')")
-OLDEST_FIELDS = CSV_FIELDS[:8]  # the columns of the first predictions.csv: any table of ours starts with them
 # _pred, never _mask: a prediction copied beside its scan must not pass for ground truth (dataset.MASK_RE)
 MASK_SUFFIX, OVERLAY_SUFFIX = (stem + ".png" for stem in dataset.PREDICTION_STEMS)
-OLD_MASK_SUFFIX = "_mask.png"  # what versions before _pred named their masks
 OUTLINE_RGB = (255, 64, 0)  # orange-red: stands out on grey ultrasound and is told apart from cyan ground truth
 # A chunk of inputs is decoded, predicted and written together. Besides --batch-size, a chunk stops growing at
 # this many original pixels (~ 64 MB of grey uint8) so that a folder of huge scans never sits in memory at once.
@@ -240,24 +233,13 @@ class NonFiniteOutput(Exception):
 
 
 def earlier_outputs(table: Path) -> set[str]:
-    """The files an earlier run listed in `table` (its predictions.csv), as they appear in a CSV.
-
-    A table of an older version (no mask/overlay columns) lists <stem>_mask.png and <stem>_overlay.png; newer
-    ones name their files (<stem>_mask.png, then <stem>_pred.png) in the mask and overlay columns.
-    Raises RefusedOutput for a file of that name that is not such a table: it is someone else's.
+    """The files an earlier run listed in `table` (its predictions.csv), as they appear in a CSV
+    (dataset.predictions_listed). Raises RefusedOutput for a file of that name that is not such a table: it is
+    someone else's.
     """
     try:
-        with open(table, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            fields = reader.fieldnames or []
-            if list(fields[:len(OLDEST_FIELDS)]) != list(OLDEST_FIELDS):
-                raise ValueError
-            listed = set()
-            for row in reader:
-                stem = Path(row["file"] or "").stem
-                listed.update((row.get("mask") or stem + OLD_MASK_SUFFIX, row.get("overlay") or stem + OVERLAY_SUFFIX))
-            return listed
-    except (OSError, ValueError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
+        return dataset.predictions_listed(table)
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise RefusedOutput(f"{shown(table)} exists and is not a table written by predict_busi.py; it is never "
                             f"overwritten: choose another --output") from exc
 

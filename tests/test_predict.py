@@ -334,3 +334,32 @@ def test_a_row_whose_class_says_normal_beside_a_lesion_mask_is_flagged(tmp_path,
     (row,) = read_csv(tmp_path / "out" / "predictions.csv")
     assert (row["predicted_class"] == "normal") == normal and (int(row["lesion_pixels"]) > 0) == lesion
     assert row["check"] == (inference.DISAGREE if flagged else "")
+
+
+def test_one_reading_of_predictions_csv_for_predict_and_the_data_loader(tmp_path):
+    """predict's refusal rule and the loaders' "an earlier prediction, not a scan" rule read predictions.csv the
+    same way (dataset.predictions_listed): a table of ours lists its mask and overlay columns, an older one
+    (no such columns) its <stem>_mask.png and <stem>_overlay.png; a CSV of that name that is not ours lists
+    nothing to the loader and is refused by predict."""
+    new, old, foreign = (tmp_path / n for n in ("new", "old", "foreign"))
+    for folder in (new, old, foreign):
+        folder.mkdir()
+    with open(new / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(predict_busi.CSV_FIELDS)
+        w.writerow(["scan.png", 4, 4, 0, 0, 0.1, "", "", "renamed_mask.png", "renamed_view.png"]
+                   + [""] * (len(predict_busi.CSV_FIELDS) - 10))
+    with open(old / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(dataset.OLDEST_PREDICTIONS_FIELDS)
+        w.writerow(["scan.png", 4, 4, 0, 0, 0.1, "", ""])
+    (foreign / "predictions.csv").write_text("mask,overlay\nx.png,y.png\n")
+    expected = {new: {"renamed_mask.png", "renamed_view.png"}, old: {"scan_mask.png", "scan_overlay.png"}}
+    for folder, names in expected.items():
+        assert predict_busi.earlier_outputs(folder / "predictions.csv") == names
+        for name in names:
+            assert dataset.earlier_prediction(folder / name) is not None, (folder, name)
+        assert dataset.earlier_prediction(folder / "other.png") is None
+    with pytest.raises(predict_busi.RefusedOutput, match="not a table written by predict_busi.py"):
+        predict_busi.earlier_outputs(foreign / "predictions.csv")
+    assert dataset.earlier_prediction(foreign / "x.png") is None
