@@ -467,12 +467,13 @@ def expand_frames(paths: list[Path], frame: int | None = None) -> tuple[list[Pat
     return out_paths, frames, notes
 
 
-def run(paths: list[Path], model, image_size: int, device: torch.device, threshold: float, out_dir: Path,
+def run(paths: list[Path], loaded: checkpoints.LoadedModel, device: torch.device, out_dir: Path,
         batch_size: int = 16, tta: bool = False, progress: bool = True, replaceable: set[str] = frozenset(),
-        stop: threading.Event | None = None, fitted_trust: dict | None = None, frames: list[int | None] | None = None,
+        stop: threading.Event | None = None, frames: list[int | None] | None = None,
         pixel_spacing: float | None = None, gate_mode: str = "auto") -> tuple[list[Result], list[str]]:
-    """Predict every path, write its mask and overlay, and predictions.csv. Returns the results (in input order)
-    and one message per unreadable file. `fitted_trust` (the checkpoint's) adds the trust and review columns.
+    """Predict every path with `loaded` (at its threshold), write its mask and overlay, and predictions.csv.
+    Returns the results (in input order) and one message per unreadable file. A fitted trust entry adds the trust
+    and review columns.
     `frames` (expand_frames) gives each entry's frame of a multi-frame DICOM file; `pixel_spacing` (mm) stands in
     where a file records none.
 
@@ -515,9 +516,9 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
             for chunk in _chunks(paths, stems, batch_size):
                 if stop.is_set():
                     break
-                loaded = list(pool.map(lambda item: _load(item[1], frames[item[0]], pixel_spacing), chunk))
+                decoded = list(pool.map(lambda item: _load(item[1], frames[item[0]], pixel_spacing), chunk))
                 good = []
-                for (index, path, stem), (image, error) in zip(chunk, loaded):
+                for (index, path, stem), (image, error) in zip(chunk, decoded):
                     if error is not None:
                         failures.append(error)
                         bar.write(f"error: {error}", file=sys.stderr)
@@ -525,12 +526,12 @@ def run(paths: list[Path], model, image_size: int, device: torch.device, thresho
                         good.append((index, path, stem, image))
                 if stop.is_set():
                     break  # drop the decoded images: nothing of theirs was written
-                predictions = list(predict_scans(model, [g[3] for g in good], image_size, device, dtype,
-                                                 batch_size, tta, fitted_trust, gate_mode, threshold))
+                predictions = list(predict_scans(loaded.model, [g[3] for g in good], loaded.image_size, device,
+                                                 dtype, batch_size, tta, loaded.trust, gate_mode, loaded.threshold))
                 _check_finite(good, predictions, len(done))
                 jobs = [pool.submit(write, index, scan.image, prediction, stem, out_dir, names[index])
                         for (index, path, stem, scan), prediction in zip(good, predictions)]
-                del loaded, good, predictions  # the chunk's images now live only until their files are written
+                del decoded, good, predictions  # the chunk's images now live only until their files are written
                 for job in jobs:
                     job.result()
                 save_table()
@@ -610,10 +611,9 @@ def main(argv=None) -> int:
         with stop_on_signals(stop):
             for note in notes:
                 print(note, file=sys.stderr)
-            results, failures = run(paths, loaded.model, loaded.image_size, device, loaded.threshold, out_dir,
-                                    args.batch_size, args.tta, progress=not args.quiet, replaceable=replaceable,
-                                    stop=stop, fitted_trust=loaded.trust, frames=frames, pixel_spacing=args.pixel_spacing,
-                                    gate_mode=args.gate)
+            results, failures = run(paths, loaded, device, out_dir, args.batch_size, args.tta,
+                                    progress=not args.quiet, replaceable=replaceable, stop=stop, frames=frames,
+                                    pixel_spacing=args.pixel_spacing, gate_mode=args.gate)
         for message in skipped["broken"]:  # a lost scan: named, and the exit code says not all were done
             print(f"error: {message}", file=sys.stderr)
         failures += skipped["broken"]
