@@ -133,9 +133,9 @@ def summarize(records: list[dict], class_names=dataset.CLASSES, with_trust: bool
     return summary
 
 
-def fit_trust(model: torch.nn.Module, train: dict, val: dict, device: torch.device, dtype: torch.dtype | None,
-              threshold: float, tta: bool, batch_size: int, source: str, presence_keep: float = 0.0
-              ) -> tuple[dict, list[dict]]:
+def fit_trust_entry(model: torch.nn.Module, train: dict, val: dict, device: torch.device,
+                    dtype: torch.dtype | None, threshold: float, tta: bool, batch_size: int, source: str,
+                    presence_keep: float = 0.0) -> tuple[dict, list[dict]]:
     """Fit the trust score and the class calibration (`trust.fit`): feature statistics on the TRAINING split;
     the regression and the review threshold on the VALIDATION split and on `trust.SHIFTED_COPIES` copies of it
     under the scanner transforms (so that the score sees outlines fail for the reasons scans from elsewhere make
@@ -201,7 +201,7 @@ def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, 
     the validation split scored with the fitted entry (the gate applied; per source; per scanner where
     `scanner_of` names them): (the "trust" entry, that validation summary). The validation figures of the gate
     and the trust score are fitted on these very images: in-sample, so optimistic."""
-    fitted, val_records = fit_trust(model, parts["train"], parts["val"], device, dtype, threshold, tta, batch_size,
+    fitted, val_records = fit_trust_entry(model, parts["train"], parts["val"], device, dtype, threshold, tta, batch_size,
                                     "the validation split and shifted copies of it", presence_keep)
     if fitted.get("no_right_outline"):
         print(f"warning: {trust.NO_RIGHT_OUTLINE}", file=sys.stderr, flush=True)

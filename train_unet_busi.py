@@ -256,7 +256,7 @@ def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
     return parts, sources, split_sources
 
 
-def build_model(args, state: dict | None) -> torch.nn.Module:
+def model_of_run(args, state: dict | None) -> torch.nn.Module:
     """A checkpoint's model, or a new one as the hyperparameters describe it (--init-from: that checkpoint's
     weights)."""
     if state is None and args.init_from is not None:
@@ -300,7 +300,7 @@ def run(args) -> int:
 
     # ---- model ----
     utils.seed_everything(args.seed, args.deterministic, device)
-    model = build_model(args, state).to(device, memory_format=torch.channels_last)
+    model = model_of_run(args, state).to(device, memory_format=torch.channels_last)
     config = {k: getattr(args, k) for k in HYPERPARAMETERS}
     config.update(data_dir=[dataset.source_spec(n, p) for n, p in sources], split_file=split_sources,
                   device=str(device), amp=args.amp, model=model.config)

@@ -231,7 +231,7 @@ def test_no_class_head_no_validation_lesions_and_a_foreign_entry(tmp_path):
     split = {"images": images, "masks": masks, "labels": torch.tensor([0, 1, 0, 2, 2, 2]),
              "names": [f"s{i}.png" for i in range(6)], "full_sizes": torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * 6),
              "full_masks": [torch.from_numpy(np.packbits(m[0].numpy().astype(bool))) for m in masks]}  # as the cache
-    fitted, records = evaluation.fit_trust(model, split, split, torch.device("cpu"), None, 0.5, False, 4, "test")
+    fitted, records = evaluation.fit_trust_entry(model, split, split, torch.device("cpu"), None, 0.5, False, 4, "test")
     assert "temperatures" not in fitted and trust.trust_problem(fitted) is None
     assert evaluation.write_calibration_figure(tmp_path / "c.png", records, fitted) is False
     assert not (tmp_path / "c.png").exists()
