@@ -71,12 +71,21 @@ def damaged_member(path: Path) -> str | None:
 def checkpoint_problem(state: dict) -> str | None:
     """What is structurally wrong with a loaded checkpoint dict, or None: every tool loads through
     `load_checkpoint`, so a crafted file ends in one clear message, not a traceback deep inside a tool."""
-    weights, model_config, config = state["model"], state.get("model_config", {}), state.get("config", {})
-    if not isinstance(weights, dict):
-        return f"'model' should be a dict of tensors, got {type(weights).__name__}"
-    bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        return f"'model' entry {bad[0]!r} is a {type(weights[bad[0]]).__name__}, not a tensor"
+    model_config, config = state.get("model_config", {}), state.get("config", {})
+    for key in ("model", "train_model"):  # (train_model: an SWA run's trained weights beside their average)
+        entry = state.get(key, {})
+        if not isinstance(entry, dict):
+            return f"'{key}' should be a dict of tensors, got {type(entry).__name__}"
+        bad = [k for k, v in entry.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            return f"'{key}' entry {bad[0]!r} is a {type(entry[bad[0]]).__name__}, not a tensor"
+    if "train_model" in state and "swa_averaged" in state and (
+            not isinstance(state["swa_averaged"], int) or isinstance(state["swa_averaged"], bool)
+            or state["swa_averaged"] < 1):
+        return f"'swa_averaged' should be a positive integer, got {state['swa_averaged']!r}"
+    if "train_model" in state and {k: tuple(v.shape) for k, v in state["train_model"].items()} != {
+            k: tuple(v.shape) for k, v in state["model"].items()}:
+        return "'train_model' (an SWA run's trained weights) does not match 'model' (their average)"
     if not isinstance(model_config, dict):
         return f"'model_config' should be a dict, got {type(model_config).__name__}"
     if not isinstance(config, dict):
@@ -243,7 +252,7 @@ def check_resumable(state: dict, path: Path) -> None:
 def adopt_architecture(args, start: dict, fixed: tuple[str, ...]) -> None:
     """A run that starts from a checkpoint (--init-from) takes its architecture and input size (the `fixed`
     hyperparameters) and its heads; a flag that asks for another architecture is refused."""
-    saved = {"encoder": "none", "full_res_decoder": True, **(start.get("config") or {})}
+    saved = {"encoder": "none", "full_res_decoder": True, "decoder_norm": "batch", **(start.get("config") or {})}
     for key in fixed:
         flag = "--" + key.replace("_", "-")
         if flag in args.explicit and key in saved and getattr(args, key) != saved[key]:

@@ -197,12 +197,12 @@ def fit_familiarity(model: torch.nn.Module, train: dict, val: dict, device: torc
 def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, dtype: torch.dtype | None,
                      threshold: float, tta: bool, batch_size: int, presence_keep: float, out_dir: Path,
                      scanner_of: dict[str, str] | None = None, prefix: str = "") -> tuple[dict, dict]:
-    """`fit_trust` on the parts' train and val, its figures (<prefix>calibration.png, <prefix>presence.png) and
+    """`fit_trust_entry` on the parts' train and val, its figures (<prefix>calibration.png, <prefix>presence.png) and
     the validation split scored with the fitted entry (the gate applied; per source; per scanner where
     `scanner_of` names them): (the "trust" entry, that validation summary). The validation figures of the gate
     and the trust score are fitted on these very images: in-sample, so optimistic."""
-    fitted, val_records = fit_trust_entry(model, parts["train"], parts["val"], device, dtype, threshold, tta, batch_size,
-                                    "the validation split and shifted copies of it", presence_keep)
+    fitted, val_records = fit_trust_entry(model, parts["train"], parts["val"], device, dtype, threshold, tta,
+                                          batch_size, "the validation split and shifted copies of it", presence_keep)
     if fitted.get("no_right_outline"):
         print(f"warning: {trust.NO_RIGHT_OUTLINE}", file=sys.stderr, flush=True)
     write_calibration_figure(out_dir / f"{prefix}calibration.png", val_records, fitted)
@@ -249,7 +249,7 @@ def site_threshold(loaded: checkpoints.LoadedModel, val: dict, device, dtype, ba
                    ) -> checkpoints.LoadedModel:
     """The model at the mask threshold refitted on a site's validation part (`fit_threshold`, from its threshold,
     with the config's TTA), its config holding the threshold and the record of that fit, said in one line."""
-    config = loaded.state["config"]
+    config = loaded.state.get("config") or {}
     threshold, fit = fit_threshold(loaded.model, val, device, dtype, bool(config.get("tta")), batch_size,
                                    loaded.threshold)
     print(f"mask threshold on the site's validation ({fit['n_lesion']} lesion scans): {threshold:g} (lesion Dice "

@@ -12,6 +12,7 @@ stays the checkpoint's), and the "no lesion" gate then empties masks by default 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
             threshold = args.threshold
             state = {**state, "config": {**{k: v for k, v in config.items() if k != "threshold_fit"},
                                          "threshold": threshold}}
+            loaded = dataclasses.replace(loaded.at_threshold(threshold), state=state)
         elif site and not args.familiarity_only:
             loaded = evaluation.site_threshold(loaded, parts["val"], device, utils.inference_dtype(device), 32)
             state, threshold = loaded.state, loaded.threshold

@@ -232,7 +232,7 @@ class InspectorApp:
         self.visible: list[int] = []   # indices into self.items, in list order
         self.index = -1                # position in self.visible of the shown image
         # Item.key -> the model's prediction (its map in float16: half the memory, far finer than the slider's
-        # 0.01) and the item's packed ground truth (packed_truth; None without truth)
+        # 0.01; masks from mask_at(self.threshold), the slider's) and the packed ground truth (None without truth)
         self.cache: dict[str, Prediction] = {}
         self.truth_bits: dict[str, np.ndarray | None] = {}
         self._dice_memo: dict[tuple[str, float], float | None] = {}

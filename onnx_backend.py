@@ -42,7 +42,8 @@ NOT_ENTRIES = ("busi.format", "busi.checkpoint_sha256", "image_size", "threshold
                "classes")
 PINS = {"onnxruntime": "onnxruntime==1.32.0", "onnx": "onnx==1.23.2"}  # as requirements.txt pins them
 # Checkpoint entries that are training state, not a description of the model: left out of the metadata.
-TRAINING_STATE = ("model", "format", "optimizer", "scheduler", "scaler", "rng", "epoch_perm", "history")
+TRAINING_STATE = ("model", "format", "optimizer", "scheduler", "scaler", "rng", "epoch_perm", "history",
+                  "train_model", "swa_averaged", "swa_from")  # (an SWA run's trained weights: not metadata)
 PREPROCESSING = ("grey uint8 HxW as displayed (EXIF orientation applied), squashed to image_size x image_size by "
                  "PIL's bilinear resize, divided by 255: float32 [N,1,S,S] in [0,1] (the graph normalises it "
                  "further itself)")

@@ -52,8 +52,8 @@ class Hyperparameters:
     weight_decay: NonNegativeFloat = 1e-4  # AdamW weight decay
     warmup_epochs: NonNegativeFloat = 2    # linear warm-up length; avoids early BatchNorm/Adam blow-ups at this LR
     swa_epochs: NonNegativeInt = 0      # average the weights (and BatchNorm statistics) of the last N epochs' ends
-                                        # (SWA): from the first of them on, validation, best.pt and the test score
-                                        # the average (0 = none)
+                                        # (SWA): from the first of them on, validation scores the average and
+                                        # best.pt is the best of the averages (0 = none)
     seed: int = 42                      # seeds python, numpy, torch and the augmentation generators
     # loss
     bce_weight: NonNegativeFloat = 1.0  # loss = bce_weight BCE + dice_weight (1 - soft Dice) + the terms below
@@ -218,7 +218,8 @@ def open_run(args) -> tuple[dict | None, Path]:
                 print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in given.items()), flush=True)
     if state is not None:
         # runs from before these options pooled the Dice, were plain UNets, and had a full-resolution stage
-        saved = {"dice_per_image": False, "encoder": "none", "full_res_decoder": True, **state.get("config", {})}
+        saved = {"dice_per_image": False, "encoder": "none", "full_res_decoder": True, "decoder_norm": "batch",
+                 **state.get("config", {})}
         if args.resume is not None:
             for key in FIXED_FOR_A_RUN:
                 flag = "--" + key.replace("_", "-")
@@ -312,8 +313,8 @@ def run(args) -> int:
     if device.type == "cpu":
         print(utils.describe_cpu(dtype), flush=True)
     if args.eval_only:
-        return evaluation.evaluate_checkpoint(args, checkpoints.loaded(model, state), parts[args.eval_split], sources,
-                                              run_dir, device, config)
+        loaded = checkpoints.loaded(model.eval(), state).at_threshold(args.threshold)
+        return evaluation.evaluate_checkpoint(args, loaded, parts[args.eval_split], sources, run_dir, device, config)
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----
     train = training.epoch_set(parts["train"], args.repeat, args.seed, device)

@@ -297,6 +297,12 @@ class Trainer:
         self.best_score, self.best_epoch, self.best_val = state["best_score"], state["best_epoch"], state.get("best_val")
         self.best_found = state.get("best_found_lesion", True)  # runs saved before the rule ranked by score alone
         if "train_model" in state:  # an SWA run: "model" holds the average, "train_model" the weights trained on
+            saved = state.get("swa_from", self.swa_from)
+            if saved != self.swa_from:
+                raise ValueError(f"the run averages its weights from epoch {saved + 1} on (--swa-epochs), and that "
+                                 f"average has begun: resume it with its own --epochs and --swa-epochs "
+                                 f"({state['config'].get('epochs')} and {state['config'].get('swa_epochs')}), or "
+                                 f"start a new run")
             self.model.load_state_dict(state["train_model"])
             self.average = {k: v.to(self.device) for k, v in state["model"].items()}
             self.averaged = state["swa_averaged"]
@@ -315,8 +321,10 @@ class Trainer:
             rng["noise_gen"] = self.noise_gen.get_state()
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        swa = {"train_model": self.model.state_dict(), "swa_averaged": self.averaged} if self.average else {}
-        return {"format": checkpoints.CHECKPOINT_FORMAT, "model": self.average or self.model.state_dict(), **swa,
+        swa = ({"train_model": self.model.state_dict(), "swa_averaged": self.averaged, "swa_from": self.swa_from}
+               if self.average is not None else {})
+        return {"format": checkpoints.CHECKPOINT_FORMAT, "model": self.model.state_dict() if self.average is None
+                else self.average, **swa,
                 "model_config": self.model.config,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "epoch_perm": self.perm,
@@ -418,6 +426,8 @@ class Trainer:
             if "malignancy_auc" in s:
                 row[f"{source}:held_out_malignancy_auc"] = round(s["malignancy_auc"], 5)
         self.history.append(row)
+        if self.swa_from is not None and self.epoch == self.swa_from + 1:  # the first average: from now on best.pt
+            self.best_score, self.best_epoch, self.best_val, self.best_found = -1.0, None, None, False  # is one
         # An epoch that predicts nothing on every validation lesion scores 1 on each normal image: on a small
         # validation split that alone can win. Such an epoch is best only until one that finds a lesion comes.
         found = val_summary["n_lesion"] == 0 or val_summary["missed_lesions"] < val_summary["n_lesion"]

@@ -16,6 +16,7 @@ from conftest import ROOT
 
 import checkpoints
 import evaluation
+import onnx_backend
 import metrics
 import train_unet_busi as T
 import training
@@ -134,7 +135,7 @@ def test_resume_is_exact_on_cpu(busi_dir, tmp_path):
         for h, h2 in zip(history(tmp_path / "split"), history(tmp_path / "straight"))]
 
 
-def test_swa_saves_and_scores_the_mean_of_the_last_epochs_and_resumes_exactly(busi_dir, tmp_path):
+def test_swa_saves_and_scores_the_mean_of_the_last_epochs_and_resumes_exactly(busi_dir, tmp_path, capsys):
     """--swa-epochs 2 of 3: latest.pt's "model" is the mean of the weights at the ends of epochs 2 and 3 (the
     weights trained on are kept beside it), the epoch-3 validation row scores that mean, and a run stopped after
     epoch 2 and resumed ends bit for bit where the straight run does."""
@@ -143,10 +144,23 @@ def test_swa_saves_and_scores_the_mean_of_the_last_epochs_and_resumes_exactly(bu
     assert train(root, tmp_path, "--epochs", "3", "--swa-epochs", "2", "--run-name", "split", "--stop-after", "2") == 0
     at2 = torch.load(tmp_path / "split" / "latest.pt", weights_only=True)
     assert at2["swa_averaged"] == 1 and all(torch.equal(at2["model"][k], at2["train_model"][k]) for k in at2["model"])
+    capsys.readouterr()
+    assert train(root, tmp_path, "--resume", str(tmp_path / "split"), "--epochs", "4") == 2  # the window would move
+    assert "average has begun" in capsys.readouterr().err
     assert train(root, tmp_path, "--resume", str(tmp_path / "split")) == 0
     a = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "latest.pt", weights_only=True)
+    best = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)
+    assert best["best_epoch"] >= 2 and "train_model" in best  # best.pt: one of the averages
     assert a["swa_averaged"] == 2
+    damaged = {**a, "swa_averaged": "two"}  # a crafted file: one clear message, not a traceback in restore
+    checkpoints.save_checkpoint(damaged, tmp_path / "damaged.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="swa_averaged"):
+        checkpoints.load_checkpoint(tmp_path / "damaged.pt")
+    if onnx_backend.installed("onnx"):  # an export carries the average alone, not the trained weights as metadata
+        proto = __import__("onnx").load_from_string(onnx_backend.export(checkpoints.load_model(
+            tmp_path / "straight" / "best.pt")))
+        assert not {"train_model", "swa_averaged", "swa_from"} & {m.key for m in proto.metadata_props}
     assert all(torch.equal(a[w][k], b[w][k]) for w in ("model", "train_model") for k in a[w])
     floats = [k for k, v in a["model"].items() if v.is_floating_point()]
     assert any(not torch.equal(a["model"][k], a["train_model"][k]) for k in floats)
@@ -188,6 +202,12 @@ def test_decoder_norm_builds_norms_without_running_statistics(tmp_path):
         rebuilt.load_state_dict(model.state_dict())
         assert rebuilt.config["decoder_norm"] == kind
     assert "decoder_norm" not in LiteUNet("lite0", pretrained=False).config
+    # a run from a checkpoint of before the option (no decoder_norm in its config: BatchNorm) keeps its norm layers
+    state = torch.load(checkpoints.DEFAULT_CHECKPOINT, weights_only=True)
+    assert "decoder_norm" not in state["config"]
+    args = T.parse_args(["--init-from", str(checkpoints.DEFAULT_CHECKPOINT), "--decoder-norm", "group"])
+    with pytest.raises(ValueError, match="--decoder-norm group differs"):
+        checkpoints.adopt_architecture(args, state, T.ARCHITECTURE)
     with pytest.raises(ValueError, match="decoder_norm must be one of"):
         LiteUNet("lite0", pretrained=False, decoder_norm="layer")
 
