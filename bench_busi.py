@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -542,7 +543,7 @@ def bench_backends(args, data_dir: Path) -> dict:
     paths = [data_dir / s.image for s in samples]
     loaded = checkpoints.load_model(args.checkpoint)
     data = onnx_backend.export(loaded)
-    model, fitted, size, threshold = loaded.model, loaded.trust, loaded.image_size, loaded.threshold
+    model, threshold = loaded.model, loaded.threshold
     cpu = torch.device("cpu")
 
     def one_pass(engine):
@@ -550,8 +551,8 @@ def bench_backends(args, data_dir: Path) -> dict:
         start, outputs = time.perf_counter(), []
         for i in range(0, len(paths), args.batch_size):
             images = [dataset.load_image(p) for p in paths[i:i + args.batch_size]]
-            for output in inference.predict_images(engine, images, size, cpu, None, args.batch_size,
-                                                   fitted_trust=fitted, threshold=threshold):
+            for output in inference.predict_images(dataclasses.replace(loaded, model=engine), images, cpu, None,
+                                                   args.batch_size):
                 outputs.append(output)
                 _ = output.mask  # the mask
         return time.perf_counter() - start, outputs

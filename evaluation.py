@@ -521,13 +521,12 @@ def auc_text(s: dict) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Parity: the torch and onnxruntime paths on the same scans (export_onnx.py, bench_busi.py)
 # --------------------------------------------------------------------------------------------------------------
-def parity(torch_model, onnx_model, images: list[np.ndarray], image_size: int, threshold: float,
-           fitted_trust: dict | None = None, batch_size: int = 16) -> dict:
-    """How far apart the two models' predictions are on `images` (grey uint8 arrays), each at the scan's own size
-    through predict_images, as predict writes them (`compare`)."""
-    runs = [list(predict_images(m, images, image_size, torch.device("cpu"), None, batch_size,
-                                fitted_trust=fitted_trust, threshold=threshold)) for m in (torch_model, onnx_model)]
-    return compare(*runs, threshold)
+def parity(loaded: checkpoints.LoadedModel, onnx_model, images: list[np.ndarray], batch_size: int = 16) -> dict:
+    """How far apart the loaded (torch) model's predictions and `onnx_model`'s are on `images` (grey uint8
+    arrays), each at the scan's own size through predict_images, as predict writes them (`compare`)."""
+    runs = [list(predict_images(one, images, torch.device("cpu"), None, batch_size))
+            for one in (loaded, dataclasses.replace(loaded, model=onnx_model))]
+    return compare(*runs, loaded.threshold)
 
 
 def compare(first: list, second: list, threshold: float) -> dict:

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         images = [dataset.load_image(p) for p in scans]
         engine = onnx_backend.OnnxModel(data, args.threads)
-        figures = evaluation.parity(loaded.model, engine, images, loaded.image_size, loaded.threshold, loaded.trust)
+        figures = evaluation.parity(loaded, engine, images)
     except (checkpoints.CheckpointError, dataset.DataError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2

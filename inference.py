@@ -193,19 +193,19 @@ class Prediction:
         return dataset.CLASSES[int(np.argmax([self.class_probabilities[c] for c in dataset.CLASSES]))]
 
 
-def predict_images(model, images: list[np.ndarray], image_size: int, device: torch.device,
-                   dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
-                   fitted_trust: dict | None = None, gate_mode: str = "auto", threshold: float = 0.5):
-    """Yield a `Prediction` per image (its mask at `threshold`).
+def predict_images(loaded: checkpoints.LoadedModel, images: list[np.ndarray], device: torch.device,
+                   dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False, gate_mode: str = "auto"):
+    """Yield a `Prediction` per image (its mask at the loaded model's threshold).
 
     `images` are grey uint8 HxW arrays of any size; they are squashed to the model's square input as in training.
-    `fitted_trust` (a checkpoint's "trust" entry) adds the trust score (one more, flipped, pass), the "no lesion"
-    gate (`gate_mode`: where it empties masks, trust.gate_applies) and familiarity, and calibrates the class
+    A fitted trust entry (`loaded.trust`) adds the trust score (one more, flipped, pass), the "no lesion" gate
+    (`gate_mode`: where it empties masks, trust.gate_applies) and familiarity, and calibrates the class
     probabilities.
     """
     if not images:
         return
-    batch = torch.from_numpy(np.stack([dataset.resize_image(img, image_size) for img in images]))[:, None]
+    model, fitted_trust, threshold = loaded.model, loaded.trust, loaded.threshold
+    batch = torch.from_numpy(np.stack([dataset.resize_image(img, loaded.image_size) for img in images]))[:, None]
     i = 0
     for out in predict_batches(model, batch, device, dtype, batch_size, tta, with_trust=fitted_trust is not None):
         judged = None if out.extras is None else trust_of(out.extras, fitted_trust, gate_mode)
@@ -225,14 +225,12 @@ def predict_images(model, images: list[np.ndarray], image_size: int, device: tor
             i += 1
 
 
-def predict_scans(model, scans: list[dicom_io.Scan], image_size: int, device: torch.device,
-                  dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False,
-                  fitted_trust: dict | None = None, gate_mode: str = "auto", threshold: float = 0.5):
+def predict_scans(loaded: checkpoints.LoadedModel, scans: list[dicom_io.Scan], device: torch.device,
+                  dtype: torch.dtype | None = None, batch_size: int = 16, tta: bool = False, gate_mode: str = "auto"):
     """`predict_images` for scans: each one's ultrasound region alone is predicted (the scanner's text and colour
     bar never reach the model), and its probability map is placed back in the whole frame (0 outside it); the
     prediction carries the scan's spacing, region and frame."""
-    outputs = predict_images(model, [s.model_input() for s in scans], image_size, device, dtype, batch_size, tta,
-                             fitted_trust, gate_mode, threshold)
+    outputs = predict_images(loaded, [s.model_input() for s in scans], device, dtype, batch_size, tta, gate_mode)
     for scan, out in zip(scans, outputs):
         yield dataclasses.replace(out, probability=scan.full_frame(out.probability), spacing_mm=scan.spacing,
                                   spacing_source=scan.spacing_source, region=scan.region, frame=scan.frame)
@@ -268,9 +266,13 @@ class Predictor:
         self.device = utils.pick_device(device)  # the tools' check: an unknown or missing device is one line
         self.loaded = onnx_backend.load(checkpoint or checkpoints.DEFAULT_CHECKPOINT, self.device,
                                         backend).at_threshold(threshold)
-        self.model, self.image_size, self.threshold = self.loaded.model, self.loaded.image_size, self.loaded.threshold
         self.tta = tta
-        self.fitted_trust, self.why_no_trust = self.loaded.trust, self.loaded.why_no_trust
+
+    model = property(lambda self: self.loaded.model, doc="the model (torch, or onnx_backend.OnnxModel)")
+    image_size = property(lambda self: self.loaded.image_size, doc="the square input size it was trained at")
+    threshold = property(lambda self: self.loaded.threshold, doc="the probability threshold of the masks")
+    fitted_trust = property(lambda self: self.loaded.trust, doc="the fitted trust entry (None: why_no_trust)")
+    why_no_trust = property(lambda self: self.loaded.why_no_trust, doc="why there are no trust scores")
 
     def __call__(self, image: str | os.PathLike | np.ndarray, frame: int | None = None,
                  pixel_spacing: float | None = None) -> Prediction:
@@ -285,5 +287,4 @@ class Predictor:
         else:  # converted as the file loader converts the same pixels, or refused (ValueError)
             scan = dicom_io.with_spacing(dicom_io.Scan(dataset.grey_from_array(image), spacing_source=NO_SPACING_ARRAY),
                                          pixel_spacing)
-        return next(predict_scans(self.model, [scan], self.image_size, self.device, tta=self.tta,
-                                  fitted_trust=self.fitted_trust, gate_mode=self.gate, threshold=self.threshold))
+        return next(predict_scans(self.loaded, [scan], self.device, tta=self.tta, gate_mode=self.gate))

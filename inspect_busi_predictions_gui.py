@@ -225,6 +225,7 @@ class InspectorApp:
         self.gate = gate  # trust.gate_applies's mode: where the "no lesion" gate empties a mask
         self.source = source
         self.model = None
+        self.loaded: checkpoints.LoadedModel | None = None  # the model with its input size, threshold and trust
         self.checkpoint: Path | None = None
         self.image_size = checkpoints.LEGACY_IMAGE_SIZE  # (set by the model load_checkpoint loads)
         self.threshold = 0.5
@@ -399,7 +400,7 @@ class InspectorApp:
         except (RuntimeError, ValueError, OSError) as exc:  # e.g. out of memory on the device
             self.show_error(f"cannot load checkpoint {path}: {exc}")
             return False
-        self.model, self.checkpoint = loaded.model, Path(path)
+        self.loaded, self.model, self.checkpoint = loaded, loaded.model, Path(path)
         self.image_size = loaded.image_size
         self.fitted_trust, why_not = loaded.trust, loaded.why_no_trust
         self.cache.clear()
@@ -616,9 +617,8 @@ class InspectorApp:
     def _predict(self, items: list[Item], loaded: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
         """Run the model once over `items` (already decoded) and cache the results."""
         scans = [dicom_io.Scan(image, item.region) for item, (image, _) in zip(items, loaded)]
-        outputs = predict_scans(self.model, scans, self.image_size, self.device, utils.inference_dtype(self.device),
-                                SORT_CHUNK, fitted_trust=self.fitted_trust, gate_mode=self.gate,
-                                threshold=self.threshold)
+        outputs = predict_scans(self.loaded.at_threshold(self.threshold), scans, self.device,
+                                utils.inference_dtype(self.device), SORT_CHUNK, gate_mode=self.gate)
         for item, (_, truth), out in zip(items, loaded, outputs):
             self.cache[item.key] = dataclasses.replace(out, probability=out.probability.astype(np.float16))
             self.truth_bits[item.key] = packed_truth(truth)

@@ -526,8 +526,8 @@ def run(paths: list[Path], loaded: checkpoints.LoadedModel, device: torch.device
                         good.append((index, path, stem, image))
                 if stop.is_set():
                     break  # drop the decoded images: nothing of theirs was written
-                predictions = list(predict_scans(loaded.model, [g[3] for g in good], loaded.image_size, device,
-                                                 dtype, batch_size, tta, loaded.trust, gate_mode, loaded.threshold))
+                predictions = list(predict_scans(loaded, [g[3] for g in good], device, dtype, batch_size, tta,
+                                                 gate_mode))
                 _check_finite(good, predictions, len(done))
                 jobs = [pool.submit(write, index, scan.image, prediction, stem, out_dir, names[index])
                         for (index, path, stem, scan), prediction in zip(good, predictions)]

@@ -48,10 +48,8 @@ def shipped(tmp_path_factory):
 
 def test_export_matches_pytorch_on_sample_scans(shipped):
     """At each scan's own size, through predict's pipeline (trust score and calibration included)."""
-    config = shipped["state"]["config"]
-    fitted, _ = checkpoints.fitted_trust(shipped["state"])
-    figures = evaluation.parity(shipped["torch"], shipped["onnx"], [dataset.load_image(p) for p in SCANS],
-                                  config["image_size"], config["threshold"], fitted)
+    figures = evaluation.parity(checkpoints.loaded(shipped["torch"], shipped["state"]), shipped["onnx"],
+                                [dataset.load_image(p) for p in SCANS])
     assert evaluation.parity_failures(figures) == [], figures
     assert figures["max_probability_difference"] < 1e-4 and figures["max_trust_difference"] < 1e-4, figures
     assert figures["differing_pixels"] <= 10, figures
@@ -273,10 +271,7 @@ def test_export_matches_pytorch_on_busi_test_scans(shipped):
     """Eight scans of the BUSI test split (bench_busi.py --backends covers all 116)."""
     split = json.loads((ROOT / "splits" / "busi_split.json").read_text())["test"]
     images = [dataset.load_image(REAL_DATA / name) for name in split[::15]]
-    config = shipped["state"]["config"]
-    fitted, _ = checkpoints.fitted_trust(shipped["state"])
-    figures = evaluation.parity(shipped["torch"], shipped["onnx"], images, config["image_size"],
-                                  config["threshold"], fitted)
+    figures = evaluation.parity(checkpoints.loaded(shipped["torch"], shipped["state"]), shipped["onnx"], images)
     assert figures["images"] == 8 and evaluation.parity_failures(figures) == [], figures
 
 

@@ -3,6 +3,7 @@ score on real scans and on scans unlike them, and a checkpoint without (or with 
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -126,7 +127,7 @@ def test_shipped_malignancy_probability_is_the_calibrated_one(predictor):
     path = sample_scans("malignant")[0]
     result = predictor(path)
     raw = Predictor()
-    raw.fitted_trust = None  # the model's own softmax, as before calibration
+    raw.loaded = dataclasses.replace(raw.loaded, trust=None)  # the model's own softmax, as before calibration
     uncalibrated = raw(path)
     t_lesion, t_malignancy = predictor.fitted_trust["temperatures"]
     logit = np.log(uncalibrated.class_probabilities["malignant"] / uncalibrated.class_probabilities["benign"])
