@@ -4,6 +4,7 @@ alone is predicted); and `Predictor`, the same for one scan from Python."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -161,7 +162,7 @@ class Prediction:
         """bool HxW: probability above `threshold`, empty where the "no lesion" gate emptied the mask."""
         return (self.probability > threshold) & (not self.gated)
 
-    @property
+    @functools.cached_property  # (predict reads it for the PNG, the pixel count and the size: made once)
     def mask(self) -> np.ndarray:
         """The mask at the prediction's threshold."""
         return self.mask_at(self.threshold)
