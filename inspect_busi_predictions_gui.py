@@ -224,10 +224,8 @@ class InspectorApp:
         self.backend = backend  # onnx_backend.load's: what runs the model
         self.gate = gate  # trust.gate_applies's mode: where the "no lesion" gate empties a mask
         self.source = source
-        self.model = None
         self.loaded: checkpoints.LoadedModel | None = None  # the model with its input size, threshold and trust
         self.checkpoint: Path | None = None
-        self.image_size = checkpoints.LEGACY_IMAGE_SIZE  # (set by the model load_checkpoint loads)
         self.threshold = 0.5
         self.items: list[Item] = list(items)
         self.visible: list[int] = []   # indices into self.items, in list order
@@ -242,7 +240,6 @@ class InspectorApp:
         self.info_text = ""
         self.class_filter = "all"
         self.sort_mode = "name"        # the list's order: name, dice (worst first) or trust (lowest first)
-        self.fitted_trust: dict | None = None  # the checkpoint's trust entry (None: scores unavailable)
         self.busy = False              # a background sort is running
         self._after: str | None = None  # its next scheduled step
         self.last_show_seconds = 0.0   # load + inference (if not cached) + panel update of the last shown image
@@ -381,6 +378,16 @@ class InspectorApp:
     def listbox_entries(self) -> list[str]:
         return list(self.listbox.get(0, tk.END))
 
+    @property
+    def model(self):
+        """The loaded model (None before one is loaded)."""
+        return None if self.loaded is None else self.loaded.model
+
+    @property
+    def trust_entry(self) -> dict | None:
+        """The checkpoint's trust entry (None: no model, or scores unavailable)."""
+        return None if self.loaded is None else self.loaded.trust
+
     def set_status(self, text: str) -> None:
         self.status_var.set(text)
 
@@ -400,16 +407,14 @@ class InspectorApp:
         except (RuntimeError, ValueError, OSError) as exc:  # e.g. out of memory on the device
             self.show_error(f"cannot load checkpoint {path}: {exc}")
             return False
-        self.loaded, self.model, self.checkpoint = loaded, loaded.model, Path(path)
-        self.image_size = loaded.image_size
-        self.fitted_trust, why_not = loaded.trust, loaded.why_no_trust
+        self.loaded, self.checkpoint = loaded, Path(path)
         self.cache.clear()
         self.truth_bits.clear()
         self._dice_memo.clear()
         self._generation += 1
         self.set_threshold(loaded.threshold, redraw=False)
-        self.set_status(f"model {self.checkpoint.name}: {unet.describe(loaded.model.config)}, {self.image_size}px"
-                        + (f" | {self.source}" if self.source else "") + (" | no trust scores" if why_not else ""))
+        self.set_status(f"model {self.checkpoint.name}: {unet.describe(loaded.model.config)}, {loaded.image_size}px"
+                        + (f" | {self.source}" if self.source else "") + (" | no trust scores" if loaded.why_no_trust else ""))
         if self.sort_mode != "name":  # the old order was this model's, not the new one's
             self.sort_by_name()
         elif self.current is not None:
@@ -520,7 +525,7 @@ class InspectorApp:
 
     def sort_by_trust(self, background: bool = True) -> None:
         """Order the list by trust, lowest first: the scans to look at first (without trust scores: an error)."""
-        if self.model is not None and self.fitted_trust is None:
+        if self.model is not None and self.trust_entry is None:
             self.show_error(f"{self.checkpoint.name} has no trust statistics: add them with fit_trust.py (see "
                             f"docs/prediction.md)")
             return
@@ -669,7 +674,7 @@ class InspectorApp:
         flagged = sum(bool(self.cache[self.items[i].key].review) for i in self.visible
                       if self.items[i].key in self.cache)
         self.set_status(f"sorted {len(self.visible)} images by {order} first{self._summary()}"
-                        + (f" | {flagged} flagged for review" if self.fitted_trust is not None else ""))
+                        + (f" | {flagged} flagged for review" if self.trust_entry is not None else ""))
 
     def _summary(self) -> str:
         """The listed images' figures as the README reports them: lesion Dice (benign and malignant images),
@@ -809,7 +814,7 @@ class InspectorApp:
                          f"scans the model was fitted on")
         if prediction is not None and prediction.trust is not None:
             facts.append(f"trust {prediction.trust:.2f}" + (f" {REVIEW_MARK} REVIEW" + (
-                "" if prediction.out_of_range else f" (below {self.fitted_trust['review_below']:.2f})")
+                "" if prediction.out_of_range else f" (below {self.trust_entry['review_below']:.2f})")
                 if prediction.review else ""))
         if prediction is not None and prediction.presence_probability is not None:
             facts.append(f"lesion present {prediction.presence_probability:.2f}"

@@ -208,7 +208,7 @@ def test_trust_beside_each_image_sort_by_trust_and_flags(root, gui, checkpoint, 
     first = app.cache[app.current.key]
     assert first.trust is not None and f"trust {first.trust:.2f}" in app.info_text
     assert app.listbox_entries()[0].startswith(f"{app.dice:.3f}  trust {first.trust:.2f}")  # before any sort
-    app.fitted_trust["review_below"] = 0.5  # this tiny model's scores fall on both sides of it
+    app.trust_entry["review_below"] = 0.5  # this tiny model's scores fall on both sides of it
     app.cache.clear()
     app.sort_by_trust(background=False)
     scores = [app.cache[app.items[i].key].trust for i in app.visible]
