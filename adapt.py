@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import storage
 import utils  # (torch-free: --help is answered before torch loads, below)
 
 ALPHA = 1.0  # weight of the site's statistics: the best mean lesion Dice of the two directions of the simulation
@@ -58,7 +59,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import checkpoints  # noqa: E402
-import dataset  # noqa: E402
+import image_io
 import dicom_io  # noqa: E402
 import inference  # noqa: E402
 import trust  # noqa: E402
@@ -74,7 +75,7 @@ def read_scans(specs: list[str]) -> tuple[list[np.ndarray], list[str]]:
             count = dicom_io.frame_count(path) if dicom_io.is_dicom(path) else 1
             frames = [None] if count == 1 else sorted({int(round(f)) for f in np.linspace(1, count, FRAMES_PER_LOOP)})
             images += [dicom_io.load_scan(path, frame).model_input() for frame in frames]
-        except dataset.DataError as exc:
+        except utils.DataError as exc:
             problems.append(utils.printable(exc))
     return images, problems
 
@@ -123,12 +124,12 @@ def adapt(checkpoint: Path, scans: list[np.ndarray], alpha: float, site: str, de
     """The adapted checkpoint dict (weights in the source file's dtypes)."""
     loaded = checkpoints.load_model(checkpoint, device)
     model, state, size = loaded.model, loaded.state, loaded.image_size
-    images = torch.from_numpy(np.stack([dataset.resize_image(s, size) for s in scans]))[:, None]
+    images = torch.from_numpy(np.stack([image_io.resize_image(s, size) for s in scans]))[:, None]
     if not renormalise(model, images, alpha, batch_size):
         raise ValueError(f"{checkpoint} has no normalisation layers to adapt")
     weights = {k: v.to(state["model"][k].dtype) for k, v in model.state_dict().items()}
     record = {"site": site, "scans": len(scans), "alpha": alpha, "source_checkpoint": checkpoint.name,
-              "source_sha256": utils.file_sha256(checkpoint),
+              "source_sha256": storage.file_sha256(checkpoint),
               "note": "normalisation statistics and familiarity re-estimated on the site's unlabelled scans; the "
                       "'no lesion' gate and the trust score were fitted on other hospitals"}
     fitted = loaded.trust
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
         print(f"adapting {source} to {len(scans)} scans of {site} (alpha {args.alpha:g})", flush=True)
         adapted = adapt(source, scans, args.alpha, site, device, args.batch_size)
         checkpoints.save_checkpoint(adapted, out)
-    except (dataset.DataError, checkpoints.CheckpointError, ValueError) as exc:
+    except (utils.DataError, checkpoints.CheckpointError, ValueError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:

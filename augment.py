@@ -1,6 +1,6 @@
 """Batched, on-device data augmentation: one set of tensor ops for the whole batch, random per sample.
 
-The training data lives on the device as uint8 (see dataset.build_cache); each step slices a batch and calls
+The training data lives on the device as uint8 (see tensor_cache.build_cache); each step slices a batch and calls
 `augment_batch`, so there is no per-item Python work, no DataLoader and no worker process in the hot loop.
 Per-sample parameters are drawn from a CPU generator (a few numbers per image), which makes a run's
 augmentation identical on CPU and GPU and lets a checkpoint save and restore it exactly.

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import storage
 import utils  # (torch-free: --help is answered before torch loads, below)
 
 
@@ -87,6 +88,8 @@ from torch.utils import _pytree as pytree  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import dataset  # noqa: E402
+import image_io
+import tensor_cache
 import evaluation  # noqa: E402
 import inference  # noqa: E402
 import unet  # noqa: E402
@@ -111,9 +114,9 @@ class NaiveBUSIDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        image, mask = dataset.load_sample(self.root, self.samples[i])
-        image = Image.fromarray(dataset.resize_image(image, self.size))
-        mask = Image.fromarray(dataset.resize_mask(mask, self.size).astype(np.uint8) * 255)
+        image, mask = image_io.load_sample(self.root, self.samples[i])
+        image = Image.fromarray(image_io.resize_image(image, self.size))
+        mask = Image.fromarray(image_io.resize_mask(mask, self.size).astype(np.uint8) * 255)
         if self.augment:
             if random.random() < 0.5:
                 image, mask = image.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
@@ -482,7 +485,7 @@ def bench_naive(args, device, data_dir, samples):
     t0 = time.perf_counter()
     with torch.no_grad():
         for start in range(0, n_inf, 32):
-            x = torch.stack([torch.from_numpy(dataset.resize_image(dataset.load_image(data_dir / s.image),
+            x = torch.stack([torch.from_numpy(image_io.resize_image(image_io.load_image(data_dir / s.image),
                                                                    args.image_size) / np.float32(255))[None]
                              for s in samples[start:start + 32]]).to(device)
             torch.sigmoid(model(x)[0])
@@ -536,7 +539,7 @@ def bench_backends(args, data_dir: Path) -> dict:
     import checkpoints
     import onnx_backend
 
-    samples = dataset.discover_samples(data_dir)
+    samples = image_io.discover_samples(data_dir)
     if args.split != "all":
         chosen, _ = dataset.choose_split(data_dir, samples)
         samples = [s for s in samples if s.image in set(chosen[args.split])]
@@ -550,7 +553,7 @@ def bench_backends(args, data_dir: Path) -> dict:
         """Decode, predict and threshold every scan, `args.batch_size` at a time: (seconds, the outputs)."""
         start, outputs = time.perf_counter(), []
         for i in range(0, len(paths), args.batch_size):
-            images = [dataset.load_image(p) for p in paths[i:i + args.batch_size]]
+            images = [image_io.load_image(p) for p in paths[i:i + args.batch_size]]
             for output in inference.predict_images(dataclasses.replace(loaded, model=engine), images, cpu, None,
                                                    args.batch_size):
                 outputs.append(output)
@@ -595,12 +598,12 @@ def main(argv=None) -> int:
             print(f"bench: {data_dir}, {args.split} split | {utils.printable(args.checkpoint)} | torch "
                   f"{torch.__version__} against onnxruntime | cpu: {cpu_name()}", flush=True)
             figures = bench_backends(args, data_dir)
-        except (dataset.DataError, onnx_backend.checkpoints.CheckpointError, ValueError) as exc:
+        except (utils.DataError, onnx_backend.checkpoints.CheckpointError, ValueError) as exc:
             print(f"error: {utils.printable(exc)}", file=sys.stderr)
             return 2
         figures.update(cpu=cpu_name(), torch=torch.__version__, onnxruntime=__import__("onnxruntime").__version__)
         if args.json:
-            utils.write_json(args.json, figures)
+            storage.write_json(args.json, figures)
         if figures["parity_failures"]:
             print(f"error: the two paths differ: {'; '.join(figures['parity_failures'])}", file=sys.stderr)
             return 1
@@ -614,9 +617,9 @@ def main(argv=None) -> int:
         p.error(str(exc))
     data_dir = dataset.resolve_data_dir(args.data_dir)
     try:
-        samples = dataset.discover_samples(data_dir)
-        cache = dataset.build_cache(data_dir, samples, args.image_size, ".cache", progress=False)
-    except dataset.DataError as exc:
+        samples = image_io.discover_samples(data_dir)
+        cache = tensor_cache.build_cache(data_dir, samples, args.image_size, ".cache", progress=False)
+    except utils.DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"bench: {data_dir} ({len(samples)} images) | device {device}"
@@ -640,7 +643,7 @@ def main(argv=None) -> int:
               "bf16_peak_tflops": peak, "fraction_of_peak": achieved / peak if peak else None, "cpu_ceiling": ceiling,
               "speedup_vs_naive": speedup, "profile": profile}
     if args.json:
-        utils.atomic_write(args.json, (json.dumps(result, indent=2, default=str) + "\n").encode())
+        storage.atomic_write(args.json, (json.dumps(result, indent=2, default=str) + "\n").encode())
     fractions = [f for f in ((ceiling or {}).get("project_fraction"), (profile or {}).get("roofline_fraction"))
                  if f is not None]
     if any(f > 1 for f in fractions):  # a ceiling that is passed is not a ceiling: the count or the ceiling is wrong

@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
+import storage
 import trust
 import unet
 import utils
-from utils import DEFAULT_CHECKPOINT, torch_save  # noqa: F401 (the shipped model: every tool's default)
+from utils import DEFAULT_CHECKPOINT  # noqa: F401 (the shipped model: every tool's default)
+from storage import torch_save
 
 CHECKPOINT_FORMAT = "busi-unet-v1"
 LEGACY_IMAGE_SIZE = 256  # the input size of checkpoints whose config does not record one (the earliest runs)
@@ -233,7 +235,7 @@ def run_to_resume(resume: str, run_name: str | None, output_dir: Path) -> tuple[
     path = Path(resume) if resume else output_dir / run_name
     path = path / "latest.pt" if path.is_dir() or not resume else path
     if not path.exists() and path.parent.is_dir() and \
-            utils.made_before_training({p.name for p in path.parent.iterdir()}):
+            storage.made_before_training({p.name for p in path.parent.iterdir()}):
         raise ValueError(f"nothing to resume: {path.parent} has no checkpoint (its run stopped before its first "
                          f"epoch ended); start the run again without --resume (the folder is taken over)")
     return load_checkpoint(path), path
@@ -270,7 +272,7 @@ def site_record(init_from: str | None, sources: list, parts: dict, state: dict |
     SHA-256, the site's sources and how many images each part holds."""
     if init_from is None:
         return state["config"]["init_from"]
-    record = {"checkpoint": str(Path(init_from).resolve()), "sha256": utils.file_sha256(init_from),
+    record = {"checkpoint": str(Path(init_from).resolve()), "sha256": storage.file_sha256(init_from),
               "site": [n for n, _ in sources], "images": {k: len(v["names"]) for k, v in parts.items()}}
     print(f"site run: from {init_from} on {', '.join(record['site'])} ({record['images']})", flush=True)
     return record
@@ -285,7 +287,7 @@ def site_start(init_from: str | None, config: dict) -> dict | None:
     if not record:
         return None
     path = Path(record["checkpoint"])
-    if not path.is_file() or utils.file_sha256(path) != record["sha256"]:
+    if not path.is_file() or storage.file_sha256(path) != record["sha256"]:
         raise CheckpointError(f"this site run started from {path}, which is gone or has changed since (SHA-256): "
                               f"its site threshold, gate and familiarity range need it; put it back")
     return load_checkpoint(path)

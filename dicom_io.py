@@ -6,7 +6,7 @@ DICOM is read with pydicom. A file is DICOM when it carries the 'DICM' marker at
 archives often write files without an extension). Only the elements needed are ever read from a file: the pixel
 description, frame count, spacing and the Sequence of Ultrasound Regions. Patient and study elements (name, ID,
 dates, ...) are never parsed, so they cannot reach an output, a log line or an error message; pydicom's own
-warnings and log lines, which may quote element values, are silenced. Every problem is a `dataset.DataError`
+warnings and log lines, which may quote element values, are silenced. Every problem is a `utils.DataError`
 with one line naming the file.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ import glob
 
 import numpy as np
 
-import dataset
+import image_io
+import prediction_table
 import utils
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -120,7 +121,7 @@ def read_header(path: str | os.PathLike) -> Header:
 
     path = Path(path)
     if not is_dicom(path):
-        raise dataset.DataError(f"not a DICOM file (no 'DICM' marker at byte 128): {path}")
+        raise utils.DataError(f"not a DICOM file (no 'DICM' marker at byte 128): {path}")
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
         transfer = ds.file_meta.get("TransferSyntaxUID")
@@ -130,22 +131,22 @@ def read_header(path: str | os.PathLike) -> Header:
         bits = (int(ds.get("BitsAllocated") or 0), int(ds.get("BitsStored") or ds.get("BitsAllocated") or 0),
                 int(ds.get("PixelRepresentation") or 0))
     except Exception:  # noqa: BLE001 - pydicom's message may quote the file's values: say what, not what it read
-        raise dataset.DataError(f"cannot read DICOM file (damaged or truncated header): {path}") from None
+        raise utils.DataError(f"cannot read DICOM file (damaged or truncated header): {path}") from None
     if not rows or not columns or not photometric:
         if _image_object(ds):
-            raise dataset.DataError(f"cannot read DICOM file (damaged or truncated header: it ends before its image "
+            raise utils.DataError(f"cannot read DICOM file (damaged or truncated header: it ends before its image "
                                     f"description): {path}")
-        raise dataset.DataError(f"no image in DICOM file (a report or another object without pixels): {path}")
+        raise utils.DataError(f"no image in DICOM file (a report or another object without pixels): {path}")
     _check_decodable(path, transfer)
     if photometric not in READABLE_PHOTOMETRIC:
-        raise dataset.DataError(f"cannot read DICOM file: photometric interpretation {photometric} is not one of "
+        raise utils.DataError(f"cannot read DICOM file: photometric interpretation {photometric} is not one of "
                                 f"{', '.join(READABLE_PHOTOMETRIC)}: {path}")
     if bits[0] != 8 or bits[1] != 8 or bits[2] != 0:  # fewer bits used: a grey scale of its own, not guessed
-        raise dataset.DataError(f"cannot read DICOM file: {bits[0]}-bit {'signed' if bits[2] else 'unsigned'} "
+        raise utils.DataError(f"cannot read DICOM file: {bits[0]}-bit {'signed' if bits[2] else 'unsigned'} "
                                 f"pixels ({bits[1]} bits used); scanners store ultrasound as 8-bit unsigned, and no "
                                 f"grey scale is guessed for others: {path}")
     if frames < 1:
-        raise dataset.DataError(f"cannot read DICOM file: it says it holds {frames} frames: {path}")
+        raise utils.DataError(f"cannot read DICOM file: it says it holds {frames} frames: {path}")
     try:
         region, item, note = _region(ds, rows, columns)
         spacing, source, spacing_note = _spacing(ds, item, note)
@@ -171,16 +172,16 @@ def _check_decodable(path: Path, transfer) -> None:
     from pydicom.pixels import get_decoder
 
     if not transfer:
-        raise dataset.DataError(f"cannot read DICOM file: no transfer syntax in its header: {path}")
+        raise utils.DataError(f"cannot read DICOM file: no transfer syntax in its header: {path}")
     try:
         decoder = get_decoder(transfer)
     except (NotImplementedError, ValueError):
-        raise dataset.DataError(f"cannot read DICOM file: its pixel data are encoded as {transfer.name}, which "
+        raise utils.DataError(f"cannot read DICOM file: its pixel data are encoded as {transfer.name}, which "
                                 f"no decoder here reads (export it as uncompressed or JPEG): {path}") from None
     if not decoder.is_available:
         package = next((p for prefix, p in DECODER_PACKAGES.items() if str(transfer).startswith(prefix)), None)
         fix = f"pip install {package}" if package else "install a pydicom decoder for it"
-        raise dataset.DataError(f"cannot read DICOM file: its pixel data are encoded as {transfer.name}, whose "
+        raise utils.DataError(f"cannot read DICOM file: its pixel data are encoded as {transfer.name}, whose "
                                 f"decoder is not installed ({fix}): {path}")
 
 
@@ -270,7 +271,7 @@ def read_frames(path: str | os.PathLike, header: Header, frames: list[int]):
     path = Path(path)
     for number in frames:
         if not 1 <= number <= header.frames:
-            raise dataset.DataError(f"no frame {number} in DICOM file of {header.frames} frame(s): {path}")
+            raise utils.DataError(f"no frame {number} in DICOM file of {header.frames} frame(s): {path}")
     luts = Dataset()
     pixels = iter_pixels(path, indices=[n - 1 for n in frames], ds_out=luts, specific_tags=PALETTE_TAGS)
     for number in frames:
@@ -280,13 +281,13 @@ def read_frames(path: str | os.PathLike, header: Header, frames: list[int]):
                 array = apply_color_lut(array, luts)
             elif header.photometric == "MONOCHROME1":  # 0 is white
                 array = 255 - array
-            grey = dataset.grey_from_array(np.asarray(array))
+            grey = image_io.grey_from_array(np.asarray(array))
         except Exception:  # noqa: BLE001 - pydicom's message may quote the file's values: say what, not what it read
             where = f"frame {number} of " if header.frames > 1 else ""
-            raise dataset.DataError(f"cannot decode {where}DICOM file (no pixel data, or truncated or damaged): "
+            raise utils.DataError(f"cannot decode {where}DICOM file (no pixel data, or truncated or damaged): "
                                     f"{path}") from None
         if grey.shape != (header.rows, header.columns):
-            raise dataset.DataError(f"cannot decode DICOM file: its pixels are {grey.shape[1]}x{grey.shape[0]}, its "
+            raise utils.DataError(f"cannot decode DICOM file: its pixels are {grey.shape[1]}x{grey.shape[0]}, its "
                                     f"header says {header.columns}x{header.rows}: {path}")
         yield grey
 
@@ -299,19 +300,19 @@ def frame_count(path: str | os.PathLike) -> int:
 
 def load_scan(path: str | os.PathLike, frame: int | None = None, pixel_spacing: float | None = None) -> Scan:
     """One scan from a file: a DICOM file's frame `frame` (1-based; needed for a multi-frame file) with its region
-    and spacing, or an image file read as dataset.load_image reads it. `pixel_spacing` (mm per pixel) stands in
+    and spacing, or an image file read as image_io.load_image reads it. `pixel_spacing` (mm per pixel) stands in
     where the file records no usable spacing. DataError, one line naming the file, for anything unreadable."""
     path = Path(path)
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, numbers.Integral) or frame < 1):
         raise ValueError(f"frame must be a frame number from 1 (frames are counted from 1), got {frame!r}")
     if not (is_dicom(path) or is_dicom_name(path)):
-        image = dataset.load_image(path)
+        image = image_io.load_image(path)
         if frame not in (None, 1):
-            raise dataset.DataError(f"no frame {frame} in a single image: {path}")
+            raise utils.DataError(f"no frame {frame} in a single image: {path}")
         return with_spacing(Scan(image), pixel_spacing)
     header = read_header(path)
     if frame is None and header.frames > 1:
-        raise dataset.DataError(f"a DICOM file of {header.frames} frames: choose a frame (1-{header.frames}): {path}")
+        raise utils.DataError(f"a DICOM file of {header.frames} frames: choose a frame (1-{header.frames}): {path}")
     image = next(read_frames(path, header, [frame or 1]))
     return with_spacing(Scan(image, header.region, header.spacing, header.spacing_source,
                             frame if header.frames > 1 else None, header.frames), pixel_spacing)
@@ -334,16 +335,16 @@ def _is_candidate(path: Path) -> bool:
     another type. DICOM is recognised by content too (archives write files without an extension); a DICOMDIR is
     an archive's index, not a scan."""
     name = path.name
-    known = path.suffix.lower() in dataset.IMAGE_EXTENSIONS or is_dicom_name(path)
-    return (not name.startswith(".") and dataset.MASK_RE.match(path.stem) is None
-            and name.lower() not in dataset.IGNORED_NAMES and name.upper() != "DICOMDIR" and path.is_file()
+    known = path.suffix.lower() in utils.IMAGE_EXTENSIONS or is_dicom_name(path)
+    return (not name.startswith(".") and image_io.MASK_RE.match(path.stem) is None
+            and name.lower() not in image_io.IGNORED_NAMES and name.upper() != "DICOMDIR" and path.is_file()
             and (known or is_dicom(path)))
 
 
 def find_inputs(spec: str, skipped: dict | None = None) -> list[Path]:
     """Expand --input: one file (taken as given), a folder (its images, not recursive) or a glob pattern.
 
-    An earlier run's outputs in a folder (dataset.earlier_prediction: listed by a predictions.csv there, or
+    An earlier run's outputs in a folder (prediction_table.earlier_prediction: listed by a predictions.csv there, or
     X_pred.png / X_overlay.png beside a scan X) are not taken as new scans: named in `skipped["earlier"]`; a
     dangling symbolic link, which cannot be read, in `skipped["broken"]`.
     """
@@ -355,12 +356,12 @@ def find_inputs(spec: str, skipped: dict | None = None) -> list[Path]:
     else:
         entries = [Path(p) for p in glob.glob(spec)]
     found, listed = [], {}  # (each folder's predictions.csv read once)
-    for p in sorted(entries, key=dataset.natural_key):
+    for p in sorted(entries, key=image_io.natural_key):
         if p.is_symlink() and not p.exists() and not p.name.startswith("."):
             if skipped is not None:
                 skipped["broken"].append(f"broken symbolic link: {utils.printable(p)} -> {utils.printable(os.readlink(p))}")
         elif _is_candidate(p):
-            why = dataset.earlier_prediction(p, listed)
+            why = prediction_table.earlier_prediction(p, listed)
             if why is None:
                 found.append(p)
             elif skipped is not None:

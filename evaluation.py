@@ -13,9 +13,10 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe beside t
 
 import augment
 import checkpoints
-import dataset
 import inference
 import metrics
+import storage
+import tensor_cache
 import trust
 import utils
 from inference import predict_batches, predict_images, probs_to_original
@@ -23,11 +24,11 @@ from inference import predict_batches, predict_images, probs_to_original
 
 def evaluate(model: torch.nn.Module, data: dict, device: torch.device, dtype: torch.dtype | None = None,
              threshold: float = 0.5, batch_size: int = 32, tta: bool = False,
-             class_names=dataset.CLASSES, on_logits=None, with_aux: bool = False, fitted_trust: dict | None = None,
+             class_names=utils.CLASSES, on_logits=None, with_aux: bool = False, fitted_trust: dict | None = None,
              trust_inputs: list | None = None, gate_mode: str = "apply") -> tuple[dict, list[dict]]:
     """Per-image Dice/IoU at each image's ORIGINAL resolution (prediction resized back), and their summary.
 
-    `data` is a dataset.subset(...) dict: images [N,1,S,S] uint8, labels, names, full_masks, full_sizes.
+    `data` is a tensor_cache.subset(...) dict: images [N,1,S,S] uint8, labels, names, full_masks, full_sizes.
     `on_logits(start, outputs)` gets the model's raw outputs for every batch (validation computes its
     validation loss there, from the same forward pass). `fitted_trust` (a checkpoint's "trust" entry) adds
     trust, review, max_probability and lesion_probability to each record and calibrates the class
@@ -44,13 +45,13 @@ def ground_truth_on(data: dict, device: torch.device) -> list[torch.Tensor]:
     (validation runs every epoch; about 0.3 MB per BUSI image)."""
     key = f"ground_truth[{device}]"
     if key not in data:
-        data[key] = [dataset.unpack_mask(m, s).to(device) for m, s in zip(data["full_masks"], data["full_sizes"].tolist())]
+        data[key] = [tensor_cache.unpack_mask(m, s).to(device) for m, s in zip(data["full_masks"], data["full_sizes"].tolist())]
     return data[key]
 
 
 def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device, dtype: torch.dtype | None,
                         thresholds, batch_size: int = 32, tta: bool = False,
-                        class_names=dataset.CLASSES, on_logits=None, with_aux: bool = False,
+                        class_names=utils.CLASSES, on_logits=None, with_aux: bool = False,
                         fitted_trust: dict | None = None, trust_inputs: list | None = None,
                         gate_mode: str = "apply") -> dict:
     """`evaluate` for several thresholds from one inference pass: {threshold: (summary, records)}.
@@ -117,7 +118,7 @@ def evaluate_thresholds(model: torch.nn.Module, data: dict, device: torch.device
     return {t: (summarize(records, class_names, scores is not None), records) for t, records in per_t.items()}
 
 
-def summarize(records: list[dict], class_names=dataset.CLASSES, with_trust: bool = False) -> dict:
+def summarize(records: list[dict], class_names=utils.CLASSES, with_trust: bool = False) -> dict:
     """`metrics.summarize` (+ the trust report), and with several sources the same per source under
     "per_source". "score" ranks checkpoints: the all-image Dice, with several sources the mean of theirs, so
     that a change that helps one hospital and hurts the other does not win."""
@@ -159,7 +160,7 @@ def fit_trust_entry(model: torch.nn.Module, train: dict, val: dict, device: torc
             for pred in (batch.seg[:, 0] > threshold).cpu():
                 truth = masks[i]
                 inter, n_pred, n_gt = int((pred & truth).sum()), int(pred.sum()), int(truth.sum())
-                fit_records.append({"label": dataset.CLASSES[labels[i]] if n_gt else "normal", "pred_pixels": n_pred,
+                fit_records.append({"label": utils.CLASSES[labels[i]] if n_gt else "normal", "pred_pixels": n_pred,
                                     "dice": metrics.dice_iou_from_counts(inter, n_pred, n_gt)[0]})
                 i += 1
     joined = {k: None if inputs[0][k] is None else torch.cat([b[k] for b in inputs]) for k in inputs[0]}
@@ -283,7 +284,7 @@ def fit_then_test(run_dir: Path, parts: dict, scanner_of: dict, device: torch.de
     print_summary("validation with the fitted gate (in-sample for the gate and trust)", val_summary)
     extra = {**extra, "val_fitted": val_summary, "checkpoint": str(run_dir / "best.pt")}
     if not len(parts.get("test", {}).get("names", [])):
-        utils.write_json(run_dir / "metrics.json", {"test": None, "why_no_test": NO_TEST_PART, **extra})
+        storage.write_json(run_dir / "metrics.json", {"test": None, "why_no_test": NO_TEST_PART, **extra})
         print(f"no test evaluation: {NO_TEST_PART}; wrote {run_dir}/metrics.json", flush=True)
         return
     report(best, parts["test"], run_dir, "test", hp, device, extra, fitted)
@@ -310,7 +311,7 @@ def write_presence_figure(path: Path, presence: dict) -> None:
                  f"\nchosen FP {presence['normal_fp_rate']:.0%}, bootstrap 95 % interval {lo:.0%}-{hi:.0%}")
     ax.title.set_fontsize(9)
     ax.legend(loc="upper right", fontsize=7)
-    utils.save_figure(fig, path)
+    storage.save_figure(fig, path)
 
 
 def shifted_copy(data: dict, copy: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +337,7 @@ def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> b
                 p = metrics.malignancy_probability(probs)[torch.from_numpy(lesion)].numpy()
                 y = np.array([r["label"] == "malignant" for r in records])[lesion]
             else:
-                p, y = 1 - probs[:, dataset.CLASSES.index("normal")].numpy(), lesion
+                p, y = 1 - probs[:, utils.CLASSES.index("normal")].numpy(), lesion
             points = np.array(trust.reliability(p, y)).reshape(-1, 3)  # (no lesion scans: no points)
             ece = trust.expected_calibration_error(p, y)
             line, = ax.plot(points[:, 0], points[:, 1], "-", label=f"{label}: ECE {ece:.3f}")
@@ -346,7 +347,7 @@ def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> b
         ax.set(xlabel=f"predicted probability ({name})", ylabel=f"observed frequency ({what})", xlim=(0, 1),
                ylim=(0, 1), title=f"{name} probability, validation split")
         ax.legend(loc="upper left", title="10 bins; dot area: images", fontsize=8, title_fontsize=8)
-    utils.save_figure(fig, path)
+    storage.save_figure(fig, path)
     return True
 
 
@@ -388,7 +389,7 @@ def write_report(run_dir, summary: dict, records: list[dict], extra: dict, split
 def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: dict, split: str = "test") -> None:
     """metrics.json ({split: summary, ...}) and <split>_predictions.csv."""
 
-    utils.write_json(run_dir / "metrics.json", {split: summary, **extra})  # NaN (e.g. no normal images) -> null
+    storage.write_json(run_dir / "metrics.json", {split: summary, **extra})  # NaN (e.g. no normal images) -> null
     fields = ["file", "class", "dice", "iou", "pred_pixels", "gt_pixels"]
     if records and "malignancy" in records[0]:
         fields += ["malignancy_probability", "predicted_class"]
@@ -398,11 +399,11 @@ def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: 
     for r in records:
         row = [r["file"], r["label"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", r["pred_pixels"], r["gt_pixels"]]
         if "malignancy" in r:
-            row += [f"{r['malignancy']:.4f}", dataset.CLASSES[max(range(3), key=lambda k: r["class_probs"][k])]]
+            row += [f"{r['malignancy']:.4f}", utils.CLASSES[max(range(3), key=lambda k: r["class_probs"][k])]]
         if "trust" in r:
             row += [f"{r['max_probability']:.4f}", f"{r['trust']:.4f}", "REVIEW" if r["review"] else ""]
         rows.append(row)
-    utils.write_csv(run_dir / f"{split}_predictions.csv", fields, rows)
+    storage.write_csv(run_dir / f"{split}_predictions.csv", fields, rows)
 
 
 def write_report_figure(run_dir: Path, summary: dict, records: list[dict], split: str = "test") -> None:
@@ -438,12 +439,12 @@ def write_report_figure(run_dir: Path, summary: dict, records: list[dict], split
         ax.imshow(counts, cmap="Blues")
         for (i, j), v in np.ndenumerate(counts):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > counts.max() / 2 else "black")
-        ax.set_xticks(range(len(dataset.CLASSES)), dataset.CLASSES)
-        ax.set_yticks(range(len(dataset.CLASSES)), dataset.CLASSES)
+        ax.set_xticks(range(len(utils.CLASSES)), utils.CLASSES)
+        ax.set_yticks(range(len(utils.CLASSES)), utils.CLASSES)
         ax.set(xlabel="predicted", ylabel="true", title=f"Class head: accuracy {summary['class_accuracy']:.3f}")
     if has_trust:
         plot_risk_coverage(axes[0, -1], summary["trust"])
-    utils.save_figure(fig, run_dir / f"{split}_report.png")
+    storage.save_figure(fig, run_dir / f"{split}_report.png")
 
 
 def plot_risk_coverage(ax, t: dict) -> None:

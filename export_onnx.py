@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import storage
 import utils  # (torch-free: --help is answered from it before torch loads, below)
 from utils import DEFAULT_CHECKPOINT
 
@@ -54,16 +55,16 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import checkpoints  # noqa: E402
-import dataset  # noqa: E402
+import image_io
 import evaluation  # noqa: E402
 import onnx_backend  # noqa: E402
 
 
 def check_images(folder: Path) -> list[Path]:
     """The scans under `folder` (not ground truth, not hidden), in natural order."""
-    found = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in dataset.IMAGE_EXTENSIONS
-             and not p.name.startswith(".") and dataset.MASK_RE.match(p.stem) is None]
-    return sorted(found, key=dataset.natural_key)
+    found = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in utils.IMAGE_EXTENSIONS
+             and not p.name.startswith(".") and image_io.MASK_RE.match(p.stem) is None]
+    return sorted(found, key=image_io.natural_key)
 
 
 def main(argv=None) -> int:
@@ -73,8 +74,8 @@ def main(argv=None) -> int:
     try:
         if out.exists():
             raise ValueError(f"{utils.printable(out)} exists: give a new file name (nothing is overwritten)")
-        if utils.unwritable(out):  # now, not after the export and its check
-            raise ValueError(utils.unwritable(out))
+        if storage.unwritable(out):  # now, not after the export and its check
+            raise ValueError(storage.unwritable(out))
         scans = check_images(Path(args.check_images))
         if not scans:
             raise ValueError(f"no scans to check the export on in {utils.printable(args.check_images)}")
@@ -83,10 +84,10 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         data = onnx_backend.export(loaded, onnx_backend.file_sha256(args.checkpoint))
         seconds = time.perf_counter() - start
-        images = [dataset.load_image(p) for p in scans]
+        images = [image_io.load_image(p) for p in scans]
         engine = onnx_backend.OnnxModel(data, args.threads)
         figures = evaluation.parity(loaded, engine, images)
-    except (checkpoints.CheckpointError, dataset.DataError, ValueError, OSError, RuntimeError) as exc:
+    except (checkpoints.CheckpointError, utils.DataError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
     print(f"parity with PyTorch on {figures['images']} scans of {utils.printable(args.check_images)}, at their own "
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         print(f"error: the export does not match PyTorch ({'; '.join(failed)}): nothing written", file=sys.stderr)
         return 1
     try:
-        utils.atomic_write(out, data, replace=False)
+        storage.atomic_write(out, data, replace=False)
     except OSError as exc:
         print(f"error: cannot write {utils.printable(out)}: {exc.strerror or exc}", file=sys.stderr)
         return 2

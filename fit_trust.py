@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         checkpoints.save_checkpoint({**state, "trust": fitted}, out)
         evaluation.print_summary("validation with the fitted entry (in-sample for the gate and trust)", summary)
         figure = f"{figure}calibration.png" + (f" and {figure}presence.png" if fitted.get("presence") else "")
-    except (dataset.DataError, checkpoints.CheckpointError, ValueError, OSError) as exc:
+    except (utils.DataError, checkpoints.CheckpointError, ValueError, OSError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
     gate = fitted.get("presence")

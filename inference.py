@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
-import dataset
 import dicom_io
+import image_io
 import metrics
 import onnx_backend
 import trust
@@ -184,14 +184,14 @@ class Prediction:
         if self.class_probabilities is None:
             return None
         return float(metrics.malignancy_probability(torch.tensor([self.class_probabilities[c]
-                                                                  for c in dataset.CLASSES])))
+                                                                  for c in utils.CLASSES])))
 
     @property
     def predicted_class(self) -> str | None:
         """The class head's most probable class."""
         if self.class_probabilities is None:
             return None
-        return dataset.CLASSES[int(np.argmax([self.class_probabilities[c] for c in dataset.CLASSES]))]
+        return utils.CLASSES[int(np.argmax([self.class_probabilities[c] for c in utils.CLASSES]))]
 
 
 def predict_images(loaded: checkpoints.LoadedModel, images: list[np.ndarray], device: torch.device,
@@ -206,7 +206,7 @@ def predict_images(loaded: checkpoints.LoadedModel, images: list[np.ndarray], de
     if not images:
         return
     model, fitted_trust, threshold = loaded.model, loaded.trust, loaded.threshold
-    batch = torch.from_numpy(np.stack([dataset.resize_image(img, loaded.image_size) for img in images]))[:, None]
+    batch = torch.from_numpy(np.stack([image_io.resize_image(img, loaded.image_size) for img in images]))[:, None]
     i = 0
     for out in predict_batches(model, batch, device, dtype, batch_size, tta, with_trust=fitted_trust is not None):
         judged = None if out.extras is None else trust_of(out.extras, fitted_trust, gate_mode)
@@ -214,7 +214,7 @@ def predict_images(loaded: checkpoints.LoadedModel, images: list[np.ndarray], de
         for j in range(out.seg.shape[0]):
             h, w = images[i].shape
             prob = probs_to_original(out.seg[j], h, w).cpu().numpy()
-            classes = None if cls is None else dict(zip(dataset.CLASSES, map(float, cls[j].float().cpu().tolist())))
+            classes = None if cls is None else dict(zip(utils.CLASSES, map(float, cls[j].float().cpu().tolist())))
             if judged is None:
                 yield Prediction(prob, classes, threshold)
             else:
@@ -278,7 +278,7 @@ class Predictor:
     def __call__(self, image: str | os.PathLike | np.ndarray, frame: int | None = None,
                  pixel_spacing: float | None = None) -> Prediction:
         """`image`: an image or DICOM file (`frame`, 1-based, picks a frame of a multi-frame one; needed there) or
-        an array; `pixel_spacing` (mm per pixel) where the file records none. dataset.DataError for a file that
+        an array; `pixel_spacing` (mm per pixel) where the file records none. utils.DataError for a file that
         cannot be read, ValueError for a bad array or value."""
         if pixel_spacing is not None and (isinstance(pixel_spacing, bool) or not isinstance(pixel_spacing, (int, float))
                                           or not 0 < pixel_spacing < math.inf):
@@ -286,6 +286,6 @@ class Predictor:
         if isinstance(image, (str, os.PathLike)):
             scan = dicom_io.load_scan(Path(image), frame, pixel_spacing)
         else:  # converted as the file loader converts the same pixels, or refused (ValueError)
-            scan = dicom_io.with_spacing(dicom_io.Scan(dataset.grey_from_array(image), spacing_source=NO_SPACING_ARRAY),
+            scan = dicom_io.with_spacing(dicom_io.Scan(image_io.grey_from_array(image), spacing_source=NO_SPACING_ARRAY),
                                          pixel_spacing)
         return next(predict_scans(self.loaded, [scan], self.device, tta=self.tta, gate_mode=self.gate))

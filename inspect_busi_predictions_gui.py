@@ -76,13 +76,14 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
+import image_io
 import dicom_io  # noqa: E402
 import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
 import unet  # noqa: E402
 from inference import Prediction, contradiction, predict_scans  # noqa: E402
 
-CLASS_FILTERS = ("all", *dataset.CLASSES)
+CLASS_FILTERS = ("all", *utils.CLASSES)
 # Cyan and orange stay distinguishable on grey ultrasound and for red-green colour-blind viewers; the prediction
 # colour matches the outlines that predict_busi.py draws.
 TRUTH_COLOUR = "#00d5ff"
@@ -120,7 +121,7 @@ class Item:
     path: Path
     label: str | None = None
     data_dir: Path | None = None
-    sample: dataset.Sample | None = None
+    sample: image_io.Sample | None = None
     frame: int | None = None  # the frame of a multi-frame DICOM file (1-based)
     frames: int = 1
     # what the file says of its geometry, known once loaded: the ultrasound region (predicted alone) and the
@@ -142,9 +143,9 @@ class Item:
         return self.sample is not None
 
     def load(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Grey uint8 image and bool ground truth (None for opened files); raises dataset.DataError."""
+        """Grey uint8 image and bool ground truth (None for opened files); raises utils.DataError."""
         if self.sample is not None:
-            return dataset.load_sample(self.data_dir, self.sample)
+            return image_io.load_sample(self.data_dir, self.sample)
         scan = dicom_io.load_scan(self.path, self.frame)  # an image or a DICOM file
         self.region, self.spacing = scan.region, scan.spacing
         return scan.image, None
@@ -170,7 +171,7 @@ def file_items(path: Path, check: bool = False) -> list[Item]:
     instead with `check`."""
     try:
         frames = dicom_io.frame_count(path)
-    except dataset.DataError:
+    except utils.DataError:
         if check:
             raise
         frames = 1
@@ -180,11 +181,11 @@ def file_items(path: Path, check: bool = False) -> list[Item]:
 
 
 def dataset_items(data_dir: str | os.PathLike, split: str = "test",
-                  split_file: str | os.PathLike = dataset.DEFAULT_SPLIT_FILE) -> tuple[list[Item], str]:
+                  split_file: str | os.PathLike = utils.DEFAULT_SPLIT_FILE) -> tuple[list[Item], str]:
     """The items of one split of a BUSI-layout folder, and a note on where the split came from.
 
     The split file is used when it lists exactly this folder's images; otherwise (e.g. the bundled sample) a
-    leakage-safe split is computed with dataset.compute_split, as training does. A file (a data bundle made by
+    leakage-safe split is computed with splitting.compute_split, as training does. A file (a data bundle made by
     `python dataset.py --bundle`, which training takes) is refused: the window shows the scans themselves.
     """
     if split not in SPLITS:
@@ -193,9 +194,9 @@ def dataset_items(data_dir: str | os.PathLike, split: str = "test",
     if root.is_file():  # else "data dir not found", which sends the user looking for a missing path
         needs = "the inspector needs the image folder (benign/, malignant/, normal/)"
         if zipfile.is_zipfile(root):  # a bundle is a torch.save zip archive
-            raise dataset.DataError(f"{root} is a data bundle: {needs} it was made from")
-        raise dataset.DataError(f"{root} is a file, not a data folder: {needs}")
-    samples = dataset.discover_samples(root)
+            raise utils.DataError(f"{root} is a data bundle: {needs} it was made from")
+        raise utils.DataError(f"{root} is a file, not a data folder: {needs}")
+    samples = image_io.discover_samples(root)
     note = f"{root}: all {len(samples)} images"
     if split != "all":
         chosen, source = dataset.choose_split(root, samples, split_file)
@@ -203,7 +204,7 @@ def dataset_items(data_dir: str | os.PathLike, split: str = "test",
         names = set(chosen[split])
         samples = [s for s in samples if s.image in names]
     items = [Item(root / s.image, s.label, root, s) for s in samples]
-    return sorted(items, key=lambda it: dataset.natural_key(it.path)), note
+    return sorted(items, key=lambda it: image_io.natural_key(it.path)), note
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -432,7 +433,7 @@ class InspectorApp:
                 items = file_items(Path(path), check=True)
                 item = items[0]
                 image, _ = item.load()
-            except dataset.DataError as exc:
+            except utils.DataError as exc:
                 errors.append(utils.printable(exc))
                 continue
             self.items += items
@@ -603,7 +604,7 @@ class InspectorApp:
             self.load_checkpoint(path)
 
     def _ask_images(self) -> None:
-        patterns = " ".join(f"*{e} *{e.upper()}" for e in dataset.IMAGE_EXTENSIONS + dicom_io.DICOM_EXTENSIONS)
+        patterns = " ".join(f"*{e} *{e.upper()}" for e in utils.IMAGE_EXTENSIONS + dicom_io.DICOM_EXTENSIONS)
         paths = filedialog.askopenfilenames(parent=self.root, title="Open images",  # DICOM files often have no
                                             filetypes=[("Scans: images and DICOM (all files)", "*"),  # extension
                                                        ("Images and DICOM by extension", patterns)])
@@ -641,7 +642,7 @@ class InspectorApp:
                 try:
                     loaded.append(self.items[i].load())
                     items.append(self.items[i])
-                except dataset.DataError as exc:
+                except utils.DataError as exc:
                     failed.append(utils.printable(exc))
             if items:
                 self._predict(items, loaded)
@@ -747,7 +748,7 @@ class InspectorApp:
         else:
             try:
                 image, truth = item.load()
-            except dataset.DataError as exc:
+            except utils.DataError as exc:
                 self._shown = None
                 self._draw_empty(f"cannot read {item.name}")
                 self.show_error(utils.printable(exc))
@@ -921,7 +922,7 @@ def resolve_items(args) -> tuple[list[Item], str, str | None]:
     data_dir = dataset.resolve_data_dir(args.data_dir, announce=False)
     try:
         items, note = dataset_items(data_dir, args.split, args.split_file)
-    except (dataset.DataError, ValueError) as exc:  # the window still opens: images can be opened from it
+    except (utils.DataError, ValueError) as exc:  # the window still opens: images can be opened from it
         return [], "no data", (f"{utils.printable(exc)}\n\nScans without ground truth are opened as images: "
                                f"'Open images...', or list them after the command")
     if data_dir == dataset.SAMPLE_DIR:

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import storage
 import utils  # (torch-free: --help is answered before torch loads, below)
 
 DIRECTIONS = ("busi", "busbra")  # trained on BUSI (BUS-BRA held out), trained on BUS-BRA (BUSI held out)
@@ -219,7 +220,7 @@ def draw(runs: list[dict], curves: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
         ax.title.set_fontsize(9)
-    utils.save_figure(fig, out)
+    storage.save_figure(fig, out)
 
 
 def main(argv=None) -> int:
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
         if not args.busi or not args.busbra:
             parser.error("--busi and --busbra are needed (or --table)")
         return train(args)
-    except (ValueError, OSError, checkpoints.CheckpointError, dataset.DataError) as exc:
+    except (ValueError, OSError, checkpoints.CheckpointError, utils.DataError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import checkpoints
+import storage
 import utils
 from trust import texture_statistics
 from unet import deepest_layer, texture_layer
@@ -115,7 +116,7 @@ def to_json(value):
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
-    return json.dumps(utils.json_safe(plain(value)), allow_nan=False, separators=(",", ":"))
+    return json.dumps(storage.json_safe(plain(value)), allow_nan=False, separators=(",", ":"))
 
 
 def from_json(text: str):
@@ -165,7 +166,7 @@ def export(loaded: checkpoints.LoadedModel, checkpoint_sha256: str = "") -> byte
     return proto.SerializeToString()
 
 
-file_sha256 = utils.file_sha256
+file_sha256 = storage.file_sha256
 
 
 def cache_path(checkpoint: Path, sha256: str) -> Path:
@@ -227,7 +228,7 @@ def cached_model(checkpoint: Path, state: dict, sha: str, threads: int | None = 
         replace = True
     data = export(checkpoints.loaded(checkpoints.build_model(state, checkpoint), state), sha)
     try:
-        utils.atomic_write(path, data, replace=replace)
+        storage.atomic_write(path, data, replace=replace)
     except FileExistsError:  # another process exported it meanwhile; this one's bytes are the same export
         pass
     except OSError as exc:
@@ -235,7 +236,7 @@ def cached_model(checkpoint: Path, state: dict, sha: str, threads: int | None = 
               f"exported in memory", file=sys.stderr)
         return OnnxModel(data, threads)
     try:  # after the export: a kill between the two leaves an export without a sidecar, exported again next time
-        utils.atomic_write(sidecar_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode())
+        storage.atomic_write(sidecar_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode())
     except OSError as exc:
         print(f"note: cannot record the SHA-256 of the ONNX export {utils.printable(path)} "
               f"({exc.strerror or exc}); it will be exported again next time", file=sys.stderr)

@@ -18,7 +18,7 @@ the same name from two folders of a glob gets _2, _3, ... (a.png_2_pred.png). DI
 content, so extension-less files too) give one output per frame, <stem>_f003_pred.png, or only --frame N; their
 ultrasound region alone is predicted, and sizes come in mm where the file records its pixel spacing (or
 --pixel-spacing gives it). Files named X_mask.png or
-X_mask_N.png (ground truth in the BUSI layout, dataset.MASK_RE), hidden files and non-image files in an input
+X_mask_N.png (ground truth in the BUSI layout, image_io.MASK_RE), hidden files and non-image files in an input
 folder are skipped. A file that cannot be read is reported on stderr and skipped; the exit code is then 1 (0 when
 every file was written, 2 when nothing could start: bad checkpoint, no inputs, a refused output folder; 2 also
 when the model's outputs are not finite, NaN or inf: nothing of that chunk is written, and a run that wrote
@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import storage
 import utils  # (torch-free: --help is answered from it before torch loads, below)
 from utils import DEFAULT_CHECKPOINT, default_threads
 
@@ -134,7 +135,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import checkpoints  # noqa: E402
-import dataset  # noqa: E402
+import image_io
+import prediction_table
 import dicom_io  # noqa: E402
 import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
@@ -142,7 +144,7 @@ import trust  # noqa: E402
 from dicom_io import gather_inputs  # noqa: E402
 from inference import Prediction, contradiction, predict_scans  # noqa: E402
 
-CSV_NAME, CSV_FIELDS = dataset.PREDICTIONS_CSV, dataset.PREDICTIONS_FIELDS  # (the format: dataset.py)
+CSV_NAME, CSV_FIELDS = prediction_table.PREDICTIONS_CSV, prediction_table.PREDICTIONS_FIELDS  # (the format: dataset.py)
 MODEL_CARD = utils.shown_path(DEFAULT_CHECKPOINT.parent / "README.md")
 NO_LESION = "mask emptied"  # the `no_lesion` column: the "no lesion" gate judged the scan lesion-free
 LIKELY_LESION_FREE = "likely lesion-free"  # ... where the gate does not apply (trust.gate_applies): mask kept
@@ -150,8 +152,8 @@ OUT_OF_RANGE = "OUT OF RANGE"  # the `out_of_range` column: unlike the scans the
 ADAPT_HINT = ("the outlines, the 'no lesion' gate and the trust score were fitted on other hospitals' scans: adapt "
               "the model to these scans with  python adapt.py --checkpoint CKPT --scans FOLDER --output NEW.pt  "
               "(README, 'Your own scans')")
-# _pred, never _mask: a prediction copied beside its scan must not pass for ground truth (dataset.MASK_RE)
-MASK_SUFFIX, OVERLAY_SUFFIX = (stem + ".png" for stem in dataset.PREDICTION_STEMS)
+# _pred, never _mask: a prediction copied beside its scan must not pass for ground truth (image_io.MASK_RE)
+MASK_SUFFIX, OVERLAY_SUFFIX = (stem + ".png" for stem in prediction_table.PREDICTION_STEMS)
 OUTLINE_RGB = (255, 64, 0)  # orange-red: stands out on grey ultrasound and is told apart from cyan ground truth
 # A chunk of inputs is decoded, predicted and written together. Besides --batch-size, a chunk stops growing at
 # this many original pixels (~ 64 MB of grey uint8) so that a folder of huge scans never sits in memory at once.
@@ -162,7 +164,7 @@ IO_THREADS = min(4, os.cpu_count() or 1)  # PIL releases the GIL while decoding/
 def _stem(path: Path) -> str:
     """The file's stem; the whole name of a DICOM file named without a DICOM extension (1.2.840.1234: its last part
     is not an extension)."""
-    known = path.suffix.lower() in dataset.IMAGE_EXTENSIONS or dicom_io.is_dicom_name(path)
+    known = path.suffix.lower() in utils.IMAGE_EXTENSIONS or dicom_io.is_dicom_name(path)
     return path.name if not known and dicom_io.is_dicom(path) else path.stem
 
 
@@ -234,11 +236,11 @@ class NonFiniteOutput(Exception):
 
 def earlier_outputs(table: Path) -> set[str]:
     """The files an earlier run listed in `table` (its predictions.csv), as they appear in a CSV
-    (dataset.predictions_listed). Raises RefusedOutput for a file of that name that is not such a table: it is
+    (prediction_table.predictions_listed). Raises RefusedOutput for a file of that name that is not such a table: it is
     someone else's.
     """
     try:
-        return dataset.predictions_listed(table)
+        return prediction_table.predictions_listed(table)
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise RefusedOutput(f"{shown(table)} exists and is not a table written by predict_busi.py; it is never "
                             f"overwritten: choose another --output") from exc
@@ -254,8 +256,8 @@ def check_output_folder(out_dir: Path, stems: list[str], overwrite: bool) -> set
     table = out_dir / CSV_NAME
     has_table = os.path.lexists(table)
     listed = earlier_outputs(table) if has_table else set()
-    labels = sorted(p.name for p in out_dir.iterdir() if dataset.MASK_RE.match(p.stem) and
-                    p.suffix.lower() in dataset.IMAGE_EXTENSIONS and shown(p.name) not in listed)
+    labels = sorted(p.name for p in out_dir.iterdir() if image_io.MASK_RE.match(p.stem) and
+                    p.suffix.lower() in utils.IMAGE_EXTENSIONS and shown(p.name) not in listed)
     if labels:  # a data folder (an older predict's X_mask.png, listed in its table, is not ground truth)
         raise RefusedOutput(f"{shown(out_dir)} holds ground truth ({shown(labels[0])}): predictions are never written "
                             f"beside labels, and a label is never overwritten; choose another --output")
@@ -381,7 +383,7 @@ def peek_size(path: Path) -> tuple[int, int]:
         # header gave. The pixel count, all the chunk budget needs, is the same either way.
         if im.format == "PNG" and "exif" not in im.info:
             return width, height
-        orientation = dataset.exif_orientation(im)  # the loader's reading (a damaged EXIF block: none)
+        orientation = image_io.exif_orientation(im)  # the loader's reading (a damaged EXIF block: none)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
@@ -397,7 +399,7 @@ def _chunks(paths: list[Path], stems: list[str], batch_size: int):
         try:
             width, height = peek_size(path)
             n = width * height
-        except Exception:  # noqa: BLE001 - any failure is reported by dataset.load_image below
+        except Exception:  # noqa: BLE001 - any failure is reported by image_io.load_image below
             n = 0
         if chunk and (len(chunk) >= batch_size or pixels + n > CHUNK_PIXEL_BUDGET):
             yield chunk
@@ -429,7 +431,7 @@ def _write_outputs(image: np.ndarray, prediction: Prediction, stem: str, out_dir
     mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
     overlay_png = Image.fromarray(overlay_image(image, mask))
     # Low zlib levels: 3-4x faster to write than the default, and the files are still small (masks are flat).
-    utils.atomic_write_all([(out_dir / mask_name, lambda f: mask_png.save(f, format="PNG", compress_level=1)),
+    storage.atomic_write_all([(out_dir / mask_name, lambda f: mask_png.save(f, format="PNG", compress_level=1)),
                             (out_dir / overlay_name, lambda f: overlay_png.save(f, format="PNG", compress_level=3))],
                            replaceable)
     return Result.of(prediction, display_name, mask_name, overlay_name)
@@ -440,7 +442,7 @@ def _load(path: Path, frame: int | None = None,
     """(the scan: an image file, or frame `frame` of a DICOM file, None), or (None, why it cannot be read)."""
     try:
         return dicom_io.load_scan(path, frame, pixel_spacing), None
-    except dataset.DataError as exc:
+    except utils.DataError as exc:
         return None, shown(exc)
 
 
@@ -453,7 +455,7 @@ def expand_frames(paths: list[Path], frame: int | None = None) -> tuple[list[Pat
     for path in paths:
         try:
             header = dicom_io.read_header(path) if dicom_io.is_dicom(path) else None
-        except dataset.DataError:
+        except utils.DataError:
             header = None
         if header is not None and header.note:
             notes.append(f"note: {shown(path)}: {header.note}")
@@ -506,7 +508,7 @@ def run(paths: list[Path], loaded: checkpoints.LoadedModel, device: torch.device
     def save_table() -> None:
         nonlocal table_is_ours
         # UTF-8 whatever the file names: the rows hold them as shown()
-        utils.write_csv(table, CSV_FIELDS, [rows[i] for i in sorted(done)],
+        storage.write_csv(table, CSV_FIELDS, [rows[i] for i in sorted(done)],
                         replace=table_is_ours or CSV_NAME in replaceable)
         table_is_ours = True
 

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import storage
 import utils  # (torch-free: --help is answered before torch loads, below)
 
 
@@ -62,6 +63,8 @@ import torch  # noqa: E402
 
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
+import image_io
+import splitting
 import evaluation  # noqa: E402
 import metrics  # noqa: E402
 import trust  # noqa: E402
@@ -113,9 +116,9 @@ def patients(names: list[str], pattern: str | None, data_dir: Path) -> list[list
             m = re.match(pattern, Path(n).name)
             groups.setdefault(m.group(1) if m else n, []).append(n)
         return [sorted(g) for _, g in sorted(groups.items())]
-    samples = [s for s in dataset.discover_samples(data_dir) if s.image in set(names)]
-    hashes = {s.image: dataset.perceptual_hash(dataset.load_sample(data_dir, s)[0]) for s in samples}
-    groups = dataset.duplicate_groups(hashes)
+    samples = [s for s in image_io.discover_samples(data_dir) if s.image in set(names)]
+    hashes = {s.image: splitting.perceptual_hash(image_io.load_sample(data_dir, s)[0]) for s in samples}
+    groups = splitting.duplicate_groups(hashes)
     grouped = {n for g in groups for n in g}
     return sorted([sorted(g) for g in groups] + [[n] for n in hashes if n not in grouped])  # a lone scan too
 
@@ -132,7 +135,7 @@ def fine_tune(args, site: Path, split: dict, chosen: list[list[str]], seed: int,
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     split_file = work / f"{tag}_split.json"
-    dataset.write_split(own, split_file)
+    splitting.write_split(own, split_file)
     command = [sys.executable, str(HERE / "train_unet_busi.py"), "--init-from", args.checkpoint, "--data-dir",
                f"SITE={site}", "--split-file", f"SITE={split_file}", "--output-dir", str(work), "--run-name", tag,
                "--seed", str(seed), *shlex.split(args.recipe_flags)]
@@ -234,7 +237,7 @@ def main(argv=None) -> int:
               f"{g['lesion_dice']:.3f}, missed {g['missed_lesions']}/{g['n_lesion']}, normals outlined "
               f"{g['normal_fp_rate']:.2f} of {g['n_normal']}; out of range {row['score']['out_of_range']}",
               flush=True)
-        utils.write_json(out_path, results)
+        storage.write_json(out_path, results)
 
     if args.unadapted:
         record("unadapted", score=score(source, val))

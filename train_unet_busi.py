@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import storage
 import utils  # (torch-free: the flags and --help come from here before torch loads, below)
 from utils import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, RepeatSpec, SourceList, UnitFraction
 
@@ -155,7 +156,6 @@ import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import evaluation  # noqa: E402
 import training  # noqa: E402
-import trust  # noqa: E402
 import unet  # noqa: E402
 from unet import LiteUNet, UNet  # noqa: E402
 
@@ -193,7 +193,7 @@ def open_run(args) -> tuple[dict | None, Path]:
     output_dir, state = Path(args.output_dir), None
     if args.resume is not None:
         state, path = checkpoints.run_to_resume(args.resume, args.run_name, output_dir)
-        run_dir = args.claimed = utils.claim_for_resume(path.parent)  # one process at a time trains into a folder
+        run_dir = args.claimed = storage.claim_for_resume(path.parent)  # one process at a time trains into a folder
         checkpoints.check_resumable(state, path)
     elif args.eval_only:
         state = checkpoints.load_checkpoint(args.checkpoint)
@@ -201,9 +201,9 @@ def open_run(args) -> tuple[dict | None, Path]:
         name = f"{name.parent.name}-{name.stem}" if name.stem in ("best", "latest") and name.parent.name else name.stem
         names = "+".join(n for n, _ in dataset.resolve_sources(args.data_dir, announce=False))
         split = {"test": "", "all": f"-{names}"}.get(args.eval_split, f"-{args.eval_split}")
-        run_dir = args.claimed = utils.claim_run_dir(output_dir, args.run_name, f"eval-{name}{split}")
+        run_dir = args.claimed = storage.claim_run_dir(output_dir, args.run_name, f"eval-{name}{split}")
     else:
-        run_dir = args.claimed = utils.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
+        run_dir = args.claimed = storage.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
         sample = [p for _, p in dataset.resolve_sources(args.data_dir, announce=False)] == [dataset.SAMPLE_DIR]
         if args.init_from is not None:
             args.recipe = args.recipe or "site"
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM while the data is prepared, or in the trust fit and test
         print(utils.interrupted(args.claimed), file=sys.stderr)
         return 130
-    except (dataset.DataError, checkpoints.CheckpointError, ValueError, FloatingPointError, ImportError) as exc:
+    except (utils.DataError, checkpoints.CheckpointError, ValueError, FloatingPointError, ImportError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # full disk, read-only output dir, ...
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
         return 2
     finally:
         if args.claimed is not None:  # a run that failed before its first checkpoint frees its name
-            utils.release_run_dir(args.claimed)
+            storage.release_run_dir(args.claimed)
 
 
 if __name__ == "__main__":

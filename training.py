@@ -17,6 +17,7 @@ import augment
 import checkpoints
 import dataset
 import evaluation
+import storage
 import utils
 from augment import AugmentConfig
 from losses import BCEDiceLoss, total_loss
@@ -73,7 +74,7 @@ def repeat_index(labels: list[str], sources: list[str], spec: str, seed: int) ->
     an image whose class and source factors multiply to f appears floor(f) times, plus once more for a fixed share
     frac(f) of such images (drawn once per run from `seed`, so a resumed run sees the same epochs)."""
     factors = utils.parse_repeat(spec)
-    unknown = set(factors) - set(labels) - set(sources) - set(dataset.CLASSES)
+    unknown = set(factors) - set(labels) - set(sources) - set(utils.CLASSES)
     if unknown:
         raise ValueError(f"--repeat names {', '.join(sorted(unknown))}: neither a class nor a source of this run "
                          f"(sources: {', '.join(sorted(set(sources)))})")
@@ -91,7 +92,7 @@ def repeat_index(labels: list[str], sources: list[str], spec: str, seed: int) ->
 
 def epoch_set(train: dict, repeat: str, seed: int, device: torch.device) -> dict:
     """The training split as each epoch draws it (`repeat_index`): images, masks and labels on `device`."""
-    drawn = repeat_index([dataset.CLASSES[k] for k in train["labels"].tolist()], train["sources"], repeat, seed)
+    drawn = repeat_index([utils.CLASSES[k] for k in train["labels"].tolist()], train["sources"], repeat, seed)
     if repeat:
         print(f"sampling {repeat!r}: {len(drawn)} training images per epoch ({len(train['names'])} distinct)",
               flush=True)
@@ -446,7 +447,7 @@ def write_history(run_dir, history: list[dict], best_epoch: int | None = None) -
     if not history:
         return
     fields = list(dict.fromkeys(k for h in history for k in h))  # (a resumed run's rows share the first's columns)
-    utils.write_csv(run_dir / "history.csv", fields, [[h.get(k, "") for k in fields] for h in history])
+    storage.write_csv(run_dir / "history.csv", fields, [[h.get(k, "") for k in fields] for h in history])
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(11, 4.6))
     ax1, ax2 = fig.subplots(1, 2)
@@ -468,7 +469,7 @@ def write_history(run_dir, history: list[dict], best_epoch: int | None = None) -
     ax2.set(xlabel="epoch", ylabel="validation split, original resolution", title="Validation", ylim=(0, 1))
     for ax in (ax1, ax2):  # legends below the axes: they never cover a curve
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small", frameon=False)
-    utils.save_figure(fig, run_dir / "curves.png")
+    storage.save_figure(fig, run_dir / "curves.png")
 
 
 def epoch_line(row: dict, improved: bool, bad: int, epochs: int, best_before: float, left: int = 0) -> str:

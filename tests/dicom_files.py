@@ -10,8 +10,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-import dataset
-
+import image_io
 SAMPLE_SCAN = Path(__file__).resolve().parent.parent / "data" / "busi_sample" / "benign" / "benign (4).png"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
@@ -24,7 +23,7 @@ BORDER = (40, 24, 60, 30)  # left, top, right, bottom: the scanner's margins aro
 
 
 def sample_grey() -> np.ndarray:
-    return dataset.load_image(SAMPLE_SCAN)  # the grey pixels predict reads from the PNG
+    return image_io.load_image(SAMPLE_SCAN)  # the grey pixels predict reads from the PNG
 
 
 def framed(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:

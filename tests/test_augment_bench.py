@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-import dataset
+import image_io
+import tensor_cache
 from augment import AugmentConfig, augment_batch, to_unit_float
 from bench_busi import NaiveBUSIDataset
 from losses import BCEDiceLoss
@@ -93,8 +94,8 @@ def test_augmentation_is_reproducible_from_the_generators():
 
 def test_device_path_and_naive_path_give_the_same_loss_without_augmentation(busi_dir):
     root, _ = busi_dir
-    samples = dataset.discover_samples(root)[:6]
-    cache = dataset.build_cache(root, samples, 32, None, progress=False)
+    samples = image_io.discover_samples(root)[:6]
+    cache = tensor_cache.build_cache(root, samples, 32, None, progress=False)
     fast_x, fast_y = augment_batch(cache["images"], cache["masks"], AugmentConfig().scaled(0),
                                    torch.Generator().manual_seed(0))
     naive = NaiveBUSIDataset(root, samples, 32, augment=False)
@@ -187,8 +188,8 @@ def test_profile_of_a_step_adds_up_and_stays_under_the_cpus_roofline(busi_dir):
     import bench_busi
 
     args = bench_busi.build_parser().parse_args(["--image-size", "64", "--batch-size", "4"])
-    samples = dataset.discover_samples(busi_dir[0])
-    cache = dataset.build_cache(busi_dir[0], samples, 64, None, progress=False)
+    samples = image_io.discover_samples(busi_dir[0])
+    cache = tensor_cache.build_cache(busi_dir[0], samples, 64, None, progress=False)
     profile = bench_busi.profile_step(argparse.Namespace(**vars(args)), torch.device("cpu"), cache, steps=1)
     rows = profile["rows"]
     assert sum(r["share"] for r in rows.values()) == pytest.approx(1)

@@ -12,10 +12,12 @@ from conftest import SYNTHETIC_COUNTS
 from PIL import Image
 
 import checkpoints
-import dataset
 import evaluation
+import image_io
 import inference
 import metrics
+import splitting
+import tensor_cache
 import utils
 from losses import BCEDiceLoss, presence_loss, soft_dice_loss, total_loss
 from unet import UNet, UNetEnsemble
@@ -26,10 +28,10 @@ from unet import UNet, UNetEnsemble
 # ------------------------------------------------------------------------------------------------------------------
 def test_discovery_pairs_images_with_all_masks_and_ignores_litter(busi_dir):
     root, facts = busi_dir
-    samples = dataset.discover_samples(root)
+    samples = image_io.discover_samples(root)
     expected = dict(SYNTHETIC_COUNTS)
     expected["malignant"] += 1  # the planted duplicate
-    assert {c: sum(s.label == c for s in samples) for c in dataset.CLASSES} == expected
+    assert {c: sum(s.label == c for s in samples) for c in utils.CLASSES} == expected
     by_name = {s.image: s for s in samples}
     assert by_name["benign/benign (5).png"].masks == [
         "benign/benign (5)_mask.png", "benign/benign (5)_mask_1.png", "benign/benign (5)_mask_2.png"]
@@ -41,8 +43,8 @@ def test_discovery_pairs_images_with_all_masks_and_ignores_litter(busi_dir):
                                  "benign/benign (4).png", "normal/normal (1).png"])
 def test_masks_are_or_merged_from_1bit_rgb_rgba_and_l(busi_dir, rel):
     root, facts = busi_dir
-    sample = next(s for s in dataset.discover_samples(root) if s.image == rel)
-    image, mask = dataset.load_sample(root, sample)
+    sample = next(s for s in image_io.discover_samples(root) if s.image == rel)
+    image, mask = image_io.load_sample(root, sample)
     assert image.dtype == np.uint8 and image.ndim == 2
     assert mask.dtype == bool and mask.shape == image.shape
     np.testing.assert_array_equal(mask, facts["masks"][rel])
@@ -53,20 +55,20 @@ def test_rgba_mask_with_transparent_white_background_is_background(tmp_path):
     m[2:5, 3:7] = 255
     rgba = np.dstack([np.full_like(m, 255)] * 3 + [m])  # white everywhere, opaque only on the lesion
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    assert dataset.load_mask([tmp_path / "a.png"]).sum() == 12
+    assert image_io.load_mask([tmp_path / "a.png"]).sum() == 12
 
 
 def test_sixteen_bit_and_palette_images_load_as_grey(tmp_path):
     ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     Image.fromarray(ramp).save(tmp_path / "a.png")
-    grey = dataset.load_image(tmp_path / "a.png")
+    grey = image_io.load_image(tmp_path / "a.png")
     assert grey.dtype == np.uint8 and grey.max() == round(63000 / 65535 * 255)
     Image.fromarray(np.full((5, 5), 200, np.uint8)).convert("P").save(tmp_path / "p.png")
-    assert dataset.load_image(tmp_path / "p.png").mean() == pytest.approx(200, abs=1)
+    assert image_io.load_image(tmp_path / "p.png").mean() == pytest.approx(200, abs=1)
 
 
 def _error(fn, *args):
-    with pytest.raises(dataset.DataError) as info:
+    with pytest.raises(utils.DataError) as info:
         fn(*args)
     message = str(info.value)
     assert "\n" not in message
@@ -74,29 +76,29 @@ def _error(fn, *args):
 
 
 def test_missing_data_dir_and_class_folder(tmp_path, fresh_busi_dir):
-    assert "data dir not found" in _error(dataset.discover_samples, tmp_path / "nope")
+    assert "data dir not found" in _error(image_io.discover_samples, tmp_path / "nope")
     root, _ = fresh_busi_dir
     shutil.rmtree(root / "normal")  # a source without normal scans (BUS-BRA's layout) is a data folder
-    assert {s.label for s in dataset.discover_samples(root)} == {"benign", "malignant"}
+    assert {s.label for s in image_io.discover_samples(root)} == {"benign", "malignant"}
     empty = tmp_path / "empty"
     (empty / "unrelated").mkdir(parents=True)
-    assert "no class folder" in _error(dataset.discover_samples, empty)
+    assert "no class folder" in _error(image_io.discover_samples, empty)
     (root / "normal").mkdir()
     (root / "normal" / ".DS_Store").write_bytes(b"x")
-    assert "no images" in _error(dataset.discover_samples, root)
+    assert "no images" in _error(image_io.discover_samples, root)
 
 
 def test_image_without_mask_is_named(fresh_busi_dir):
     root, _ = fresh_busi_dir
     (root / "benign" / "benign (3)_mask.png").unlink()
-    assert "image without a mask" in (msg := _error(dataset.discover_samples, root)) and "benign (3).png" in msg
+    assert "image without a mask" in (msg := _error(image_io.discover_samples, root)) and "benign (3).png" in msg
 
 
 def test_mask_of_other_size_is_named(fresh_busi_dir):
     root, _ = fresh_busi_dir
     Image.new("1", (7, 9)).save(root / "benign" / "benign (3)_mask.png")
-    sample = next(s for s in dataset.discover_samples(root) if s.image == "benign/benign (3).png")
-    msg = _error(dataset.load_sample, root, sample)
+    sample = next(s for s in image_io.discover_samples(root) if s.image == "benign/benign (3).png")
+    msg = _error(image_io.load_sample, root, sample)
     assert "differs from its image" in msg and "benign (3)_mask.png" in msg
 
 
@@ -106,7 +108,7 @@ def test_unreadable_images_are_named(fresh_busi_dir, damage):
     path = root / "malignant" / "malignant (2).png"
     data = path.read_bytes()
     path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "text": b"hello, not a PNG"}[damage])
-    msg = _error(dataset.load_image, path)
+    msg = _error(image_io.load_image, path)
     assert "malignant (2).png" in msg
 
 
@@ -115,7 +117,7 @@ def test_unreadable_images_are_named(fresh_busi_dir, damage):
 # ------------------------------------------------------------------------------------------------------------------
 def test_perceptual_hash_groups_the_planted_duplicate_only(busi_dir):
     root, facts = busi_dir
-    split = dataset.compute_split(root, progress=False)
+    split = splitting.compute_split(root, progress=False)
     assert facts["duplicate_pair"] in split["duplicate_groups"]
     assert all(len(g) >= 2 for g in split["duplicate_groups"])
     where = {n: k for k in ("train", "val", "test") for n in split[k]}
@@ -124,23 +126,23 @@ def test_perceptual_hash_groups_the_planted_duplicate_only(busi_dir):
 
 def test_split_is_deterministic_stratified_and_complete(busi_dir):
     root, _ = busi_dir
-    samples = dataset.discover_samples(root)
-    a = dataset.compute_split(root, samples, progress=False)
-    b = dataset.compute_split(root, samples, progress=False)
+    samples = image_io.discover_samples(root)
+    a = splitting.compute_split(root, samples, progress=False)
+    b = splitting.compute_split(root, samples, progress=False)
     assert a == b
     names = a["train"] + a["val"] + a["test"]
     assert sorted(names) == sorted(s.image for s in samples) and len(set(names)) == len(names)
-    for label in dataset.CLASSES:
+    for label in utils.CLASSES:
         n = sum(s.label == label for s in samples)
         train = sum(x.startswith(label) for x in a["train"])
         assert abs(train - 0.7 * n) <= 1.5  # stratified: each class ~70% in train
-    assert dataset.compute_split(root, samples, seed=1, progress=False)["train"] != a["train"]
+    assert splitting.compute_split(root, samples, seed=1, progress=False)["train"] != a["train"]
 
 
 def test_make_split_keeps_groups_together():
-    samples = [dataset.Sample(f"benign/b{i}.png", label="benign") for i in range(40)]
+    samples = [image_io.Sample(f"benign/b{i}.png", label="benign") for i in range(40)]
     groups = [[f"benign/b{i}.png" for i in range(k, k + 4)] for k in range(0, 40, 8)]
-    split = dataset.make_split(samples, groups)
+    split = splitting.make_split(samples, groups)
     where = {n: k for k in ("train", "val", "test") for n in split[k]}
     for g in groups:
         assert len({where[n] for n in g}) == 1
@@ -149,30 +151,30 @@ def test_make_split_keeps_groups_together():
 
 def test_split_file_round_trip_and_errors(tmp_path, busi_dir):
     root, _ = busi_dir
-    samples = dataset.discover_samples(root)
-    split = dataset.compute_split(root, samples, progress=False)
-    dataset.write_split(split, tmp_path / "s.json")
-    assert dataset.read_split(tmp_path / "s.json", samples) == split
-    assert dataset.split_matches(split, samples)
+    samples = image_io.discover_samples(root)
+    split = splitting.compute_split(root, samples, progress=False)
+    splitting.write_split(split, tmp_path / "s.json")
+    assert splitting.read_split(tmp_path / "s.json", samples) == split
+    assert splitting.split_matches(split, samples)
     (tmp_path / "bad.json").write_text("{not json")
-    assert "not valid JSON" in _error(dataset.read_split, tmp_path / "bad.json")
+    assert "not valid JSON" in _error(splitting.read_split, tmp_path / "bad.json")
     split["test"].append("benign/ghost.png")
-    dataset.write_split(split, tmp_path / "ghost.json")
-    assert "ghost.png" in _error(dataset.read_split, tmp_path / "ghost.json", samples)
-    assert "not found" in _error(dataset.read_split, tmp_path / "missing.json")
+    splitting.write_split(split, tmp_path / "ghost.json")
+    assert "ghost.png" in _error(splitting.read_split, tmp_path / "ghost.json", samples)
+    assert "not found" in _error(splitting.read_split, tmp_path / "missing.json")
 
 
 def test_cache_is_written_once_and_reloaded_identically(tmp_path, busi_dir):
     root, facts = busi_dir
-    samples = dataset.discover_samples(root)
-    first = dataset.build_cache(root, samples, 32, tmp_path, progress=False)
+    samples = image_io.discover_samples(root)
+    first = tensor_cache.build_cache(root, samples, 32, tmp_path, progress=False)
     files = list(tmp_path.glob("busi_32_*.pt"))
     assert len(files) == 1
-    second = dataset.build_cache(root, samples, 32, tmp_path, progress=False)
+    second = tensor_cache.build_cache(root, samples, 32, tmp_path, progress=False)
     assert torch.equal(first["images"], second["images"]) and torch.equal(first["masks"], second["masks"])
     assert first["images"].shape == (len(samples), 1, 32, 32) and first["images"].dtype == torch.uint8
     i = first["names"].index("benign/benign (5).png")
-    full = dataset.unpack_mask(first["full_masks"][i], first["full_sizes"][i])
+    full = tensor_cache.unpack_mask(first["full_masks"][i], first["full_sizes"][i])
     np.testing.assert_array_equal(full.numpy(), facts["masks"]["benign/benign (5).png"])
     assert set(first["masks"].unique().tolist()) <= {0, 1}
 
@@ -327,8 +329,8 @@ def test_roc_curve_hand_computed_and_its_area_is_roc_auc():
 def test_evaluate_scores_at_original_resolution(busi_dir):
     """A model that predicts exactly the resized mask scores the Dice of that mask resized back, per image."""
     root, facts = busi_dir
-    samples = dataset.discover_samples(root)
-    cache = dataset.build_cache(root, samples, 32, None, progress=False)
+    samples = image_io.discover_samples(root)
+    cache = tensor_cache.build_cache(root, samples, 32, None, progress=False)
 
     class Oracle(torch.nn.Module):  # returns +-20 logits from the cached low-res mask of each image in turn
         def __init__(self):
@@ -353,8 +355,8 @@ def test_evaluate_thresholds_match_dice_iou_on_each_resized_prediction(busi_dir)
     """The batched, sync-free counting gives, per image and threshold, exactly metrics.dice_iou of the prediction
     resized to the original size; the class probabilities come through per image."""
     root, facts = busi_dir
-    samples = dataset.discover_samples(root)
-    cache = dataset.build_cache(root, samples, 32, None, progress=False)
+    samples = image_io.discover_samples(root)
+    cache = tensor_cache.build_cache(root, samples, 32, None, progress=False)
     torch.manual_seed(0)
     model = UNet(1, 1, base_channels=4, depth=2, num_classes=3).eval()
     thresholds = [0.3, 0.5, 0.7]
@@ -508,7 +510,7 @@ def test_seeding_is_reproducible():
 
 
 def test_committed_split_file_is_well_formed():
-    split = json.loads(dataset.DEFAULT_SPLIT_FILE.read_text())
+    split = json.loads(utils.DEFAULT_SPLIT_FILE.read_text())
     assert {"train", "val", "test", "duplicate_groups"} <= set(split)
     for k in ("train", "val", "test"):
         assert split[k] == sorted(split[k])

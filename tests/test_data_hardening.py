@@ -14,6 +14,11 @@ from conftest import ROOT
 from PIL import Image
 
 import dataset
+import image_io
+import splitting
+import storage
+import tensor_cache
+import utils
 
 BAD_NAME = b"bad\xff name"  # not valid UTF-8: Python sees it as 'bad\udcff name' (surrogate escape)
 
@@ -67,26 +72,26 @@ def _plant_bad_name(root):
 def test_non_utf8_file_name_is_discovered_cached_split_and_bundled(fresh_busi_dir, tmp_path):
     root, _ = fresh_busi_dir
     rel, mask = _plant_bad_name(root)
-    samples = dataset.discover_samples(root)
+    samples = image_io.discover_samples(root)
     assert rel in [s.image for s in samples]
     # cache: written, then read back from disk with the same names and mask
-    first = dataset.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
+    first = tensor_cache.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
     assert len(list((tmp_path / "cache").glob("busi_32_*.pt"))) == 1
-    second = dataset.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
+    second = tensor_cache.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
     assert second["names"] == first["names"] and rel in second["names"]
     i = second["names"].index(rel)
-    np.testing.assert_array_equal(dataset.unpack_mask(second["full_masks"][i], second["full_sizes"][i]), mask)
+    np.testing.assert_array_equal(tensor_cache.unpack_mask(second["full_masks"][i], second["full_sizes"][i]), mask)
     # split: the JSON is plain ASCII with an escape sequence, and reads back to the same names
-    split = dataset.compute_split(root, samples, progress=False)
-    dataset.write_split(split, tmp_path / "s.json")
+    split = splitting.compute_split(root, samples, progress=False)
+    splitting.write_split(split, tmp_path / "s.json")
     text = (tmp_path / "s.json").read_bytes().decode("ascii")
     assert "bad\\udcff name.png" in text
-    back = dataset.read_split(tmp_path / "s.json", samples)
+    back = splitting.read_split(tmp_path / "s.json", samples)
     assert {k: back[k] for k in ("train", "val", "test")} == {k: split[k] for k in ("train", "val", "test")}
-    assert dataset.split_matches(back, samples)
+    assert splitting.split_matches(back, samples)
     # bundle
-    dataset.write_bundle(first, 32, tmp_path / "b.pt")
-    assert dataset.read_bundle(tmp_path / "b.pt", 32)["names"] == first["names"]
+    tensor_cache.write_bundle(first, 32, tmp_path / "b.pt")
+    assert tensor_cache.read_bundle(tmp_path / "b.pt", 32)["names"] == first["names"]
 
 
 def test_non_utf8_file_name_through_the_split_command(fresh_busi_dir, tmp_path):
@@ -94,7 +99,7 @@ def test_non_utf8_file_name_through_the_split_command(fresh_busi_dir, tmp_path):
     rel, _ = _plant_bad_name(root)
     result = _cli("--data-dir", root, "--out", tmp_path / "s.json")
     assert result.returncode == 0, result.stderr
-    split = dataset.read_split(tmp_path / "s.json", dataset.discover_samples(root))
+    split = splitting.read_split(tmp_path / "s.json", image_io.discover_samples(root))
     assert rel in split["train"] + split["val"] + split["test"]
 
 
@@ -104,8 +109,8 @@ def test_non_utf8_file_name_through_the_split_command(fresh_busi_dir, tmp_path):
 def test_same_stem_with_two_extensions_is_refused_naming_both(fresh_busi_dir):
     root, _ = fresh_busi_dir
     Image.open(root / "benign" / "benign (1).png").convert("RGB").save(root / "benign" / "benign (1).jpg")
-    with pytest.raises(dataset.DataError) as info:
-        dataset.discover_samples(root)
+    with pytest.raises(utils.DataError) as info:
+        image_io.discover_samples(root)
     message = str(info.value)
     assert "benign (1).png" in message and "benign (1).jpg" in message and "\n" not in message
     _assert_one_line_error(_cli("--data-dir", root, "--out", root.parent / "s.json"), "benign (1).jpg")
@@ -134,7 +139,7 @@ def test_zero_one_masks_read_as_lesion(tmp_path, kind):
     reopened = Image.open(mask_file)
     grey = reopened.getchannel(0) if reopened.mode == "LA" else reopened
     assert np.asarray(grey).max() == 1, reopened.mode  # the file really holds a 0/1 mask
-    _, loaded = dataset.load_sample(tmp_path, dataset.Sample("x.png", [mask_file.name]))
+    _, loaded = image_io.load_sample(tmp_path, image_io.Sample("x.png", [mask_file.name]))
     np.testing.assert_array_equal(loaded, mask)
 
 
@@ -144,10 +149,10 @@ def test_half_scale_rule_still_holds_for_ordinary_masks(tmp_path):
     values[2:4, 2:4] = 255
     values[6, 6] = 2  # faint, and the maximum is not 1
     Image.fromarray(values).save(tmp_path / "m.png")
-    assert dataset.load_mask([tmp_path / "m.png"]).sum() == 4
+    assert image_io.load_mask([tmp_path / "m.png"]).sum() == 4
     floats = values.astype(np.float32)
     Image.fromarray(floats).save(tmp_path / "m.tif")
-    assert dataset.load_mask([tmp_path / "m.tif"]).sum() == 4
+    assert image_io.load_mask([tmp_path / "m.tif"]).sum() == 4
 
 
 def test_soft_float_mask_with_a_maximum_of_1_is_cut_at_half(tmp_path):
@@ -156,7 +161,7 @@ def test_soft_float_mask_with_a_maximum_of_1_is_cut_at_half(tmp_path):
     values[6, 6:9] = (0.3, 0.5, 0.7)  # an anti-aliased edge
     Image.fromarray(values).save(tmp_path / "m.tif")
     expected = values >= 0.5
-    np.testing.assert_array_equal(dataset.load_mask([tmp_path / "m.tif"]), expected)
+    np.testing.assert_array_equal(image_io.load_mask([tmp_path / "m.tif"]), expected)
 
 
 def test_empty_lesion_mask_is_warned_once_per_load(fresh_busi_dir, tmp_path, capfd):
@@ -165,10 +170,10 @@ def test_empty_lesion_mask_is_warned_once_per_load(fresh_busi_dir, tmp_path, cap
         folder = root / name.split()[0]
         size = Image.open(folder / f"{name}.png").size
         Image.new("L", size, 0).save(folder / f"{name}_mask.png")
-    samples = dataset.discover_samples(root)
+    samples = image_io.discover_samples(root)
     capfd.readouterr()
     for _ in range(2):  # decoded, then read from the cache: warned each time, once
-        dataset.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
+        tensor_cache.build_cache(root, samples, 32, tmp_path / "cache", progress=False)
         err = capfd.readouterr().err
         assert err.count("warning:") == 1, err
         line = next(line for line in err.splitlines() if line.startswith("warning:"))
@@ -179,7 +184,7 @@ def test_empty_lesion_mask_is_warned_once_per_load(fresh_busi_dir, tmp_path, cap
 
 def test_no_empty_mask_warning_on_good_data(busi_dir, tmp_path, capfd):
     root, _ = busi_dir
-    dataset.build_cache(root, dataset.discover_samples(root), 32, None, progress=False)
+    tensor_cache.build_cache(root, image_io.discover_samples(root), 32, None, progress=False)
     assert "empty mask" not in capfd.readouterr().err
 
 
@@ -215,8 +220,8 @@ def _assert_aligned(image, mask, expected_mask):
 def test_exif_rotated_jpeg_loads_upright_with_its_displayed_mask(tmp_path):
     expected = _rotated_jpeg(tmp_path / "scan.jpg")
     Image.fromarray(expected.astype(np.uint8) * 255).save(tmp_path / "scan_mask.png")  # drawn as displayed
-    assert dataset.load_image(tmp_path / "scan.jpg").shape == (471, 562)
-    image, mask = dataset.load_sample(tmp_path, dataset.Sample("scan.jpg", ["scan_mask.png"]))
+    assert image_io.load_image(tmp_path / "scan.jpg").shape == (471, 562)
+    image, mask = image_io.load_sample(tmp_path, image_io.Sample("scan.jpg", ["scan_mask.png"]))
     _assert_aligned(image, mask, expected)
 
 
@@ -225,7 +230,7 @@ def test_exif_rotated_mask_follows_its_rotated_image(tmp_path):
     expected = _rotated_jpeg(tmp_path / "scan.jpg")
     stored = Image.fromarray(expected.astype(np.uint8) * 255).transpose(Image.Transpose.ROTATE_90)
     stored.save(tmp_path / "scan_mask.png", exif=_exif(6))
-    image, mask = dataset.load_sample(tmp_path, dataset.Sample("scan.jpg", ["scan_mask.png"]))
+    image, mask = image_io.load_sample(tmp_path, image_io.Sample("scan.jpg", ["scan_mask.png"]))
     _assert_aligned(image, mask, expected)
 
 
@@ -233,8 +238,8 @@ def test_size_mismatch_after_exif_rotation_says_so(tmp_path):
     expected = _rotated_jpeg(tmp_path / "scan.jpg")
     # a mask in the stored (not displayed) orientation and without the tag: it cannot match
     Image.fromarray(np.rot90(expected).astype(np.uint8) * 255).save(tmp_path / "scan_mask.png")
-    with pytest.raises(dataset.DataError) as info:
-        dataset.load_sample(tmp_path, dataset.Sample("scan.jpg", ["scan_mask.png"]))
+    with pytest.raises(utils.DataError) as info:
+        image_io.load_sample(tmp_path, image_io.Sample("scan.jpg", ["scan_mask.png"]))
     message = str(info.value)
     assert "EXIF orientation" in message and "scan_mask.png" in message and "471x562" in message
 
@@ -242,7 +247,7 @@ def test_size_mismatch_after_exif_rotation_says_so(tmp_path):
 def test_perceptual_hash_sees_the_displayed_image(tmp_path):
     _rotated_jpeg(tmp_path / "scan.jpg")
     upright = np.asarray(Image.open(tmp_path / "scan.jpg").convert("L").transpose(Image.Transpose.ROTATE_270))
-    assert dataset.perceptual_hash(dataset.load_image(tmp_path / "scan.jpg")) == dataset.perceptual_hash(upright)
+    assert splitting.perceptual_hash(image_io.load_image(tmp_path / "scan.jpg")) == splitting.perceptual_hash(upright)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -308,7 +313,7 @@ def test_default_data_dir_is_dataset_busi_with_gt_in_the_working_folder(busi_dir
     (work / "Dataset_BUSI_with_GT").symlink_to(root, target_is_directory=True)
     result = _cli("--out", tmp_path / "s.json", cwd=work)
     assert result.returncode == 0, result.stderr
-    assert dataset.split_matches(json.loads((tmp_path / "s.json").read_text()), dataset.discover_samples(root))
+    assert splitting.split_matches(json.loads((tmp_path / "s.json").read_text()), image_io.discover_samples(root))
 
 
 def test_without_out_a_committed_split_of_other_images_is_never_replaced(busi_dir, tmp_path, monkeypatch, capsys):
@@ -328,7 +333,7 @@ def test_without_out_a_committed_split_of_other_images_is_never_replaced(busi_di
     assert (splits / "busi_split.json").read_bytes() == committed
     made = splits / "Other_split.json"
     assert "writing a new one, Other_split.json" in capsys.readouterr().out
-    assert dataset.split_matches(json.loads(made.read_text()), dataset.discover_samples(other))
+    assert splitting.split_matches(json.loads(made.read_text()), image_io.discover_samples(other))
     made.write_text(made.read_text().replace('"method"', '"note": "regenerated?", "method"'))
     assert dataset.main(["--data-dir", str(other)]) == 0  # the same images: its own file, regenerated
     assert "regenerated?" not in made.read_text() and sorted(p.name for p in splits.iterdir()) == \
@@ -347,7 +352,7 @@ def test_good_bundle_command_still_works(busi_dir, tmp_path):
     root, _ = busi_dir
     result = _cli("--data-dir", root, "--bundle", tmp_path / "b.pt", "--image-size", "32")
     assert result.returncode == 0, result.stderr
-    assert len(dataset.read_bundle(tmp_path / "b.pt", 32)["names"]) == len(dataset.discover_samples(root))
+    assert len(tensor_cache.read_bundle(tmp_path / "b.pt", 32)["names"]) == len(image_io.discover_samples(root))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pt"]
 
 
@@ -356,7 +361,7 @@ def test_good_bundle_command_still_works(busi_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 def test_atomic_write_keeps_the_old_file_and_no_temp_when_the_writer_fails(tmp_path):
     target = tmp_path / "f.bin"
-    dataset.atomic_write(target, lambda f: f.write(b"old"))
+    storage.atomic_write(target, lambda f: f.write(b"old"))
     umask = os.umask(0)
     os.umask(umask)
     assert target.read_bytes() == b"old" and target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
@@ -366,11 +371,11 @@ def test_atomic_write_keeps_the_old_file_and_no_temp_when_the_writer_fails(tmp_p
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        dataset.atomic_write(target, half_then_fail)
+        storage.atomic_write(target, half_then_fail)
     assert target.read_bytes() == b"old" and _temp_litter(tmp_path) == []
     (tmp_path / "d").mkdir()
     with pytest.raises(IsADirectoryError):
-        dataset.atomic_write(tmp_path / "d", lambda f: f.write(b"x"))
+        storage.atomic_write(tmp_path / "d", lambda f: f.write(b"x"))
     assert _temp_litter(tmp_path) == [] and list((tmp_path / "d").iterdir()) == []
 
 
@@ -378,14 +383,14 @@ def test_write_split_over_a_directory_leaves_no_stray_tmp(tmp_path, busi_dir):
     root, _ = busi_dir
     (tmp_path / "d").mkdir()
     with pytest.raises(OSError):
-        dataset.write_split({"train": [], "val": [], "test": []}, tmp_path / "d")
+        splitting.write_split({"train": [], "val": [], "test": []}, tmp_path / "d")
     assert _temp_litter(tmp_path) == []
 
 
 def test_cache_and_bundle_files_are_complete_torch_files(tmp_path, busi_dir):
     root, _ = busi_dir
-    cache = dataset.build_cache(root, dataset.discover_samples(root), 32, tmp_path, progress=False)
-    dataset.write_bundle(cache, 32, tmp_path / "b.pt")
+    cache = tensor_cache.build_cache(root, image_io.discover_samples(root), 32, tmp_path, progress=False)
+    tensor_cache.write_bundle(cache, 32, tmp_path / "b.pt")
     for path in tmp_path.glob("*.pt"):
         assert isinstance(torch.load(path, weights_only=True), dict)
     assert _temp_litter(tmp_path) == []

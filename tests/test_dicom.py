@@ -15,10 +15,10 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 from test_predict import checkpoint  # noqa: F401 - fixture
 
-import dataset
 import dicom_io
 import metrics
 import predict_busi
+import utils
 from inference import Predictor
 
 # what a file's patient and study fields hold; none may appear in any output, log line or message
@@ -43,7 +43,7 @@ def test_the_bundled_ultrasound_examples_read_as_grey():
 
     cine = examples.get_path("ybr_color")
     assert dicom_io.frame_count(cine) == 30
-    with pytest.raises(dataset.DataError, match="choose a frame"):
+    with pytest.raises(utils.DataError, match="choose a frame"):
         dicom_io.load_scan(cine)
     frame = dicom_io.load_scan(cine, frame=30)
     luma = pixel_array(cine, index=29, raw=True)[..., 0]
@@ -104,7 +104,7 @@ def test_bad_files_are_one_line_each_naming_the_file_and_nothing_of_the_patient(
     cases.update({"cut_pixels": (None, "truncated"), "cut_header.dcm": (None, "DICOM"),
                   "not.dcm": (None, "no 'DICM'")})
     for name, (_, words) in cases.items():
-        with pytest.raises(dataset.DataError) as caught:
+        with pytest.raises(utils.DataError) as caught:
             dicom_io.load_scan(tmp_path / name)
         message = str(caught.value)
         assert "\n" not in message and name in message and words in message, message
@@ -120,7 +120,7 @@ def test_a_decoder_that_is_not_installed_is_named(tmp_path):
     ds = us_dataset(sample_grey()[:20, :20])
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"  # JPEG-LS
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
-    with pytest.raises(dataset.DataError, match="JPEG-LS.*pip install pylibjpeg pylibjpeg-libjpeg"):
+    with pytest.raises(utils.DataError, match="JPEG-LS.*pip install pylibjpeg pylibjpeg-libjpeg"):
         dicom_io.load_scan(save(ds, tmp_path / "jls.dcm"))
 
 
@@ -151,7 +151,7 @@ def test_absurd_spacings_tiny_regions_and_partial_bit_depths_are_refused(tmp_pat
     assert header.region is None and "1x1 pixels" in header.note and "too small" in header.spacing_source
     narrow = us_dataset(frame)
     narrow.BitsStored, narrow.HighBit = 6, 5
-    with pytest.raises(dataset.DataError, match="6 bits used"):
+    with pytest.raises(utils.DataError, match="6 bits used"):
         dicom_io.load_scan(save(narrow, tmp_path / "six.dcm"))
 
 
@@ -187,7 +187,7 @@ def test_a_truncated_header_is_called_truncated_not_a_report(tmp_path):
     whole = wrapped_scan(tmp_path / "whole.dcm").read_bytes()
     for size in (200, 400, 600):
         (tmp_path / "cut.dcm").write_bytes(whole[:size])
-        with pytest.raises(dataset.DataError, match="truncated") as caught:
+        with pytest.raises(utils.DataError, match="truncated") as caught:
             dicom_io.load_scan(tmp_path / "cut.dcm")
         assert "report" not in str(caught.value) and leaked(str(caught.value)) == []
 

@@ -21,8 +21,11 @@ from PIL import Image
 from test_predict import IMAGE_SIZE, save_tiny_checkpoint, scan, write_bad_checkpoint
 
 import checkpoints
-import dataset
+import image_io
 import metrics
+import splitting
+import tensor_cache
+import utils
 
 tk = pytest.importorskip("tkinter")
 SAMPLE = ROOT / "data" / "busi_sample"
@@ -83,7 +86,7 @@ def pump(root, seconds: float = 0.0) -> None:
 def expected_probability(checkpoint, image: np.ndarray) -> np.ndarray:
     """The probability map at the image's size, computed here from the model alone."""
     model = checkpoints.load_model(checkpoint).model
-    x = torch.from_numpy(np.array(dataset.resize_image(image, IMAGE_SIZE))).float().div(255)[None, None]
+    x = torch.from_numpy(np.array(image_io.resize_image(image, IMAGE_SIZE))).float().div(255)[None, None]
     with torch.no_grad():
         prob = torch.sigmoid(model(x)[0])
     return F.interpolate(prob, size=image.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -92,7 +95,7 @@ def expected_probability(checkpoint, image: np.ndarray) -> np.ndarray:
 def expected_metrics(app, threshold: float):
     """Dice/IoU of the shown image from its cached map, with the truth loaded afresh from disk."""
     item = app.current
-    _, truth = dataset.load_sample(item.data_dir, item.sample)
+    _, truth = image_io.load_sample(item.data_dir, item.sample)
     prob = app.cache[item.key].probability
     return metrics.dice_iou(torch.from_numpy(prob > threshold), torch.from_numpy(truth))
 
@@ -123,7 +126,7 @@ def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeyp
 
     # The cached map is the model's output at the image's own size ...
     item = app.current
-    image, truth = dataset.load_sample(item.data_dir, item.sample)
+    image, truth = image_io.load_sample(item.data_dir, item.sample)
     cached = app.cache[item.key].probability
     assert cached.shape == image.shape == truth.shape
     np.testing.assert_allclose(cached.astype(np.float32), expected_probability(checkpoint, image), atol=2e-3)
@@ -174,7 +177,7 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
     expected = {}
     for i in app.visible:
         item = app.items[i]
-        _, truth = dataset.load_sample(item.data_dir, item.sample)
+        _, truth = image_io.load_sample(item.data_dir, item.sample)
         expected[item.name] = metrics.dice_iou(torch.from_numpy(app.cache[item.key].probability > 0.55),
                                              torch.from_numpy(truth))[0]
     assert [app.items[i].name for i in app.visible] == sorted(expected, key=lambda n: expected[n])
@@ -241,7 +244,7 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     assert app.dice is None and app.iou is None and "no ground truth" in app.info_text
     assert app.cache[app.current.key].probability.shape == (77, 123)
     np.testing.assert_allclose(app.cache[app.current.key].probability.astype(np.float32),
-                               expected_probability(checkpoint, dataset.load_image(good)), atol=2e-3)
+                               expected_probability(checkpoint, image_io.load_image(good)), atol=2e-3)
     app.set_threshold(0.7)  # works without truth too
     assert app.threshold == 0.7 and app.dice is None
 
@@ -261,7 +264,7 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     assert app.load_checkpoint(tmp_path / "ens.pt") is True and "ensemble of 2 x UNet" in app.status
     item = app.current
     np.testing.assert_allclose(app.cache[item.key].probability.astype(np.float32), expected_probability(
-        checkpoint, dataset.load_sample(item.data_dir, item.sample)[0]), atol=5e-3)
+        checkpoint, image_io.load_sample(item.data_dir, item.sample)[0]), atol=5e-3)
 
 
 def test_bad_checkpoint_at_startup_keeps_the_window_usable(root, gui, checkpoint, errors, tmp_path):
@@ -335,7 +338,7 @@ SHIPPED = checkpoints.DEFAULT_CHECKPOINT
 @pytest.mark.skipif(not (REAL_DATA.is_dir() and SHIPPED.is_file()), reason="real BUSI data or shipped model absent")
 def test_shipped_model_on_the_real_test_split(root, gui, errors):
     items, note = gui.dataset_items(REAL_DATA, "test")
-    split = dataset.read_split(dataset.DEFAULT_SPLIT_FILE)
+    split = splitting.read_split(utils.DEFAULT_SPLIT_FILE)
     assert sorted(it.sample.image for it in items) == sorted(split["test"])
     app = gui.InspectorApp(root, SHIPPED, items, "cpu", source=note)
     for _ in range(3):
@@ -351,14 +354,14 @@ def test_command_line_picks_the_data(gui, busi_dir, monkeypatch, tmp_path):
     assert all(it.has_truth and it.data_dir == SAMPLE for it in items)
     # the sample's images are BUSI images: its "test" images are BUSI test images, never the shipped model's
     # training or validation images
-    busi = json.loads(dataset.DEFAULT_SPLIT_FILE.read_text())
+    busi = json.loads(utils.DEFAULT_SPLIT_FILE.read_text())
     assert {it.sample.image for it in items} <= set(busi["test"])
 
     data_dir, _ = busi_dir
     monkeypatch.chdir(data_dir.parent)  # ./Dataset_BUSI_with_GT is used when present
     items, note, error = gui.resolve_items(gui.build_parser().parse_args(["--split", "all"]))
-    assert error is None and len(items) == len(dataset.discover_samples(data_dir))
-    assert {it.label for it in items} == set(dataset.CLASSES)
+    assert error is None and len(items) == len(image_io.discover_samples(data_dir))
+    assert {it.label for it in items} == set(utils.CLASSES)
 
     items, note, error = gui.resolve_items(gui.build_parser().parse_args(["x.png", "y.jpg"]))
     assert [it.name for it in items] == ["x.png", "y.jpg"] and not any(it.has_truth for it in items)
@@ -373,11 +376,11 @@ def test_a_data_bundle_or_other_file_as_data_dir_asks_for_the_image_folder(gui, 
     bundle = tmp_path / "busi.bundle"
     proc = subprocess.run([sys.executable, "dataset.py", "--data-dir", str(data_dir), "--bundle", str(bundle),
                            "--image-size", "32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and dataset.is_bundle(bundle), proc.stderr
+    assert proc.returncode == 0 and tensor_cache.is_bundle(bundle), proc.stderr
     notes = tmp_path / "notes.txt"
     notes.write_text("not data")
     for path, what in ((bundle, "is a data bundle"), (notes, "is a file, not a data folder")):
-        with pytest.raises(dataset.DataError, match="benign/, malignant/, normal/") as caught:
+        with pytest.raises(utils.DataError, match="benign/, malignant/, normal/") as caught:
             gui.dataset_items(path, "all")
         assert what in str(caught.value) and "not found" not in str(caught.value)
         items, note, error = gui.resolve_items(gui.build_parser().parse_args(["--data-dir", str(path)]))

@@ -15,10 +15,11 @@ from test_core import _Planted
 from test_train import TINY, train
 
 import checkpoints
-import dataset
+import image_io
+import splitting
+import storage
 import train_unet_busi as T
 import training
-import utils
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -45,7 +46,7 @@ def test_mask_modes_all_read_the_same_lesion(tmp_path, mode):
     else:
         img = Image.fromarray(u8).convert(mode)
     img.save(tmp_path / "m.png")
-    np.testing.assert_array_equal(dataset.load_mask([tmp_path / "m.png"], size=(30, 20)), m)
+    np.testing.assert_array_equal(image_io.load_mask([tmp_path / "m.png"], size=(30, 20)), m)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGB", "RGBA", "I;16"])
@@ -60,7 +61,7 @@ def test_image_modes_all_load_as_the_same_grey(tmp_path, mode):
     else:
         img = Image.fromarray(grey).convert(mode)
     img.save(tmp_path / "i.png")
-    out = dataset.load_image(tmp_path / "i.png")
+    out = image_io.load_image(tmp_path / "i.png")
     assert out.shape == (20, 30) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - grey).max() <= (8 if mode == "P" else 1)
 
@@ -75,10 +76,10 @@ def test_huge_image_loads_without_a_memory_blow_up(tmp_path):
     mask.save(tmp_path / "huge_mask.png")
     del mask
     probe = (
-        "import resource, sys, dataset\n"
-        "img, m = dataset.load_sample(sys.argv[1], dataset.Sample('huge.png', ['huge_mask.png']))\n"
+        "import resource, sys, image_io\n"
+        "img, m = image_io.load_sample(sys.argv[1], image_io.Sample('huge.png', ['huge_mask.png']))\n"
         "assert m.sum() == 2000 * 2000, m.sum()\n"
-        "small = dataset.resize_image(img, 256); sm = dataset.resize_mask(m, 256)\n"
+        "small = image_io.resize_image(img, 256); sm = image_io.resize_mask(m, 256)\n"
         "assert small.shape == (256, 256) and 0.03 < sm.mean() < 0.05\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
     )
@@ -102,7 +103,7 @@ def test_full_or_read_only_disk_gives_a_clear_error_and_keeps_the_last_checkpoin
     def failing_mkstemp(*args, **kwargs):
         raise OSError(code, {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system"}[code])
 
-    monkeypatch.setattr(utils.tempfile, "mkstemp", failing_mkstemp)
+    monkeypatch.setattr(storage.tempfile, "mkstemp", failing_mkstemp)
     capsys.readouterr()
     assert train(root, tmp_path, "--resume", str(tmp_path / "d")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -143,7 +144,7 @@ def test_checkpoint_of_another_width_names_the_mismatch(busi_dir, tmp_path, caps
 
 def test_split_file_naming_missing_images_is_refused(busi_dir, tmp_path, capsys):
     root, _ = busi_dir
-    split = dataset.compute_split(root, progress=False)
+    split = splitting.compute_split(root, progress=False)
     split["val"].append("normal/normal (999).png")
     (tmp_path / "s.json").write_text(json.dumps(split))
     assert train(root, tmp_path, "--split-file", str(tmp_path / "s.json"), "--epochs", "1") == 2

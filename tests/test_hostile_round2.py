@@ -20,9 +20,11 @@ from PIL import Image
 from test_train import TINY, train
 
 import checkpoints
-import dataset
+import image_io
 import inspect_busi_predictions_gui as gui
 import predict_busi
+import storage
+import tensor_cache
 import train_unet_busi as T
 import training
 import utils
@@ -211,19 +213,19 @@ def test_a_folder_left_by_a_run_killed_before_its_first_checkpoint_is_taken_over
 
 
 def test_a_claimed_folder_is_not_taken_while_its_owner_lives_even_in_another_process(tmp_path):
-    code = ("import sys, time, utils; utils.claim_run_dir(sys.argv[1], 'x', 'x'); print('claimed', flush=True); "
+    code = ("import sys, time, storage; storage.claim_run_dir(sys.argv[1], 'x', 'x'); print('claimed', flush=True); "
             "time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "claimed"
         with pytest.raises(ValueError, match="being used by another run"):
-            utils.claim_run_dir(tmp_path, "x", "x")
-        assert utils.claim_run_dir(tmp_path, None, "x") == tmp_path / "x-2"  # a default name moves on
+            storage.claim_run_dir(tmp_path, "x", "x")
+        assert storage.claim_run_dir(tmp_path, None, "x") == tmp_path / "x-2"  # a default name moves on
     finally:
         proc.kill()
         proc.wait()
-    assert utils.claim_run_dir(tmp_path, "x", "x") == tmp_path / "x"  # its owner is gone: taken over
-    utils.release_run_dir(tmp_path / "x")
+    assert storage.claim_run_dir(tmp_path, "x", "x") == tmp_path / "x"  # its owner is gone: taken over
+    storage.release_run_dir(tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -233,8 +235,8 @@ def test_a_claimed_folder_is_not_taken_while_its_owner_lives_even_in_another_pro
 @pytest.mark.parametrize("damage", ["key missing", "labels too short", "a full-size mask too short", "not a dict"])
 def test_a_cache_with_wrong_contents_is_rebuilt(busi_dir, tmp_path, capfd, damage):
     root, _ = busi_dir
-    samples = dataset.discover_samples(root)
-    good = dataset.build_cache(root, samples, 32, tmp_path, progress=False)
+    samples = image_io.discover_samples(root)
+    good = tensor_cache.build_cache(root, samples, 32, tmp_path, progress=False)
     (cache_file,) = tmp_path.glob("busi_32_*.pt")
     bad = dict(good)
     if damage == "key missing":
@@ -247,11 +249,11 @@ def test_a_cache_with_wrong_contents_is_rebuilt(busi_dir, tmp_path, capfd, damag
         bad = [1, 2, 3]
     torch.save(bad, cache_file)
     capfd.readouterr()
-    again = dataset.build_cache(root, samples, 32, tmp_path, progress=False)
+    again = tensor_cache.build_cache(root, samples, 32, tmp_path, progress=False)
     assert "data cache" in capfd.readouterr().err
     assert torch.equal(again["labels"], good["labels"]) and torch.equal(again["full_sizes"], good["full_sizes"])
     assert all(torch.equal(a, b) for a, b in zip(again["full_masks"], good["full_masks"]))
-    assert dataset.cache_problem(torch.load(cache_file, weights_only=True), 32, [s.image for s in samples]) is None
+    assert tensor_cache.cache_problem(torch.load(cache_file, weights_only=True), 32, [s.image for s in samples]) is None
 
 
 def test_a_training_run_over_a_damaged_cache_rebuilds_it(busi_dir, tmp_path, capsys):
@@ -281,19 +283,19 @@ def test_a_float_mask_on_a_0_to_1_scale_is_read_as_lesion(tmp_path):
     values = np.zeros((20, 30), np.float32)
     values[5:12, 4:20] = 0.9
     Image.fromarray(values, mode="F").save(tmp_path / "m.tif")
-    np.testing.assert_array_equal(dataset.load_mask([tmp_path / "m.tif"]), values > 0)
+    np.testing.assert_array_equal(image_io.load_mask([tmp_path / "m.tif"]), values > 0)
     Image.fromarray(values * 255).save(tmp_path / "m255.tif")  # a 0-255 float mask keeps the half-scale rule
-    np.testing.assert_array_equal(dataset.load_mask([tmp_path / "m255.tif"]), values > 0)
+    np.testing.assert_array_equal(image_io.load_mask([tmp_path / "m255.tif"]), values > 0)
     grey = np.full((20, 30), 0.5, np.float32)  # a float image on a 0-1 scale is mid-grey, not black
     Image.fromarray(grey, mode="F").save(tmp_path / "i.tif")
-    assert set(np.unique(dataset.load_image(tmp_path / "i.tif"))) == {128}
+    assert set(np.unique(image_io.load_image(tmp_path / "i.tif"))) == {128}
 
 
 def test_a_broken_symbolic_link_named_like_an_image_is_an_error_naming_it(fresh_busi_dir):
     root, _ = fresh_busi_dir
     os.symlink(root / "gone" / "scan.png", root / "benign" / "benign (99).png")
-    with pytest.raises(dataset.DataError, match=r"broken symbolic link: .*benign \(99\)\.png"):
-        dataset.discover_samples(root)
+    with pytest.raises(utils.DataError, match=r"broken symbolic link: .*benign \(99\)\.png"):
+        image_io.discover_samples(root)
 
 
 def test_a_file_name_with_a_newline_is_paired_and_printed_on_one_line(fresh_busi_dir, tmp_path):
@@ -304,7 +306,7 @@ def test_a_file_name_with_a_newline_is_paired_and_printed_on_one_line(fresh_busi
         (folder / "benign (3)_mask.png").rename(folder / "benign\n(3)_mask.png")
     except OSError as exc:
         pytest.skip(f"this file system refuses a newline in a name: {exc}")
-    sample = next(s for s in dataset.discover_samples(root) if "\n" in s.image)
+    sample = next(s for s in image_io.discover_samples(root) if "\n" in s.image)
     assert sample.masks == ["benign/benign\n(3)_mask.png"]
     (folder / "benign\n(3)_mask.png").unlink()
     result = subprocess.run([sys.executable, "dataset.py", "--data-dir", str(root), "--out", str(tmp_path / "s.json")],
@@ -319,7 +321,7 @@ def test_an_image_of_an_unsupported_type_beside_its_mask_is_named(fresh_busi_dir
     folder = root / "benign"
     Image.open(folder / "benign (1).png").convert("P").save(folder / "benign (1).gif")
     (folder / "benign (1).png").unlink()
-    with pytest.raises(dataset.DataError) as error:
-        dataset.discover_samples(root)
+    with pytest.raises(utils.DataError) as error:
+        image_io.discover_samples(root)
     message = str(error.value)
     assert message.startswith("unsupported image type") and "benign (1).gif" in message and ".png" in message

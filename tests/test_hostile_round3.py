@@ -14,7 +14,10 @@ from test_predict import save_tiny_checkpoint, scan
 
 import checkpoints
 import dataset
+import image_io
 import inference
+import prediction_table
+import tensor_cache
 import trust
 
 
@@ -36,7 +39,7 @@ def test_arrays_are_read_as_the_file_loader_reads_the_same_pixels(predictor, tmp
         np.testing.assert_array_equal(result.mask, reference.mask)
         assert result.trust == pytest.approx(reference.trust, abs=1e-5)
     binary = grey > 128  # bool: 0 / 255, not black
-    np.testing.assert_array_equal(dataset.grey_from_array(binary), binary.astype(np.uint8) * 255)
+    np.testing.assert_array_equal(image_io.grey_from_array(binary), binary.astype(np.uint8) * 255)
 
 
 @pytest.mark.parametrize("bad, words", [
@@ -159,8 +162,8 @@ def test_an_epoch_stopped_mid_way_and_resumed_has_the_row_of_an_epoch_run_straig
     import training
 
     root, _ = busi_dir
-    samples = dataset.discover_samples(root)
-    data = dataset.build_cache(root, samples, 32, None, progress=False)
+    samples = image_io.discover_samples(root)
+    data = tensor_cache.build_cache(root, samples, 32, None, progress=False)
     data["sources"] = ["x"] * len(samples)
     hp = T.parse_args(train_args(root, tmp_path, "--epochs", "1"))
 
@@ -284,7 +287,7 @@ def test_an_earlier_runs_outputs_in_the_input_folder_are_skipped_with_a_note_by_
     assert sorted(r["file"] for r in rows_of(tmp_path / "second")) == ["a.png", "b.png", "notes_pred.png"]
     assert "6 file(s) skipped as an earlier run's outputs" in again.stderr and "a_pred.png" in again.stderr
     # the training loader's rule is the same one: X_pred.png beside X.png is never a scan
-    assert dataset.earlier_prediction(scans / "a_overlay.png") and dataset.earlier_prediction(scans / "a.png") is None
+    assert prediction_table.earlier_prediction(scans / "a_overlay.png") and prediction_table.earlier_prediction(scans / "a.png") is None
 
 
 def test_two_inputs_of_one_name_from_two_folders_get_rows_one_can_tell_apart(tmp_path):

@@ -49,7 +49,7 @@ def test_training_script_is_short_and_functions_are_small():
 
 def test_files_are_replaced_atomically_in_one_place():
     users = [p.name for p in MODULES if "os.replace(" in p.read_text(encoding="utf-8")]
-    assert users == ["utils.py"]
+    assert users == ["storage.py"]
 
 
 def test_a_loaded_model_is_read_from_its_checkpoint_in_one_place():

@@ -18,9 +18,9 @@ from conftest import REAL_DATA, ROOT, requires_real_data
 from PIL import Image
 
 import checkpoints
-import dataset
 import evaluation
 import export_onnx
+import image_io
 import inference
 import onnx_backend
 import predict_busi
@@ -49,7 +49,7 @@ def shipped(tmp_path_factory):
 def test_export_matches_pytorch_on_sample_scans(shipped):
     """At each scan's own size, through predict's pipeline (trust score and calibration included)."""
     figures = evaluation.parity(checkpoints.loaded(shipped["torch"], shipped["state"]), shipped["onnx"],
-                                [dataset.load_image(p) for p in SCANS])
+                                [image_io.load_image(p) for p in SCANS])
     assert evaluation.parity_failures(figures) == [], figures
     assert figures["max_probability_difference"] < 1e-4 and figures["max_trust_difference"] < 1e-4, figures
     assert figures["differing_pixels"] <= 10, figures
@@ -270,7 +270,7 @@ def test_the_example_without_pytorch_gives_predicts_mask(shipped, tmp_path):
 def test_export_matches_pytorch_on_busi_test_scans(shipped):
     """Eight scans of the BUSI test split (bench_busi.py --backends covers all 116)."""
     split = json.loads((ROOT / "splits" / "busi_split.json").read_text())["test"]
-    images = [dataset.load_image(REAL_DATA / name) for name in split[::15]]
+    images = [image_io.load_image(REAL_DATA / name) for name in split[::15]]
     figures = evaluation.parity(checkpoints.loaded(shipped["torch"], shipped["state"]), shipped["onnx"], images)
     assert figures["images"] == 8 and evaluation.parity_failures(figures) == [], figures
 

@@ -14,10 +14,12 @@ from conftest import REAL_DATA, ROOT
 from PIL import Image
 
 import checkpoints
-import dataset
+import image_io
 import inference
 import predict_busi
+import prediction_table
 import trust
+import utils
 from unet import UNet
 
 IMAGE_SIZE = 32
@@ -99,7 +101,7 @@ def read_csv(path):
 
 def independent_mask(model, image: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The expected prediction, computed without predict_busi: (probability map, mask) at the image's size."""
-    x = torch.from_numpy(np.array(dataset.resize_image(image, IMAGE_SIZE))).float().div(255)[None, None]
+    x = torch.from_numpy(np.array(image_io.resize_image(image, IMAGE_SIZE))).float().div(255)[None, None]
     with torch.no_grad():
         prob = torch.sigmoid(model(x)[0])
     prob = F.interpolate(prob, size=image.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -135,7 +137,7 @@ def test_odd_inputs_with_a_corrupt_file_via_the_command_line(tmp_path, checkpoin
         assert (int(row["width"]), int(row["height"]), int(row["lesion_pixels"])) == (w, h, lesion)
         assert float(row["lesion_fraction"]) == pytest.approx(lesion / (w * h), abs=1e-6)
         assert 0 <= float(row["max_probability"]) <= 1
-        assert 0 <= float(row["malignancy_probability"]) <= 1 and row["predicted_class"] in dataset.CLASSES
+        assert 0 <= float(row["malignancy_probability"]) <= 1 and row["predicted_class"] in utils.CLASSES
     assert not (out / "broken_pred.png").exists() and not (out / "tiny_mask_pred.png").exists()
     assert not (out / ".hidden_pred.png").exists()
 
@@ -152,7 +154,7 @@ def test_masks_equal_an_independent_prediction_and_threshold_applies(tmp_path, c
         last = capsys.readouterr().out.strip().splitlines()[-1]  # another model than the shipped one: not its card
         assert last.startswith("research use only") and "README.md" not in last and "metrics.json" in last
         for name in ("alpha.png", "photo.jpg", "deep.png", "large.png"):
-            image = dataset.load_image(inputs / name)
+            image = image_io.load_image(inputs / name)
             prob, expected = independent_mask(model, image, threshold)
             written = np.asarray(Image.open(out / f"{name.rsplit('.', 1)[0]}_pred.png")) == 255
             # Equal up to float rounding: any disagreement must sit right at the threshold.
@@ -338,7 +340,7 @@ def test_a_row_whose_class_says_normal_beside_a_lesion_mask_is_flagged(tmp_path,
 
 def test_one_reading_of_predictions_csv_for_predict_and_the_data_loader(tmp_path):
     """predict's refusal rule and the loaders' "an earlier prediction, not a scan" rule read predictions.csv the
-    same way (dataset.predictions_listed): a table of ours lists its mask and overlay columns, an older one
+    same way (prediction_table.predictions_listed): a table of ours lists its mask and overlay columns, an older one
     (no such columns) its <stem>_mask.png and <stem>_overlay.png; a CSV of that name that is not ours lists
     nothing to the loader and is refused by predict."""
     new, old, foreign = (tmp_path / n for n in ("new", "old", "foreign"))
@@ -351,15 +353,15 @@ def test_one_reading_of_predictions_csv_for_predict_and_the_data_loader(tmp_path
                    + [""] * (len(predict_busi.CSV_FIELDS) - 10))
     with open(old / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(dataset.OLDEST_PREDICTIONS_FIELDS)
+        w.writerow(prediction_table.OLDEST_PREDICTIONS_FIELDS)
         w.writerow(["scan.png", 4, 4, 0, 0, 0.1, "", ""])
     (foreign / "predictions.csv").write_text("mask,overlay\nx.png,y.png\n")
     expected = {new: {"renamed_mask.png", "renamed_view.png"}, old: {"scan_mask.png", "scan_overlay.png"}}
     for folder, names in expected.items():
         assert predict_busi.earlier_outputs(folder / "predictions.csv") == names
         for name in names:
-            assert dataset.earlier_prediction(folder / name) is not None, (folder, name)
-        assert dataset.earlier_prediction(folder / "other.png") is None
+            assert prediction_table.earlier_prediction(folder / name) is not None, (folder, name)
+        assert prediction_table.earlier_prediction(folder / "other.png") is None
     with pytest.raises(predict_busi.RefusedOutput, match="not a table written by predict_busi.py"):
         predict_busi.earlier_outputs(foreign / "predictions.csv")
-    assert dataset.earlier_prediction(foreign / "x.png") is None
+    assert prediction_table.earlier_prediction(foreign / "x.png") is None

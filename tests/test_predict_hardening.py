@@ -25,8 +25,9 @@ from PIL import Image
 from test_predict import checkpoint, read_csv, scan  # noqa: F401 - fixtures shared
 
 import checkpoints
-import dataset
+import image_io
 import predict_busi
+import utils
 
 
 def save_scan(path: Path, width: int, height: int, seed: int = 0) -> Path:
@@ -255,7 +256,7 @@ def test_a_file_name_that_is_not_utf8_is_predicted_and_listed_escaped(tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 9. The ground-truth rule is the loader's (dataset.MASK_RE)
+# 9. The ground-truth rule is the loader's (image_io.MASK_RE)
 # ------------------------------------------------------------------------------------------------------------------
 def test_a_scan_whose_name_merely_contains_mask_is_predicted(tmp_path, checkpoint, capsys):
     inputs = tmp_path / "in"
@@ -413,10 +414,10 @@ def test_predictions_copied_beside_their_scans_never_become_labels(fresh_busi_di
     assert predict_busi.main(["--checkpoint", str(checkpoint), "--input", str(root / "benign" / "benign (3).png"),
                               "--output", str(out), "--quiet"]) == 0
     (pred,) = out.glob("*_pred.png")
-    assert pred.name == "benign (3)_pred.png" and dataset.MASK_RE.match(pred.stem) is None
+    assert pred.name == "benign (3)_pred.png" and image_io.MASK_RE.match(pred.stem) is None
     shutil.copy(pred, root / "benign" / pred.name)
-    with pytest.raises(dataset.DataError, match=r"a prediction in a data folder: .*benign \(3\)_pred\.png"):
-        dataset.discover_samples(root)
+    with pytest.raises(utils.DataError, match=r"a prediction in a data folder: .*benign \(3\)_pred\.png"):
+        image_io.discover_samples(root)
 
 
 def test_an_earlier_runs_mask_named_outputs_are_still_its_own(tmp_path, checkpoint):

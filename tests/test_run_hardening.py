@@ -16,8 +16,8 @@ from test_train import TINY, history, train
 
 import checkpoints
 import predict_busi
+import storage
 import train_unet_busi as T
-import utils
 
 
 def _last_error(capsys) -> str:
@@ -89,14 +89,14 @@ def test_two_trainings_with_one_run_name_started_together_one_is_refused(busi_di
 
 
 def test_default_names_taken_in_the_same_second_get_a_suffix(tmp_path):
-    first = utils.claim_run_dir(tmp_path, None, "20261125-120000")
-    second = utils.claim_run_dir(tmp_path, None, "20261125-120000")
+    first = storage.claim_run_dir(tmp_path, None, "20261125-120000")
+    second = storage.claim_run_dir(tmp_path, None, "20261125-120000")
     assert (first.name, second.name) == ("20261125-120000", "20261125-120000-2")
     empty_by_hand = tmp_path / "mine"
     empty_by_hand.mkdir()
-    assert utils.claim_run_dir(tmp_path, "mine", "x") == empty_by_hand  # an empty folder may be used once
+    assert storage.claim_run_dir(tmp_path, "mine", "x") == empty_by_hand  # an empty folder may be used once
     with pytest.raises(ValueError, match="another run"):
-        utils.claim_run_dir(tmp_path, "mine", "x")
+        storage.claim_run_dir(tmp_path, "mine", "x")
 
 
 def test_atomic_writes_of_one_file_from_two_writers_never_collide(tmp_path):
@@ -111,10 +111,10 @@ def test_atomic_writes_of_one_file_from_two_writers_never_collide(tmp_path):
         release.wait(10)
         f.write(b"A" * 1000)
 
-    a = threading.Thread(target=utils.atomic_write, args=(target, slow))
+    a = threading.Thread(target=storage.atomic_write, args=(target, slow))
     a.start()
     assert inside.wait(10)
-    utils.atomic_write(target, b"B" * 3000)
+    storage.atomic_write(target, b"B" * 3000)
     assert target.read_bytes() == b"B" * 3000
     release.set()
     a.join()
@@ -129,10 +129,9 @@ def test_eval_only_scores_the_test_part_of_the_split_the_run_trained_with(busi_d
     """A run trained with its own --split-file: a split computed afresh would put some of its training scans in
     "test". --eval-only on that source uses the run's split, an explicit --split-file still wins, and a recorded
     split that is gone is one line naming it."""
-    import dataset
-
+    import splitting
     root, _ = busi_dir
-    fresh = dataset.compute_split(root, progress=False)
+    fresh = splitting.compute_split(root, progress=False)
     custom = {"train": fresh["train"][4:] + fresh["test"], "val": fresh["val"], "test": fresh["train"][:4]}
     split = tmp_path / "custom.json"
     split.write_text(json.dumps(custom))

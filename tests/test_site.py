@@ -20,9 +20,10 @@ from test_predict import IMAGE_SIZE, save_tiny_checkpoint, scan
 import checkpoints
 import dataset
 import evaluation
+import image_io
 import inference
+import storage
 import trust
-import utils
 from inference import Predictor
 
 SAMPLE = ROOT / "data" / "busi_sample"
@@ -116,7 +117,7 @@ def test_onnx_and_torch_agree_on_familiarity(shipped, tmp_path):
     shutil.copy(checkpoints.DEFAULT_CHECKPOINT, ckpt)
     onnx = Predictor(ckpt, backend="onnx")
     images = [non_breast_images()["photo"],
-              dataset.load_image([p for p in sorted(SAMPLE.glob("benign/*.png")) if "_mask" not in p.name][0])]
+              image_io.load_image([p for p in sorted(SAMPLE.glob("benign/*.png")) if "_mask" not in p.name][0])]
     for image in images:
         a, b = shipped(image), onnx(image)
         assert a.out_of_range == b.out_of_range and b.familiarity == pytest.approx(a.familiarity, rel=1e-3)
@@ -199,7 +200,7 @@ def test_adapt_changes_the_statistics_and_predictions_is_deterministic_and_never
     assert means and all(not torch.equal(old["model"][k], new["model"][k]) for k in means)
     record = new["adaptation"]
     assert record["site"] == "clinicA" and record["scans"] == 40 and record["alpha"] == adapt.ALPHA
-    assert record["source_sha256"] == utils.file_sha256(source)
+    assert record["source_sha256"] == storage.file_sha256(source)
     assert new["trust"]["gate_scope"] != trust.SITE_GATE and trust.familiarity_problem(new["trust"]["familiarity"]) is None
     image = np.asarray(Image.open(scans / "s00.png"))
     p_old = Predictor(source, backend="torch")(image).probability
@@ -241,7 +242,7 @@ def test_a_site_run_starts_from_the_checkpoint_records_the_site_and_its_gate_app
     assert "recipe site" in capsys.readouterr().out
     best = checkpoints.load_checkpoint(tmp_path / "site" / "best.pt")
     record = best["config"]["init_from"]
-    assert record["sha256"] == utils.file_sha256(source) and record["site"] == ["siteB"]
+    assert record["sha256"] == storage.file_sha256(source) and record["site"] == ["siteB"]
     assert record["images"]["train"] > 0 and best["config"]["lr"] == train_unet_busi.RECIPES["site"]["lr"]
     assert best["config"]["image_size"] == 32 and best["trust"]["gate_scope"] == trust.SITE_GATE
     # the mask threshold is the site's: the grid point with the best lesion Dice on its validation part

@@ -18,11 +18,15 @@ from test_predict import save_tiny_checkpoint, scan
 import checkpoints
 import dataset
 import evaluation
+import image_io
 import inference
 import predict_busi
+import splitting
+import tensor_cache
 import train_unet_busi as T
 import training
 import trust
+import utils
 
 TINY = ["--encoder", "none", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8",
         "--device", "cpu", "--eval-batch-size", "16"]
@@ -68,9 +72,9 @@ def test_patient_pattern_and_groups_csv_keep_a_patients_views_on_one_side(two_so
     split = json.loads(split_file.read_text())
     assert "test" not in split and split["train"] and split["val"]  # a test share of 0: no test part
     assert patients_on_both_sides(split) == set() and "one patient's images kept together" in split["method"]
-    samples = dataset.discover_samples(bra)
+    samples = image_io.discover_samples(bra)
     assert {s.label for s in samples} == {"benign", "malignant"}  # a source without normal scans is valid
-    by_pattern = dataset.patient_groups(samples, PATIENT)
+    by_pattern = splitting.patient_groups(samples, PATIENT)
     assert len(by_pattern) == 9 and all(len(g) == 2 for g in by_pattern)
     table = tmp_path / "groups.csv"  # the same groups from a table (file names, or paths in the data folder)
     with open(table, "w", newline="") as f:
@@ -78,11 +82,11 @@ def test_patient_pattern_and_groups_csv_keep_a_patients_views_on_one_side(two_so
         writer.writerow(["image", "group"])
         for s in samples:
             writer.writerow([s.image if s.label == "benign" else s.image.split("/")[1], s.image[-10:-6]])
-    assert dataset.patient_groups(samples, groups_csv=table) == by_pattern
+    assert splitting.patient_groups(samples, groups_csv=table) == by_pattern
     # the near-duplicate rule alone cannot see that two views are one patient's: the split puts some apart
-    assert patients_on_both_sides(dataset.compute_split(bra, samples, fractions=(0.6, 0.4, 0), progress=False))
-    with pytest.raises(dataset.DataError, match="needs a"):  # a pattern that captures nothing is refused
-        dataset.patient_groups(samples, "bus_")
+    assert patients_on_both_sides(splitting.compute_split(bra, samples, fractions=(0.6, 0.4, 0), progress=False))
+    with pytest.raises(utils.DataError, match="needs a"):  # a pattern that captures nothing is refused
+        splitting.patient_groups(samples, "bus_")
 
 
 def test_a_grouping_that_matches_nothing_or_leaves_a_part_empty_is_refused_and_partial_ones_are_counted(
@@ -99,7 +103,7 @@ def test_a_grouping_that_matches_nothing_or_leaves_a_part_empty_is_refused_and_p
         assert "Traceback" not in captured.err
         return code, captured.out, captured.err.strip()
 
-    samples = dataset.discover_samples(bra)
+    samples = image_io.discover_samples(bra)
     none_named, some_named = tmp_path / "none.csv", tmp_path / "some.csv"
     none_named.write_text("image,group\npatient_1.png,1\npatient_2.png,1\n")
     with open(some_named, "w", newline="") as f:
@@ -124,11 +128,11 @@ def test_a_grouping_that_matches_nothing_or_leaves_a_part_empty_is_refused_and_p
 def test_a_groups_csv_saved_with_a_byte_order_mark_is_read(two_sources, tmp_path):
     """Spreadsheets save 'UTF-8 CSV' with a BOM: its first column is still 'image'."""
     _, bra, _ = two_sources
-    samples = dataset.discover_samples(bra)
+    samples = image_io.discover_samples(bra)
     table = tmp_path / "groups.csv"
     rows = "".join(f"{Path(s.image).name},{Path(s.image).name[:8]}\r\n" for s in samples)
     table.write_bytes(("image,group\r\n" + rows).encode("utf-8-sig"))
-    assert dataset.patient_groups(samples, groups_csv=table) == dataset.patient_groups(samples, PATIENT)
+    assert splitting.patient_groups(samples, groups_csv=table) == splitting.patient_groups(samples, PATIENT)
 
 
 def history(run_dir):
@@ -283,7 +287,7 @@ def test_a_link_loop_is_one_line_and_the_suggested_name_for_a_second_source_work
     assert code == 2 and err.strip() == f"error: cannot follow {loop}: a loop of symbolic links", err
     other = tmp_path / "b" / busi_dir[0].name  # another folder of the same name
     make_bra_dir(other)
-    with pytest.raises(dataset.DataError) as caught:
+    with pytest.raises(utils.DataError) as caught:
         dataset.resolve_sources([str(busi_dir[0]), str(other)])
     suggested = re.search(r"--data-dir (\S+=\S+)", str(caught.value)).group(1)
     assert suggested == f"{busi_dir[0].name}_2={other}"
@@ -298,7 +302,7 @@ def test_identical_and_near_duplicate_scans_across_sources_are_refused_or_named(
     import shutil
 
     root = busi_dir[0]
-    fresh = dataset.compute_split(root, progress=False)
+    fresh = splitting.compute_split(root, progress=False)
     copy = tmp_path / "Copy"
     shutil.copytree(root, copy)
     leaked = fresh["train"][:3]
@@ -520,8 +524,8 @@ def test_predict_writes_the_presence_probability_and_the_emptied_masks(gated_che
 
 def test_evaluation_scores_the_gated_masks(gated_checkpoints, busi_dir):
     root, _ = busi_dir
-    samples = dataset.discover_samples(root)
-    data = dataset.build_cache(root, samples, 32, None, progress=False)
+    samples = image_io.discover_samples(root)
+    data = tensor_cache.build_cache(root, samples, 32, None, progress=False)
     for name, path in gated_checkpoints.items():
         loaded_ = checkpoints.load_model(path)
         model, state = loaded_.model, loaded_.state

@@ -16,8 +16,8 @@ from conftest import ROOT
 
 import checkpoints
 import evaluation
-import onnx_backend
 import metrics
+import onnx_backend
 import train_unet_busi as T
 import training
 from unet import model_from_config
@@ -172,10 +172,11 @@ def test_swa_saves_and_scores_the_mean_of_the_last_epochs_and_resumes_exactly(bu
     # the last row scored the average: validating latest.pt's "model" gives its loss, the trained weights do not
     import argparse
 
-    import dataset
+    import image_io
+    import tensor_cache
     from losses import BCEDiceLoss
     val = set(json.loads((tmp_path / "straight" / "split.json").read_text())["val"])
-    data = dataset.build_cache(root, [x for x in dataset.discover_samples(root) if x.image in val], 32, None,
+    data = tensor_cache.build_cache(root, [x for x in image_io.discover_samples(root) if x.image in val], 32, None,
                                progress=False)
     hp = argparse.Namespace(**{**a["config"], "eval_batch_size": 16})
     losses = []
@@ -410,13 +411,14 @@ def test_validation_loss_is_the_training_loss_of_the_same_forward_pass(busi_dir)
 
     import torch.nn.functional as F
 
-    import dataset
+    import image_io
+    import tensor_cache
     from losses import BCEDiceLoss, presence_loss
     from unet import UNet
 
     root, _ = busi_dir
-    samples = dataset.discover_samples(root)
-    data = dataset.build_cache(root, samples, 32, None, progress=False)
+    samples = image_io.discover_samples(root)
+    data = tensor_cache.build_cache(root, samples, 32, None, progress=False)
     torch.manual_seed(0)
     model = UNet(1, 1, base_channels=4, depth=2, num_classes=3).eval()
     seg_loss = BCEDiceLoss()
@@ -533,14 +535,16 @@ def test_training_from_a_bundle_file_matches_training_from_the_folder(busi_dir, 
     """`python dataset.py --bundle` packs the decoded data losslessly; a run from the bundle (with the folder
     run's split) gives the same test figures, bit for bit on CPU; wrong sizes and wrong files are refused."""
     import dataset
+    import image_io
+    import tensor_cache
 
     root, _ = busi_dir
     assert train(root, tmp_path, "--epochs", "1", "--run-name", "folder") == 0
     bundle = tmp_path / "busi_32.pt"
     assert dataset.main(["--data-dir", str(root), "--bundle", str(bundle), "--image-size", "32"]) == 0
-    samples = dataset.discover_samples(root)
-    cache = dataset.build_cache(root, samples, 32, None, progress=False)
-    packed = dataset.read_bundle(bundle, 32)
+    samples = image_io.discover_samples(root)
+    cache = tensor_cache.build_cache(root, samples, 32, None, progress=False)
+    packed = tensor_cache.read_bundle(bundle, 32)
     for key in ("images", "masks", "labels", "full_sizes"):
         assert torch.equal(packed[key], cache[key]), key
     assert packed["names"] == cache["names"]

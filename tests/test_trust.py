@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 from test_predict import save_tiny_checkpoint, scan
 
 import checkpoints
-import dataset
+import image_io
 import predict_busi
 import trust
 from inference import Predictor
@@ -108,7 +108,7 @@ def test_shipped_trust_is_deterministic_in_unit_range_and_lower_for_scans_unlike
     assert predictor.fitted_trust is not None and predictor.why_no_trust is None
     rng, checked = np.random.default_rng(0), 0
     for path in sample_scans("benign"):
-        image = dataset.load_image(path)
+        image = image_io.load_image(path)
         first, again = predictor(image), predictor(path)
         assert first.trust == again.trust and 0.0 <= first.trust <= 1.0
         assert first.review == (first.trust < predictor.fitted_trust["review_below"])
