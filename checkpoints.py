@@ -251,20 +251,48 @@ def check_resumable(state: dict, path: Path) -> None:
                          f"evaluate its best.pt with --eval-only, or start a new run")
 
 
-def adopt_architecture(args, start: dict, fixed: tuple[str, ...]) -> None:
-    """A run that starts from a checkpoint (--init-from) takes its architecture and input size (the `fixed`
-    hyperparameters) and its heads; a flag that asks for another architecture is refused."""
-    saved = {"encoder": "none", "full_res_decoder": True, "decoder_norm": "batch", **(start.get("config") or {})}
-    for key in fixed:
+def recorded_config(state: dict) -> dict:
+    """The hyperparameters a checkpoint records, with the values that runs from before an option had: they pooled
+    the Dice, were plain UNets, and had a full-resolution decoder stage with BatchNorm."""
+    return {"dice_per_image": False, "encoder": "none", "full_res_decoder": True, "decoder_norm": "batch",
+            **(state.get("config") or {})}
+
+
+def refuse_changes(values: dict, explicit: set, saved: dict, keys: tuple[str, ...], message: str) -> None:
+    """A ValueError (`message` with {flag}, {given} and {saved} filled in) for the first of `keys` whose flag was
+    given with a value other than the one `saved` records."""
+    for key in keys:
         flag = "--" + key.replace("_", "-")
-        if flag in args.explicit and key in saved and getattr(args, key) != saved[key]:
-            raise ValueError(f"{flag} {getattr(args, key)} differs from {args.init_from}'s {saved[key]}: a run that "
-                             f"starts from a checkpoint keeps its architecture and input size; drop {flag}")
-        if key in saved:
-            setattr(args, key, saved[key])
-    for key in ("cls_weight", "deep_supervision"):  # the heads it has (a head it lacks cannot be trained)
-        if key in saved and "--" + key.replace("_", "-") not in args.explicit:
-            setattr(args, key, saved[key])
+        if flag in explicit and key in saved and values[key] != saved[key]:
+            raise ValueError(message.format(flag=flag, given=values[key], saved=saved[key]))
+
+
+def adopt_architecture(values: dict, explicit: set, start: dict, fixed: tuple[str, ...], path) -> dict:
+    """What a run that starts from the checkpoint `start` (at `path`) takes from it: its architecture and input
+    size (the `fixed` hyperparameters; a flag that asks for others is refused) and its heads (unless given)."""
+    saved = recorded_config(start)
+    refuse_changes(values, explicit, saved, fixed, f"{{flag}} {{given}} differs from {path}'s {{saved}}: a run that "
+                   "starts from a checkpoint keeps its architecture and input size; drop {flag}")
+    heads = [k for k in ("cls_weight", "deep_supervision") if "--" + k.replace("_", "-") not in explicit]
+    return {k: saved[k] for k in [*fixed, *heads] if k in saved}  # (a head it lacks cannot be trained)
+
+
+def model_for_run(hp, state: dict | None) -> torch.nn.Module:
+    """The model a run trains or scores: `state`'s, or a new one as the run configuration `hp` describes it
+    (with `hp.init_from`: that checkpoint's weights). The one place a model is built from hyperparameters."""
+    if state is None and hp.init_from is not None:
+        return build_model(load_checkpoint(hp.init_from), hp.init_from)
+    if state is not None:
+        return build_model(state, hp.checkpoint or "latest.pt")
+    heads = {"num_classes": 3 if hp.cls_weight > 0 else 0, "deep_supervision": hp.deep_supervision > 0,
+             "input_norm": hp.input_norm}
+    if hp.encoder == "none":
+        if hp.decoder_norm != "batch":
+            raise ValueError("--decoder-norm applies to a LiteUNet's decoder; the plain UNet (--encoder none) keeps "
+                             "BatchNorm")
+        return unet.UNet(1, 1, hp.base_channels, hp.depth, **heads)
+    return unet.LiteUNet(hp.encoder, pretrained=hp.pretrained, **heads, decoder_norm=hp.decoder_norm,
+                         decoder_channels=unet.LITE_DECODER[:5 if hp.full_res_decoder else 4])
 
 
 def site_record(init_from: str | None, sources: list, parts: dict, state: dict | None) -> dict:

@@ -15,7 +15,6 @@ the decoded data into one compressed bundle file (to train on a machine that doe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import sys
@@ -24,11 +23,6 @@ from pathlib import Path
 import storage
 import utils
 from utils import BUNDLE_SIZE_MULTIPLE, CLASSES, DEFAULT_SPLIT_FILE, SPLIT_FRACTIONS, SPLIT_SEED, DataError
-
-# Across two sources (two hospitals) distinct scans come closer: BUSI and BUS-BRA have 20 pairs at 10-12 bits and
-# none below. A copy of one scan (re-saved, re-sized) sits at 0-6: near-duplicates across sources are those.
-CROSS_SOURCE_MAX_BITS = 6
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python dataset.py` (here, before numpy, torch and PIL load: --help needs none)."""
@@ -63,10 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     utils.answer_help_early(build_parser)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from image_io import Sample, discover_samples  # noqa: E402
-from splitting import compute_split, perceptual_hash, read_split, split_matches, write_split  # noqa: E402
+import splitting  # noqa: E402
+from splitting import compute_split, read_split, split_matches, write_split  # noqa: E402
 from tensor_cache import build_cache, bundle_samples, is_bundle, read_bundle, subset, write_bundle  # noqa: E402
 
 
@@ -325,54 +319,25 @@ def load_parts(sources: list[tuple[str, Path]], split_specs, image_size: int, ca
             joined.setdefault(k, []).append(part)
         split_sources[name] = source
     if several and not every_image and all("train" in parts for parts in loaded.values()):
-        check_across_sources(loaded)
+        splitting.check_across_sources(loaded)
     return {k: concat(v) for k, v in joined.items()}, split_sources
 
 
-def check_across_sources(loaded: dict[str, dict[str, dict]]) -> None:
-    """Each source's split keeps its own duplicates on one side, but not another source's: a scan held out
-    (validation, test) in one source whose pixels are identical to a training scan of another is a DataError
-    naming them; near-duplicates (at most CROSS_SOURCE_MAX_BITS apart) and scans trained on twice are warnings
-    naming them. `loaded`: {source: {part: `subset` dict}}, the images at the training size."""
-    held, train = [], []
-    for source, parts in loaded.items():
-        for part, data in parts.items():
-            for name, image in zip(data["names"], data["images"]):
-                pixels = image.numpy()
-                entry = (source, part, name, hashlib.sha1(pixels.tobytes()).hexdigest(), perceptual_hash(pixels[0]))
-                (train if part == "train" else held).append(entry)
-
-    def pairs(rows):
-        return ", ".join(f"{a[2]} ({a[1]}) = {b[2]} (train)" for a, b in rows[:3]) + \
-            (f" and {len(rows) - 3} more pair(s)" if len(rows) > 3 else "")
-
-    def count(rows) -> int:  # distinct scans of the first column
-        return len({a[2] for a, _ in rows})
-
-    by_pixels: dict[str, list] = {}
-    for entry in train:
-        by_pixels.setdefault(entry[3], []).append(entry)
-    leaks = [(h, t) for h in held for t in by_pixels.get(h[3], []) if t[0] != h[0]]
-    if leaks:
-        raise DataError(utils.printable(f"{count(leaks)} held-out scan(s) of one source are identical to training "
-                                        f"scans of another: {pairs(leaks)}; remove the copies, or give the sources "
-                                        f"splits that keep them on one side"))
-    twice = [(a, b) for a in train for b in by_pixels[a[3]] if b[0] > a[0]]  # each pair once, across sources
-    if twice:
-        print(utils.printable(f"warning: {count(twice)} training scan(s) appear in two sources and are trained on "
-                              f"twice: {pairs(twice)}"), file=sys.stderr, flush=True)
-    if not held or not train:
-        return
-    train_hashes = np.array([t[4] for t in train], dtype=np.uint64)
-    near = []
-    for h in held:
-        xor = np.bitwise_xor(train_hashes, np.uint64(h[4]))
-        distance = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
-        near += [(h, train[j]) for j in np.nonzero(distance <= CROSS_SOURCE_MAX_BITS)[0] if train[j][0] != h[0]]
-    if near:
-        print(utils.printable(f"warning: {count(near)} held-out scan(s) of one source are near-duplicates (at most "
-                              f"{CROSS_SOURCE_MAX_BITS} of 64 hash bits apart) of training scans of another: "
-                              f"{pairs(near)}; their scores may be too good"), file=sys.stderr, flush=True)
+def load_run_data(cfg, run_dir: Path) -> tuple[dict, list, dict]:
+    """What a run (its configuration `cfg`) trains or scores on: the train/val/test parts of every source, decoded
+    once at the training size and joined (load_parts), the sources and each one's split."""
+    sources = resolve_sources(cfg.data_dir)
+    only = cfg.eval_split if cfg.eval_only else None  # an evaluation decodes the split it scores ("all": no split)
+    parts, split_sources = load_parts(sources, cfg.split_file, cfg.image_size, cfg.cache_dir or None,
+                                      None if cfg.resume is not None else run_dir, only == "all", only)
+    counts = {k: len(v["names"]) for k, v in parts.items()}
+    # a test part is optional: BUS-BRA's split and a site's labelled scans have none
+    empty = [k for k in ((cfg.eval_split,) if cfg.eval_only else ("train", "val")) if not counts.get(k)]
+    if empty:
+        raise ValueError(f"the split leaves no {', '.join(empty)} images ({counts}); add data or pass a --split-file")
+    if not cfg.eval_only and counts["train"] < 2:
+        raise ValueError(f"training needs at least 2 images (BatchNorm), the split has {counts['train']}")
+    return parts, sources, split_sources
 
 
 SCANNER_TABLE = "bus_data.csv"  # BUS-BRA's per-image table: ID (the file's stem) and Device (the scanner)

@@ -2,7 +2,6 @@
 --eval-only and the end of training share (metrics.json, the per-image CSV, the report figure, the summary)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -270,11 +269,11 @@ def fit_then_test(run_dir: Path, parts: dict, scanner_of: dict, device: torch.de
     (trust.gate_applies) and keeps `start`'s familiarity range (trust.site_entry)."""
     loaded = checkpoints.load_model(run_dir / "best.pt", device)
     best, best_state = loaded.model.to(memory_format=torch.channels_last), loaded.state  # (in place)
-    if start is not None and "--threshold" not in getattr(hp, "explicit", ()):  # a site run: the site's threshold
+    if start is not None and "--threshold" not in hp.explicit:  # a site run: the site's threshold
         loaded = site_threshold(loaded, parts["val"], device, utils.inference_dtype(device, hp.amp),
                                 hp.eval_batch_size)
         best_state["config"] = loaded.state["config"]
-        hp = argparse.Namespace(**{**vars(hp), "threshold": loaded.threshold})
+        hp = dataclasses.replace(hp, threshold=loaded.threshold)
         extra = {**extra, "config": best_state["config"]}
     fitted, val_summary = fit_and_describe(best, parts, device, utils.inference_dtype(device, hp.amp), hp.threshold,
                                            hp.tta, hp.eval_batch_size, hp.presence_keep, run_dir, scanner_of)

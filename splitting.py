@@ -2,8 +2,10 @@
 that keeps every group on one side, and split files (read, written, matched against a folder)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import sys
 import os
 import random
 from pathlib import Path
@@ -21,6 +23,9 @@ from storage import atomic_write
 # 0-12 bits (dense at 0-6, sparse at 8-12), while the bulk of distinct scans is at 14+ (some true pairs too).
 # Erring towards grouping is safe: a wrongly grouped pair only moves together, it cannot leak.
 DUPLICATE_MAX_BITS = 12
+# Across two sources (two hospitals) distinct scans come closer: BUSI and BUS-BRA have 20 pairs at 10-12 bits and
+# none below. A copy of one scan (re-saved, re-sized) sits at 0-6: near-duplicates across sources are those.
+CROSS_SOURCE_MAX_BITS = 6
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -244,3 +249,47 @@ def split_matches(split: dict, samples: list[Sample]) -> bool:
     return set(split["train"]) | set(split["val"]) | set(split["test"]) == {s.image for s in samples}
 
 
+def check_across_sources(loaded: dict[str, dict[str, dict]]) -> None:
+    """Each source's split keeps its own duplicates on one side, but not another source's: a scan held out
+    (validation, test) in one source whose pixels are identical to a training scan of another is a DataError
+    naming them; near-duplicates (at most CROSS_SOURCE_MAX_BITS apart) and scans trained on twice are warnings
+    naming them. `loaded`: {source: {part: `subset` dict}}, the images at the training size."""
+    held, train = [], []
+    for source, parts in loaded.items():
+        for part, data in parts.items():
+            for name, image in zip(data["names"], data["images"]):
+                pixels = image.numpy()
+                entry = (source, part, name, hashlib.sha1(pixels.tobytes()).hexdigest(), perceptual_hash(pixels[0]))
+                (train if part == "train" else held).append(entry)
+
+    def pairs(rows):
+        return ", ".join(f"{a[2]} ({a[1]}) = {b[2]} (train)" for a, b in rows[:3]) + \
+            (f" and {len(rows) - 3} more pair(s)" if len(rows) > 3 else "")
+
+    def count(rows) -> int:  # distinct scans of the first column
+        return len({a[2] for a, _ in rows})
+
+    by_pixels: dict[str, list] = {}
+    for entry in train:
+        by_pixels.setdefault(entry[3], []).append(entry)
+    leaks = [(h, t) for h in held for t in by_pixels.get(h[3], []) if t[0] != h[0]]
+    if leaks:
+        raise DataError(utils.printable(f"{count(leaks)} held-out scan(s) of one source are identical to training "
+                                        f"scans of another: {pairs(leaks)}; remove the copies, or give the sources "
+                                        f"splits that keep them on one side"))
+    twice = [(a, b) for a in train for b in by_pixels[a[3]] if b[0] > a[0]]  # each pair once, across sources
+    if twice:
+        print(utils.printable(f"warning: {count(twice)} training scan(s) appear in two sources and are trained on "
+                              f"twice: {pairs(twice)}"), file=sys.stderr, flush=True)
+    if not held or not train:
+        return
+    train_hashes = np.array([t[4] for t in train], dtype=np.uint64)
+    near = []
+    for h in held:
+        xor = np.bitwise_xor(train_hashes, np.uint64(h[4]))
+        distance = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+        near += [(h, train[j]) for j in np.nonzero(distance <= CROSS_SOURCE_MAX_BITS)[0] if train[j][0] != h[0]]
+    if near:
+        print(utils.printable(f"warning: {count(near)} held-out scan(s) of one source are near-duplicates (at most "
+                              f"{CROSS_SOURCE_MAX_BITS} of 64 hash bits apart) of training scans of another: "
+                              f"{pairs(near)}; their scores may be too good"), file=sys.stderr, flush=True)

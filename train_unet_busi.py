@@ -19,7 +19,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,7 @@ import utils  # (torch-free: the flags and --help come from here before torch lo
 from utils import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, RepeatSpec, SourceList, UnitFraction
 
 
-@dataclass
+@dataclass(frozen=True)
 class Hyperparameters:
     """What a run is: saved in every checkpoint; --resume and --eval-only take them from it (flags given win)."""
     # model
@@ -83,7 +83,7 @@ class Hyperparameters:
                                         # the cut that keeps this share of validation lesion scans (0 = no gate)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     """Where and how a run executes: never taken from a checkpoint."""
     # data and output
@@ -105,6 +105,19 @@ class Settings:
     compile: bool = False               # torch.compile the model (falls back to eager where it cannot)
     deterministic: bool = False         # deterministic cuDNN kernels (slower; CPU runs are deterministic anyway)
     eval_batch_size: PositiveInt = 32   # batch size of evaluation
+
+
+@dataclass(frozen=True)
+class RunConfig(Settings, Hyperparameters):
+    """One run's whole configuration, resolved once (resolve_config) and read-only after: the fields above, then
+    what this invocation does (the flags of its own section of --help, below)."""
+    recipe: str | None = field(kw_only=True)
+    resume: str | None = field(kw_only=True)
+    stop_after: int | None = field(kw_only=True)
+    eval_only: bool = field(kw_only=True)
+    checkpoint: str | None = field(kw_only=True)
+    eval_split: str = field(kw_only=True)
+    explicit: frozenset[str] = field(kw_only=True)  # the flags given (a site run fits its threshold unless given)
 
 
 HYPERPARAMETERS = [f.name for f in dataclasses.fields(Hyperparameters)]
@@ -157,7 +170,6 @@ import dataset  # noqa: E402
 import evaluation  # noqa: E402
 import training  # noqa: E402
 import unet  # noqa: E402
-from unet import LiteUNet, UNet  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -187,10 +199,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------------------------
 # The experiment
 # ------------------------------------------------------------------------------------------------------------------
-def open_run(args) -> tuple[dict | None, Path]:
-    """The checkpoint to continue or evaluate (None for a new run) and the run folder; a checkpoint's
-    hyperparameters replace the defaults, except those given on the command line."""
-    output_dir, state = Path(args.output_dir), None
+def open_run(args) -> tuple[dict | None, Path, RunConfig]:
+    """The checkpoint to continue or evaluate (None for a new run), the run folder, and the run's configuration."""
+    output_dir, state, start, recorded = Path(args.output_dir), None, None, {}
     if args.resume is not None:
         state, path = checkpoints.run_to_resume(args.resume, args.run_name, output_dir)
         run_dir = args.claimed = storage.claim_for_resume(path.parent)  # one process at a time trains into a folder
@@ -204,78 +215,55 @@ def open_run(args) -> tuple[dict | None, Path]:
         run_dir = args.claimed = storage.claim_run_dir(output_dir, args.run_name, f"eval-{name}{split}")
     else:
         run_dir = args.claimed = storage.claim_run_dir(output_dir, args.run_name, time.strftime("%Y%m%d-%H%M%S"))
-        sample = [p for _, p in dataset.resolve_sources(args.data_dir, announce=False)] == [dataset.SAMPLE_DIR]
-        if args.init_from is not None:
-            args.recipe = args.recipe or "site"
-            checkpoints.adopt_architecture(args, checkpoints.load_checkpoint(args.init_from), ARCHITECTURE)
-        for name, recipe in (("sample recipe (SAMPLE_RECIPE, for the bundled sample only)", SAMPLE_RECIPE if sample
-                              and args.init_from is None else {}),
-                             (f"recipe {args.recipe}", RECIPES.get(args.recipe, {}))):
-            given = {k: v for k, v in recipe.items() if "--" + k.replace("_", "-") not in args.explicit}
-            for key, value in given.items():
-                setattr(args, key, value)
-            if given:
-                print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in given.items()), flush=True)
+        start = checkpoints.load_checkpoint(args.init_from) if args.init_from is not None else None
     if state is not None:
-        # runs from before these options pooled the Dice, were plain UNets, and had a full-resolution stage
-        saved = {"dice_per_image": False, "encoder": "none", "full_res_decoder": True, "decoder_norm": "batch",
-                 **state.get("config", {})}
+        saved = checkpoints.recorded_config(state)
         if args.resume is not None:
-            for key in FIXED_FOR_A_RUN:
-                flag = "--" + key.replace("_", "-")
-                if flag in args.explicit and key in saved and getattr(args, key) != saved[key]:
-                    raise ValueError(f"{flag} {getattr(args, key)} differs from the run's {saved[key]} "
-                                     f"({run_dir}): a run's architecture, input size and choosing sources cannot "
-                                     f"change mid-run; drop {flag}, or start a new run")
-        for key in HYPERPARAMETERS:
-            if key in saved and "--" + key.replace("_", "-") not in args.explicit:
-                setattr(args, key, saved[key])
+            checkpoints.refuse_changes(vars(args), args.explicit, saved, FIXED_FOR_A_RUN, "{flag} {given} differs "
+                                       f"from the run's {{saved}} ({run_dir}): a run's architecture, input size and "
+                                       "choosing sources cannot change mid-run; drop {flag}, or start a new run")
         if args.eval_only and args.eval_split != "all" and "--split-file" not in args.explicit:
-            args.split_file = dataset.recorded_splits_for(saved, args.data_dir)  # never a split made afresh
+            recorded["split_file"] = dataset.recorded_splits_for(saved, args.data_dir)  # never a split made afresh
         if args.resume is not None:  # the data and split the run started with: never another one silently
             data, splits = dataset.recorded_sources(saved, not args.data_dir, args.data_dir, run_dir)
-            args.data_dir = args.data_dir or data
+            recorded["data_dir"] = args.data_dir or data
             if "--split-file" not in args.explicit and splits is not None:
-                args.split_file = splits
-    return state, run_dir
+                recorded["split_file"] = splits
+    sample = state is None and [p for _, p in dataset.resolve_sources(args.data_dir, announce=False)] == \
+        [dataset.SAMPLE_DIR]
+    config, notes = resolve_config(args, sample, start, state, recorded)
+    for line in notes:
+        print(line, flush=True)
+    return state, run_dir, config
 
 
-def load_data(args, run_dir: Path) -> tuple[dict, list, dict]:
-    """The train/val/test parts of every source, decoded once at the training size and joined (dataset.load_parts),
-    the sources and each one's split."""
-    sources = dataset.resolve_sources(args.data_dir)
-    only = args.eval_split if args.eval_only else None  # an evaluation decodes the split it scores ("all": no split)
-    parts, split_sources = dataset.load_parts(sources, args.split_file, args.image_size, args.cache_dir or None,
-                                              None if args.resume is not None else run_dir, only == "all", only)
-    counts = {k: len(v["names"]) for k, v in parts.items()}
-    # a test part is optional: BUS-BRA's split and a site's labelled scans have none
-    empty = [k for k in ((args.eval_split,) if args.eval_only else ("train", "val")) if not counts.get(k)]
-    if empty:
-        raise ValueError(f"the split leaves no {', '.join(empty)} images ({counts}); add data or pass a --split-file")
-    if not args.eval_only and counts["train"] < 2:
-        raise ValueError(f"training needs at least 2 images (BatchNorm), the split has {counts['train']}")
-    return parts, sources, split_sources
-
-
-def model_of_run(args, state: dict | None) -> torch.nn.Module:
-    """A checkpoint's model, or a new one as the hyperparameters describe it (--init-from: that checkpoint's
-    weights)."""
-    if state is None and args.init_from is not None:
-        return checkpoints.build_model(checkpoints.load_checkpoint(args.init_from), args.init_from)
-    if state is not None:
-        model = checkpoints.build_model(state, args.checkpoint or "latest.pt")
-        for key in ("base_channels", "depth"):  # (an exported model's config may lack them)
-            setattr(args, key, model.config.get(key, getattr(args, key)))
-        return model
-    heads = {"num_classes": 3 if args.cls_weight > 0 else 0, "deep_supervision": args.deep_supervision > 0,
-             "input_norm": args.input_norm}
-    if args.encoder == "none":
-        if args.decoder_norm != "batch":
-            raise ValueError("--decoder-norm applies to a LiteUNet's decoder; the plain UNet (--encoder none) keeps "
-                             "BatchNorm")
-        return UNet(1, 1, args.base_channels, args.depth, **heads)
-    return LiteUNet(args.encoder, pretrained=args.pretrained, **heads, decoder_norm=args.decoder_norm,
-                    decoder_channels=unet.LITE_DECODER[:5 if args.full_res_decoder else 4])
+def resolve_config(args, sample: bool, start: dict | None, state: dict | None,
+                   recorded: dict) -> tuple[RunConfig, list[str]]:
+    """The run's configuration, each layer over the ones before: the parsed flags and fields above; for a new
+    run the architecture and heads of the checkpoint it starts from (`start`), the sample recipe (`sample`: the
+    bundled sample) and a named recipe; for a run from a checkpoint (`state`) its recorded hyperparameters and
+    model, and the data and split it recorded (`recorded`). A flag given wins over the recipes and the records.
+    Returns it with the lines that say what the recipes set."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
+    unset = [k for k in values if "--" + k.replace("_", "-") not in args.explicit]
+    notes = []
+    if state is None:
+        if start is not None:
+            values["recipe"] = values["recipe"] or "site"
+            values.update(checkpoints.adopt_architecture(values, args.explicit, start, ARCHITECTURE, args.init_from))
+        for name, recipe in (("sample recipe (SAMPLE_RECIPE, for the bundled sample only)",
+                              SAMPLE_RECIPE if sample and start is None else {}),
+                             (f"recipe {values['recipe']}", RECIPES.get(values["recipe"], {}))):
+            given = {k: v for k, v in recipe.items() if k in unset}
+            values.update(given)
+            if given:
+                notes.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in given.items()))
+    else:
+        saved, model = checkpoints.recorded_config(state), state.get("model_config")
+        values.update({k: saved[k] for k in HYPERPARAMETERS if k in saved and k in unset})
+        values.update({k: model.get(k, values[k]) for k in ("base_channels", "depth") if isinstance(model, dict)})
+        values.update(recorded)
+    return RunConfig(**{**values, "explicit": frozenset(args.explicit)}), notes
 
 
 def print_next_steps(run_dir: Path, sources: list, split: str) -> None:
@@ -294,45 +282,45 @@ def print_next_steps(run_dir: Path, sources: list, split: str) -> None:
 
 
 def run(args) -> int:
-    device = utils.pick_device(args.device)
-    state, run_dir = open_run(args)
-    parts, sources, split_sources = load_data(args, run_dir)
-    dtype = utils.amp_dtype(device, args.amp)  # training; evaluation on a CPU stays fp32 (utils.inference_dtype)
+    state, run_dir, cfg = open_run(args)
+    device = utils.pick_device(cfg.device)
+    parts, sources, split_sources = dataset.load_run_data(cfg, run_dir)
+    dtype = utils.amp_dtype(device, cfg.amp)  # training; evaluation on a CPU stays fp32 (utils.inference_dtype)
 
     # ---- model ----
-    utils.seed_everything(args.seed, args.deterministic, device)
-    model = model_of_run(args, state).to(device, memory_format=torch.channels_last)
-    config = {k: getattr(args, k) for k in HYPERPARAMETERS}
+    utils.seed_everything(cfg.seed, cfg.deterministic, device)
+    model = checkpoints.model_for_run(cfg, state).to(device, memory_format=torch.channels_last)
+    config = {k: getattr(cfg, k) for k in HYPERPARAMETERS}
     config.update(data_dir=[dataset.source_spec(n, p) for n, p in sources], split_file=split_sources,
-                  device=str(device), amp=args.amp, model=model.config)
-    if args.init_from is not None or "init_from" in ((state or {}).get("config") or {}):  # a site run's record
-        config["init_from"] = checkpoints.site_record(args.init_from, sources, parts, state)
+                  device=str(device), amp=cfg.amp, model=model.config)
+    if cfg.init_from is not None or "init_from" in ((state or {}).get("config") or {}):  # a site run's record
+        config["init_from"] = checkpoints.site_record(cfg.init_from, sources, parts, state)
     print(f"model: {type(model).__name__}{model.config} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-          f"parameters | device {device}, autocast: train {dtype}, eval {utils.inference_dtype(device, args.amp)} | "
-          f"image {args.image_size}px", flush=True)
+          f"parameters | device {device}, autocast: train {dtype}, eval {utils.inference_dtype(device, cfg.amp)} | "
+          f"image {cfg.image_size}px", flush=True)
     if device.type == "cpu":
         print(utils.describe_cpu(dtype), flush=True)
-    if args.eval_only:
-        loaded = checkpoints.loaded(model.eval(), state).at_threshold(args.threshold)
-        return evaluation.evaluate_checkpoint(args, loaded, parts[args.eval_split], sources, run_dir, device, config)
+    if cfg.eval_only:
+        loaded = checkpoints.loaded(model.eval(), state).at_threshold(cfg.threshold)
+        return evaluation.evaluate_checkpoint(cfg, loaded, parts[cfg.eval_split], sources, run_dir, device, config)
 
     # ---- the training loop: the splits live on the device as uint8 for the whole run ----
-    train = training.epoch_set(parts["train"], args.repeat, args.seed, device)
-    own, held = training.select(parts, args.select_on, [n for n, _ in sources], device, args.repeat)  # own: chooses
+    train = training.epoch_set(parts["train"], cfg.repeat, cfg.seed, device)
+    own, held = training.select(parts, cfg.select_on, [n for n, _ in sources], device, cfg.repeat)  # own: chooses
     val = training.on_device(own["val"], device)
-    trainer = training.Trainer(model, args, device, dtype, len(train["labels"]), args.compile)
+    trainer = training.Trainer(model, cfg, device, dtype, len(train["labels"]), cfg.compile)
     if state is not None:
         trainer.restore(state)
         print(f"resuming {run_dir} at epoch {trainer.epoch + 1}" + (f", step {trainer.step}" if trainer.step else ""),
               flush=True)
-        if trainer.epoch >= args.epochs:
-            print(f"nothing to train: the run already has {trainer.epoch} of {args.epochs} epochs")
+        if trainer.epoch >= cfg.epochs:
+            print(f"nothing to train: the run already has {trainer.epoch} of {cfg.epochs} epochs")
     resume_hint = f"Resume with: python train_unet_busi.py --resume {run_dir}"
     log_every = -(-10 // trainer.steps)  # one line per ~10 steps at least: short epochs share a line
     latest = {"epoch": trainer.epoch, "time": -math.inf}  # what latest.pt holds, and since when
     first = trainer.epoch
     with training.StopRequest() as stop:
-        for epoch in range(trainer.epoch, args.epochs):
+        for epoch in range(trainer.epoch, cfg.epochs):
             t0 = time.perf_counter()
             done = trainer.train_epoch(train, stop, run_dir)
             if done is None:  # stopped inside the epoch: its position is saved
@@ -341,21 +329,21 @@ def run(args) -> int:
                       f"{run_dir / 'latest.pt'}.\n{resume_hint}", file=sys.stderr, flush=True)
                 return 130
             scored = trainer.scored_model()  # (the SWA average in the last --swa-epochs)
-            val_summary, val_loss = training.validate(scored, val, trainer.seg_loss, args, device,
-                                                      utils.inference_dtype(device, args.amp))
-            held_out = training.score_held_out(scored, held, args, device, utils.inference_dtype(device, args.amp))
+            val_summary, val_loss = training.validate(scored, val, trainer.seg_loss, cfg, device,
+                                                      utils.inference_dtype(device, cfg.amp))
+            held_out = training.score_held_out(scored, held, cfg, device, utils.inference_dtype(device, cfg.amp))
             best_before = trainer.best_score
             row, improved = trainer.end_epoch(*done, val_summary, val_loss, time.perf_counter() - t0, held_out)
-            if trainer.bad_epochs or improved or (epoch + 1) % log_every == 0 or epoch + 1 == args.epochs:
-                print(training.epoch_line(row, improved, trainer.bad_epochs, args.epochs, round(best_before, 5),
-                                          args.epochs - epoch - 1 if epoch == first else 0), flush=True,
+            if trainer.bad_epochs or improved or (epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs:
+                print(training.epoch_line(row, improved, trainer.bad_epochs, cfg.epochs, round(best_before, 5),
+                                          cfg.epochs - epoch - 1 if epoch == first else 0), flush=True,
                       file=sys.stderr if trainer.bad_epochs else sys.stdout)
-            pause = args.stop_after is not None and epoch + 1 - (state or {}).get("epoch", 0) >= args.stop_after \
-                and epoch + 1 < args.epochs
+            pause = cfg.stop_after is not None and epoch + 1 - (state or {}).get("epoch", 0) >= cfg.stop_after \
+                and epoch + 1 < cfg.epochs
             saved = training.save_epoch(trainer, config, run_dir, improved, latest,
-                               force=pause or stop.requested or epoch + 1 == args.epochs)
+                               force=pause or stop.requested or epoch + 1 == cfg.epochs)
             if pause:
-                print(f"stopping after {args.stop_after} epoch(s) as asked. {resume_hint}", flush=True)
+                print(f"stopping after {cfg.stop_after} epoch(s) as asked. {resume_hint}", flush=True)
                 return 0
             if stop.requested:
                 print(f"interrupted after epoch {epoch + 1}: {run_dir / 'latest.pt'} holds epoch {saved}.\n"
@@ -367,8 +355,8 @@ def run(args) -> int:
         raise ValueError("no epoch made a best.pt to evaluate (none finished with finite validation outputs)")
     print(f"best epoch {trainer.best_epoch} (validation score {trainer.best_score:.4f}); fitting the trust score, "
           f"the 'no lesion' gate and the calibration on train and validation", flush=True)
-    evaluation.fit_then_test(run_dir, own, dataset.scanners(sources), device, args,  # a site run: what it came from
-                             checkpoints.site_start(args.init_from, config),
+    evaluation.fit_then_test(run_dir, own, dataset.scanners(sources), device, cfg,  # a site run: what it came from
+                             checkpoints.site_start(cfg.init_from, config),
                              {"best_epoch": trainer.best_epoch, "val_at_best": trainer.best_val, "config": config})
     print_next_steps(run_dir, sources, "test" if len(own.get("test", {}).get("names", [])) else "val")
     return 0

@@ -563,7 +563,7 @@ def test_the_model_cards_command_rebuilds_the_shipped_models_recipe_and_architec
     differ = {k: (getattr(args, k), recorded[k]) for k in T.HYPERPARAMETERS if k in recorded
               and getattr(args, k) != recorded[k]}
     assert differ == {}
-    built = T.model_of_run(args, None).config
+    built = checkpoints.model_for_run(args, None).config
     assert {k: v for k, v in built.items() if k != "pretrained"} == \
         {k: v for k, v in state["model_config"].items() if k != "pretrained"}
     assert len(dataset.resolve_sources(args.data_dir, announce=False)) == 2  # both hospitals

@@ -208,7 +208,7 @@ def test_decoder_norm_builds_norms_without_running_statistics(tmp_path):
     assert "decoder_norm" not in state["config"]
     args = T.parse_args(["--init-from", str(checkpoints.DEFAULT_CHECKPOINT), "--decoder-norm", "group"])
     with pytest.raises(ValueError, match="--decoder-norm group differs"):
-        checkpoints.adopt_architecture(args, state, T.ARCHITECTURE)
+        checkpoints.adopt_architecture(vars(args), args.explicit, state, T.ARCHITECTURE, args.init_from)
     with pytest.raises(ValueError, match="decoder_norm must be one of"):
         LiteUNet("lite0", pretrained=False, decoder_norm="layer")
 
@@ -707,3 +707,33 @@ def test_latest_pt_is_written_at_most_once_a_minute_and_at_the_end(busi_dir, tmp
     assert checkpoints.load_checkpoint(tmp_path / "t" / "latest.pt")["epoch"] == 6
     out = capsys.readouterr().out  # the CPU that sets the pace, and after the first epoch what the pace means
     assert "cpu: " in out and "bf16 instructions" in out and "for the 5 epochs left" in out
+
+
+def test_the_run_configuration_is_resolved_once_into_a_frozen_record():
+    """resolve_config layers the sample recipe and a checkpoint's record under the flags given, leaves the parsed
+    flags as they were, and returns a record that cannot be changed afterwards."""
+    import dataclasses
+
+    args = T.parse_args(["--epochs", "3"])
+    config, notes = T.resolve_config(args, sample=True, start=None, state=None, recorded={})
+    assert config.epochs == 3 and config.image_size == T.SAMPLE_RECIPE["image_size"]  # the flag wins, the recipe fills
+    assert notes and notes[0].startswith("sample recipe") and " epochs=" not in notes[0]
+    assert args.image_size == 192 and args.epochs == 3  # the parsed flags are not changed
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    assert "--epochs" in config.explicit
+    # a checkpoint's recorded hyperparameters and model replace the defaults, never a flag given; recorded paths win
+    state = checkpoints.load_checkpoint(checkpoints.DEFAULT_CHECKPOINT)
+    args = T.parse_args(["--eval-only", "--checkpoint", "x.pt", "--tta"])
+    config, notes = T.resolve_config(args, sample=False, start=None, state=state, recorded={"split_file": ["S=s.json"]})
+    assert notes == [] and config.tta is True and config.split_file == ["S=s.json"]
+    assert {k: getattr(config, k) for k in T.HYPERPARAMETERS if k != "tta"} == \
+        {k: checkpoints.recorded_config(state).get(k, getattr(T.Hyperparameters, k)) for k in T.HYPERPARAMETERS
+         if k != "tta"}
+    # a run from another checkpoint takes its architecture; a flag asking for another one is refused
+    args = T.parse_args(["--init-from", "m.pt"])
+    config, notes = T.resolve_config(args, sample=False, start=state, state=None, recorded={})
+    assert config.recipe == "site" and config.image_size == state["config"]["image_size"] and notes
+    with pytest.raises(ValueError, match="--image-size 256 differs from m.pt's 192"):
+        T.resolve_config(T.parse_args(["--init-from", "m.pt", "--image-size", "256"]), sample=False, start=state,
+                         state=None, recorded={})
