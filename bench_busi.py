@@ -90,7 +90,6 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import dataset  # noqa: E402
 import image_io
 import tensor_cache
-import evaluation  # noqa: E402
 import inference  # noqa: E402
 import unet  # noqa: E402
 from augment import AugmentConfig  # noqa: E402
@@ -535,7 +534,7 @@ def print_table(project: dict, naive: dict, device) -> tuple[float, float, float
 def bench_backends(args, data_dir: Path) -> dict:
     """torch against onnxruntime on one CPU, interleaved: per thread count, `args.rounds` rounds, each timing one
     pass of each backend over the same scans (the order alternating), as predict runs them; the median images/s
-    of each and their ratio; then the two paths' outputs compared (evaluation.compare)."""
+    of each and their ratio; then the two paths' outputs compared (inference.compare)."""
     import checkpoints
     import onnx_backend
 
@@ -573,7 +572,7 @@ def bench_backends(args, data_dir: Path) -> dict:
         run = {"threads": threads, **{f"{n}_img_s": float(np.median(v)) for n, v in rates.items()},
                **{f"{n}_rounds": v for n, v in rates.items()}}
         run["speedup"] = run["onnx_img_s"] / run["torch_img_s"]
-        run["parity"] = evaluation.compare(last["torch"], last["onnx"], threshold)
+        run["parity"] = inference.compare(last["torch"], last["onnx"], threshold)
         figures["runs"].append(run)
         print(f"threads {threads}: torch {run['torch_img_s']:.1f} img/s, onnxruntime {run['onnx_img_s']:.1f} img/s "
               f"(rounds {', '.join(f'{a:.1f}/{b:.1f}' for a, b in zip(rates['torch'], rates['onnx']))}): "
@@ -584,7 +583,7 @@ def bench_backends(args, data_dir: Path) -> dict:
           f"agreement {parity['class_agreement']:.0%}, max malignancy difference "
           f"{parity['max_malignancy_difference']:.2e}, max probability difference "
           f"{parity['max_probability_difference']:.2e}, max trust difference {parity['max_trust_difference']:.2e}")
-    figures["parity_failures"] = evaluation.parity_failures(parity)
+    figures["parity_failures"] = inference.parity_failures(parity)
     return figures
 
 

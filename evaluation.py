@@ -1,5 +1,6 @@
-"""Evaluation: score a model on a split at each image's original resolution, and write the report that
---eval-only and the end of training share (metrics.json, the per-image CSV, the report figure, the summary)."""
+"""Evaluation: score a model on a split at each image's original resolution; fit what is fitted on validation
+after training (trust score, "no lesion" gate, calibration, familiarity, a site's threshold) and run the one test
+evaluation that --eval-only and the end of training share. What it writes and prints: reports.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,17 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe beside the Tk app
 
 import augment
 import checkpoints
 import inference
 import metrics
+import reports
 import storage
 import tensor_cache
 import trust
 import utils
-from inference import predict_batches, predict_images, probs_to_original
+from inference import predict_batches, probs_to_original
 
 
 def evaluate(model: torch.nn.Module, data: dict, device: torch.device, dtype: torch.dtype | None = None,
@@ -123,7 +124,7 @@ def summarize(records: list[dict], class_names=utils.CLASSES, with_trust: bool =
     that a change that helps one hospital and hurts the other does not win."""
     summary = metrics.summarize(records, class_names)
     if with_trust:
-        summary["trust"] = trust.report(records)
+        summary["trust"] = metrics.trust_report(records)
     sources = sorted({r["source"] for r in records if "source" in r})
     summary["score"] = summary["all_dice"]
     if len(sources) > 1:
@@ -205,9 +206,9 @@ def fit_and_describe(model: torch.nn.Module, parts: dict, device: torch.device, 
                                           batch_size, "the validation split and shifted copies of it", presence_keep)
     if fitted.get("no_right_outline"):
         print(f"warning: {trust.NO_RIGHT_OUTLINE}", file=sys.stderr, flush=True)
-    write_calibration_figure(out_dir / f"{prefix}calibration.png", val_records, fitted)
+    reports.write_calibration_figure(out_dir / f"{prefix}calibration.png", val_records, fitted)
     if fitted.get("presence"):
-        write_presence_figure(out_dir / f"{prefix}presence.png", fitted["presence"])
+        reports.write_presence_figure(out_dir / f"{prefix}presence.png", fitted["presence"])
     summary, records = evaluate(model, parts["val"], device, dtype, threshold, batch_size, tta, fitted_trust=fitted)
     before, after = (summary["trust"].get(k, float("nan")) for k in ("malignancy_ece_uncalibrated", "malignancy_ece"))
     if after > before:  # a temperature fitted on a handful of scans can make it worse: say so, keep the record
@@ -280,37 +281,13 @@ def fit_then_test(run_dir: Path, parts: dict, scanner_of: dict, device: torch.de
     if start is not None:
         fitted = trust.site_entry(fitted, start.get("trust"))
     checkpoints.save_checkpoint({**best_state, "trust": fitted}, run_dir / "best.pt")
-    print_summary("validation with the fitted gate (in-sample for the gate and trust)", val_summary)
+    reports.print_summary("validation with the fitted gate (in-sample for the gate and trust)", val_summary)
     extra = {**extra, "val_fitted": val_summary, "checkpoint": str(run_dir / "best.pt")}
     if not len(parts.get("test", {}).get("names", [])):
         storage.write_json(run_dir / "metrics.json", {"test": None, "why_no_test": NO_TEST_PART, **extra})
         print(f"no test evaluation: {NO_TEST_PART}; wrote {run_dir}/metrics.json", flush=True)
         return
     report(best, parts["test"], run_dir, "test", hp, device, extra, fitted)
-
-
-def write_presence_figure(path: Path, presence: dict) -> None:
-    """Normal scans left outlined against lesion scans missed, on validation, for each candidate "no lesion"
-    score over all its cuts; the chosen cut of each marked, and the outcome without any gate."""
-    fig = Figure(figsize=(6.4, 5.2))
-    ax = fig.subplots()
-    for name, c in presence["candidates"].items():
-        curve = np.array(c["curve"])
-        line, = ax.plot(curve[:, 1] * 100, curve[:, 2] * 100, "-", lw=1.2,
-                        label=f"{name}{' (chosen)' if name == presence['candidate'] else ''}: at the cut "
-                              f"{c['missed_rate']:.1%} missed, {c['normal_fp_rate']:.0%} FP")
-        ax.plot(c["missed_rate"] * 100, c["normal_fp_rate"] * 100, "o", color=line.get_color())
-    none = presence["no_gate"]
-    ax.plot(none["missed_rate"] * 100, none["normal_fp_rate"] * 100, "k*", ms=10,
-            label=f"no gate: {none['missed_rate']:.1%} missed, {none['normal_fp_rate']:.0%} FP")
-    ax.axvline((1 - presence["keep"]) * 100, color="grey", ls="--", lw=0.8)
-    lo, hi = presence["normal_fp_rate_interval"]
-    ax.set(xlabel="lesion scans missed (%)", ylabel="normal scans outlined (%)", xlim=(0, 20), ylim=(-2, 102),
-           title=f"'No lesion' gate on validation ({presence['n_lesion']} lesion, {presence['n_normal']} normal scans)"
-                 f"\nchosen FP {presence['normal_fp_rate']:.0%}, bootstrap 95 % interval {lo:.0%}-{hi:.0%}")
-    ax.title.set_fontsize(9)
-    ax.legend(loc="upper right", fontsize=7)
-    storage.save_figure(fig, path)
 
 
 def shifted_copy(data: dict, copy: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,34 +297,6 @@ def shifted_copy(data: dict, copy: int) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = augment.augment_batch(data["images"].cpu(), data["masks"].cpu(), cfg,
                                  torch.Generator().manual_seed(1000 + copy), torch.Generator().manual_seed(2000 + copy))
     return (x * 255).round().to(torch.uint8), y[:, 0] > 0.5
-
-
-def write_calibration_figure(path: Path, records: list[dict], fitted: dict) -> bool:
-    """Reliability diagrams of the malignancy and lesion probabilities on `records` (validation), before and
-    after the fitted temperatures; False (nothing written) for a model without a class head."""
-    if not records or "class_probs" not in records[0]:
-        return False
-    fig = Figure(figsize=(11, 4.8))
-    raw = torch.tensor([r["class_probs"] for r in records])
-    lesion = np.array([r["label"] != "normal" for r in records])
-    for ax, name in zip(fig.subplots(1, 2), ("malignancy", "lesion")):
-        for label, probs in (("as trained", raw), ("calibrated", trust.calibrated(raw, fitted))):
-            if name == "malignancy":
-                p = metrics.malignancy_probability(probs)[torch.from_numpy(lesion)].numpy()
-                y = np.array([r["label"] == "malignant" for r in records])[lesion]
-            else:
-                p, y = 1 - probs[:, utils.CLASSES.index("normal")].numpy(), lesion
-            points = np.array(trust.reliability(p, y)).reshape(-1, 3)  # (no lesion scans: no points)
-            ece = trust.expected_calibration_error(p, y)
-            line, = ax.plot(points[:, 0], points[:, 1], "-", label=f"{label}: ECE {ece:.3f}")
-            ax.scatter(points[:, 0], points[:, 1], s=8 + 4 * points[:, 2], color=line.get_color())  # area: images
-        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-        what = "malignant, lesion scans" if name == "malignancy" else "a lesion, all scans"
-        ax.set(xlabel=f"predicted probability ({name})", ylabel=f"observed frequency ({what})", xlim=(0, 1),
-               ylim=(0, 1), title=f"{name} probability, validation split")
-        ax.legend(loc="upper left", title="10 bins; dot area: images", fontsize=8, title_fontsize=8)
-    storage.save_figure(fig, path)
-    return True
 
 
 def evaluate_checkpoint(hp, loaded: checkpoints.LoadedModel, part: dict, sources: list, run_dir: Path, device,
@@ -372,193 +321,8 @@ def report(model, data, run_dir, split, hp, device, extra, fitted_trust=None, ga
     returned."""
     summary, records = evaluate(model, data, device, utils.inference_dtype(device, hp.amp), hp.threshold,
                                 hp.eval_batch_size, hp.tta, fitted_trust=fitted_trust, gate_mode=gate_mode)
-    write_report(run_dir, summary, records, extra, split)
-    print_summary(f"{split} ({extra['checkpoint']}{', flip TTA' if hp.tta else ''}, threshold {hp.threshold})",
+    reports.write_report(run_dir, summary, records, extra, split)
+    reports.print_summary(f"{split} ({extra['checkpoint']}{', flip TTA' if hp.tta else ''}, threshold {hp.threshold})",
                   summary)
     print(f"wrote {run_dir}/: metrics.json {split}_predictions.csv {split}_report.png")
     return summary
-
-
-def write_report(run_dir, summary: dict, records: list[dict], extra: dict, split: str = "test") -> None:
-    """metrics.json, <split>_predictions.csv and <split>_report.png."""
-    write_test_report(run_dir, summary, records, extra, split)
-    write_report_figure(run_dir, summary, records, split)
-
-
-def write_test_report(run_dir: Path, summary: dict, records: list[dict], extra: dict, split: str = "test") -> None:
-    """metrics.json ({split: summary, ...}) and <split>_predictions.csv."""
-
-    storage.write_json(run_dir / "metrics.json", {split: summary, **extra})  # NaN (e.g. no normal images) -> null
-    fields = ["file", "class", "dice", "iou", "pred_pixels", "gt_pixels"]
-    if records and "malignancy" in records[0]:
-        fields += ["malignancy_probability", "predicted_class"]
-    if records and "trust" in records[0]:
-        fields += ["max_probability", "trust", "review"]
-    rows = []
-    for r in records:
-        row = [r["file"], r["label"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", r["pred_pixels"], r["gt_pixels"]]
-        if "malignancy" in r:
-            row += [f"{r['malignancy']:.4f}", utils.CLASSES[max(range(3), key=lambda k: r["class_probs"][k])]]
-        if "trust" in r:
-            row += [f"{r['max_probability']:.4f}", f"{r['trust']:.4f}", "REVIEW" if r["review"] else ""]
-        rows.append(row)
-    storage.write_csv(run_dir / f"{split}_predictions.csv", fields, rows)
-
-
-def write_report_figure(run_dir: Path, summary: dict, records: list[dict], split: str = "test") -> None:
-    """<split>_report.png: per-image Dice by class, the malignancy ROC curve and the confusion matrix."""
-    has_cls, has_trust = "malignancy_auc" in summary, bool(summary.get("trust", {}).get("risk_coverage_lesion_dice"))
-    panels = 1 + 2 * has_cls + has_trust
-    fig = Figure(figsize=(5 * panels + 0.5, 4.5))
-    axes = fig.subplots(1, panels, squeeze=False)
-    ax = axes[0, 0]
-    lesion_classes = [c for c in ("benign", "malignant") if c in summary["per_class"]]
-    dice = [[r["dice"] for r in records if r["label"] == c] for c in lesion_classes]
-    if dice:
-        ax.boxplot(dice, showmeans=True)
-        ax.set_xticks(range(1, len(dice) + 1), lesion_classes)
-        for k, values in enumerate(dice, start=1):  # every image as a dot beside its box
-            ax.scatter(np.full(len(values), k + 0.25), values, s=6, alpha=0.5)
-    fp = summary["normal_fp_rate"]
-    ax.set(ylim=(-0.02, 1.02), ylabel="Dice per image (original resolution)",
-           xlabel="box: median and quartiles; triangle: mean; dots: images",
-           title=f"{split}: lesion Dice {summary['lesion_dice']:.3f}"
-                 + (f", normal FP rate {fp:.2f}" if fp == fp else ""))
-    if has_cls:
-        lesion = [r for r in records if r["label"] != "normal"]
-        fpr, tpr = metrics.roc_curve([r["malignancy"] for r in lesion], [r["label"] == "malignant" for r in lesion])
-        ax = axes[0, 1]
-        ax.plot(fpr, tpr, drawstyle="default", label=f"AUC {summary['malignancy_auc']:.3f} (n={len(lesion)})")
-        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-        ax.set(xlabel="benign called malignant (FPR)", ylabel="malignant found (TPR)",
-               title="Malignant vs benign, lesion images", xlim=(0, 1), ylim=(0, 1.01))
-        ax.legend(loc="lower right")
-        ax = axes[0, 2]
-        counts = np.array(summary["confusion_matrix"]["counts"])
-        ax.imshow(counts, cmap="Blues")
-        for (i, j), v in np.ndenumerate(counts):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > counts.max() / 2 else "black")
-        ax.set_xticks(range(len(utils.CLASSES)), utils.CLASSES)
-        ax.set_yticks(range(len(utils.CLASSES)), utils.CLASSES)
-        ax.set(xlabel="predicted", ylabel="true", title=f"Class head: accuracy {summary['class_accuracy']:.3f}")
-    if has_trust:
-        plot_risk_coverage(axes[0, -1], summary["trust"])
-    storage.save_figure(fig, run_dir / f"{split}_report.png")
-
-
-def plot_risk_coverage(ax, t: dict) -> None:
-    """Mean lesion Dice of the most-trusted fraction of lesion scans, by trust and by max probability alone."""
-    for key, label, auroc in (("risk_coverage_lesion_dice", "trust score", t["auroc_trust"]),
-                              ("risk_coverage_lesion_dice_max_probability", "max probability alone",
-                               t["auroc_max_probability"])):
-        points = np.array(t[key])
-        ax.plot(points[:, 0] * 100, points[:, 1], "o-", ms=3, label=f"{label} (failure AUROC {auroc:.2f})")
-    ax.invert_xaxis()
-    ax.set(xlabel="% of lesion scans kept (most trusted first)", ylabel="mean lesion Dice of those kept",
-           title=f"Which outlines to trust: {t['n_failures']} failures of {t['n_images']}")
-    ax.legend(loc="lower right", fontsize=8)
-
-
-MIN_PER_CLASS = 5  # fewer benign or malignant scans than this: an AUC says nothing, and is not printed
-
-
-def figure(value: float, fmt: str, why: str) -> str:
-    """`value` formatted, or "n/a (`why`)" where it is not a number (too few images of a kind)."""
-    return format(value, fmt) if value == value else f"n/a ({why})"
-
-
-def print_summary(title: str, s: dict) -> None:
-    """The printed summary of a split: lesion and normal figures, per source and scanner, per class, the class
-    head and the trust score; a figure that too few images cannot give says so instead of printing nan."""
-    fp = figure(s["normal_fp_rate"], ".3f", "no normal scans")
-    print(f"{title}: lesion Dice {figure(s['lesion_dice'], '.4f', 'no lesion scans')} | lesion IoU "
-          f"{figure(s['lesion_iou'], '.4f', 'no lesion scans')} | normal FP rate {fp} "
-          f"| missed lesions {s['missed_lesions']} of {s['n_lesion']} | n={s['n_images']}")
-    for group in ("per_source", "per_scanner"):
-        for name, p in s.get(group, {}).items():
-            fp = "" if p["normal_fp_rate"] != p["normal_fp_rate"] else f" | normal FP rate {p['normal_fp_rate']:.3f}"
-            auc = f" | malignancy AUC {auc_text(p)}" if "malignancy_auc" in p else ""
-            why = no_auroc_reason(p["trust"]) if "trust" in p else ""
-            trust_auc = (f" | failure AUROC trust {figure(p['trust']['auroc_trust'], '.3f', why)} / max "
-                         f"probability {figure(p['trust']['auroc_max_probability'], '.3f', why)}"
-                         if "trust" in p else "")
-            print(f"  {group[4:]} {name}: lesion Dice {figure(p['lesion_dice'], '.4f', 'none')}{fp} | missed "
-                  f"{p['missed_lesions']} of {p['n_lesion']}{auc}{trust_auc} | n={p['n_images']}")
-    for name, c in s["per_class"].items():
-        extra = f" | FP rate {c['fp_rate']:.3f}" if "fp_rate" in c else ""
-        print(f"  {name:<9} n={c['n']:<4} Dice {c['dice']:.4f} | IoU {c['iou']:.4f}{extra}")
-    if "malignancy_auc" in s:
-        print(f"  classification: accuracy {s['class_accuracy']:.4f} | malignant-vs-benign ROC AUC {auc_text(s)} "
-              f"| confusion (rows true, cols pred: benign, malignant, normal) {s['confusion_matrix']['counts']}")
-    if "trust" in s:
-        t = s["trust"]
-        why = no_auroc_reason(t)
-        print(f"  trust: failures {t['n_failures']} of {t['n_images']} | AUROC at catching them "
-              f"{figure(t['auroc_trust'], '.3f', why)} (max probability alone "
-              f"{figure(t['auroc_max_probability'], '.3f', why)}) | lowest 20 % hold "
-              f"{figure(t['failures_in_lowest_20pct_trust'], '.0%', why)} of them | flagged for review "
-              f"{t['review_flagged']} ({t['review_failures_caught']} failures) | lesion Dice of the 80 % most "
-              f"trusted {figure(t['lesion_dice_most_trusted_80pct'], '.4f', 'no lesion scans')} (all "
-              f"{figure(t['lesion_dice_all'], '.4f', 'no lesion scans')})"
-              + (f" | out of range {t['out_of_range']} of {t['n_images']}" if "out_of_range" in t else ""))
-
-
-def no_auroc_reason(t: dict) -> str:
-    """Why a trust report (trust.report) has no failure AUROC, in its own words."""
-    return "no failures" if not t["n_failures"] else "every scan failed" if t["n_failures"] == t["n_images"] \
-        else "too few scans"
-
-
-def auc_text(s: dict) -> str:
-    """The malignancy AUC of a summary, or why it is not given: fewer than MIN_PER_CLASS scans of a class."""
-    counts = {c: s["per_class"].get(c, {}).get("n", 0) for c in ("benign", "malignant")}
-    if min(counts.values()) < MIN_PER_CLASS:
-        return (f"n/a (not enough images for an AUC: {counts['benign']} benign, {counts['malignant']} malignant; "
-                f"{MIN_PER_CLASS} of each needed)")
-    return figure(s["malignancy_auc"], ".4f", "not enough images")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Parity: the torch and onnxruntime paths on the same scans (export_onnx.py, bench_busi.py)
-# --------------------------------------------------------------------------------------------------------------
-def parity(loaded: checkpoints.LoadedModel, onnx_model, images: list[np.ndarray], batch_size: int = 16) -> dict:
-    """How far apart the loaded (torch) model's predictions and `onnx_model`'s are on `images` (grey uint8
-    arrays), each at the scan's own size through predict_images, as predict writes them (`compare`)."""
-    runs = [list(predict_images(one, images, torch.device("cpu"), None, batch_size))
-            for one in (loaded, dataclasses.replace(loaded, model=onnx_model))]
-    return compare(*runs, loaded.threshold)
-
-
-def compare(first: list, second: list, threshold: float) -> dict:
-    """Two runs of predict_images (inference.Prediction per scan) on the same scans: pixels whose masks (the
-    probability above `threshold`) differ, per-image Dice of the two masks, the largest probability difference,
-    the predicted classes, the largest malignancy and trust differences."""
-    differing = pixels = classes_agree = compared = 0
-    dice, prob_diff, malignancy_diff, trust_diff = [], 0.0, 0.0, 0.0
-    for one, other in zip(first, second):
-        a, b = one.probability > threshold, other.probability > threshold
-        differing += int((a != b).sum())
-        pixels += a.size
-        both = int(a.sum() + b.sum())
-        dice.append(1.0 if both == 0 else 2 * int((a & b).sum()) / both)
-        prob_diff = max(prob_diff, float(np.abs(one.probability - other.probability).max()))
-        if one.class_probabilities is not None:
-            classes_agree += int(one.predicted_class == other.predicted_class)
-            compared += 1
-            malignancy_diff = max(malignancy_diff, abs(one.malignancy_probability - other.malignancy_probability))
-        if one.trust is not None:
-            trust_diff = max(trust_diff, abs(one.trust - other.trust))
-    return {"images": len(first), "pixels": pixels, "differing_pixels": differing,
-            "pixel_agreement": 1 - differing / max(1, pixels), "min_dice": min(dice, default=1.0),
-            "max_probability_difference": prob_diff, "class_agreement": classes_agree / compared if compared else 1.0,
-            "max_malignancy_difference": malignancy_diff, "max_trust_difference": trust_diff}
-
-
-PARITY_TARGETS = {"pixel_agreement": 0.999, "min_dice": 0.999, "class_agreement": 1.0}
-PARITY_LIMITS = {"max_probability_difference": 1e-3, "max_malignancy_difference": 1e-3}
-
-
-def parity_failures(figures: dict) -> list[str]:
-    """The parity targets `figures` (from `parity`) misses, worded; empty when it meets them all."""
-    low = [f"{k} {figures[k]:.6f} < {v}" for k, v in PARITY_TARGETS.items() if figures[k] < v]
-    return low + [f"{k} {figures[k]:.2e} >= {v:g}" for k, v in PARITY_LIMITS.items() if figures[k] >= v]

@@ -56,7 +56,7 @@ import torch  # noqa: E402
 
 import checkpoints  # noqa: E402
 import image_io
-import evaluation  # noqa: E402
+import inference  # noqa: E402
 import onnx_backend  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         images = [image_io.load_image(p) for p in scans]
         engine = onnx_backend.OnnxModel(data, args.threads)
-        figures = evaluation.parity(loaded, engine, images)
+        figures = inference.parity(loaded, engine, images)
     except (checkpoints.CheckpointError, utils.DataError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)
         return 2
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
           f"agree on {figures['class_agreement']:.0%}, max difference: probability "
           f"{figures['max_probability_difference']:.1e}, malignancy {figures['max_malignancy_difference']:.1e}, "
           f"trust {figures['max_trust_difference']:.1e}")
-    failed = evaluation.parity_failures(figures)
+    failed = inference.parity_failures(figures)
     if failed:
         print(f"error: the export does not match PyTorch ({'; '.join(failed)}): nothing written", file=sys.stderr)
         return 1

@@ -54,6 +54,7 @@ if __name__ == "__main__":
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import evaluation  # noqa: E402
+import reports  # noqa: E402
 import trust  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         if site:
             fitted = trust.site_entry(fitted, state.get("trust"))
         checkpoints.save_checkpoint({**state, "trust": fitted}, out)
-        evaluation.print_summary("validation with the fitted entry (in-sample for the gate and trust)", summary)
+        reports.print_summary("validation with the fitted entry (in-sample for the gate and trust)", summary)
         figure = f"{figure}calibration.png" + (f" and {figure}presence.png" if fitted.get("presence") else "")
     except (utils.DataError, checkpoints.CheckpointError, ValueError, OSError) as exc:
         print(f"error: {utils.printable(exc)}", file=sys.stderr)

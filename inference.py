@@ -139,7 +139,7 @@ def probs_to_original(prob: torch.Tensor, height: int, width: int) -> torch.Tens
 @dataclass(frozen=True)
 class Prediction:
     """One scan's prediction at the scan's own size as displayed: what `predict_images` / `predict_scans` make,
-    predict writes, the GUI shows, `Predictor` returns and `evaluation.compare` compares (the trust fields are
+    predict writes, the GUI shows, `Predictor` returns and `compare` compares (the trust fields are
     None without a fitted trust entry)."""
 
     probability: np.ndarray  # float32 HxW: lesion probability of each pixel (0 outside a DICOM's region)
@@ -289,3 +289,53 @@ class Predictor:
             scan = dicom_io.with_spacing(dicom_io.Scan(image_io.grey_from_array(image), spacing_source=NO_SPACING_ARRAY),
                                          pixel_spacing)
         return next(predict_scans(self.loaded, [scan], self.device, tta=self.tta, gate_mode=self.gate))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The two backends compared on the same scans (export_onnx.py's check, bench_busi.py --backends)
+# --------------------------------------------------------------------------------------------------------------
+def parity(loaded: checkpoints.LoadedModel, onnx_model, images: list[np.ndarray], batch_size: int = 16) -> dict:
+    """How far apart the loaded (torch) model's predictions and `onnx_model`'s are on `images` (grey uint8
+    arrays), each at the scan's own size through predict_images, as predict writes them (`compare`)."""
+    runs = [list(predict_images(one, images, torch.device("cpu"), None, batch_size))
+            for one in (loaded, dataclasses.replace(loaded, model=onnx_model))]
+    return compare(*runs, loaded.threshold)
+
+
+
+def compare(first: list, second: list, threshold: float) -> dict:
+    """Two runs of predict_images (inference.Prediction per scan) on the same scans: pixels whose masks (the
+    probability above `threshold`) differ, per-image Dice of the two masks, the largest probability difference,
+    the predicted classes, the largest malignancy and trust differences."""
+    differing = pixels = classes_agree = compared = 0
+    dice, prob_diff, malignancy_diff, trust_diff = [], 0.0, 0.0, 0.0
+    for one, other in zip(first, second):
+        a, b = one.probability > threshold, other.probability > threshold
+        differing += int((a != b).sum())
+        pixels += a.size
+        both = int(a.sum() + b.sum())
+        dice.append(1.0 if both == 0 else 2 * int((a & b).sum()) / both)
+        prob_diff = max(prob_diff, float(np.abs(one.probability - other.probability).max()))
+        if one.class_probabilities is not None:
+            classes_agree += int(one.predicted_class == other.predicted_class)
+            compared += 1
+            malignancy_diff = max(malignancy_diff, abs(one.malignancy_probability - other.malignancy_probability))
+        if one.trust is not None:
+            trust_diff = max(trust_diff, abs(one.trust - other.trust))
+    return {"images": len(first), "pixels": pixels, "differing_pixels": differing,
+            "pixel_agreement": 1 - differing / max(1, pixels), "min_dice": min(dice, default=1.0),
+            "max_probability_difference": prob_diff, "class_agreement": classes_agree / compared if compared else 1.0,
+            "max_malignancy_difference": malignancy_diff, "max_trust_difference": trust_diff}
+
+
+PARITY_TARGETS = {"pixel_agreement": 0.999, "min_dice": 0.999, "class_agreement": 1.0}
+
+
+PARITY_LIMITS = {"max_probability_difference": 1e-3, "max_malignancy_difference": 1e-3}
+
+
+
+def parity_failures(figures: dict) -> list[str]:
+    """The parity targets `figures` (from `parity`) misses, worded; empty when it meets them all."""
+    low = [f"{k} {figures[k]:.6f} < {v}" for k, v in PARITY_TARGETS.items() if figures[k] < v]
+    return low + [f"{k} {figures[k]:.2e} >= {v:g}" for k, v in PARITY_LIMITS.items() if figures[k] >= v]

@@ -1,8 +1,10 @@
 """Segmentation and classification metrics: Dice/IoU with the empty-mask convention, ROC, and the summary of a
 split's per-image records (lesion means, normal false-positive rate, per class, malignancy AUC), and a lesion's size
-(area and the two diameters of a report) from a mask and its pixel spacing."""
+(area and the two diameters of a report) from a mask and its pixel spacing; how good a trust score is (which
+outlines failed, failure AUROC, risk-coverage, calibration error)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,3 +227,92 @@ def lesion_size(mask: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)) -> 
     return LesionSize(area, float(length + extent(u)), float(high[k] - low[k] + extent(n)),
                       (to_pixels(corners[a]), to_pixels(corners[b])),
                       (to_pixels(at * u + low[k] * n), to_pixels(at * u + high[k] * n)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# How good a trust score is: which outlines failed, risk-coverage, calibration error (for reports)
+# --------------------------------------------------------------------------------------------------------------
+FAILURE_DICE = 0.5  # a lesion outline below this Dice counts as a failure (as does any outline on a normal scan)
+
+
+def failures(records: list[dict]) -> np.ndarray:
+    """Per image: was the outline wrong? Lesion scans: Dice below FAILURE_DICE (a missed lesion included);
+    normal scans: any outline."""
+    return np.array([(r["pred_pixels"] > 0) if r["label"] == "normal" else (r["dice"] < FAILURE_DICE)
+                     for r in records], dtype=bool)
+
+
+def caught_in_flagged(risk, failed, fraction: float = 0.2) -> float:
+    """Share of all failures among the `fraction` of images with the highest risk (nan without failures)."""
+    risk, failed = np.asarray(risk, float), np.asarray(failed, bool)
+    if not failed.any():
+        return float("nan")
+    k = int(math.ceil(fraction * len(risk)))
+    order = np.argsort(-risk, kind="stable")[:k]
+    return float(failed[order].sum() / failed.sum())
+
+
+def risk_coverage(trust, dice, coverages=tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))) -> list[list[float]]:
+    """[[coverage, mean Dice of the most-trusted `coverage` of images], ...] (lesion images: the caller's)."""
+    trust, dice = np.asarray(trust, float), np.asarray(dice, float)
+    order = np.argsort(-trust, kind="stable")
+    out = []
+    for c in coverages:
+        k = max(1, int(round(c * len(trust))))
+        out.append([float(c), float(dice[order[:k]].mean()) if len(trust) else float("nan")])
+    return out
+
+
+def expected_calibration_error(probs, labels, bins: int = 10) -> float:
+    """ECE: the mean |accuracy - confidence| over equal-width probability bins, weighted by their counts (the
+    positive class's probability against its frequency)."""
+    probs, labels = np.asarray(probs, float), np.asarray(labels, float)
+    if len(probs) == 0:
+        return float("nan")
+    edges = np.minimum((probs * bins).astype(int), bins - 1)
+    return float(sum(abs(labels[edges == b].mean() - probs[edges == b].mean()) * (edges == b).sum()
+                     for b in range(bins) if (edges == b).any()) / len(probs))
+
+
+def reliability(probs, labels, bins: int = 10) -> list[list[float]]:
+    """[[mean probability, observed frequency, count], ...] per non-empty bin: a reliability diagram's points."""
+    probs, labels = np.asarray(probs, float), np.asarray(labels, float)
+    edges = np.minimum((probs * bins).astype(int), bins - 1)
+    return [[float(probs[edges == b].mean()), float(labels[edges == b].mean()), int((edges == b).sum())]
+            for b in range(bins) if (edges == b).any()]
+
+
+def trust_report(records: list[dict]) -> dict:
+    """The trust figures of a scored split (records with dice, label, pred_pixels, trust, max_probability[,
+    malignancy, lesion_probability]): for metrics.json."""
+    failed = failures(records)
+    trust = np.array([r["trust"] for r in records])
+    max_prob = np.array([r["max_probability"] for r in records])
+    lesion = np.array([r["label"] != "normal" for r in records])
+    dice = np.array([r["dice"] for r in records])
+    review = np.array([r["review"] for r in records])
+    top80 = risk_coverage(trust[lesion], dice[lesion], (1.0, 0.8)) if lesion.any() else [[1.0, math.nan]] * 2
+    out = {"failure_definition": f"lesion Dice < {FAILURE_DICE} (a missed lesion included), or any outline on a "
+                                 f"normal scan",
+           "n_images": int(len(records)), "n_failures": int(failed.sum()),
+           "auroc_trust": roc_auc(-trust, failed),
+           "auroc_max_probability": roc_auc(-max_prob, failed),
+           "failures_in_lowest_20pct_trust": caught_in_flagged(-trust, failed),
+           "failures_in_lowest_20pct_max_probability": caught_in_flagged(-max_prob, failed),
+           "lesion_dice_all": top80[0][1], "lesion_dice_most_trusted_80pct": top80[1][1],
+           "risk_coverage_lesion_dice": risk_coverage(trust[lesion], dice[lesion]) if lesion.any() else [],
+           "risk_coverage_lesion_dice_max_probability": (risk_coverage(max_prob[lesion], dice[lesion])
+                                                         if lesion.any() else []),
+           "review_flagged": int(review.sum()), "review_failures_caught": int((review & failed).sum())}
+    if "out_of_range" in records[0]:  # familiarity: the share unlike the scans the model was fitted on
+        out["out_of_range"] = int(sum(r["out_of_range"] for r in records))
+    if "malignancy" in records[0]:
+        mal = [(r["malignancy"], r["label"] == "malignant") for r in records if r["label"] != "normal"]
+        if mal:
+            out["malignancy_ece"] = expected_calibration_error(*zip(*mal))
+            out["malignancy_reliability"] = reliability(*zip(*mal))
+            out["malignancy_ece_uncalibrated"] = expected_calibration_error(
+                [r["malignancy_uncalibrated"] for r in records if r["label"] != "normal"], [m for _, m in mal])
+        out["lesion_probability_ece"] = expected_calibration_error([r["lesion_probability"] for r in records],
+                                                                   lesion)
+    return out

@@ -168,6 +168,7 @@ import torch  # noqa: E402
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import evaluation  # noqa: E402
+import lite_encoder  # noqa: E402
 import training  # noqa: E402
 import unet  # noqa: E402
 
@@ -187,8 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.init_from is not None and (args.eval_only or args.resume is not None):
         parser.error("--init-from starts a new run: it cannot be combined with --eval-only or --resume")
     if args.resume is None and not args.eval_only and args.init_from is None and args.encoder != "none" and \
-            args.pretrained and unet.weights_package_missing(args.encoder):  # now, before the data is decoded
-        parser.error(unet.weights_package_missing(args.encoder))
+            args.pretrained and lite_encoder.weights_package_missing(args.encoder):  # now, before the data is decoded
+        parser.error(lite_encoder.weights_package_missing(args.encoder))
     if args.bce_weight == 0 and args.dice_weight == 0:
         parser.error("--bce-weight and --dice-weight are both 0: the masks would learn nothing")
     if args.device != "auto" and utils.unknown_device(args.device):

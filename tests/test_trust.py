@@ -14,7 +14,9 @@ from test_predict import save_tiny_checkpoint, scan
 
 import checkpoints
 import image_io
+import metrics
 import predict_busi
+import reports
 import trust
 from inference import Predictor
 
@@ -24,6 +26,7 @@ SAMPLE = ROOT / "data" / "busi_sample"
 def test_a_source_where_every_scan_failed_says_so_not_no_failures(capsys):
     """Its failure AUROC is undefined because no outline was right, not because none failed."""
     import evaluation
+    import reports
 
     rng = np.random.default_rng(0)
     records = []
@@ -35,7 +38,7 @@ def test_a_source_where_every_scan_failed_says_so_not_no_failures(capsys):
                         "source": source})
     summary = evaluation.summarize(records, with_trust=True)
     assert summary["per_source"]["B"]["trust"]["n_failures"] == 6
-    evaluation.print_summary("validation", summary)
+    reports.print_summary("validation", summary)
     lines = {line.split(":")[0].strip(): line for line in capsys.readouterr().out.splitlines()}
     assert "n/a (every scan failed)" in lines["source B"] and "no failures" not in lines["source B"]
     assert "n/a" not in lines["source A"]
@@ -57,16 +60,16 @@ def test_logistic_fit_separates_and_the_temperature_is_recovered():
 
 def test_calibration_error_risk_coverage_and_flagged_share_by_hand():
     # bins [0.1, 0.2): p 0.1, 0.1 -> 1 of 2 positive (|0.5 - 0.1| = 0.4); [0.9, 1]: 0.9, 1.0 -> 2 of 2 (|1 - 0.95|)
-    assert trust.expected_calibration_error([0.1, 0.1, 0.9, 1.0], [1, 0, 1, 1]) == \
+    assert metrics.expected_calibration_error([0.1, 0.1, 0.9, 1.0], [1, 0, 1, 1]) == \
         pytest.approx((0.4 * 2 + 0.05 * 2) / 4)
     # most trusted first: trust 0.9 (Dice 1.0), 0.5 (0.0), 0.1 (0.5), 0.7 (0.8)
-    curve = dict((c, d) for c, d in trust.risk_coverage([0.9, 0.5, 0.1, 0.7], [1.0, 0.0, 0.5, 0.8], (1.0, 0.5, 0.25)))
+    curve = dict((c, d) for c, d in metrics.risk_coverage([0.9, 0.5, 0.1, 0.7], [1.0, 0.0, 0.5, 0.8], (1.0, 0.5, 0.25)))
     assert curve == pytest.approx({1.0: 0.575, 0.5: 0.9, 0.25: 1.0})
     # 10 images, the riskiest 20 % = 2: one of the two failures is among them
     risk = np.arange(10.0)
     failed = np.zeros(10, bool)
     failed[[9, 3]] = True
-    assert trust.caught_in_flagged(risk, failed, 0.2) == 0.5
+    assert metrics.caught_in_flagged(risk, failed, 0.2) == 0.5
     assert trust.review_threshold(np.array([0.1, 0.2, 0.8, 0.9]), np.array([True, True, False, False])) == \
         pytest.approx(0.5)
 
@@ -87,7 +90,7 @@ def test_failures_are_poor_outlines_missed_lesions_and_outlines_on_normal_scans(
                {"label": "malignant", "dice": 0.0, "pred_pixels": 0},
                {"label": "normal", "dice": 0.0, "pred_pixels": 3},
                {"label": "normal", "dice": 1.0, "pred_pixels": 0}]
-    assert trust.failures(records).tolist() == [False, True, True, True, False]
+    assert metrics.failures(records).tolist() == [False, True, True, True, False]
 
 
 # ---------------------------------------------------------------------------------------------- the shipped model
@@ -234,10 +237,10 @@ def test_no_class_head_no_validation_lesions_and_a_foreign_entry(tmp_path):
              "full_masks": [torch.from_numpy(np.packbits(m[0].numpy().astype(bool))) for m in masks]}  # as the cache
     fitted, records = evaluation.fit_trust_entry(model, split, split, torch.device("cpu"), None, 0.5, False, 4, "test")
     assert "temperatures" not in fitted and trust.trust_problem(fitted) is None
-    assert evaluation.write_calibration_figure(tmp_path / "c.png", records, fitted) is False
+    assert reports.write_calibration_figure(tmp_path / "c.png", records, fitted) is False
     assert not (tmp_path / "c.png").exists()
     normal_only = [dict(r, label="normal", class_probs=[0.1, 0.1, 0.8]) for r in records]
-    assert evaluation.write_calibration_figure(tmp_path / "n.png", normal_only, {"temperatures": [1.0, 1.0]})
+    assert reports.write_calibration_figure(tmp_path / "n.png", normal_only, {"temperatures": [1.0, 1.0]})
     state = {"model": {"ups.0.up.weight": torch.zeros(7, 3, 2, 2)}, "trust": fitted}
     entry, why_not = checkpoints.fitted_trust(state)
     assert entry is None and "the model's deepest features 7" in why_not
