@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import sys
 import time
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import utils  # (torch-free: --help is answered from it before torch, Tk and Matplotlib load, below)
 from utils import DEFAULT_CHECKPOINT, default_threads
 
-SPLITS = ("train", "val", "test", "all")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -45,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", help="image files to open without ground truth (instead of a data set)")
     p.add_argument("--checkpoint", default=str(utils.shown_path(DEFAULT_CHECKPOINT)), help="model or ensemble (.pt); default: %(default)s")
     p.add_argument("--data-dir", default=None, help="BUSI-layout folder with benign/, malignant/, normal/")
-    p.add_argument("--split", default="test", choices=SPLITS, help="which images to list; default: %(default)s")
+    p.add_argument("--split", default="test", choices=utils.SPLITS, help="which images to list; default: %(default)s")
     p.add_argument("--split-file", default=str(utils.DEFAULT_SPLIT_FILE),
                    help="split JSON, used when it lists exactly the data dir's images (else one is computed)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
@@ -76,21 +72,18 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 import checkpoints  # noqa: E402
 import dataset  # noqa: E402
-import image_io
 import dicom_io  # noqa: E402
+import inspection  # noqa: E402
 import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
 import unet  # noqa: E402
-from inference import Prediction, contradiction, predict_scans  # noqa: E402
+from inference import contradiction, predict_scans  # noqa: E402
 
-CLASS_FILTERS = ("all", *utils.CLASSES)
 # Cyan and orange stay distinguishable on grey ultrasound and for red-green colour-blind viewers; the prediction
 # colour matches the outlines that predict_busi.py draws.
 TRUTH_COLOUR = "#00d5ff"
 PRED_COLOUR = "#ff4000"
 CALIPER_COLOUR = "#ffe000"  # the two diameters: yellow, apart from both outlines
-REVIEW_MARK = "\u2691"  # a flag: trust below the review threshold
-OUT_OF_RANGE_BADGE = "\u26a0"  # a warning sign: unlike the scans the model was fitted on
 REGION_COLOUR = "#b0b0b0"  # the DICOM ultrasound region (what the model sees): a grey dashed box
 INFO_FONT = 11  # points, the two lines of facts above the panels
 CHAR_WIDTH = 0.62  # a DejaVu Sans character's mean width in ems, rounded up: how many fit a line
@@ -112,113 +105,18 @@ TITLE = "BUSI prediction inspector"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# What can be shown
-# --------------------------------------------------------------------------------------------------------------
-@dataclass(eq=False)  # identity: the same file opened twice is two list entries
-class Item:
-    """One image in the list; dataset images carry their `sample` (ground truth), opened files do not."""
-
-    path: Path
-    label: str | None = None
-    data_dir: Path | None = None
-    sample: image_io.Sample | None = None
-    frame: int | None = None  # the frame of a multi-frame DICOM file (1-based)
-    frames: int = 1
-    # what the file says of its geometry, known once loaded: the ultrasound region (predicted alone) and the
-    # size of a pixel in mm
-    region: tuple[int, int, int, int] | None = None
-    spacing: tuple[float, float] | None = None
-
-    @functools.cached_property
-    def key(self) -> str:
-        """Cache key: the same file opened twice, by different relative paths, is predicted once."""
-        return str(self.path.resolve()) + ("" if self.frame is None else f"#{self.frame}")
-
-    @property
-    def name(self) -> str:
-        return self.path.name + ("" if self.frame is None else f" [frame {self.frame}/{self.frames}]")
-
-    @property
-    def has_truth(self) -> bool:
-        return self.sample is not None
-
-    def load(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Grey uint8 image and bool ground truth (None for opened files); raises utils.DataError."""
-        if self.sample is not None:
-            return image_io.load_sample(self.data_dir, self.sample)
-        scan = dicom_io.load_scan(self.path, self.frame)  # an image or a DICOM file
-        self.region, self.spacing = scan.region, scan.spacing
-        return scan.image, None
-
-
-def packed_truth(truth: np.ndarray | None) -> np.ndarray | None:
-    """np.packbits of a bool ground truth: 1/8 of the memory while it waits in the cache."""
-    return None if truth is None else np.packbits(truth)
-
-
-def dice_iou_at(prediction: Prediction, truth_bits: np.ndarray | None, threshold: float) -> tuple[float, float] | None:
-    """(Dice, IoU) of the prediction's mask at `threshold` against its packed ground truth; None without truth."""
-    if truth_bits is None:
-        return None
-    h, w = prediction.probability.shape
-    truth = np.unpackbits(truth_bits, count=h * w).reshape(h, w).astype(bool)
-    return metrics.dice_iou(torch.from_numpy(prediction.mask_at(threshold)), torch.from_numpy(truth))
-
-
-def file_items(path: Path, check: bool = False) -> list[Item]:
-    """The list entries of one opened file: one, or one per frame of a cine loop (each decoded when shown). A
-    DICOM file whose header cannot be read is one entry that fails, with its reason, when shown; DataError
-    instead with `check`."""
-    try:
-        frames = dicom_io.frame_count(path)
-    except utils.DataError:
-        if check:
-            raise
-        frames = 1
-    if frames == 1:
-        return [Item(path)]
-    return [Item(path, frame=n, frames=frames) for n in range(1, frames + 1)]
-
-
-def dataset_items(data_dir: str | os.PathLike, split: str = "test",
-                  split_file: str | os.PathLike = utils.DEFAULT_SPLIT_FILE) -> tuple[list[Item], str]:
-    """The items of one split of a BUSI-layout folder, and a note on where the split came from.
-
-    The split file is used when it lists exactly this folder's images; otherwise (e.g. the bundled sample) a
-    leakage-safe split is computed with splitting.compute_split, as training does. A file (a data bundle made by
-    `python dataset.py --bundle`, which training takes) is refused: the window shows the scans themselves.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
-    root = Path(data_dir)
-    if root.is_file():  # else "data dir not found", which sends the user looking for a missing path
-        needs = "the inspector needs the image folder (benign/, malignant/, normal/)"
-        if zipfile.is_zipfile(root):  # a bundle is a torch.save zip archive
-            raise utils.DataError(f"{root} is a data bundle: {needs} it was made from")
-        raise utils.DataError(f"{root} is a file, not a data folder: {needs}")
-    samples = image_io.discover_samples(root)
-    note = f"{root}: all {len(samples)} images"
-    if split != "all":
-        chosen, source = dataset.choose_split(root, samples, split_file)
-        note = f"{root}: {split} split ({Path(source).name if source.endswith('.json') else source})"
-        names = set(chosen[split])
-        samples = [s for s in samples if s.image in names]
-    items = [Item(root / s.image, s.label, root, s) for s in samples]
-    return sorted(items, key=lambda it: image_io.natural_key(it.path)), note
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The window
 # --------------------------------------------------------------------------------------------------------------
 class InspectorApp:
     """Tk window: image list on the left, three Matplotlib panels on the right, controls above, status below.
 
     State the tests (and the user) can read: `index` (position in the shown list), `current` (the Item),
-    `dice`/`iou` (of the shown image at `threshold`, None without ground truth), `listbox_entries()`,
-    `status`, `cache` (Prediction per Item.key). Errors go through `show_error` (a dialog), never a traceback.
+    `dice`/`iou` (of the shown image at the threshold, None without ground truth), `listbox_entries()`,
+    `status`, `browser` (inspection.Browser: the items, the list's order, the predictions per Item.key, the
+    threshold). Errors go through `show_error` (a dialog), never a traceback.
     """
 
-    def __init__(self, root: tk.Tk, checkpoint: str | os.PathLike | None = None, items: list[Item] = (),
+    def __init__(self, root: tk.Tk, checkpoint: str | os.PathLike | None = None, items: list[inspection.Item] = (),
                  device: torch.device | str = "cpu", source: str = "", backend: str = "auto", gate: str = "auto"):
         self.root = root
         self.device = torch.device(device)
@@ -227,24 +125,15 @@ class InspectorApp:
         self.source = source
         self.loaded: checkpoints.LoadedModel | None = None  # the model with its input size, threshold and trust
         self.checkpoint: Path | None = None
-        self.threshold = 0.5
-        self.items: list[Item] = list(items)
-        self.visible: list[int] = []   # indices into self.items, in list order
-        self.index = -1                # position in self.visible of the shown image
-        # Item.key -> the model's prediction (its map in float16: half the memory, far finer than the slider's
-        # 0.01; masks from mask_at(self.threshold), the slider's) and the packed ground truth (None without truth)
-        self.cache: dict[str, Prediction] = {}
-        self.truth_bits: dict[str, np.ndarray | None] = {}
-        self._dice_memo: dict[tuple[str, float], float | None] = {}
+        self.browser = inspection.Browser(items)  # the list, its order and the cached predictions (no Tk)
+        self.index = -1                # position in browser.visible of the shown image
         self.dice: float | None = None
         self.iou: float | None = None
         self.info_text = ""
-        self.class_filter = "all"
-        self.sort_mode = "name"        # the list's order: name, dice (worst first) or trust (lowest first)
         self.busy = False              # a background sort is running
         self._after: str | None = None  # its next scheduled step
         self.last_show_seconds = 0.0   # load + inference (if not cached) + panel update of the last shown image
-        self._shown: tuple[Item, np.ndarray, np.ndarray | None] | None = None  # what the panels show now
+        self._shown: tuple[inspection.Item, np.ndarray, np.ndarray | None] | None = None  # what the panels show now
         self._generation = 0           # bumped per loaded model, so a running sort notices a model change
         self._contours: dict[str, object] = {}
         self._calipers: list = []      # the drawn diameters and their labels
@@ -261,7 +150,7 @@ class InspectorApp:
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
         self._refresh_list()
-        if self.visible:
+        if self.browser.visible:
             self.select(0)
         else:
             self._show_current()
@@ -275,7 +164,8 @@ class InspectorApp:
         ttk.Button(bar, text="Save figure...", command=self._ask_save).pack(side=tk.LEFT, padx=(4, 12))
         ttk.Label(bar, text="Class:").pack(side=tk.LEFT)
         self.filter_var = tk.StringVar(value="all")
-        combo = ttk.Combobox(bar, textvariable=self.filter_var, values=CLASS_FILTERS, state="readonly", width=10)
+        combo = ttk.Combobox(bar, textvariable=self.filter_var, values=inspection.CLASS_FILTERS, state="readonly",
+                             width=10)
         combo.bind("<<ComboboxSelected>>", lambda _e: self.filter_class(self.filter_var.get()))
         combo.pack(side=tk.LEFT, padx=(2, 6))
         ttk.Button(bar, text="Sort by Dice", command=self.sort_by_dice).pack(side=tk.LEFT)
@@ -288,7 +178,7 @@ class InspectorApp:
         ttk.Checkbutton(bar, text="Filled", variable=self.filled_var,
                         command=lambda: self.set_filled(self.filled_var.get())).pack(side=tk.LEFT, padx=(0, 12))
         ttk.Label(bar, text="Threshold:").pack(side=tk.LEFT)
-        self.threshold_var = tk.DoubleVar(value=self.threshold)
+        self.threshold_var = tk.DoubleVar(value=self.browser.threshold)
         self.scale = tk.Scale(bar, from_=0.01, to=0.99, resolution=0.01, orient=tk.HORIZONTAL, length=200,
                               variable=self.threshold_var, command=self._on_scale, showvalue=True)
         self.scale.pack(side=tk.LEFT)
@@ -369,8 +259,8 @@ class InspectorApp:
 
     # ------------------------------------------------------------------------------------------- readable state
     @property
-    def current(self) -> Item | None:
-        return self.items[self.visible[self.index]] if 0 <= self.index < len(self.visible) else None
+    def current(self) -> inspection.Item | None:
+        return self.browser.items[self.browser.visible[self.index]] if 0 <= self.index < len(self.browser.visible) else None
 
     @property
     def status(self) -> str:
@@ -409,14 +299,12 @@ class InspectorApp:
             self.show_error(f"cannot load checkpoint {path}: {exc}")
             return False
         self.loaded, self.checkpoint = loaded, Path(path)
-        self.cache.clear()
-        self.truth_bits.clear()
-        self._dice_memo.clear()
+        self.browser.forget()
         self._generation += 1
         self.set_threshold(loaded.threshold, redraw=False)
         self.set_status(f"model {self.checkpoint.name}: {unet.describe(loaded.model.config)}, {loaded.image_size}px"
                         + (f" | {self.source}" if self.source else "") + (" | no trust scores" if loaded.why_no_trust else ""))
-        if self.sort_mode != "name":  # the old order was this model's, not the new one's
+        if self.browser.sort_mode != "name":  # the old order was this model's, not the new one's
             self.sort_by_name()
         elif self.current is not None:
             self._show_current()
@@ -430,19 +318,19 @@ class InspectorApp:
         errors, added = [], []
         for path in paths:
             try:
-                items = file_items(Path(path), check=True)
+                items = inspection.file_items(Path(path), check=True)
                 item = items[0]
                 image, _ = item.load()
             except utils.DataError as exc:
                 errors.append(utils.printable(exc))
                 continue
-            self.items += items
-            added.append(len(self.items) - len(items))
+            self.browser.items += items
+            added.append(len(self.browser.items) - len(items))
             if len(added) == 1:
                 self._shown = (item, image, None)  # it is shown next: spare the display a second decode
         if added:
             self.filter_class("all", show=False)  # opened images have no class: only "all" lists them
-            self.select(self.visible.index(added[0]))
+            self.select(self.browser.visible.index(added[0]))
             self.set_status(f"opened {len(added)} image(s) without ground truth: prediction only")
         if errors:
             self.show_error("\n".join(errors))
@@ -450,9 +338,9 @@ class InspectorApp:
 
     def select(self, position: int) -> None:
         """Show the image at `position` of the list (clamped)."""
-        if not self.visible:
+        if not self.browser.visible:
             return
-        self.index = max(0, min(int(position), len(self.visible) - 1))
+        self.index = max(0, min(int(position), len(self.browser.visible) - 1))
         self.listbox.selection_clear(0, tk.END)
         self.listbox.selection_set(self.index)
         self.listbox.activate(self.index)
@@ -460,29 +348,29 @@ class InspectorApp:
         self._show_current()
 
     def next(self) -> None:
-        if self.index < len(self.visible) - 1:
+        if self.index < len(self.browser.visible) - 1:
             self.select(self.index + 1)
-        elif self.visible:
+        elif self.browser.visible:
             self.set_status("last image of the list")
 
     def prev(self) -> None:
         if self.index > 0:
             self.select(self.index - 1)
-        elif self.visible:
+        elif self.browser.visible:
             self.set_status("first image of the list")
 
     def set_threshold(self, value: float, redraw: bool = True) -> None:
         """Re-threshold the cached probability map: new outline, Dice and IoU, no new inference."""
         value = round(min(max(float(value), 0.01), 0.99), 2)
-        self.threshold = value
+        self.browser.threshold = value
         if abs(self.threshold_var.get() - value) > 1e-9:
             self.threshold_var.set(value)
         if redraw and self._shown is not None:
             self._update_prediction()
-            for i in self.visible:  # every listed Dice is at the new threshold (the order stays until a new sort)
-                self._relabel(self.items[i])
+            for i in self.browser.visible:  # every listed Dice is at the new threshold (the order stays until a new sort)
+                self._relabel(self.browser.items[i])
             if self.status.startswith(("sorted ", "threshold ")):  # its figures were at the old threshold
-                self.set_status(f"threshold {value:.2f}{self._summary()} (list order: the last sort's)")
+                self.set_status(f"threshold {value:.2f}{self.browser.summary()} (list order: the last sort's)")
             self.canvas.draw_idle()
 
     def set_filled(self, filled: bool) -> None:
@@ -496,25 +384,25 @@ class InspectorApp:
 
     def filter_class(self, name: str, show: bool = True) -> None:
         """List only one class (benign/malignant/normal) or all images; keeps the current image when listed."""
-        if name not in CLASS_FILTERS:
-            raise ValueError(f"unknown class filter {name!r} (choose from {', '.join(CLASS_FILTERS)})")
-        self.class_filter = name
+        if name not in inspection.CLASS_FILTERS:
+            raise ValueError(f"unknown class filter {name!r} (choose from {', '.join(inspection.CLASS_FILTERS)})")
+        self.browser.class_filter = name
         self.filter_var.set(name)
         keep = self.current
         self._refresh_list()
         if not show:
             return
-        if keep is not None and self.items.index(keep) in self.visible:
-            self.select(self.visible.index(self.items.index(keep)))
-        elif self.visible:
+        if keep is not None and self.browser.items.index(keep) in self.browser.visible:
+            self.select(self.browser.visible.index(self.browser.items.index(keep)))
+        elif self.browser.visible:
             self.select(0)
         else:
             self.index = -1
             self._show_current()
 
     def sort_by_name(self) -> None:
-        self.sort_mode = "name"
-        self.filter_class(self.class_filter)
+        self.browser.sort_mode = "name"
+        self.filter_class(self.browser.class_filter)
 
     def sort_by_dice(self, background: bool = True) -> None:
         """Order the list by Dice at the current threshold, worst first (images without truth last).
@@ -538,8 +426,7 @@ class InspectorApp:
             return
         if self.busy:
             return
-        todo = [i for i in self.visible if self.items[i].key not in self.cache
-                and (self.items[i].has_truth or mode == "trust")]
+        todo = self.browser.unpredicted(mode)
         generation = self._generation
         steps = self._predict_chunks(todo)
         if not background:
@@ -593,7 +480,7 @@ class InspectorApp:
         action()
 
     def _on_scale(self, value: str) -> None:
-        if abs(float(value) - self.threshold) > 1e-9:
+        if abs(float(value) - self.browser.threshold) > 1e-9:
             self.set_threshold(float(value))
 
     def _ask_checkpoint(self) -> None:
@@ -620,14 +507,13 @@ class InspectorApp:
             self.save_figure(path)
 
     # ------------------------------------------------------------------------------------------------ workers
-    def _predict(self, items: list[Item], loaded: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
+    def _predict(self, items: list[inspection.Item], loaded: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
         """Run the model once over `items` (already decoded) and cache the results."""
         scans = [dicom_io.Scan(image, item.region) for item, (image, _) in zip(items, loaded)]
-        outputs = predict_scans(self.loaded.at_threshold(self.threshold), scans, self.device,
+        outputs = predict_scans(self.loaded.at_threshold(self.browser.threshold), scans, self.device,
                                 utils.inference_dtype(self.device), SORT_CHUNK, gate_mode=self.gate)
         for item, (_, truth), out in zip(items, loaded, outputs):
-            self.cache[item.key] = dataclasses.replace(out, probability=out.probability.astype(np.float16))
-            self.truth_bits[item.key] = packed_truth(truth)
+            self.browser.store(item, dataclasses.replace(out, probability=out.probability.astype(np.float16)), truth)
             self._relabel(item)
 
     def _predict_chunks(self, todo: list[int]):
@@ -640,8 +526,8 @@ class InspectorApp:
             items, loaded = [], []
             for i in todo[start:start + SORT_CHUNK]:
                 try:
-                    loaded.append(self.items[i].load())
-                    items.append(self.items[i])
+                    loaded.append(self.browser.items[i].load())
+                    items.append(self.browser.items[i])
                 except utils.DataError as exc:
                     failed.append(utils.printable(exc))
             if items:
@@ -655,82 +541,33 @@ class InspectorApp:
         if failed:
             self.show_error(f"{len(failed)} image(s) could not be read and are listed last:\n" + "\n".join(failed))
 
-    def _dice_of(self, i: int) -> float | None:
-        """Dice of item i at the current threshold from its cached map (None: no truth or not predicted)."""
-        key = self.items[i].key
-        prediction = self.cache.get(key)
-        if prediction is None:
-            return None
-        memo = (key, self.threshold)
-        if memo not in self._dice_memo:  # re-filtering a sorted list must not redo hundreds of full-size masks
-            metrics = dice_iou_at(prediction, self.truth_bits[key], self.threshold)
-            self._dice_memo[memo] = None if metrics is None else metrics[0]
-        return self._dice_memo[memo]
-
     def _finish_sort(self, mode: str) -> None:
-        self.sort_mode = mode
-        self.filter_class(self.class_filter, show=False)
+        self.browser.sort_mode = mode
+        self.filter_class(self.browser.class_filter, show=False)
         self.select(0)  # the top of the new order: the worst Dice, or the lowest trust
-        order = f"Dice at threshold {self.threshold:.2f}, worst" if mode == "dice" else "trust, lowest"
-        flagged = sum(bool(self.cache[self.items[i].key].review) for i in self.visible
-                      if self.items[i].key in self.cache)
-        self.set_status(f"sorted {len(self.visible)} images by {order} first{self._summary()}"
+        order = f"Dice at threshold {self.browser.threshold:.2f}, worst" if mode == "dice" else "trust, lowest"
+        flagged = self.browser.flagged()
+        self.set_status(f"sorted {len(self.browser.visible)} images by {order} first{self.browser.summary()}"
                         + (f" | {flagged} flagged for review" if self.trust_entry is not None else ""))
 
-    def _summary(self) -> str:
-        """The listed images' figures as the README reports them: lesion Dice (benign and malignant images),
-        and normal images with any predicted lesion pixel."""
-        lesion = [d for i in self.visible if self.items[i].label in ("benign", "malignant")
-                  for d in [self._dice_of(i)] if d is not None]
-        normal = [self.cache[self.items[i].key] for i in self.visible
-                  if self.items[i].label == "normal" and self.items[i].key in self.cache]
-        fp = sum(bool(p.mask_at(self.threshold).any()) for p in normal)
-        return ((f" | lesion Dice {np.mean(lesion):.3f} (n={len(lesion)})" if lesion else "")
-                + (f" | normal FP {fp} of {len(normal)}" if normal else ""))
-
-    # ------------------------------------------------------------------------------------------------ the list
     def _refresh_list(self) -> None:
         """Rebuild `visible` and the Listbox from the filter and the sort order."""
-        visible = [i for i, item in enumerate(self.items)
-                   if self.class_filter == "all" or item.label == self.class_filter]
-        if self.sort_mode == "dice":
-            dice = {i: self._dice_of(i) for i in visible}
-            visible.sort(key=lambda i: (dice[i] is None, dice[i] if dice[i] is not None else 0.0))
-        elif self.sort_mode == "trust":
-            trust = {i: getattr(self.cache.get(self.items[i].key), "trust", None) for i in visible}
-            visible.sort(key=lambda i: (trust[i] is None, trust[i] if trust[i] is not None else 0.0))
-        self.visible = visible
+        visible = self.browser.arrange()
         self.listbox.delete(0, tk.END)
         for i in visible:
-            self.listbox.insert(tk.END, self._entry(i))
-        order = {"dice": f", Dice at threshold {self.threshold:.2f}, worst first",
-                 "trust": ", trust, lowest first"}.get(self.sort_mode, "")
-        self.list_title.set(f"{len(visible)} images ({self.class_filter}){order}")
+            self.listbox.insert(tk.END, self.browser.entry(i))
+        self.list_title.set(self.browser.title())
         if self.index >= len(visible):
             self.index = len(visible) - 1
 
-    def _entry(self, i: int) -> str:
-        """One list line: once predicted, Dice at the current threshold ("-" without ground truth) and trust (a
-        flag below the review threshold), then the file name."""
-        item = self.items[i]
-        prediction = self.cache.get(item.key)
-        if prediction is None:
-            return item.name
-        dice = self._dice_of(i)
-        text = "  -  " if dice is None else f"{dice:.3f}"
-        if prediction.trust is not None:
-            text += f"  trust {prediction.trust:.2f}" + (f" {REVIEW_MARK}" if prediction.review else "  ") + (
-                f"{OUT_OF_RANGE_BADGE}" if prediction.out_of_range else " ")
-        return f"{text}  {item.name}"
-
-    def _relabel(self, item: Item) -> None:
+    def _relabel(self, item: inspection.Item) -> None:
         """Refresh the list line of `item` (newly predicted, or a new threshold)."""
-        index = self.items.index(item)
-        if index in self.visible:
-            row = self.visible.index(index)
+        index = self.browser.items.index(item)
+        if index in self.browser.visible:
+            row = self.browser.visible.index(index)
             selected = row in self.listbox.curselection()
             self.listbox.delete(row)
-            self.listbox.insert(row, self._entry(index))
+            self.listbox.insert(row, self.browser.entry(index))
             if selected:
                 self.listbox.selection_set(row)
 
@@ -755,7 +592,7 @@ class InspectorApp:
                 return
         self._shown = (item, image, truth)
         self.path_var.set(utils.printable(item.path))
-        if self.model is not None and item.key not in self.cache:
+        if self.model is not None and item.key not in self.browser.cache:
             self._predict([item], [(image, truth)])
         h, w = image.shape
         for im, ax in ((self.im_image, self.ax_image), (self.im_overlay, self.ax_overlay)):
@@ -764,7 +601,7 @@ class InspectorApp:
             self._fit(im, ax, w, h)
         self.ax_image.set_title(f"Image ({w}\u00d7{h})", fontsize=11)
         self.toolbar.update()  # a new image: zoom and pan start from its full view
-        prediction = self.cache.get(item.key)
+        prediction = self.browser.cache.get(item.key)
         prob = prediction.probability.astype(np.float32) if prediction is not None else np.zeros((h, w), np.float32)
         self.im_prob.set_data(prob)
         self.im_prob.set_visible(prediction is not None)  # an empty panel, not a map of zeros, without a model
@@ -785,8 +622,8 @@ class InspectorApp:
     def _update_prediction(self) -> None:
         """Outline, metrics and texts for the shown image at the current threshold."""
         item, image, truth = self._shown
-        prediction = self.cache.get(item.key)
-        mask = prediction.mask_at(self.threshold) if prediction is not None else None
+        prediction = self.browser.cache.get(item.key)
+        mask = prediction.mask_at(self.browser.threshold) if prediction is not None else None
         self._set_contour("pred", mask, PRED_COLOUR)
         self._draw_calipers(item, mask)
         if prediction is not None and truth is not None:
@@ -797,7 +634,7 @@ class InspectorApp:
         texts[0].set_text(self._legend_handles[0].get_label())
         for artist in (texts[0], self.legend.legend_handles[0]):  # no ground-truth entry without ground truth
             artist.set_visible(truth is not None)
-        texts[1].set_text(f"prediction (p > {self.threshold:.2f})" if mask is not None else "prediction (no model)")
+        texts[1].set_text(f"prediction (p > {self.browser.threshold:.2f})" if mask is not None else "prediction (no model)")
         # Two lines: what the image is, then what the model made of it.
         facts = []
         if self.dice is not None:
@@ -809,12 +646,12 @@ class InspectorApp:
                          f"{prediction.predicted_class}")
         check = contradiction(prediction.predicted_class, bool(mask.any())) if prediction is not None else ""
         if check:
-            facts.append(f"{OUT_OF_RANGE_BADGE} CHECK: {check}")
+            facts.append(f"{inspection.OUT_OF_RANGE_BADGE} CHECK: {check}")
         if prediction is not None and prediction.out_of_range:
-            facts.append(f"{OUT_OF_RANGE_BADGE} OUT OF RANGE (familiarity {prediction.familiarity:.1f}): unlike the "
-                         f"scans the model was fitted on")
+            facts.append(f"{inspection.OUT_OF_RANGE_BADGE} OUT OF RANGE (familiarity {prediction.familiarity:.1f}): "
+                         f"unlike the scans the model was fitted on")
         if prediction is not None and prediction.trust is not None:
-            facts.append(f"trust {prediction.trust:.2f}" + (f" {REVIEW_MARK} REVIEW" + (
+            facts.append(f"trust {prediction.trust:.2f}" + (f" {inspection.REVIEW_MARK} REVIEW" + (
                 "" if prediction.out_of_range else f" (below {self.trust_entry['review_below']:.2f})")
                 if prediction.review else ""))
         if prediction is not None and prediction.presence_probability is not None:
@@ -850,7 +687,7 @@ class InspectorApp:
         self.ax_image.set_position((0.635, 0.14 + half, 0.28, half))
         self.ax_prob.set_position((0.635, 0.07, 0.28, half))
 
-    def _draw_calipers(self, item: Item, mask: np.ndarray | None) -> None:
+    def _draw_calipers(self, item: inspection.Item, mask: np.ndarray | None) -> None:
         """The longest diameter of the predicted lesion and the longest one perpendicular to it, with their
         lengths: in mm where the file records its pixel spacing, else in pixels."""
         for artist in self._calipers:
@@ -914,14 +751,14 @@ class InspectorApp:
 # --------------------------------------------------------------------------------------------------------------
 # The command (its parser is at the top)
 # --------------------------------------------------------------------------------------------------------------
-def resolve_items(args) -> tuple[list[Item], str, str | None]:
+def resolve_items(args) -> tuple[list[inspection.Item], str, str | None]:
     """(items, a note on their source, an error message or None) from the command line."""
     if args.images:
-        items = [item for p in args.images for item in file_items(Path(p))]
+        items = [item for p in args.images for item in inspection.file_items(Path(p))]
         return items, f"{len(args.images)} image(s) from the command line", None
     data_dir = dataset.resolve_data_dir(args.data_dir, announce=False)
     try:
-        items, note = dataset_items(data_dir, args.split, args.split_file)
+        items, note = inspection.dataset_items(data_dir, args.split, args.split_file)
     except (utils.DataError, ValueError) as exc:  # the window still opens: images can be opened from it
         return [], "no data", (f"{utils.printable(exc)}\n\nScans without ground truth are opened as images: "
                                f"'Open images...', or list them after the command")

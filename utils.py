@@ -27,6 +27,7 @@ DEFAULT_CHECKPOINT = REPO_DIR / "checkpoints" / "busi_busbra_lite0_192.pt"  # th
 DEFAULT_SPLIT_FILE = REPO_DIR / "splits" / "busi_split.json"  # the committed leakage-safe split of BUSI
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)  # train, val, test: the shares of each class in a split made here
 SPLIT_SEED = 0
+SPLITS = ("train", "val", "test", "all")  # a split's parts, and every image of a folder
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the image files read as scans
 BUNDLE_SIZE_MULTIPLE = 16  # 2**4: a bundle's size must suit the U-Net's default depth
 CLASSES = ("benign", "malignant", "normal")  # BUSI's folders, the class head's outputs in this order (here, torch-free,

@@ -22,6 +22,7 @@ from test_predict import IMAGE_SIZE, save_tiny_checkpoint, scan, write_bad_check
 
 import checkpoints
 import image_io
+import inspection
 import metrics
 import splitting
 import tensor_cache
@@ -96,7 +97,7 @@ def expected_metrics(app, threshold: float):
     """Dice/IoU of the shown image from its cached map, with the truth loaded afresh from disk."""
     item = app.current
     _, truth = image_io.load_sample(item.data_dir, item.sample)
-    prob = app.cache[item.key].probability
+    prob = app.browser.cache[item.key].probability
     return metrics.dice_iou(torch.from_numpy(prob > threshold), torch.from_numpy(truth))
 
 
@@ -106,13 +107,13 @@ def non_blank(image: Image.Image) -> float:
 
 # ------------------------------------------------------------------------------------------------------------------
 def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeypatch):
-    items, note = gui.dataset_items(SAMPLE, "all")
+    items, note = inspection.dataset_items(SAMPLE, "all")
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     pump(root)
     assert errors == []
     assert listed(app) == [it.name for it in items] and len(items) == 70
     assert app.index == 0 and app.listbox.curselection() == (0,)
-    assert app.threshold == 0.5 and app.threshold_var.get() == 0.5  # the checkpoint's threshold
+    assert app.browser.threshold == 0.5 and app.threshold_var.get() == 0.5  # the checkpoint's threshold
 
     app.next()
     root.focus_force()
@@ -127,7 +128,7 @@ def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeyp
     # The cached map is the model's output at the image's own size ...
     item = app.current
     image, truth = image_io.load_sample(item.data_dir, item.sample)
-    cached = app.cache[item.key].probability
+    cached = app.browser.cache[item.key].probability
     assert cached.shape == image.shape == truth.shape
     np.testing.assert_allclose(cached.astype(np.float32), expected_probability(checkpoint, image), atol=2e-3)
     # ... and the Dice/IoU shown are computed from it at full resolution.
@@ -141,12 +142,12 @@ def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeyp
     for t in (0.3, 0.62, 0.9):
         app.set_threshold(t)
         pump(root)
-        assert app.threshold == t and app.threshold_var.get() == pytest.approx(t)
+        assert app.browser.threshold == t and app.threshold_var.get() == pytest.approx(t)
         assert (app.dice, app.iou) == pytest.approx(expected_metrics(app, t))
         shown[t] = app.dice
     app.threshold_var.set(0.45)  # as if the user dragged the slider
     app._on_scale("0.45")
-    assert app.threshold == 0.45 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.45))
+    assert app.browser.threshold == 0.45 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.45))
     assert calls == [] and len(set(shown.values())) > 1
     app.prev()  # cached: shown without inference
     assert calls == [] and app.index == 0
@@ -156,11 +157,11 @@ def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeyp
 
 
 def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
-    items, note = gui.dataset_items(SAMPLE, "all")
+    items, note = inspection.dataset_items(SAMPLE, "all")
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     app.filter_class("malignant")
     assert listed(app) == [it.name for it in items if it.label == "malignant"]
-    assert all(app.items[i].label == "malignant" for i in app.visible) and app.current.label == "malignant"
+    assert all(app.browser.items[i].label == "malignant" for i in app.browser.visible) and app.current.label == "malignant"
 
     app.filter_class("all")
     app.set_threshold(0.55)
@@ -170,29 +171,29 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
         pump(root, 0.02)
     assert len(items) == 70  # the bundled sample
     assert not app.busy and f"sorted {len(items)} images" in app.status
-    assert len(app.cache) == len(items)
+    assert len(app.browser.cache) == len(items)
     entries = app.listbox_entries()
     shown = [float(e.split()[0]) for e in entries]
     assert shown == sorted(shown)  # worst first
     expected = {}
-    for i in app.visible:
-        item = app.items[i]
+    for i in app.browser.visible:
+        item = app.browser.items[i]
         _, truth = image_io.load_sample(item.data_dir, item.sample)
-        expected[item.name] = metrics.dice_iou(torch.from_numpy(app.cache[item.key].probability > 0.55),
+        expected[item.name] = metrics.dice_iou(torch.from_numpy(app.browser.cache[item.key].probability > 0.55),
                                              torch.from_numpy(truth))[0]
-    assert [app.items[i].name for i in app.visible] == sorted(expected, key=lambda n: expected[n])
-    for entry, i in zip(entries, app.visible):
-        assert entry.endswith(app.items[i].name)
-        assert float(entry.split()[0]) == pytest.approx(expected[app.items[i].name], abs=5e-4)
+    assert [app.browser.items[i].name for i in app.browser.visible] == sorted(expected, key=lambda n: expected[n])
+    for entry, i in zip(entries, app.browser.visible):
+        assert entry.endswith(app.browser.items[i].name)
+        assert float(entry.split()[0]) == pytest.approx(expected[app.browser.items[i].name], abs=5e-4)
     # the summary as the README reports it: lesion Dice over benign + malignant, normal FP as a count
-    lesion = [expected[app.items[i].name] for i in app.visible if app.items[i].label != "normal"]
-    normals = [i for i in app.visible if app.items[i].label == "normal"]
-    fp = sum(bool((app.cache[app.items[i].key].probability > 0.55).any()) for i in normals)
+    lesion = [expected[app.browser.items[i].name] for i in app.browser.visible if app.browser.items[i].label != "normal"]
+    normals = [i for i in app.browser.visible if app.browser.items[i].label == "normal"]
+    fp = sum(bool((app.browser.cache[app.browser.items[i].key].probability > 0.55).any()) for i in normals)
     assert f"lesion Dice {np.mean(lesion):.3f} (n={len(lesion)})" in app.status
     assert f"normal FP {fp} of {len(normals)}" in app.status
 
     app.filter_class("normal")  # the sort order survives filtering
-    normal = [app.items[i].name for i in app.visible]
+    normal = [app.browser.items[i].name for i in app.browser.visible]
     assert normal == [n for n in sorted(expected, key=lambda n: expected[n]) if n.startswith("normal")]
     app.select(len(normal) - 1)
     assert app.index == len(normal) - 1 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.55))
@@ -206,18 +207,18 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
 def test_trust_beside_each_image_sort_by_trust_and_flags(root, gui, checkpoint, errors, tmp_path):
     """The shown image's trust in the text, every predicted image's Dice and trust in the list, "Sort by trust"
     lowest first, flagged images marked; a checkpoint without trust statistics says so instead."""
-    items, note = gui.dataset_items(SAMPLE, "all")
+    items, note = inspection.dataset_items(SAMPLE, "all")
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
-    first = app.cache[app.current.key]
+    first = app.browser.cache[app.current.key]
     assert first.trust is not None and f"trust {first.trust:.2f}" in app.info_text
     assert app.listbox_entries()[0].startswith(f"{app.dice:.3f}  trust {first.trust:.2f}")  # before any sort
     app.trust_entry["review_below"] = 0.5  # this tiny model's scores fall on both sides of it
-    app.cache.clear()
+    app.browser.cache.clear()
     app.sort_by_trust(background=False)
-    scores = [app.cache[app.items[i].key].trust for i in app.visible]
+    scores = [app.browser.cache[app.browser.items[i].key].trust for i in app.browser.visible]
     assert scores == sorted(scores) and len(scores) == len(items)
     assert f"sorted {len(items)} images by trust, lowest first" in app.status
-    flagged = [e for e in app.listbox_entries() if gui.REVIEW_MARK in e]
+    flagged = [e for e in app.listbox_entries() if inspection.REVIEW_MARK in e]
     assert len(flagged) == sum(s < 0.5 for s in scores) and f"{len(flagged)} flagged for review" in app.status
     app.select(0)
     assert ("REVIEW" in app.info_text) == (scores[0] < 0.5)
@@ -230,7 +231,7 @@ def test_trust_beside_each_image_sort_by_trust_and_flags(root, gui, checkpoint, 
 
 
 def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors, tmp_path):
-    items, note = gui.dataset_items(SAMPLE, "test")  # the sample's committed split
+    items, note = inspection.dataset_items(SAMPLE, "test")  # the sample's committed split
     assert 0 < len(items) < 30
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     good = tmp_path / "new scan.jpg"
@@ -242,11 +243,11 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     pump(root)
     assert app.current.name == "new scan.jpg" and listed(app)[app.index] == "new scan.jpg"
     assert app.dice is None and app.iou is None and "no ground truth" in app.info_text
-    assert app.cache[app.current.key].probability.shape == (77, 123)
-    np.testing.assert_allclose(app.cache[app.current.key].probability.astype(np.float32),
+    assert app.browser.cache[app.current.key].probability.shape == (77, 123)
+    np.testing.assert_allclose(app.browser.cache[app.current.key].probability.astype(np.float32),
                                expected_probability(checkpoint, image_io.load_image(good)), atol=2e-3)
     app.set_threshold(0.7)  # works without truth too
-    assert app.threshold == 0.7 and app.dice is None
+    assert app.browser.threshold == 0.7 and app.dice is None
 
     # Missing, foreign, another architecture, code-running: a dialog each, the model in use is kept.
     model = app.model
@@ -259,16 +260,16 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     assert not (tmp_path / "hostile.pwned").exists()  # the hostile pickle ran nothing
     app.select(0)  # still fully working
     assert (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.7))
-    assert app.load_checkpoint(checkpoint) is True and app.cache and app.dice is not None
+    assert app.load_checkpoint(checkpoint) is True and app.browser.cache and app.dice is not None
     checkpoints.export_checkpoint([checkpoint, checkpoint], tmp_path / "ens.pt")  # an ensemble loads like one model
     assert app.load_checkpoint(tmp_path / "ens.pt") is True and "ensemble of 2 x UNet" in app.status
     item = app.current
-    np.testing.assert_allclose(app.cache[item.key].probability.astype(np.float32), expected_probability(
+    np.testing.assert_allclose(app.browser.cache[item.key].probability.astype(np.float32), expected_probability(
         checkpoint, image_io.load_sample(item.data_dir, item.sample)[0]), atol=5e-3)
 
 
 def test_bad_checkpoint_at_startup_keeps_the_window_usable(root, gui, checkpoint, errors, tmp_path):
-    items, note = gui.dataset_items(SAMPLE, "all")
+    items, note = inspection.dataset_items(SAMPLE, "all")
     app = gui.InspectorApp(root, tmp_path / "nope.pt", items, "cpu", source=note)
     pump(root)
     assert len(errors) == 1 and "nope.pt" in errors[0]
@@ -284,7 +285,7 @@ def test_bad_checkpoint_at_startup_keeps_the_window_usable(root, gui, checkpoint
 def test_unreadable_dataset_image_is_reported_and_skipped(root, gui, checkpoint, errors, fresh_busi_dir):
     data_dir, _ = fresh_busi_dir
     (data_dir / "benign" / "benign (2).png").write_bytes(b"")  # empty file
-    items, note = gui.dataset_items(data_dir, "all")
+    items, note = inspection.dataset_items(data_dir, "all")
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     position = [it.name for it in items].index("benign (2).png")
     app.select(position)
@@ -298,7 +299,7 @@ def test_unreadable_dataset_image_is_reported_and_skipped(root, gui, checkpoint,
 def test_save_figure_and_screenshot_are_not_blank(root, gui, checkpoint, errors, tmp_path, display):
     from PIL import ImageGrab
 
-    items, note = gui.dataset_items(SAMPLE, "all")
+    items, note = inspection.dataset_items(SAMPLE, "all")
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     pump(root, 0.3)
     assert app.save_figure(tmp_path / "figure.png")
@@ -337,13 +338,13 @@ SHIPPED = checkpoints.DEFAULT_CHECKPOINT
 
 @pytest.mark.skipif(not (REAL_DATA.is_dir() and SHIPPED.is_file()), reason="real BUSI data or shipped model absent")
 def test_shipped_model_on_the_real_test_split(root, gui, errors):
-    items, note = gui.dataset_items(REAL_DATA, "test")
+    items, note = inspection.dataset_items(REAL_DATA, "test")
     split = splitting.read_split(utils.DEFAULT_SPLIT_FILE)
     assert sorted(it.sample.image for it in items) == sorted(split["test"])
     app = gui.InspectorApp(root, SHIPPED, items, "cpu", source=note)
     for _ in range(3):
         app.next()
-    assert errors == [] and (app.dice, app.iou) == pytest.approx(expected_metrics(app, app.threshold))
+    assert errors == [] and (app.dice, app.iou) == pytest.approx(expected_metrics(app, app.browser.threshold))
 
 
 def test_command_line_picks_the_data(gui, busi_dir, monkeypatch, tmp_path):
@@ -381,14 +382,14 @@ def test_a_data_bundle_or_other_file_as_data_dir_asks_for_the_image_folder(gui, 
     notes.write_text("not data")
     for path, what in ((bundle, "is a data bundle"), (notes, "is a file, not a data folder")):
         with pytest.raises(utils.DataError, match="benign/, malignant/, normal/") as caught:
-            gui.dataset_items(path, "all")
+            inspection.dataset_items(path, "all")
         assert what in str(caught.value) and "not found" not in str(caught.value)
         items, note, error = gui.resolve_items(gui.build_parser().parse_args(["--data-dir", str(path)]))
         assert items == [] and what in error and str(path) in error
 
 
 def test_zoom_pan_toolbar_filled_masks_and_the_file_path(root, gui, checkpoint, errors):
-    items, note = gui.dataset_items(SAMPLE, "all")
+    items, note = inspection.dataset_items(SAMPLE, "all")
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     pump(root)
     assert errors == []
@@ -419,21 +420,21 @@ def test_presence_probability_and_the_no_lesion_gate_in_the_window(root, gui, ch
     gate = {"weights": torch.tensor([1.0, 0.0]), "bias": 0.0, "cut": 2.0, "candidate": "max_probability"}
     checkpoints.save_checkpoint({**state, "trust": {**state["trust"], "presence": gate, "gate_scope": "site"}},
                                 tmp_path / "gated.pt")
-    items, note = gui.dataset_items(SAMPLE, "all")
+    items, note = inspection.dataset_items(SAMPLE, "all")
     lesion = [it for it in items if it.label != "normal"][:2]
     app = gui.InspectorApp(root, tmp_path / "gated.pt", lesion, "cpu", source=note)
-    shown = app.cache[app.current.key]
+    shown = app.browser.cache[app.current.key]
     assert shown.gated and "judged lesion-free: mask emptied" in app.info_text
     assert f"lesion present {shown.presence_probability:.2f}" in app.info_text and app.dice == 0.0
     assert "pred" not in app._contours  # no outline drawn
     assert app.load_checkpoint(checkpoint)  # without a gate: the outline is back, no presence line
-    assert not app.cache[app.current.key].gated and "lesion present" not in app.info_text and app.dice > 0
+    assert not app.browser.cache[app.current.key].gated and "lesion present" not in app.info_text and app.dice > 0
     assert errors == []
 
 
 def test_a_sort_shows_the_top_and_the_slider_refreshes_every_listed_dice_and_the_status(root, gui, checkpoint,
                                                                                         errors):
-    items, note = gui.dataset_items(SAMPLE, "all")
+    items, note = inspection.dataset_items(SAMPLE, "all")
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     app.select(5)
     app.sort_by_dice(background=False)
@@ -443,7 +444,7 @@ def test_a_sort_shows_the_top_and_the_slider_refreshes_every_listed_dice_and_the
     after = app.listbox_entries()
     assert after != before  # each listed Dice is recomputed at the new threshold
     for position, line in enumerate(after):
-        dice = app._dice_of(app.visible[position])
+        dice = app.browser.dice_of(app.browser.visible[position])
         assert dice is None or line.startswith(f"{dice:.3f}")
     assert app.status.startswith("threshold 0.80") and "lesion Dice" in app.status
     assert errors == []
@@ -462,9 +463,9 @@ def test_a_folder_without_masks_and_a_mask_of_another_size_in_the_window(root, g
     assert items == [] and "image without a mask" in error and "Open images" in error
     data_dir, _ = fresh_busi_dir
     Image.new("1", (7, 9)).save(data_dir / "benign" / "benign (3)_mask.png")
-    items, note = gui.dataset_items(data_dir, "all")
+    items, note = inspection.dataset_items(data_dir, "all")
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
-    bad = next(k for k, i in enumerate(app.visible) if "benign (3)" in app.items[i].name)
+    bad = next(k for k, i in enumerate(app.browser.visible) if "benign (3)" in app.browser.items[i].name)
     app.select(bad)
     assert len(errors) == 1 and "mask size 7x9 differs" in errors.pop()
     app.next()
@@ -483,8 +484,8 @@ def test_a_dicom_file_and_a_cine_loop_open_with_the_two_diameters_drawn(root, gu
     shutil.copy(examples.get_path("ybr_color"), tmp_path / "loop")
     assert app.open_images([wrapped_scan(tmp_path / "scan.dcm"), tmp_path / "loop"]) == 2
     pump(root)
-    assert errors == [] and len(app.items) == 31 and app.current.name == "scan.dcm"
-    assert app.items[-1].name == "loop [frame 30/30]"
+    assert errors == [] and len(app.browser.items) == 31 and app.current.name == "scan.dcm"
+    assert app.browser.items[-1].name == "loop [frame 30/30]"
     app.set_threshold(0.3)  # the tiny model outlines something at this threshold
     size = app.size
     assert size is not None and size.perpendicular <= size.longest
@@ -492,7 +493,7 @@ def test_a_dicom_file_and_a_cine_loop_open_with_the_two_diameters_drawn(root, gu
     assert labels == [f"{size.longest:.1f} mm", f"{size.perpendicular:.1f} mm"] and "mm" in app.info_text
     app.select(30)
     pump(root)
-    assert app.current.frame == 30 and app.cache[app.current.key].probability.shape == (240, 320)
+    assert app.current.frame == 30 and app.browser.cache[app.current.key].probability.shape == (240, 320)
     assert app.size is None or all(t.endswith(" px") for t in (a.get_text() for a in app._calipers[1::2]))
 
 
@@ -503,20 +504,20 @@ def test_a_gate_fitted_elsewhere_keeps_the_outline_and_an_unfamiliar_image_gets_
     state = checkpoints.load_checkpoint(checkpoint)
     gate = {"weights": torch.tensor([1.0, 0.0]), "bias": 0.0, "cut": 2.0, "candidate": "max_probability"}
     checkpoints.save_checkpoint({**state, "trust": {**state["trust"], "presence": gate}}, tmp_path / "elsewhere.pt")
-    items, note = gui.dataset_items(SAMPLE, "all")
+    items, note = inspection.dataset_items(SAMPLE, "all")
     lesion = [it for it in items if it.label != "normal"][:1]
     app = gui.InspectorApp(root, tmp_path / "elsewhere.pt", lesion, "cpu", source=note)
-    shown = app.cache[app.current.key]
+    shown = app.browser.cache[app.current.key]
     assert shown.marked_only and not shown.gated and "likely lesion-free" in app.info_text and app.dice > 0
     applied = gui.InspectorApp(root, tmp_path / "elsewhere.pt", lesion, "cpu", source=note, gate="apply")
-    assert applied.cache[applied.current.key].gated and "mask emptied" in applied.info_text
+    assert applied.browser.cache[applied.current.key].gated and "mask emptied" in applied.info_text
     import matplotlib
     photo = tmp_path / "photo.png"
     Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("L").save(photo)
-    shipped = gui.InspectorApp(root, checkpoints.DEFAULT_CHECKPOINT, gui.file_items(photo), "cpu", backend="torch")
-    prediction = shipped.cache[shipped.current.key]
+    shipped = gui.InspectorApp(root, checkpoints.DEFAULT_CHECKPOINT, inspection.file_items(photo), "cpu", backend="torch")
+    prediction = shipped.browser.cache[shipped.current.key]
     assert prediction.out_of_range and prediction.review and "OUT OF RANGE" in shipped.info_text
-    assert gui.OUT_OF_RANGE_BADGE in shipped._entry(0)
+    assert inspection.OUT_OF_RANGE_BADGE in shipped.browser.entry(0)
     assert errors == []
 
 
@@ -531,8 +532,8 @@ def test_the_facts_fit_the_window_an_unlabelled_scan_has_no_ground_truth_and_a_d
     app = gui.InspectorApp(root, checkpoint, [], "cpu")
     root.geometry(geometry)
     assert app.open_images([wrapped_scan(tmp_path / "scanner file.dcm")]) == 1
-    app.cache[app.current.key] = dataclasses.replace(  # the class head says "normal" ...
-        app.cache[app.current.key], class_probabilities={"benign": 0.0, "malignant": 0.0, "normal": 1.0})
+    app.browser.cache[app.current.key] = dataclasses.replace(  # the class head says "normal" ...
+        app.browser.cache[app.current.key], class_probabilities={"benign": 0.0, "malignant": 0.0, "normal": 1.0})
     app.set_threshold(0.05)  # ... beside an outline: what predict's `check` column flags
     pump(root, 0.3)
     for fact in ("CHECK: " + gui.contradiction("normal", True), "mm", "trust", "dashed box", "no ground truth"):
@@ -550,7 +551,7 @@ def test_the_facts_fit_the_window_an_unlabelled_scan_has_no_ground_truth_and_a_d
         left - 0.5, top - 0.5, w, h)
     # a labelled scan: the ground truth is named again, and no region box is left over
     app.open_images([])  # (nothing)
-    items, note = gui.dataset_items(SAMPLE, "test")
+    items, note = inspection.dataset_items(SAMPLE, "test")
     labelled = gui.InspectorApp(root, checkpoint, items[:1], "cpu", source=note)
     pump(root, 0.2)
     assert labelled.ax_overlay.get_title() == "Ground truth vs prediction" and labelled.legend.get_texts()[0].get_visible()
