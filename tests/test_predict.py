@@ -1,4 +1,5 @@
-"""predict_busi.py: odd inputs, partial failures, exit codes, and masks checked against an independent prediction."""
+"""predict_busi.py and the Python API (Predictor): odd inputs and arrays of every kind, partial failures, exit
+codes, bad thresholds and devices, and masks checked against an independent prediction."""
 from __future__ import annotations
 
 import csv
@@ -365,3 +366,47 @@ def test_one_reading_of_predictions_csv_for_predict_and_the_data_loader(tmp_path
     with pytest.raises(predict_busi.RefusedOutput, match="not a table written by predict_busi.py"):
         predict_busi.earlier_outputs(foreign / "predictions.csv")
     assert prediction_table.earlier_prediction(foreign / "x.png") is None
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    return inference.Predictor(save_tiny_checkpoint(tmp_path_factory.mktemp("api") / "tiny.pt"))
+
+
+def test_arrays_are_read_as_the_file_loader_reads_the_same_pixels(predictor, tmp_path):
+    grey = scan(48, 40, seed=3)
+    reference = predictor(grey)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "s16.png")  # a 16-bit PNG of the same pixels
+    for given in (grey.astype(np.float32) / 255,  # 0-1 floats
+                  grey.astype(np.uint16) * 257,  # 16-bit by its full scale
+                  grey.astype(np.int64), grey.astype(np.float64),  # 0-255 integers and floats
+                  np.stack([grey] * 3, -1), np.dstack([grey] * 3 + [np.full_like(grey, 255)]),  # RGB, RGBA
+                  Image.fromarray(grey), tmp_path / "s16.png"):
+        result = predictor(given)
+        np.testing.assert_array_equal(result.mask, reference.mask)
+        assert result.trust == pytest.approx(reference.trust, abs=1e-5)
+    binary = grey > 128  # bool: 0 / 255, not black
+    np.testing.assert_array_equal(image_io.grey_from_array(binary), binary.astype(np.uint8) * 255)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (np.zeros((0, 0), np.uint8), "shape 0x0"), (np.zeros((1, 40, 48), np.uint8), "shape 1x40x48"),
+    (np.full((40, 48), np.nan, np.float32), "NaN"), (np.full((40, 48), -3, np.int16), "values from -3"),
+    (np.zeros((40, 48), complex), "complex"), ([[0, 1], [2, 3]], "a list is not an image"),
+    (None, "a NoneType is not an image")])
+def test_what_is_not_an_image_is_refused_with_one_value_error(predictor, bad, words):
+    with pytest.raises(ValueError, match="accepted: a grey HxW") as info:
+        predictor(bad)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_threshold_and_device_are_checked_as_the_command_lines_check_them(tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    for bad in (1.5, -1, 0, 1, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            inference.Predictor(ckpt, threshold=bad)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        inference.Predictor(ckpt, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            inference.Predictor(ckpt, device="cuda")

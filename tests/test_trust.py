@@ -1,9 +1,12 @@
 """The per-image trust score and the calibration (trust.py): the maths against hand counts, the shipped model's
-score on real scans and on scans unlike them, and a checkpoint without (or with a damaged) trust entry."""
+score on real scans and on scans unlike them, a checkpoint without (or with a damaged or impossible) trust
+entry, and fit_trust.py."""
 from __future__ import annotations
 
 import csv
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from PIL import Image, ImageFilter
 from test_predict import save_tiny_checkpoint, scan
 
 import checkpoints
+import dataset
 import image_io
 import metrics
 import predict_busi
@@ -244,3 +248,55 @@ def test_no_class_head_no_validation_lesions_and_a_foreign_entry(tmp_path):
     state = {"model": {"ups.0.up.weight": torch.zeros(7, 3, 2, 2)}, "trust": fitted}
     entry, why_not = checkpoints.fitted_trust(state)
     assert entry is None and "the model's deepest features 7" in why_not
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda t: t["weights"].fill_(float("nan")), "weights holds NaN"),
+    (lambda t: t["feature_std"].zero_(), "feature_std should be > 0"),
+    (lambda t: t["statistics"]["variances"].fill_(float("inf")), "NaN or infinite"),
+    (lambda t: t.update(temperatures=[float("inf"), 1.0]), "temperatures should be two finite"),
+])
+def test_a_trust_entry_with_impossible_numbers_is_unusable(tmp_path, damage, words):
+    state = checkpoints.load_checkpoint(save_tiny_checkpoint(tmp_path / "tiny.pt"))
+    damage(state["trust"])
+    fitted, why = checkpoints.fitted_trust(state)
+    assert fitted is None and "its trust entry is unusable" in why and words in why
+
+
+def test_a_fit_that_saw_no_right_outline_flags_everything_and_says_so(tmp_path):
+    scores, failed = np.linspace(0, 1, 10), np.ones(10, bool)
+    assert trust.review_threshold(scores, failed) > 1  # every scan below it
+    assert trust.review_threshold(scores, ~failed) == 0.0  # nothing failed: none flagged
+    state = checkpoints.load_checkpoint(save_tiny_checkpoint(tmp_path / "tiny.pt"))
+    state["trust"].update(review_below=trust.ALL_FLAGGED, no_right_outline=True)
+    checkpoints.save_checkpoint(state, tmp_path / "all_wrong.pt")
+    Image.fromarray(scan(40, 36)).save(tmp_path / "s.png")
+    done = subprocess.run([sys.executable, "predict_busi.py", "--checkpoint", str(tmp_path / "all_wrong.pt"),
+                           "--input", str(tmp_path / "s.png"), "--output", str(tmp_path / "out"), "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "outlines that were all wrong" in done.stderr and "1 of 1 flagged for review" in done.stdout
+
+
+@pytest.mark.slow
+def test_trust_command_takes_a_bundle_refuses_a_bad_device_and_never_replaces_a_figure(busi_dir, tmp_path):
+    root, _ = busi_dir
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt", with_trust=False)
+    bundle = tmp_path / "busi.pt"
+    assert dataset.main(["--data-dir", str(root), "--bundle", str(bundle), "--image-size", "32"]) == 0
+    split = tmp_path / "split.json"
+    assert dataset.main(["--data-dir", str(root), "--out", str(split)]) == 0
+
+    def run(*args):
+        return subprocess.run([sys.executable, "fit_trust.py", "--checkpoint", str(ckpt), *args], cwd=ROOT,
+                              capture_output=True, text=True)
+
+    done = run("--data-dir", str(bundle), "--split-file", str(split), "--output", str(tmp_path / "new.pt"))
+    assert done.returncode == 0, done.stderr
+    assert checkpoints.fitted_trust(checkpoints.load_checkpoint(tmp_path / "new.pt"))[1] is None
+    bad = run("--data-dir", str(root), "--output", str(tmp_path / "x.pt"), "--device", "tpu")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+    (tmp_path / "other_calibration.png").write_bytes(b"mine")
+    kept = run("--data-dir", str(root), "--split-file", str(split), "--output", str(tmp_path / "other.pt"))
+    assert kept.returncode == 2 and "exists" in kept.stderr
+    assert (tmp_path / "other_calibration.png").read_bytes() == b"mine" and not (tmp_path / "other.pt").exists()

@@ -22,11 +22,13 @@ import pytest
 import torch
 from conftest import ROOT, fill_file_system
 from PIL import Image
-from test_predict import checkpoint, read_csv, scan  # noqa: F401 - fixtures shared
+from test_predict import checkpoint, read_csv, scan
+from test_predict import save_tiny_checkpoint
 
 import checkpoints
 import image_io
 import predict_busi
+import prediction_table
 import utils
 
 
@@ -437,3 +439,70 @@ def test_an_earlier_runs_mask_named_outputs_are_still_its_own(tmp_path, checkpoi
     assert predict_busi.main([*args, "--overwrite"]) == 0
     assert (out / "a_mask.png").read_bytes() == old and (out / "a_pred.png").is_file()
     assert [r["mask"] for r in read_csv(out / "predictions.csv")] == ["a_pred.png"]
+
+
+def predict(*args):
+    return subprocess.run([sys.executable, "predict_busi.py", *map(str, args), "--quiet"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def rows_of(folder):
+    import csv
+
+    with open(folder / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_an_earlier_runs_outputs_in_the_input_folder_are_skipped_with_a_note_by_one_rule(tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(scan(40, 36, seed=len(name))).save(scans / f"{name}.png")
+    Image.fromarray(scan(40, 36, seed=9)).save(scans / "notes_pred.png")  # a scan that merely ends in _pred
+    first = predict("--checkpoint", ckpt, "--input", scans, "--output", scans)  # outputs into the input folder
+    assert first.returncode == 0, first.stderr
+    assert sorted(r["file"] for r in rows_of(scans)) == ["a.png", "b.png", "notes_pred.png"]
+    again = predict("--checkpoint", ckpt, "--input", scans, "--output", tmp_path / "second")
+    assert again.returncode == 0, again.stderr
+    assert sorted(r["file"] for r in rows_of(tmp_path / "second")) == ["a.png", "b.png", "notes_pred.png"]
+    assert "6 file(s) skipped as an earlier run's outputs" in again.stderr and "a_pred.png" in again.stderr
+    # the training loader's rule is the same one: X_pred.png beside X.png is never a scan
+    assert prediction_table.earlier_prediction(scans / "a_overlay.png") and prediction_table.earlier_prediction(scans / "a.png") is None
+
+
+def test_two_inputs_of_one_name_from_two_folders_get_rows_one_can_tell_apart(tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    for folder in ("left", "right"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(scan(40, 36, seed=len(folder))).save(tmp_path / folder / "scan.png")
+    done = predict("--checkpoint", ckpt, "--input", tmp_path / "left", tmp_path / "right", "--output", tmp_path / "o")
+    assert done.returncode == 0, done.stderr
+    assert sorted(r["file"] for r in rows_of(tmp_path / "o")) == ["left/scan.png", "right/scan.png"]
+
+
+def test_a_legal_name_too_long_for_its_outputs_still_gets_them_and_the_rest_are_written(tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    long = "x" * 245 + ".png"  # 249 bytes: legal; its _overlay.png would be 257
+    for name in (long, "z.png"):
+        Image.fromarray(scan(40, 36)).save(scans / name)
+    done = predict("--checkpoint", ckpt, "--input", scans, "--output", tmp_path / "o")
+    assert done.returncode == 0, done.stderr
+    rows = rows_of(tmp_path / "o")
+    assert sorted(r["file"] for r in rows) == sorted([long, "z.png"])
+    assert all((tmp_path / "o" / r["overlay"]).is_file() and len(r["overlay"]) <= 255 for r in rows)
+
+
+def test_a_dangling_link_is_named_with_its_target_and_the_rest_is_done(tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(scan(40, 36)).save(scans / "good.png")
+    (scans / "lost.png").symlink_to(tmp_path / "moved" / "lost.png")  # a real dangling link
+    done = predict("--checkpoint", ckpt, "--input", scans, "--output", tmp_path / "o")
+    assert done.returncode == 1 and "broken symbolic link" in done.stderr and "moved/lost.png" in done.stderr
+    assert [r["file"] for r in rows_of(tmp_path / "o")] == ["good.png"]
+    direct = predict("--checkpoint", ckpt, "--input", scans / "lost.png", "--output", tmp_path / "o2")
+    assert direct.returncode == 2 and "broken symbolic link" in direct.stderr and "moved/lost.png" in direct.stderr

@@ -1,5 +1,6 @@
-"""dataset.py against hostile data and command lines: odd file names, ambiguous files, 0/1 and float masks,
-EXIF-rotated images, bad CLI values and unwritable outputs. Real files, real subprocesses, no mocks."""
+"""The data layer (image_io, splitting, tensor_cache, dataset.py's command line) against hostile data: every mask
+and image mode, odd file names, ambiguous files, 0/1 and float masks, EXIF-rotated and huge images, damaged caches,
+bad CLI values and unwritable outputs. Real files, real subprocesses, no mocks."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT
 from PIL import Image
+from test_train import train
 
 import dataset
 import image_io
@@ -394,3 +396,159 @@ def test_cache_and_bundle_files_are_complete_torch_files(tmp_path, busi_dir):
     for path in tmp_path.glob("*.pt"):
         assert isinstance(torch.load(path, weights_only=True), dict)
     assert _temp_litter(tmp_path) == []
+
+
+def _lesion(h=20, w=30):
+    m = np.zeros((h, w), dtype=bool)
+    m[5:12, 8:20] = True
+    return m
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16"])
+def test_mask_modes_all_read_the_same_lesion(tmp_path, mode):
+    m = _lesion()
+    u8 = m.astype(np.uint8) * 255
+    if mode == "1":
+        img = Image.fromarray(m)
+    elif mode == "LA":
+        img = Image.fromarray(np.dstack([u8, np.full_like(u8, 255)]), "LA")
+    elif mode == "P":
+        img = Image.fromarray(u8).convert("P")
+    elif mode == "I;16":
+        img = Image.fromarray(m.astype(np.uint16) * 65535)
+    else:
+        img = Image.fromarray(u8).convert(mode)
+    img.save(tmp_path / "m.png")
+    np.testing.assert_array_equal(image_io.load_mask([tmp_path / "m.png"], size=(30, 20)), m)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGB", "RGBA", "I;16"])
+def test_image_modes_all_load_as_the_same_grey(tmp_path, mode):
+    grey = (np.arange(600).reshape(20, 30) % 251).astype(np.uint8)
+    if mode == "LA":
+        img = Image.fromarray(np.dstack([grey, np.full_like(grey, 255)]), "LA")
+    elif mode == "I;16":
+        img = Image.fromarray(grey.astype(np.uint16) * 257)
+    elif mode == "P":
+        img = Image.fromarray(np.stack([grey] * 3, -1)).convert("P", palette=Image.ADAPTIVE, colors=256)
+    else:
+        img = Image.fromarray(grey).convert(mode)
+    img.save(tmp_path / "i.png")
+    out = image_io.load_image(tmp_path / "i.png")
+    assert out.shape == (20, 30) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - grey).max() <= (8 if mode == "P" else 1)
+
+
+@pytest.mark.slow
+def test_huge_image_loads_without_a_memory_blow_up(tmp_path):
+    """10000 x 10000 RGB image with an RGBA mask: decoded, merged and resized in well under 2 GB."""
+    side = 10_000
+    Image.new("RGB", (side, side), (90, 90, 90)).save(tmp_path / "huge.png")
+    mask = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    mask.paste((255, 255, 255, 255), (4000, 4000, 6000, 6000))
+    mask.save(tmp_path / "huge_mask.png")
+    del mask
+    probe = (
+        "import resource, sys, image_io\n"
+        "img, m = image_io.load_sample(sys.argv[1], image_io.Sample('huge.png', ['huge_mask.png']))\n"
+        "assert m.sum() == 2000 * 2000, m.sum()\n"
+        "small = image_io.resize_image(img, 256); sm = image_io.resize_mask(m, 256)\n"
+        "assert small.shape == (256, 256) and 0.03 < sm.mean() < 0.05\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    peak_mb = int(result.stdout.split()[-1])
+    assert peak_mb < 2000, f"peak RSS {peak_mb} MB"
+
+
+def test_split_file_naming_missing_images_is_refused(busi_dir, tmp_path, capsys):
+    root, _ = busi_dir
+    split = splitting.compute_split(root, progress=False)
+    split["val"].append("normal/normal (999).png")
+    (tmp_path / "s.json").write_text(json.dumps(split))
+    assert train(root, tmp_path, "--split-file", str(tmp_path / "s.json"), "--epochs", "1") == 2
+    assert "normal (999).png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["key missing", "labels too short", "a full-size mask too short", "not a dict"])
+def test_a_cache_with_wrong_contents_is_rebuilt(busi_dir, tmp_path, capfd, damage):
+    root, _ = busi_dir
+    samples = image_io.discover_samples(root)
+    good = tensor_cache.build_cache(root, samples, 32, tmp_path, progress=False)
+    (cache_file,) = tmp_path.glob("busi_32_*.pt")
+    bad = dict(good)
+    if damage == "key missing":
+        del bad["full_sizes"]
+    elif damage == "labels too short":
+        bad["labels"] = bad["labels"][:-3]
+    elif damage == "a full-size mask too short":
+        bad["full_masks"] = [m[:-1] for m in bad["full_masks"]]
+    else:
+        bad = [1, 2, 3]
+    torch.save(bad, cache_file)
+    capfd.readouterr()
+    again = tensor_cache.build_cache(root, samples, 32, tmp_path, progress=False)
+    assert "data cache" in capfd.readouterr().err
+    assert torch.equal(again["labels"], good["labels"]) and torch.equal(again["full_sizes"], good["full_sizes"])
+    assert all(torch.equal(a, b) for a, b in zip(again["full_masks"], good["full_masks"]))
+    assert tensor_cache.cache_problem(torch.load(cache_file, weights_only=True), 32, [s.image for s in samples]) is None
+
+
+def test_a_training_run_over_a_damaged_cache_rebuilds_it(busi_dir, tmp_path, capsys):
+    assert train(busi_dir[0], tmp_path, "--epochs", "1", "--run-name", "a") == 0
+    (cache_file,) = (tmp_path / "cache").glob("busi_32_*.pt")
+    cache = torch.load(cache_file, weights_only=True)
+    cache["images"] = cache["images"][:5]
+    torch.save(cache, cache_file)
+    assert train(busi_dir[0], tmp_path, "--epochs", "1", "--run-name", "b") == 0
+    assert "is damaged" in capsys.readouterr().err
+
+
+def test_a_float_mask_on_a_0_to_1_scale_is_read_as_lesion(tmp_path):
+    values = np.zeros((20, 30), np.float32)
+    values[5:12, 4:20] = 0.9
+    Image.fromarray(values, mode="F").save(tmp_path / "m.tif")
+    np.testing.assert_array_equal(image_io.load_mask([tmp_path / "m.tif"]), values > 0)
+    Image.fromarray(values * 255).save(tmp_path / "m255.tif")  # a 0-255 float mask keeps the half-scale rule
+    np.testing.assert_array_equal(image_io.load_mask([tmp_path / "m255.tif"]), values > 0)
+    grey = np.full((20, 30), 0.5, np.float32)  # a float image on a 0-1 scale is mid-grey, not black
+    Image.fromarray(grey, mode="F").save(tmp_path / "i.tif")
+    assert set(np.unique(image_io.load_image(tmp_path / "i.tif"))) == {128}
+
+
+def test_a_broken_symbolic_link_named_like_an_image_is_an_error_naming_it(fresh_busi_dir):
+    root, _ = fresh_busi_dir
+    os.symlink(root / "gone" / "scan.png", root / "benign" / "benign (99).png")
+    with pytest.raises(utils.DataError, match=r"broken symbolic link: .*benign \(99\)\.png"):
+        image_io.discover_samples(root)
+
+
+def test_a_file_name_with_a_newline_is_paired_and_printed_on_one_line(fresh_busi_dir, tmp_path):
+    root, _ = fresh_busi_dir
+    folder = root / "benign"
+    try:
+        (folder / "benign (3).png").rename(folder / "benign\n(3).png")
+        (folder / "benign (3)_mask.png").rename(folder / "benign\n(3)_mask.png")
+    except OSError as exc:
+        pytest.skip(f"this file system refuses a newline in a name: {exc}")
+    sample = next(s for s in image_io.discover_samples(root) if "\n" in s.image)
+    assert sample.masks == ["benign/benign\n(3)_mask.png"]
+    (folder / "benign\n(3)_mask.png").unlink()
+    result = subprocess.run([sys.executable, "dataset.py", "--data-dir", str(root), "--out", str(tmp_path / "s.json")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "image without a mask" in result.stderr, result.stderr
+    assert "benign\\n(3).png" in result.stderr
+
+
+def test_an_image_of_an_unsupported_type_beside_its_mask_is_named(fresh_busi_dir):
+    root, _ = fresh_busi_dir
+    folder = root / "benign"
+    Image.open(folder / "benign (1).png").convert("P").save(folder / "benign (1).gif")
+    (folder / "benign (1).png").unlink()
+    with pytest.raises(utils.DataError) as error:
+        image_io.discover_samples(root)
+    message = str(error.value)
+    assert message.startswith("unsupported image type") and "benign (1).gif" in message and ".png" in message
