@@ -77,7 +77,7 @@ import inspection  # noqa: E402
 import metrics  # noqa: E402
 import onnx_backend  # noqa: E402
 import unet  # noqa: E402
-from inference import contradiction, predict_scans  # noqa: E402
+from inference import Prediction, contradiction, predict_scans  # noqa: E402
 
 # Cyan and orange stay distinguishable on grey ultrasound and for red-green colour-blind viewers; the prediction
 # colour matches the outlines that predict_busi.py draws.
@@ -107,13 +107,213 @@ TITLE = "BUSI prediction inspector"
 # --------------------------------------------------------------------------------------------------------------
 # The window
 # --------------------------------------------------------------------------------------------------------------
+class Panels:
+    """The three Matplotlib panels and the facts above them, without Tk: the comparison (ground truth and prediction
+    outlined or filled, the two diameters, the ultrasound region) large on the left, image and probability map
+    stacked on the right. Readable: `dice`/`iou` of the shown image, `size` (its lesion's diameters),
+    `info_text` (the lines of facts).
+
+    Axes sit at fixed figure fractions (no layout engine): a constrained layout would be recomputed on every
+    redraw, which costs about a third of the drawing time, and these positions do not depend on the image.
+    Artists are created once and then only updated, which is far cheaper than re-plotting.
+    """
+
+    def __init__(self):
+        self.dice: float | None = None
+        self.iou: float | None = None
+        self.info_text = ""
+        self._contours: dict[str, object] = {}
+        self._calipers: list = []      # the drawn diameters and their labels
+        self.size: metrics.LesionSize | None = None  # of the shown prediction (mm with a spacing, else pixels)
+        self.filled = False            # masks drawn filled (translucent) instead of as outlines
+
+        self.figure = Figure(figsize=(10.5, 7.2), dpi=100)
+        self.ax_overlay = self.figure.add_axes((0.01, 0.07, 0.60, 0.80))
+        self.ax_image = self.figure.add_axes((0.635, 0.50, 0.28, 0.36))
+        self.ax_prob = self.figure.add_axes((0.635, 0.07, 0.28, 0.36))
+        for ax in (self.ax_overlay, self.ax_image, self.ax_prob):
+            ax.set_anchor("N")  # images of any aspect hang from the top, right under their titles
+        blank = np.zeros((2, 2), dtype=np.uint8)
+        self.im_image = self.ax_image.imshow(blank, cmap="gray", vmin=0, vmax=255)
+        self.im_overlay = self.ax_overlay.imshow(blank, cmap="gray", vmin=0, vmax=255)
+        self.im_prob = self.ax_prob.imshow(blank.astype(np.float32), cmap="viridis", vmin=0, vmax=1)
+        # An inset in axes coordinates follows the probability panel whatever aspect the image gives it.
+        colourbar = self.figure.colorbar(self.im_prob, cax=self.ax_prob.inset_axes((1.03, 0.0, 0.045, 1.0)))
+        colourbar.set_label("P(lesion)")
+        for ax, title in ((self.ax_image, "Image"), (self.ax_overlay, "Ground truth vs prediction"),
+                          (self.ax_prob, "Lesion probability")):
+            ax.set_title(title, fontsize=11)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        self._legend_handles = [Line2D([], [], color=TRUTH_COLOUR, lw=2.5, label="ground truth"),
+                                Line2D([], [], color=PRED_COLOUR, lw=2.5, label="prediction")]
+        self.legend = self.ax_overlay.legend(handles=self._legend_handles, loc="upper center", ncol=2,
+                                             bbox_to_anchor=(0.5, -0.005), frameon=False, fontsize=11)
+        self.region_box = self.ax_overlay.add_patch(Rectangle((0, 0), 1, 1, fill=False, ls="--", lw=1.0,
+                                                              ec=REGION_COLOUR, visible=False))
+        self.suptitle = self.figure.suptitle("", fontsize=INFO_FONT, y=0.99, linespacing=1.4)
+        self._facts: list[str] = []  # the shown image's name line and facts, wrapped to the figure's width
+
+    def show(self, item: inspection.Item, image: np.ndarray, truth: np.ndarray | None,
+             prediction: Prediction | None, settings: dict) -> None:
+        """A new image: its panels, then its prediction at `settings["threshold"]` (`update`)."""
+        h, w = image.shape
+        for im, ax in ((self.im_image, self.ax_image), (self.im_overlay, self.ax_overlay)):
+            im.set_data(image)
+            im.set_visible(True)
+            self._fit(im, ax, w, h)
+        self.ax_image.set_title(f"Image ({w}\u00d7{h})", fontsize=11)
+        prob = prediction.probability.astype(np.float32) if prediction is not None else np.zeros((h, w), np.float32)
+        self.im_prob.set_data(prob)
+        self.im_prob.set_visible(prediction is not None)  # an empty panel, not a map of zeros, without a model
+        self._fit(self.im_prob, self.ax_prob, w, h)
+        self.ax_prob.set_title("Lesion probability" if prediction is not None else "Lesion probability (no model)",
+                               fontsize=11)
+        self.set_contour("truth", truth, TRUTH_COLOUR)
+        self.ax_overlay.set_title("Ground truth vs prediction" if truth is not None else "Prediction", fontsize=11)
+        self._legend_handles[0].set_label("ground truth" if truth is not None else "")
+        if item.region is not None:  # (x0, y0, x1, y1), ends exclusive: the pixels the model sees
+            x0, y0, x1, y1 = item.region
+            self.region_box.set_bounds(x0 - 0.5, y0 - 0.5, x1 - x0, y1 - y0)
+        self.region_box.set_visible(item.region is not None)
+        self.update(item, truth, prediction, settings)
+
+    def update(self, item: inspection.Item, truth: np.ndarray | None, prediction: Prediction | None,
+               settings: dict) -> None:
+        """Outline, metrics and texts for the shown image at `settings["threshold"]` (with
+        `settings["review_below"]`, the trust entry's review cut, and `settings["model"]`, whether a model is
+        loaded)."""
+        threshold = settings["threshold"]
+        mask = prediction.mask_at(threshold) if prediction is not None else None
+        self.set_contour("pred", mask, PRED_COLOUR)
+        self._draw_calipers(item, mask)
+        if prediction is not None and truth is not None:
+            self.dice, self.iou = metrics.dice_iou(torch.from_numpy(mask), torch.from_numpy(truth))
+        else:
+            self.dice = self.iou = None
+        texts = self.legend.get_texts()
+        texts[0].set_text(self._legend_handles[0].get_label())
+        for artist in (texts[0], self.legend.legend_handles[0]):  # no ground-truth entry without ground truth
+            artist.set_visible(truth is not None)
+        texts[1].set_text(f"prediction (p > {threshold:.2f})" if mask is not None else "prediction (no model)")
+        # Two lines: what the image is, then what the model made of it.
+        facts = []
+        if self.dice is not None:
+            facts.append(f"Dice {self.dice:.3f}   IoU {self.iou:.3f}")
+        elif prediction is not None:
+            facts.append("no ground truth: prediction only")
+        if prediction is not None and prediction.class_probabilities is not None:
+            facts.append(f"P(malignant | lesion) {prediction.malignancy_probability:.2f}   predicted class: "
+                         f"{prediction.predicted_class}")
+        check = contradiction(prediction.predicted_class, bool(mask.any())) if prediction is not None else ""
+        if check:
+            facts.append(f"{inspection.OUT_OF_RANGE_BADGE} CHECK: {check}")
+        if prediction is not None and prediction.out_of_range:
+            facts.append(f"{inspection.OUT_OF_RANGE_BADGE} OUT OF RANGE (familiarity {prediction.familiarity:.1f}): "
+                         f"unlike the scans the model was fitted on")
+        if prediction is not None and prediction.trust is not None:
+            facts.append(f"trust {prediction.trust:.2f}" + (f" {inspection.REVIEW_MARK} REVIEW" + (
+                "" if prediction.out_of_range else f" (below {settings['review_below']:.2f})")
+                if prediction.review else ""))
+        if prediction is not None and prediction.presence_probability is not None:
+            facts.append(f"lesion present {prediction.presence_probability:.2f}"
+                         + (" — judged lesion-free: mask emptied" if prediction.gated else
+                            " — likely lesion-free (gate fitted elsewhere: mask kept)" if prediction.marked_only
+                            else ""))
+        if self.size is not None:
+            unit = "mm" if item.spacing is not None else "px (no pixel spacing)"
+            facts.append(f"diameters {self.size.longest:.1f} x {self.size.perpendicular:.1f} {unit}")
+        if item.region is not None:
+            facts.append("dashed box: the ultrasound region (predicted alone)")
+        if not settings["model"]:
+            facts.append("no model loaded: use Load checkpoint...")
+        self._facts = [f"{item.name}   \u2014   class: {item.label or 'unknown (no ground truth)'}", *facts]
+        self.wrap()
+
+    def wrap(self) -> None:
+        """The name line, then the facts wrapped to the figure's present width (never cut off at its edges)."""
+        if not self._facts:
+            return
+        width_px = self.figure.get_figwidth() * self.figure.dpi
+        chars = max(40, int(width_px * 0.96 / (CHAR_WIDTH * INFO_FONT * self.figure.dpi / 72)))
+        lines = [self._facts[0], *wrap_facts(self._facts[1:], chars)]
+        self.info_text = "\n".join(lines)
+        self.suptitle.set_text(self.info_text)
+        # the panels start below the facts and the panel titles: more lines, lower panels
+        height_px = self.figure.get_figheight() * self.figure.dpi
+        above = (len(lines) * 1.4 * INFO_FONT + 1.7 * 11) * self.figure.dpi / 72 + 10
+        top = min(0.87, 1 - above / height_px)
+        half = (top - 0.14) / 2  # the right column: image above, probability below, a title's gap between
+        self.ax_overlay.set_position((0.01, 0.07, 0.60, top - 0.07))
+        self.ax_image.set_position((0.635, 0.14 + half, 0.28, half))
+        self.ax_prob.set_position((0.635, 0.07, 0.28, half))
+
+    def _draw_calipers(self, item: inspection.Item, mask: np.ndarray | None) -> None:
+        """The longest diameter of the predicted lesion and the longest one perpendicular to it, with their
+        lengths: in mm where the file records its pixel spacing, else in pixels."""
+        for artist in self._calipers:
+            artist.remove()
+        self._calipers = []
+        self.size = None if mask is None else metrics.lesion_size(mask, item.spacing or (1.0, 1.0))
+        if self.size is None:
+            return
+        unit = "mm" if item.spacing is not None else "px"
+        for (a, b), length in ((self.size.longest_line, self.size.longest),
+                               (self.size.perpendicular_line, self.size.perpendicular)):
+            line, = self.ax_overlay.plot([a[0], b[0]], [a[1], b[1]], color=CALIPER_COLOUR, lw=1.2, marker="+",
+                                         markersize=9)
+            label = self.ax_overlay.annotate(f"{length:.1f} {unit}", b, xytext=(4, 4), textcoords="offset points",
+                                             color=CALIPER_COLOUR, fontsize=9,
+                                             bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+            self._calipers += [line, label]
+
+    def set_contour(self, key: str, mask: np.ndarray | None, colour: str) -> None:
+        """Replace one outline. The mask is padded with background so a lesion touching the border (or a
+        mask that is all lesion) still gets a closed outline instead of a 'no contour levels' warning."""
+        old = self._contours.pop(key, None)
+        if old is not None:
+            old.remove()
+        if mask is None or not mask.any():
+            return
+        h, w = mask.shape
+        padded = np.pad(mask, 1).astype(np.uint8)
+        grid = (np.arange(-1, w + 1), np.arange(-1, h + 1), padded)
+        if self.filled:
+            self._contours[key] = self.ax_overlay.contourf(*grid, levels=[0.5, 1.5], colors=[colour], alpha=0.35)
+        else:
+            self._contours[key] = self.ax_overlay.contour(*grid, levels=[0.5], colors=colour, linewidths=1.6)
+
+    @staticmethod
+    def _fit(im, ax, w: int, h: int) -> None:
+        im.set_extent((-0.5, w - 0.5, h - 0.5, -0.5))
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+
+    def empty(self, message: str) -> None:
+        blank = np.zeros((2, 2), dtype=np.uint8)
+        for im, ax in ((self.im_image, self.ax_image), (self.im_overlay, self.ax_overlay),
+                       (self.im_prob, self.ax_prob)):
+            im.set_data(blank)
+            im.set_visible(False)
+            self._fit(im, ax, 2, 2)
+        for key in list(self._contours):
+            self.set_contour(key, None, "")
+        for artist in self._calipers:
+            artist.remove()
+        self._calipers, self.size, self._facts = [], None, []
+        self.region_box.set_visible(False)
+        self.dice = self.iou = None
+        self.info_text = message
+        self.suptitle.set_text(message)
+
+
 class InspectorApp:
     """Tk window: image list on the left, three Matplotlib panels on the right, controls above, status below.
 
     State the tests (and the user) can read: `index` (position in the shown list), `current` (the Item),
-    `dice`/`iou` (of the shown image at the threshold, None without ground truth), `listbox_entries()`,
-    `status`, `browser` (inspection.Browser: the items, the list's order, the predictions per Item.key, the
-    threshold). Errors go through `show_error` (a dialog), never a traceback.
+    `listbox_entries()`, `status`, `browser` (inspection.Browser: the items, the list's order, the predictions
+    per Item.key, the threshold) and `panels` (Panels: the figure, and `dice`/`iou` of the shown image at the
+    threshold, None without ground truth). Errors go through `show_error` (a dialog), never a traceback.
     """
 
     def __init__(self, root: tk.Tk, checkpoint: str | os.PathLike | None = None, items: list[inspection.Item] = (),
@@ -127,24 +327,25 @@ class InspectorApp:
         self.checkpoint: Path | None = None
         self.browser = inspection.Browser(items)  # the list, its order and the cached predictions (no Tk)
         self.index = -1                # position in browser.visible of the shown image
-        self.dice: float | None = None
-        self.iou: float | None = None
-        self.info_text = ""
         self.busy = False              # a background sort is running
         self._after: str | None = None  # its next scheduled step
         self.last_show_seconds = 0.0   # load + inference (if not cached) + panel update of the last shown image
         self._shown: tuple[inspection.Item, np.ndarray, np.ndarray | None] | None = None  # what the panels show now
         self._generation = 0           # bumped per loaded model, so a running sort notices a model change
-        self._contours: dict[str, object] = {}
-        self._calipers: list = []      # the drawn diameters and their labels
-        self.size: metrics.LesionSize | None = None  # of the shown prediction (mm with a spacing, else pixels)
-        self.filled = False            # masks drawn filled (translucent) instead of as outlines
 
         root.title(TITLE)
         root.geometry(WINDOW_SIZE)
         root.minsize(900, 560)
         self._build_controls()
-        self._build_figure()
+        self.panels = Panels()
+        self.canvas = FigureCanvasTkAgg(self.panels.figure, master=self.figure_frame)
+        # a resized window wraps the facts again (after the canvas has resized the figure)
+        self.canvas.get_tk_widget().bind("<Configure>", lambda _e: self.panels.wrap(), add="+")
+        # Matplotlib's own toolbar: zoom and pan (a new image resets the view), home, save
+        self.toolbar = NavigationToolbar2Tk(self.canvas, self.figure_frame, pack_toolbar=False)
+        self.toolbar.update()
+        self.toolbar.pack(side=tk.BOTTOM, fill=tk.X)
+        self.canvas.get_tk_widget().pack(fill=tk.BOTH, expand=True)
         root.protocol("WM_DELETE_WINDOW", self.close)
         self.set_status(source or "no images: use Open image...")
         if checkpoint is not None:
@@ -214,48 +415,6 @@ class InspectorApp:
         # Left/Right on the whole window, except where they already mean something (see _on_arrow).
         self.root.bind("<Left>", lambda e: self._on_arrow(e, self.prev))
         self.root.bind("<Right>", lambda e: self._on_arrow(e, self.next))
-
-    def _build_figure(self) -> None:
-        """The comparison panel large on the left, image and probability map stacked on the right.
-
-        Axes sit at fixed figure fractions (no layout engine): a constrained layout would be recomputed on every
-        redraw, which costs about a third of the drawing time, and these positions do not depend on the image.
-        Artists are created once and then only updated, which is far cheaper than re-plotting.
-        """
-        self.figure = Figure(figsize=(10.5, 7.2), dpi=100)
-        self.ax_overlay = self.figure.add_axes((0.01, 0.07, 0.60, 0.80))
-        self.ax_image = self.figure.add_axes((0.635, 0.50, 0.28, 0.36))
-        self.ax_prob = self.figure.add_axes((0.635, 0.07, 0.28, 0.36))
-        for ax in (self.ax_overlay, self.ax_image, self.ax_prob):
-            ax.set_anchor("N")  # images of any aspect hang from the top, right under their titles
-        blank = np.zeros((2, 2), dtype=np.uint8)
-        self.im_image = self.ax_image.imshow(blank, cmap="gray", vmin=0, vmax=255)
-        self.im_overlay = self.ax_overlay.imshow(blank, cmap="gray", vmin=0, vmax=255)
-        self.im_prob = self.ax_prob.imshow(blank.astype(np.float32), cmap="viridis", vmin=0, vmax=1)
-        # An inset in axes coordinates follows the probability panel whatever aspect the image gives it.
-        colourbar = self.figure.colorbar(self.im_prob, cax=self.ax_prob.inset_axes((1.03, 0.0, 0.045, 1.0)))
-        colourbar.set_label("P(lesion)")
-        for ax, title in ((self.ax_image, "Image"), (self.ax_overlay, "Ground truth vs prediction"),
-                          (self.ax_prob, "Lesion probability")):
-            ax.set_title(title, fontsize=11)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        self._legend_handles = [Line2D([], [], color=TRUTH_COLOUR, lw=2.5, label="ground truth"),
-                                Line2D([], [], color=PRED_COLOUR, lw=2.5, label="prediction")]
-        self.legend = self.ax_overlay.legend(handles=self._legend_handles, loc="upper center", ncol=2,
-                                             bbox_to_anchor=(0.5, -0.005), frameon=False, fontsize=11)
-        self.region_box = self.ax_overlay.add_patch(Rectangle((0, 0), 1, 1, fill=False, ls="--", lw=1.0,
-                                                              ec=REGION_COLOUR, visible=False))
-        self.suptitle = self.figure.suptitle("", fontsize=INFO_FONT, y=0.99, linespacing=1.4)
-        self._facts: list[str] = []  # the shown image's name line and facts, wrapped to the figure's width
-        self.canvas = FigureCanvasTkAgg(self.figure, master=self.figure_frame)
-        # a resized window wraps the facts again (after the canvas has resized the figure)
-        self.canvas.get_tk_widget().bind("<Configure>", lambda _e: self._wrap_info(), add="+")
-        # Matplotlib's own toolbar: zoom and pan (a new image resets the view), home, save
-        self.toolbar = NavigationToolbar2Tk(self.canvas, self.figure_frame, pack_toolbar=False)
-        self.toolbar.update()
-        self.toolbar.pack(side=tk.BOTTOM, fill=tk.X)
-        self.canvas.get_tk_widget().pack(fill=tk.BOTH, expand=True)
 
     # ------------------------------------------------------------------------------------------- readable state
     @property
@@ -375,10 +534,10 @@ class InspectorApp:
 
     def set_filled(self, filled: bool) -> None:
         """Draw ground truth and prediction as translucent filled areas (True) or as outlines (False)."""
-        self.filled = bool(filled)
-        self.filled_var.set(self.filled)
+        self.panels.filled = bool(filled)
+        self.filled_var.set(self.panels.filled)
         if self._shown is not None:
-            self._set_contour("truth", self._shown[2], TRUTH_COLOUR)
+            self.panels.set_contour("truth", self._shown[2], TRUTH_COLOUR)
             self._update_prediction()
             self.canvas.draw_idle()
 
@@ -454,7 +613,7 @@ class InspectorApp:
 
     def save_figure(self, path: str | os.PathLike) -> bool:
         try:
-            self.figure.savefig(path, dpi=self.figure.dpi)
+            self.panels.figure.savefig(path, dpi=self.panels.figure.dpi)
         except (OSError, ValueError) as exc:  # unwritable folder, unknown extension
             self.show_error(f"cannot save the figure to {path}: {exc}")
             return False
@@ -572,6 +731,7 @@ class InspectorApp:
                 self.listbox.selection_set(row)
 
     # ------------------------------------------------------------------------------------------------ drawing
+
     def _show_current(self) -> None:
         """Load (or reuse) the current image, predict it unless cached, and update every panel."""
         start = time.perf_counter()
@@ -594,159 +754,24 @@ class InspectorApp:
         self.path_var.set(utils.printable(item.path))
         if self.model is not None and item.key not in self.browser.cache:
             self._predict([item], [(image, truth)])
-        h, w = image.shape
-        for im, ax in ((self.im_image, self.ax_image), (self.im_overlay, self.ax_overlay)):
-            im.set_data(image)
-            im.set_visible(True)
-            self._fit(im, ax, w, h)
-        self.ax_image.set_title(f"Image ({w}\u00d7{h})", fontsize=11)
+        self.panels.show(item, image, truth, self.browser.cache.get(item.key), self._panel_settings())
         self.toolbar.update()  # a new image: zoom and pan start from its full view
-        prediction = self.browser.cache.get(item.key)
-        prob = prediction.probability.astype(np.float32) if prediction is not None else np.zeros((h, w), np.float32)
-        self.im_prob.set_data(prob)
-        self.im_prob.set_visible(prediction is not None)  # an empty panel, not a map of zeros, without a model
-        self._fit(self.im_prob, self.ax_prob, w, h)
-        self.ax_prob.set_title("Lesion probability" if prediction is not None else "Lesion probability (no model)",
-                               fontsize=11)
-        self._set_contour("truth", truth, TRUTH_COLOUR)
-        self.ax_overlay.set_title("Ground truth vs prediction" if truth is not None else "Prediction", fontsize=11)
-        self._legend_handles[0].set_label("ground truth" if truth is not None else "")
-        if item.region is not None:  # (x0, y0, x1, y1), ends exclusive: the pixels the model sees
-            x0, y0, x1, y1 = item.region
-            self.region_box.set_bounds(x0 - 0.5, y0 - 0.5, x1 - x0, y1 - y0)
-        self.region_box.set_visible(item.region is not None)
-        self._update_prediction()
         self.canvas.draw_idle()
         self.last_show_seconds = time.perf_counter() - start
 
+    def _panel_settings(self) -> dict:
+        """What the panels need beside the image: the threshold, the review cut, whether a model is loaded."""
+        return {"threshold": self.browser.threshold, "model": self.model is not None,
+                "review_below": (self.trust_entry or {}).get("review_below")}
+
     def _update_prediction(self) -> None:
-        """Outline, metrics and texts for the shown image at the current threshold."""
-        item, image, truth = self._shown
-        prediction = self.browser.cache.get(item.key)
-        mask = prediction.mask_at(self.browser.threshold) if prediction is not None else None
-        self._set_contour("pred", mask, PRED_COLOUR)
-        self._draw_calipers(item, mask)
-        if prediction is not None and truth is not None:
-            self.dice, self.iou = metrics.dice_iou(torch.from_numpy(mask), torch.from_numpy(truth))
-        else:
-            self.dice = self.iou = None
-        texts = self.legend.get_texts()
-        texts[0].set_text(self._legend_handles[0].get_label())
-        for artist in (texts[0], self.legend.legend_handles[0]):  # no ground-truth entry without ground truth
-            artist.set_visible(truth is not None)
-        texts[1].set_text(f"prediction (p > {self.browser.threshold:.2f})" if mask is not None else "prediction (no model)")
-        # Two lines: what the image is, then what the model made of it.
-        facts = []
-        if self.dice is not None:
-            facts.append(f"Dice {self.dice:.3f}   IoU {self.iou:.3f}")
-        elif prediction is not None:
-            facts.append("no ground truth: prediction only")
-        if prediction is not None and prediction.class_probabilities is not None:
-            facts.append(f"P(malignant | lesion) {prediction.malignancy_probability:.2f}   predicted class: "
-                         f"{prediction.predicted_class}")
-        check = contradiction(prediction.predicted_class, bool(mask.any())) if prediction is not None else ""
-        if check:
-            facts.append(f"{inspection.OUT_OF_RANGE_BADGE} CHECK: {check}")
-        if prediction is not None and prediction.out_of_range:
-            facts.append(f"{inspection.OUT_OF_RANGE_BADGE} OUT OF RANGE (familiarity {prediction.familiarity:.1f}): "
-                         f"unlike the scans the model was fitted on")
-        if prediction is not None and prediction.trust is not None:
-            facts.append(f"trust {prediction.trust:.2f}" + (f" {inspection.REVIEW_MARK} REVIEW" + (
-                "" if prediction.out_of_range else f" (below {self.trust_entry['review_below']:.2f})")
-                if prediction.review else ""))
-        if prediction is not None and prediction.presence_probability is not None:
-            facts.append(f"lesion present {prediction.presence_probability:.2f}"
-                         + (" — judged lesion-free: mask emptied" if prediction.gated else
-                            " — likely lesion-free (gate fitted elsewhere: mask kept)" if prediction.marked_only
-                            else ""))
-        if self.size is not None:
-            unit = "mm" if item.spacing is not None else "px (no pixel spacing)"
-            facts.append(f"diameters {self.size.longest:.1f} x {self.size.perpendicular:.1f} {unit}")
-        if item.region is not None:
-            facts.append("dashed box: the ultrasound region (predicted alone)")
-        if self.model is None:
-            facts.append("no model loaded: use Load checkpoint...")
-        self._facts = [f"{item.name}   \u2014   class: {item.label or 'unknown (no ground truth)'}", *facts]
-        self._wrap_info()
-
-    def _wrap_info(self) -> None:
-        """The name line, then the facts wrapped to the figure's present width (never cut off at its edges)."""
-        if not self._facts:
-            return
-        width_px = self.figure.get_figwidth() * self.figure.dpi
-        chars = max(40, int(width_px * 0.96 / (CHAR_WIDTH * INFO_FONT * self.figure.dpi / 72)))
-        lines = [self._facts[0], *wrap_facts(self._facts[1:], chars)]
-        self.info_text = "\n".join(lines)
-        self.suptitle.set_text(self.info_text)
-        # the panels start below the facts and the panel titles: more lines, lower panels
-        height_px = self.figure.get_figheight() * self.figure.dpi
-        above = (len(lines) * 1.4 * INFO_FONT + 1.7 * 11) * self.figure.dpi / 72 + 10
-        top = min(0.87, 1 - above / height_px)
-        half = (top - 0.14) / 2  # the right column: image above, probability below, a title's gap between
-        self.ax_overlay.set_position((0.01, 0.07, 0.60, top - 0.07))
-        self.ax_image.set_position((0.635, 0.14 + half, 0.28, half))
-        self.ax_prob.set_position((0.635, 0.07, 0.28, half))
-
-    def _draw_calipers(self, item: inspection.Item, mask: np.ndarray | None) -> None:
-        """The longest diameter of the predicted lesion and the longest one perpendicular to it, with their
-        lengths: in mm where the file records its pixel spacing, else in pixels."""
-        for artist in self._calipers:
-            artist.remove()
-        self._calipers = []
-        self.size = None if mask is None else metrics.lesion_size(mask, item.spacing or (1.0, 1.0))
-        if self.size is None:
-            return
-        unit = "mm" if item.spacing is not None else "px"
-        for (a, b), length in ((self.size.longest_line, self.size.longest),
-                               (self.size.perpendicular_line, self.size.perpendicular)):
-            line, = self.ax_overlay.plot([a[0], b[0]], [a[1], b[1]], color=CALIPER_COLOUR, lw=1.2, marker="+",
-                                         markersize=9)
-            label = self.ax_overlay.annotate(f"{length:.1f} {unit}", b, xytext=(4, 4), textcoords="offset points",
-                                             color=CALIPER_COLOUR, fontsize=9,
-                                             bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
-            self._calipers += [line, label]
-
-    def _set_contour(self, key: str, mask: np.ndarray | None, colour: str) -> None:
-        """Replace one outline. The mask is padded with background so a lesion touching the border (or a
-        mask that is all lesion) still gets a closed outline instead of a 'no contour levels' warning."""
-        old = self._contours.pop(key, None)
-        if old is not None:
-            old.remove()
-        if mask is None or not mask.any():
-            return
-        h, w = mask.shape
-        padded = np.pad(mask, 1).astype(np.uint8)
-        grid = (np.arange(-1, w + 1), np.arange(-1, h + 1), padded)
-        if self.filled:
-            self._contours[key] = self.ax_overlay.contourf(*grid, levels=[0.5, 1.5], colors=[colour], alpha=0.35)
-        else:
-            self._contours[key] = self.ax_overlay.contour(*grid, levels=[0.5], colors=colour, linewidths=1.6)
-
-    @staticmethod
-    def _fit(im, ax, w: int, h: int) -> None:
-        im.set_extent((-0.5, w - 0.5, h - 0.5, -0.5))
-        ax.set_xlim(-0.5, w - 0.5)
-        ax.set_ylim(h - 0.5, -0.5)
+        item, _, truth = self._shown
+        self.panels.update(item, truth, self.browser.cache.get(item.key), self._panel_settings())
 
     def _draw_empty(self, message: str) -> None:
-        blank = np.zeros((2, 2), dtype=np.uint8)
-        for im, ax in ((self.im_image, self.ax_image), (self.im_overlay, self.ax_overlay),
-                       (self.im_prob, self.ax_prob)):
-            im.set_data(blank)
-            im.set_visible(False)
-            self._fit(im, ax, 2, 2)
-        for key in list(self._contours):
-            self._set_contour(key, None, "")
-        for artist in self._calipers:
-            artist.remove()
-        self._calipers, self.size, self._facts = [], None, []
-        self.region_box.set_visible(False)
-        self.dice = self.iou = None
+        self.panels.empty(message)
         self.path_var.set("")
-        self.info_text = message
-        self.suptitle.set_text(message)
         self.canvas.draw_idle()
-
 
 # --------------------------------------------------------------------------------------------------------------
 # The command (its parser is at the top)

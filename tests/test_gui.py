@@ -132,8 +132,8 @@ def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeyp
     assert cached.shape == image.shape == truth.shape
     np.testing.assert_allclose(cached.astype(np.float32), expected_probability(checkpoint, image), atol=2e-3)
     # ... and the Dice/IoU shown are computed from it at full resolution.
-    assert (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.5))
-    assert f"Dice {app.dice:.3f}" in app.info_text and item.name in app.info_text
+    assert (app.panels.dice, app.panels.iou) == pytest.approx(expected_metrics(app, 0.5))
+    assert f"Dice {app.panels.dice:.3f}" in app.panels.info_text and item.name in app.panels.info_text
 
     # The slider re-thresholds the cached map: new metrics, no new inference.
     calls = []
@@ -143,11 +143,11 @@ def test_navigation_threshold_and_metrics(root, gui, checkpoint, errors, monkeyp
         app.set_threshold(t)
         pump(root)
         assert app.browser.threshold == t and app.threshold_var.get() == pytest.approx(t)
-        assert (app.dice, app.iou) == pytest.approx(expected_metrics(app, t))
-        shown[t] = app.dice
+        assert (app.panels.dice, app.panels.iou) == pytest.approx(expected_metrics(app, t))
+        shown[t] = app.panels.dice
     app.threshold_var.set(0.45)  # as if the user dragged the slider
     app._on_scale("0.45")
-    assert app.browser.threshold == 0.45 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.45))
+    assert app.browser.threshold == 0.45 and (app.panels.dice, app.panels.iou) == pytest.approx(expected_metrics(app, 0.45))
     assert calls == [] and len(set(shown.values())) > 1
     app.prev()  # cached: shown without inference
     assert calls == [] and app.index == 0
@@ -196,7 +196,7 @@ def test_filter_and_sort_by_dice(root, gui, checkpoint, errors):
     normal = [app.browser.items[i].name for i in app.browser.visible]
     assert normal == [n for n in sorted(expected, key=lambda n: expected[n]) if n.startswith("normal")]
     app.select(len(normal) - 1)
-    assert app.index == len(normal) - 1 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.55))
+    assert app.index == len(normal) - 1 and (app.panels.dice, app.panels.iou) == pytest.approx(expected_metrics(app, 0.55))
     app.sort_by_name()
     assert listed(app) == [it.name for it in items if it.label == "normal"]
     with pytest.raises(ValueError):
@@ -210,8 +210,8 @@ def test_trust_beside_each_image_sort_by_trust_and_flags(root, gui, checkpoint, 
     items, note = inspection.dataset_items(SAMPLE, "all")
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     first = app.browser.cache[app.current.key]
-    assert first.trust is not None and f"trust {first.trust:.2f}" in app.info_text
-    assert app.listbox_entries()[0].startswith(f"{app.dice:.3f}  trust {first.trust:.2f}")  # before any sort
+    assert first.trust is not None and f"trust {first.trust:.2f}" in app.panels.info_text
+    assert app.listbox_entries()[0].startswith(f"{app.panels.dice:.3f}  trust {first.trust:.2f}")  # before any sort
     app.trust_entry["review_below"] = 0.5  # this tiny model's scores fall on both sides of it
     app.browser.cache.clear()
     app.sort_by_trust(background=False)
@@ -221,13 +221,13 @@ def test_trust_beside_each_image_sort_by_trust_and_flags(root, gui, checkpoint, 
     flagged = [e for e in app.listbox_entries() if inspection.REVIEW_MARK in e]
     assert len(flagged) == sum(s < 0.5 for s in scores) and f"{len(flagged)} flagged for review" in app.status
     app.select(0)
-    assert ("REVIEW" in app.info_text) == (scores[0] < 0.5)
+    assert ("REVIEW" in app.panels.info_text) == (scores[0] < 0.5)
 
     plain = save_tiny_checkpoint(tmp_path / "plain.pt", with_trust=False)
     assert app.load_checkpoint(plain) and "no trust scores" in app.status
     app.sort_by_trust(background=False)
     assert len(errors) == 1 and "no trust statistics" in errors[0]
-    assert "trust" not in app.info_text and errors.pop()
+    assert "trust" not in app.panels.info_text and errors.pop()
 
 
 def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors, tmp_path):
@@ -242,12 +242,12 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     assert len(errors) == 1 and "broken.png" in errors[0]
     pump(root)
     assert app.current.name == "new scan.jpg" and listed(app)[app.index] == "new scan.jpg"
-    assert app.dice is None and app.iou is None and "no ground truth" in app.info_text
+    assert app.panels.dice is None and app.panels.iou is None and "no ground truth" in app.panels.info_text
     assert app.browser.cache[app.current.key].probability.shape == (77, 123)
     np.testing.assert_allclose(app.browser.cache[app.current.key].probability.astype(np.float32),
                                expected_probability(checkpoint, image_io.load_image(good)), atol=2e-3)
     app.set_threshold(0.7)  # works without truth too
-    assert app.browser.threshold == 0.7 and app.dice is None
+    assert app.browser.threshold == 0.7 and app.panels.dice is None
 
     # Missing, foreign, another architecture, code-running: a dialog each, the model in use is kept.
     model = app.model
@@ -259,8 +259,8 @@ def test_open_images_bad_image_and_bad_checkpoints(root, gui, checkpoint, errors
     assert len(errors) == 1 + len(problems)
     assert not (tmp_path / "hostile.pwned").exists()  # the hostile pickle ran nothing
     app.select(0)  # still fully working
-    assert (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.7))
-    assert app.load_checkpoint(checkpoint) is True and app.browser.cache and app.dice is not None
+    assert (app.panels.dice, app.panels.iou) == pytest.approx(expected_metrics(app, 0.7))
+    assert app.load_checkpoint(checkpoint) is True and app.browser.cache and app.panels.dice is not None
     checkpoints.export_checkpoint([checkpoint, checkpoint], tmp_path / "ens.pt")  # an ensemble loads like one model
     assert app.load_checkpoint(tmp_path / "ens.pt") is True and "ensemble of 2 x UNet" in app.status
     item = app.current
@@ -273,13 +273,13 @@ def test_bad_checkpoint_at_startup_keeps_the_window_usable(root, gui, checkpoint
     app = gui.InspectorApp(root, tmp_path / "nope.pt", items, "cpu", source=note)
     pump(root)
     assert len(errors) == 1 and "nope.pt" in errors[0]
-    assert app.model is None and app.current is items[0] and app.dice is None
-    assert "no model loaded" in app.info_text
+    assert app.model is None and app.current is items[0] and app.panels.dice is None
+    assert "no model loaded" in app.panels.info_text
     app.next()  # images and truth still browse
     app.sort_by_dice(background=False)
     assert len(errors) == 2 and "no model" in errors[1]
     assert app.load_checkpoint(checkpoint)
-    assert app.index == 1 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.5))
+    assert app.index == 1 and (app.panels.dice, app.panels.iou) == pytest.approx(expected_metrics(app, 0.5))
 
 
 def test_unreadable_dataset_image_is_reported_and_skipped(root, gui, checkpoint, errors, fresh_busi_dir):
@@ -289,9 +289,9 @@ def test_unreadable_dataset_image_is_reported_and_skipped(root, gui, checkpoint,
     app = gui.InspectorApp(root, checkpoint, items, "cpu", source=note)
     position = [it.name for it in items].index("benign (2).png")
     app.select(position)
-    assert len(errors) == 1 and "benign (2).png" in errors[0] and app.dice is None
+    assert len(errors) == 1 and "benign (2).png" in errors[0] and app.panels.dice is None
     app.next()
-    assert len(errors) == 1 and (app.dice, app.iou) == pytest.approx(expected_metrics(app, 0.5))
+    assert len(errors) == 1 and (app.panels.dice, app.panels.iou) == pytest.approx(expected_metrics(app, 0.5))
     app.sort_by_dice(background=False)  # the bad image is reported once more and listed last
     assert len(errors) == 2 and app.listbox_entries()[-1].endswith("benign (2).png")
 
@@ -344,7 +344,7 @@ def test_shipped_model_on_the_real_test_split(root, gui, errors):
     app = gui.InspectorApp(root, SHIPPED, items, "cpu", source=note)
     for _ in range(3):
         app.next()
-    assert errors == [] and (app.dice, app.iou) == pytest.approx(expected_metrics(app, app.browser.threshold))
+    assert errors == [] and (app.panels.dice, app.panels.iou) == pytest.approx(expected_metrics(app, app.browser.threshold))
 
 
 def test_command_line_picks_the_data(gui, busi_dir, monkeypatch, tmp_path):
@@ -397,20 +397,20 @@ def test_zoom_pan_toolbar_filled_masks_and_the_file_path(root, gui, checkpoint, 
     assert {"Zoom", "Pan", "Home"} <= modes  # Matplotlib's navigation toolbar
     assert app.path_var.get() == str(app.current.path)
     app.toolbar.zoom()  # zoom mode on, then a zoomed view; the next image starts from its full view
-    app.ax_overlay.set_xlim(10, 20)
+    app.panels.ax_overlay.set_xlim(10, 20)
     app.next()
     pump(root)
     h, w = app._shown[1].shape
-    assert app.ax_overlay.get_xlim() == (-0.5, w - 0.5) and app.path_var.get() == str(app.current.path)
-    while app._contours.get("truth") is None:  # an image with a lesion
+    assert app.panels.ax_overlay.get_xlim() == (-0.5, w - 0.5) and app.path_var.get() == str(app.current.path)
+    while app.panels._contours.get("truth") is None:  # an image with a lesion
         app.next()
         pump(root)
-    assert not app._contours["truth"].filled
+    assert not app.panels._contours["truth"].filled
     app.set_filled(True)
     pump(root)
-    assert app._contours["truth"].filled and app.filled_var.get() is True
+    assert app.panels._contours["truth"].filled and app.filled_var.get() is True
     app.set_filled(False)
-    assert not app._contours["truth"].filled
+    assert not app.panels._contours["truth"].filled
 
 
 def test_presence_probability_and_the_no_lesion_gate_in_the_window(root, gui, checkpoint, errors, tmp_path):
@@ -424,11 +424,11 @@ def test_presence_probability_and_the_no_lesion_gate_in_the_window(root, gui, ch
     lesion = [it for it in items if it.label != "normal"][:2]
     app = gui.InspectorApp(root, tmp_path / "gated.pt", lesion, "cpu", source=note)
     shown = app.browser.cache[app.current.key]
-    assert shown.gated and "judged lesion-free: mask emptied" in app.info_text
-    assert f"lesion present {shown.presence_probability:.2f}" in app.info_text and app.dice == 0.0
-    assert "pred" not in app._contours  # no outline drawn
+    assert shown.gated and "judged lesion-free: mask emptied" in app.panels.info_text
+    assert f"lesion present {shown.presence_probability:.2f}" in app.panels.info_text and app.panels.dice == 0.0
+    assert "pred" not in app.panels._contours  # no outline drawn
     assert app.load_checkpoint(checkpoint)  # without a gate: the outline is back, no presence line
-    assert not app.browser.cache[app.current.key].gated and "lesion present" not in app.info_text and app.dice > 0
+    assert not app.browser.cache[app.current.key].gated and "lesion present" not in app.panels.info_text and app.panels.dice > 0
     assert errors == []
 
 
@@ -487,14 +487,14 @@ def test_a_dicom_file_and_a_cine_loop_open_with_the_two_diameters_drawn(root, gu
     assert errors == [] and len(app.browser.items) == 31 and app.current.name == "scan.dcm"
     assert app.browser.items[-1].name == "loop [frame 30/30]"
     app.set_threshold(0.3)  # the tiny model outlines something at this threshold
-    size = app.size
+    size = app.panels.size
     assert size is not None and size.perpendicular <= size.longest
-    labels = [a.get_text() for a in app._calipers if hasattr(a, "get_text")]
-    assert labels == [f"{size.longest:.1f} mm", f"{size.perpendicular:.1f} mm"] and "mm" in app.info_text
+    labels = [a.get_text() for a in app.panels._calipers if hasattr(a, "get_text")]
+    assert labels == [f"{size.longest:.1f} mm", f"{size.perpendicular:.1f} mm"] and "mm" in app.panels.info_text
     app.select(30)
     pump(root)
     assert app.current.frame == 30 and app.browser.cache[app.current.key].probability.shape == (240, 320)
-    assert app.size is None or all(t.endswith(" px") for t in (a.get_text() for a in app._calipers[1::2]))
+    assert app.panels.size is None or all(t.endswith(" px") for t in (a.get_text() for a in app.panels._calipers[1::2]))
 
 
 def test_a_gate_fitted_elsewhere_keeps_the_outline_and_an_unfamiliar_image_gets_the_badge(root, gui, checkpoint,
@@ -508,15 +508,15 @@ def test_a_gate_fitted_elsewhere_keeps_the_outline_and_an_unfamiliar_image_gets_
     lesion = [it for it in items if it.label != "normal"][:1]
     app = gui.InspectorApp(root, tmp_path / "elsewhere.pt", lesion, "cpu", source=note)
     shown = app.browser.cache[app.current.key]
-    assert shown.marked_only and not shown.gated and "likely lesion-free" in app.info_text and app.dice > 0
+    assert shown.marked_only and not shown.gated and "likely lesion-free" in app.panels.info_text and app.panels.dice > 0
     applied = gui.InspectorApp(root, tmp_path / "elsewhere.pt", lesion, "cpu", source=note, gate="apply")
-    assert applied.browser.cache[applied.current.key].gated and "mask emptied" in applied.info_text
+    assert applied.browser.cache[applied.current.key].gated and "mask emptied" in applied.panels.info_text
     import matplotlib
     photo = tmp_path / "photo.png"
     Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("L").save(photo)
     shipped = gui.InspectorApp(root, checkpoints.DEFAULT_CHECKPOINT, inspection.file_items(photo), "cpu", backend="torch")
     prediction = shipped.browser.cache[shipped.current.key]
-    assert prediction.out_of_range and prediction.review and "OUT OF RANGE" in shipped.info_text
+    assert prediction.out_of_range and prediction.review and "OUT OF RANGE" in shipped.panels.info_text
     assert inspection.OUT_OF_RANGE_BADGE in shipped.browser.entry(0)
     assert errors == []
 
@@ -537,25 +537,25 @@ def test_the_facts_fit_the_window_an_unlabelled_scan_has_no_ground_truth_and_a_d
     app.set_threshold(0.05)  # ... beside an outline: what predict's `check` column flags
     pump(root, 0.3)
     for fact in ("CHECK: " + gui.contradiction("normal", True), "mm", "trust", "dashed box", "no ground truth"):
-        assert fact in app.info_text, (fact, app.info_text)
+        assert fact in app.panels.info_text, (fact, app.panels.info_text)
     renderer = app.canvas.get_renderer()
-    text, fig = app.suptitle.get_window_extent(renderer), app.figure.bbox
+    text, fig = app.panels.suptitle.get_window_extent(renderer), app.panels.figure.bbox
     assert fig.width > 700 and 0 <= text.x0 and text.x1 <= fig.width and text.y1 <= fig.height, (text, fig)
-    assert text.y0 >= app.ax_overlay.title.get_window_extent(renderer).y1 - 2  # above the panels' titles
-    assert app.ax_overlay.get_title() == "Prediction"
-    assert not app.legend.get_texts()[0].get_visible() and not app.legend.legend_handles[0].get_visible()
+    assert text.y0 >= app.panels.ax_overlay.title.get_window_extent(renderer).y1 - 2  # above the panels' titles
+    assert app.panels.ax_overlay.get_title() == "Prediction"
+    assert not app.panels.legend.get_texts()[0].get_visible() and not app.panels.legend.legend_handles[0].get_visible()
     left, top = BORDER[0], BORDER[1]
     h, w = sample_grey().shape
-    assert app.region_box.get_visible() and (app.region_box.get_x(), app.region_box.get_y(),
-                                              app.region_box.get_width(), app.region_box.get_height()) == (
+    assert app.panels.region_box.get_visible() and (app.panels.region_box.get_x(), app.panels.region_box.get_y(),
+                                              app.panels.region_box.get_width(), app.panels.region_box.get_height()) == (
         left - 0.5, top - 0.5, w, h)
     # a labelled scan: the ground truth is named again, and no region box is left over
     app.open_images([])  # (nothing)
     items, note = inspection.dataset_items(SAMPLE, "test")
     labelled = gui.InspectorApp(root, checkpoint, items[:1], "cpu", source=note)
     pump(root, 0.2)
-    assert labelled.ax_overlay.get_title() == "Ground truth vs prediction" and labelled.legend.get_texts()[0].get_visible()
-    assert not labelled.region_box.get_visible()
+    assert labelled.panels.ax_overlay.get_title() == "Ground truth vs prediction" and labelled.panels.legend.get_texts()[0].get_visible()
+    assert not labelled.panels.region_box.get_visible()
     # the open dialog's default filter lists extension-less DICOM files (the native dialog itself cannot be
     # driven under a test, so its call is caught here and its filter applied to such a name)
     asked = {}
