@@ -192,7 +192,7 @@ def print_summary(title: str, s: dict) -> None:
 
 
 def no_auroc_reason(t: dict) -> str:
-    """Why a trust report (trust.report) has no failure AUROC, in its own words."""
+    """Why a trust report (metrics.trust_report) has no failure AUROC, in its own words."""
     return "no failures" if not t["n_failures"] else "every scan failed" if t["n_failures"] == t["n_images"] \
         else "too few scans"
 
