@@ -45,7 +45,8 @@ def ground_truth_on(data: dict, device: torch.device) -> list[torch.Tensor]:
     (validation runs every epoch; about 0.3 MB per BUSI image)."""
     key = f"ground_truth[{device}]"
     if key not in data:
-        data[key] = [tensor_cache.unpack_mask(m, s).to(device) for m, s in zip(data["full_masks"], data["full_sizes"].tolist())]
+        data[key] = [tensor_cache.unpack_mask(m, s).to(device)
+                     for m, s in zip(data["full_masks"], data["full_sizes"].tolist())]
     return data[key]
 
 

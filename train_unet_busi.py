@@ -283,8 +283,8 @@ def print_next_steps(run_dir: Path, sources: list, split: str) -> None:
 
 
 def run(args) -> int:
+    device = utils.pick_device(args.device)  # (a setting: never taken from a checkpoint)
     state, run_dir, cfg = open_run(args)
-    device = utils.pick_device(cfg.device)
     parts, sources, split_sources = dataset.load_run_data(cfg, run_dir)
     dtype = utils.amp_dtype(device, cfg.amp)  # training; evaluation on a CPU stays fp32 (utils.inference_dtype)
 

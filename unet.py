@@ -272,7 +272,8 @@ class LiteUNet(nn.Module):
         if self.input_norm == "per_image":
             x = standardise(x)
         else:
-            x = x * (255.0 / lite_encoder.LITE_STD) - lite_encoder.LITE_MEAN / lite_encoder.LITE_STD  # [0, 1] -> (x*255 - 127) / 128, as Lite was trained
+            # [0, 1] -> (x*255 - 127) / 128, as Lite was trained
+            x = x * (255.0 / lite_encoder.LITE_STD) - lite_encoder.LITE_MEAN / lite_encoder.LITE_STD
         features = self.encoder(x)
         outputs = decode(self, features[-1], [x] + features[:-1], with_aux)
         if len(self.ups) == 4:  # no full-resolution stage: the half-size logits, upsampled
